@@ -1,0 +1,296 @@
+"""The network config JSON at <prefix>/config, parsed and checked as flanneld does.
+
+Go's encoding/json matches keys case-insensitively and ignores unknown keys; real configs
+rely on both (e.g. Magnum writes "Subnetlen").  Every error names the field and the value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from .errors import ConfigError
+
+# Field name -> canonical spelling, for case-insensitive lookup.
+_FIELDS = {
+    name.lower(): name
+    for name in (
+        "EnableIPv4",
+        "EnableIPv6",
+        "EnableNFTables",
+        "Network",
+        "SubnetLen",
+        "SubnetMin",
+        "SubnetMax",
+        "IPv6Network",
+        "IPv6SubnetLen",
+        "IPv6SubnetMin",
+        "IPv6SubnetMax",
+        "Backend",
+    )
+}
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    network: IPv4Network
+    subnet_len: int
+    subnet_min: IPv4Address
+    subnet_max: IPv4Address
+    backend_type: str
+    # The Backend object as given, with its original key spelling; backends read it
+    # through backend_option() so that its keys are case-insensitive too.
+    backend: dict[str, Any] = field(default_factory=dict)
+    enable_ipv6: bool = False
+    enable_nftables: bool = False
+    backend_defaulted: bool = False  # True when the config had no Backend (means udp)
+
+    @property
+    def subnet_size(self) -> int:
+        return 1 << (32 - self.subnet_len)
+
+    def contains_subnet(self, subnet: IPv4Network) -> bool:
+        """True when `subnet` is one this config could hand out (flanneld's 'compatible')."""
+        return (
+            subnet.prefixlen == self.subnet_len
+            and self.subnet_min <= subnet.network_address <= self.subnet_max
+        )
+
+    def backend_option(self, name: str, kind: type, default: Any) -> Any:
+        return backend_option(self.backend, name, kind, default)
+
+
+def _go_type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "null"
+
+
+def backend_option(backend: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    """Read Backend.<name> case-insensitively, checking its JSON type.
+
+    `kind` is int, bool or str.  A JSON null counts as absent, as in Go.
+    """
+    wanted = name.lower()
+    for key, value in backend.items():
+        if key.lower() != wanted:
+            continue
+        if value is None:
+            return default
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+                raise ConfigError(f"Backend.{name}: expected an integer, got {json.dumps(value)}")
+            return int(value)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"Backend.{name}: expected true or false, got {json.dumps(value)}")
+            return value
+        if kind is str:
+            if not isinstance(value, str):
+                raise ConfigError(f"Backend.{name}: expected a string, got {json.dumps(value)}")
+            return value
+        raise TypeError(kind)
+    return default
+
+
+def _fold_keys(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """Map known fields to their canonical names; later duplicates win, as in Go."""
+    folded: dict[str, Any] = {}
+    for key, value in obj.items():
+        canonical = _FIELDS.get(key.lower())
+        if canonical is not None:
+            folded[canonical] = value
+    return folded
+
+
+def _want(folded: dict[str, Any], name: str, pytype: type | tuple[type, ...]) -> Any:
+    value = folded.get(name)
+    if value is None:
+        return None
+    if pytype is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+            raise ConfigError(
+                f"{name}: expected a non-negative integer, got {json.dumps(value)}"
+            )
+        return int(value)
+    if pytype is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {json.dumps(value)}")
+        return value
+    if not isinstance(value, pytype):
+        raise ConfigError(
+            f"{name}: expected a {_go_type_name(pytype())}, got {_go_type_name(value)} {json.dumps(value)}"
+        )
+    return value
+
+
+def _parse_ipv4(name: str, text: str) -> IPv4Address:
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not an IPv4 address") from None
+
+
+def parse_config(text: str | bytes) -> NetworkConfig:
+    """Parse and check a network config; raise ConfigError naming the first problem."""
+    problems = check_config(text)
+    if isinstance(problems, NetworkConfig):
+        return problems
+    raise problems[0]
+
+
+def validate_config(text: str | bytes) -> list[ConfigError]:
+    """Every problem in a config (empty when it is valid), for `flannelctl config validate`."""
+    result = check_config(text, collect=True)
+    return [] if isinstance(result, NetworkConfig) else result
+
+
+def check_config(text: str | bytes, collect: bool = False) -> NetworkConfig | list[ConfigError]:
+    """Parse a config.  With collect=False the first error is raised; with collect=True
+    every independent error is returned as a list (checks that depend on an invalid
+    field are skipped)."""
+    errors: list[ConfigError] = []
+
+    def fail(err: ConfigError) -> None:
+        if not collect:
+            raise err
+        errors.append(err)
+
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        fail(ConfigError(f"config is not valid JSON: {exc}"))
+        return errors
+    if not isinstance(obj, dict):
+        fail(ConfigError(f"config must be a JSON object, got {_go_type_name(obj)}"))
+        return errors
+    folded = _fold_keys(obj, "config")
+
+    def field_value(name: str, pytype: type) -> Any:
+        try:
+            return _want(folded, name, pytype)
+        except ConfigError as err:
+            fail(err)
+            return None
+
+    enable_ipv4 = field_value("EnableIPv4", bool)
+    enable_ipv6 = bool(field_value("EnableIPv6", bool))
+    enable_nft = bool(field_value("EnableNFTables", bool))
+    if enable_ipv4 is False:
+        fail(ConfigError("EnableIPv4: false is not supported; flannelpy needs an IPv4 Network"))
+    if enable_ipv6:
+        fail(ConfigError("EnableIPv6: true is not supported by flannelpy yet; remove it or set it to false"))
+
+    network: IPv4Network | None = None
+    raw_network = field_value("Network", str)
+    if raw_network is None:
+        if "Network" not in folded or folded.get("Network") is None:
+            fail(ConfigError("Network: missing; please define a correct Network parameter, e.g. \"10.5.0.0/16\""))
+    else:
+        try:
+            iface = ipaddress.ip_interface(raw_network)
+        except ValueError:
+            fail(ConfigError(f"Network: {raw_network!r} is not a CIDR such as \"10.5.0.0/16\""))
+        else:
+            if iface.version != 4:
+                fail(ConfigError(f"Network: {raw_network!r} is not IPv4; put IPv6 ranges in IPv6Network"))
+            elif "/" not in raw_network:
+                fail(ConfigError(f"Network: {raw_network!r} has no prefix length, e.g. \"10.5.0.0/16\""))
+            else:
+                network = iface.network  # masked, as net.ParseCIDR does
+
+    subnet_len = field_value("SubnetLen", int) or 0  # Go's zero value means "not set"
+    raw_min = field_value("SubnetMin", str)
+    raw_max = field_value("SubnetMax", str)
+
+    backend_type = "udp"
+    backend: dict[str, Any] = {}
+    backend_defaulted = False
+    raw_backend = folded.get("Backend")
+    if raw_backend is None:
+        backend_defaulted = True
+    elif not isinstance(raw_backend, dict):
+        fail(ConfigError(f"Backend: expected an object such as {{\"Type\": \"vxlan\"}}, got {json.dumps(raw_backend)}"))
+    else:
+        backend = raw_backend
+        try:
+            raw_type = backend_option(backend, "Type", str, "")
+        except ConfigError as err:
+            fail(err)
+            raw_type = None
+        if raw_type is not None:
+            backend_type = raw_type.lower()
+            if not backend_type:
+                fail(ConfigError("Backend.Type: missing; unknown backend type: \"\" (e.g. \"vxlan\", \"udp\", \"host-gw\")"))
+
+    subnet_min = subnet_max = None
+    if network is not None:
+        prefix = network.prefixlen
+        if subnet_len == 0:
+            if prefix <= 22:
+                subnet_len = 24
+            elif prefix > 28:
+                fail(ConfigError(f"Network: {network} is too small. Minimum useful network prefix is /28"))
+                subnet_len = 0
+            else:
+                subnet_len = prefix + 2
+        else:
+            if subnet_len > 30:
+                fail(ConfigError(f"SubnetLen: {subnet_len} is too long; SubnetLen must be less than /31"))
+                subnet_len = 0
+            elif subnet_len < prefix + 2:
+                fail(ConfigError(
+                    f"SubnetLen: /{subnet_len} is too short for Network {network}; "
+                    f"network must be able to accommodate at least four subnets (SubnetLen >= {prefix + 2})"
+                ))
+                subnet_len = 0
+        if subnet_len:
+            size = 1 << (32 - subnet_len)
+            first = network.network_address + size
+            last = IPv4Address(int(network.broadcast_address) + 1 - size)
+            subnet_min = _bound("SubnetMin", raw_min, first, network, subnet_len, fail)
+            subnet_max = _bound("SubnetMax", raw_max, last, network, subnet_len, fail)
+            if subnet_min is not None and subnet_max is not None and subnet_min > subnet_max:
+                fail(ConfigError(f"SubnetMin: {subnet_min} is above SubnetMax {subnet_max}"))
+
+    if errors or network is None or subnet_min is None or subnet_max is None:
+        return errors
+    return NetworkConfig(
+        network=network,
+        subnet_len=subnet_len,
+        subnet_min=subnet_min,
+        subnet_max=subnet_max,
+        backend_type=backend_type,
+        backend=backend,
+        enable_ipv6=enable_ipv6,
+        enable_nftables=enable_nft,
+        backend_defaulted=backend_defaulted,
+    )
+
+
+def _bound(name, raw, default, network, subnet_len, fail) -> IPv4Address | None:
+    if raw is None:
+        return default
+    try:
+        addr = _parse_ipv4(name, raw)
+    except ConfigError as err:
+        fail(err)
+        return None
+    if addr not in network:
+        fail(ConfigError(f"{name}: {addr} is not in Network {network}"))
+        return None
+    if int(addr) % (1 << (32 - subnet_len)):
+        fail(ConfigError(f"{name}: {name} is not on a SubnetLen boundary: {addr} (SubnetLen /{subnet_len})"))
+        return None
+    return addr

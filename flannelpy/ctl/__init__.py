@@ -1,0 +1,1 @@
+"""flannelctl subcommands: each module here defines register(subparsers) and is found by name."""

@@ -1,0 +1,73 @@
+"""The interface the agent needs from etcd, whatever the API version.
+
+Both implementations (v3 over the JSON gateway, v2 over the keys API) speak httpx and
+return the shared types from flannelpy.lease, so the lease logic above them is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from typing import AsyncIterator, Protocol
+
+from ..lease import Lease, LeaseAttrs, LeaseEvent
+
+
+@dataclass(frozen=True)
+class EtcdOptions:
+    """Connection settings, straight from flanneld's -etcd-* flags."""
+
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
+    prefix: str = "/coreos.com/network"
+    keyfile: str = ""
+    certfile: str = ""
+    cafile: str = ""
+    username: str = ""
+    password: str = ""
+    request_timeout: float = 5.0
+
+
+class StoreUnavailable(Exception):
+    """No endpoint answered; the caller retries."""
+
+
+@dataclass(frozen=True)
+class WatchBatch:
+    """What one watch step yields.
+
+    Normally `events` holds the changes since the last batch.  When the store could not
+    resume (compaction, v2 index cleared) it re-lists: `snapshot` then holds every
+    current lease and the consumer diffs it against what it knew.
+    """
+
+    events: tuple[LeaseEvent, ...] = ()
+    snapshot: tuple[Lease, ...] | None = None
+    revision: int = 0
+    skipped: tuple[str, ...] = field(default=())  # keys whose values could not be decoded
+
+
+class Store(Protocol):
+    """A flannel subnet registry in etcd (the v3 and v2 implementations share it)."""
+
+    options: EtcdOptions
+
+    async def get_config(self) -> str | None:
+        """The raw JSON at <prefix>/config, or None when the key does not exist."""
+
+    async def list_leases(self) -> tuple[list[Lease], int]:
+        """Every decodable lease under <prefix>/subnets/ and the revision (v2: index) read at."""
+
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        """Create the key only if it does not exist; None when someone else holds it."""
+
+    async def renew_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease:
+        """Write the key with a fresh TTL (ttl=0: no TTL, a reservation stays one)."""
+
+    async def delete_lease(self, subnet: IPv4Network) -> None:
+        """Remove the key (used for an incompatible lease of ours)."""
+
+    def watch_leases(self, after_revision: int) -> AsyncIterator[WatchBatch]:
+        """Changes after `after_revision`, forever; reconnects, resumes and re-lists itself."""
+
+    async def aclose(self) -> None:
+        ...

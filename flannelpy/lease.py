@@ -1,0 +1,153 @@
+"""Leases: the subnet keys and lease values flanneld keeps under <prefix>/subnets/.
+
+Keys look like `10.5.52.0-24` (dual stack: `10.5.52.0-24&fc00::-64`).  Values are compact
+JSON in Go's field order; readers accept every shape flanneld has written since v0.5.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from .errors import LeaseValueError
+
+SUBNET_TTL = 24 * 3600  # flanneld's subnetTTL
+
+_KEY_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?$")
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-])(?:[0-9a-fA-F]{2}\1){4}[0-9a-fA-F]{2}$")
+
+
+def subnet_key(subnet: IPv4Network) -> str:
+    """`10.5.52.0/24` -> `10.5.52.0-24`."""
+    return f"{subnet.network_address}-{subnet.prefixlen}"
+
+
+def parse_subnet_key(key: str) -> IPv4Network:
+    """The IPv4 subnet named by the last path element of a lease key."""
+    name = key.rsplit("/", 1)[-1]
+    m = _KEY_RE.match(name)
+    if not m:
+        raise LeaseValueError(f"lease key {key!r} is not of the form a.b.c.d-len")
+    try:
+        net = IPv4Network(f"{m.group(1)}/{m.group(2)}")
+    except ValueError as exc:
+        raise LeaseValueError(f"lease key {key!r}: {exc}") from None
+    return net
+
+
+def normalize_mac(text: str) -> str:
+    """Lower-case colon form; accepts what Go's net.ParseMAC accepts for 48-bit MACs."""
+    if not isinstance(text, str) or not _MAC_RE.match(text):
+        raise LeaseValueError(f"VtepMAC {text!r} is not a MAC address")
+    return text.replace("-", ":").lower()
+
+
+class ValueStyle(Enum):
+    """How to spell a lease value: as flanneld >= v0.15 does, or as the etcd-v2 era did."""
+
+    CURRENT = "current"  # {"PublicIP":..,"PublicIPv6":null,"BackendType":..,"BackendData":..}
+    LEGACY = "legacy"  # {"PublicIP":..,"BackendType":..,"BackendData":..} (no PublicIPv6)
+
+
+@dataclass(frozen=True)
+class LeaseAttrs:
+    public_ip: IPv4Address
+    backend_type: str = ""  # "" for the udp backend, which never sets it
+    # BackendData as a dict in the order it is written (VNI before VtepMAC, like Go's struct).
+    backend_data: dict[str, Any] | None = None
+    public_ipv6: str | None = None
+
+    @property
+    def vtep_mac(self) -> str | None:
+        if not self.backend_data:
+            return None
+        mac = self.backend_data.get("VtepMAC")
+        return normalize_mac(mac) if mac is not None else None
+
+    @property
+    def vni(self) -> int | None:
+        if not self.backend_data:
+            return None
+        vni = self.backend_data.get("VNI")
+        return int(vni) if vni is not None else None
+
+
+@dataclass(frozen=True)
+class Lease:
+    subnet: IPv4Network
+    attrs: LeaseAttrs
+    # Unix time the lease expires; None for a key with no TTL (a reservation).
+    expiration: float | None = None
+    # Store-specific handle: the etcd v3 lease ID or the v2 modifiedIndex.
+    store_ref: int | None = field(default=None, compare=False)
+
+
+class EventKind(Enum):
+    ADDED = "added"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    kind: EventKind
+    lease: Lease
+
+
+def encode_attrs(attrs: LeaseAttrs, style: ValueStyle = ValueStyle.CURRENT) -> str:
+    """Compact JSON exactly as Go's json.Marshal(LeaseAttrs) writes it."""
+    doc: dict[str, Any] = {"PublicIP": str(attrs.public_ip)}
+    if style is ValueStyle.CURRENT:
+        doc["PublicIPv6"] = attrs.public_ipv6
+    if attrs.backend_type:
+        doc["BackendType"] = attrs.backend_type
+    if attrs.backend_data:
+        doc["BackendData"] = attrs.backend_data
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def decode_attrs(raw: str | bytes, key: str = "") -> LeaseAttrs:
+    """Decode a lease value, old or new shape; LeaseValueError names what is wrong."""
+    where = f"lease value at {key!r}" if key else "lease value"
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LeaseValueError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise LeaseValueError(f"{where} must be a JSON object")
+    # Go matches struct fields case-insensitively.
+    folded = {k.lower(): v for k, v in doc.items()}
+    ip = folded.get("publicip")
+    if not isinstance(ip, str):
+        raise LeaseValueError(f"{where}: PublicIP missing or not a string")
+    try:
+        public_ip = IPv4Address(ip)
+    except ValueError:
+        raise LeaseValueError(f"{where}: PublicIP {ip!r} is not an IPv4 address") from None
+    btype = folded.get("backendtype") or ""
+    if not isinstance(btype, str):
+        raise LeaseValueError(f"{where}: BackendType must be a string")
+    bdata = folded.get("backenddata")
+    if bdata is not None and not isinstance(bdata, dict):
+        raise LeaseValueError(f"{where}: BackendData must be an object")
+    if bdata:
+        # Canonicalise the two fields we interpret, keep the rest as written.
+        canon: dict[str, Any] = {}
+        for k, v in bdata.items():
+            lk = k.lower()
+            if lk == "vni":
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise LeaseValueError(f"{where}: BackendData.VNI {v!r} is not a VNI")
+                canon["VNI"] = v
+            elif lk == "vtepmac":
+                canon["VtepMAC"] = normalize_mac(v)
+            else:
+                canon[k] = v
+        bdata = canon
+    v6 = folded.get("publicipv6")
+    if v6 is not None and not isinstance(v6, str):
+        raise LeaseValueError(f"{where}: PublicIPv6 must be a string or null")
+    return LeaseAttrs(public_ip=public_ip, backend_type=btype.lower(), backend_data=bdata or None, public_ipv6=v6)
