@@ -1,0 +1,275 @@
+"""Choosing the external (underlay) interface: -iface, -iface-regex, -iface-can-reach, -public-ip.
+
+The kernel is read once, through the netlink thread, into a plain HostSnapshot; the
+choice itself (choose_interface) is pure so every flag combination is unit-testable.
+Order and matching follow flanneld: each -iface (a name or an IP) in turn, then each
+-iface-regex (against addresses first, then names); only when neither flag is given,
+-iface-can-reach, else the interface of the default route.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import socket
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .backends.base import ExternalInterface
+from .errors import FlannelError
+from .netlink import NetlinkThread
+
+log = logging.getLogger(__name__)
+
+# Every VirtualBox/Vagrant NAT interface has this address; nodes choosing it all
+# advertise the same PublicIP and end up sharing one lease (flannel#51).
+VAGRANT_NAT_IP = IPv4Address("10.0.2.15")
+_LINK_LOCAL = IPv4Network("169.254.0.0/16")
+
+
+@dataclass(frozen=True)
+class LinkFacts:
+    name: str
+    index: int
+    mtu: int
+    addrs: tuple[IPv4Address, ...]  # IPv4 addresses in kernel order
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    links: tuple[LinkFacts, ...]
+    default_index: int | None = None  # oif of the IPv4 default route in the main table
+    # oifs that `ip route get <can_reach>` returned; None when not asked or unreachable
+    reach_indexes: tuple[int, ...] | None = None
+
+
+def _is_global_unicast(ip: IPv4Address) -> bool:
+    # Go's net.IP.IsGlobalUnicast for IPv4 (private ranges count as global).
+    return not (
+        ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip in _LINK_LOCAL
+        or ip == IPv4Address("255.255.255.255")
+    )
+
+
+def usable_addresses(link: LinkFacts) -> list[IPv4Address]:
+    """flanneld's GetInterfaceIP4Addrs: global unicast first, then link-local; loopback and
+    other special addresses never qualify."""
+    glob = [a for a in link.addrs if _is_global_unicast(a)]
+    ll = [a for a in link.addrs if a in _LINK_LOCAL]
+    return glob + ll
+
+
+def describe_links(snap: HostSnapshot) -> str:
+    """`lo, eth0 (10.0.0.1)` for error messages: what exists to choose from."""
+    parts = []
+    for link in snap.links:
+        addrs = ", ".join(str(a) for a in link.addrs)
+        parts.append(f"{link.name} ({addrs})" if addrs else link.name)
+    return ", ".join(parts) or "no interfaces"
+
+
+@dataclass(frozen=True)
+class InterfaceFlags:
+    """The validated interface flags."""
+
+    ifaces: tuple[str, ...]
+    iface_regexes: tuple[re.Pattern[str], ...]
+    can_reach: IPv4Address | None
+    public_ip: IPv4Address | None
+
+
+def _parse_ipv4(flag: str, text: str) -> IPv4Address:
+    try:
+        return IPv4Address(text.strip())
+    except ValueError:
+        raise FlannelError(f"-{flag}={text}: not a valid IPv4 address") from None
+
+
+def check_flags(
+    ifaces: list[str], iface_regexes: list[str], can_reach: str, public_ip: str
+) -> InterfaceFlags:
+    """Validate the flags before touching the kernel; errors name the flag."""
+    patterns = []
+    for text in iface_regexes:
+        try:
+            patterns.append(re.compile(text))
+        except re.error as exc:
+            raise FlannelError(f"-iface-regex={text}: invalid regular expression: {exc}") from None
+    for name in ifaces:
+        if not name:
+            raise FlannelError("-iface: empty value; give an interface name or IPv4 address")
+    return InterfaceFlags(
+        ifaces=tuple(ifaces),
+        iface_regexes=tuple(patterns),
+        can_reach=_parse_ipv4("iface-can-reach", can_reach) if can_reach else None,
+        public_ip=_parse_ipv4("public-ip", public_ip) if public_ip else None,
+    )
+
+
+def _with_ip(link: LinkFacts, ip: IPv4Address | None, why: str) -> tuple[LinkFacts, IPv4Address]:
+    if ip is None:
+        addrs = usable_addresses(link)
+        if not addrs:
+            raise FlannelError(f"{why}: interface {link.name} has no usable IPv4 address")
+        ip = addrs[0]
+    if link.mtu <= 0:
+        raise FlannelError(f"{why}: failed to determine MTU for interface {link.name}")
+    return link, ip
+
+
+def _match_iface(snap: HostSnapshot, name: str) -> tuple[LinkFacts, IPv4Address]:
+    why = f"-iface={name}"
+    try:
+        ip: IPv4Address | None = IPv4Address(name)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        for link in snap.links:
+            if ip in usable_addresses(link):
+                return _with_ip(link, ip, why)
+        raise FlannelError(f"no interface has the address given by {why}")
+    for link in snap.links:
+        if link.name == name:
+            return _with_ip(link, None, why)
+    raise FlannelError(f"no interface named {name!r} ({why})")
+
+
+def _match_regex(snap: HostSnapshot, pattern: re.Pattern[str]) -> tuple[LinkFacts, IPv4Address]:
+    why = f"-iface-regex={pattern.pattern}"
+    # Go's MatchString is an unanchored search; addresses are tried before names.
+    for link in snap.links:
+        for ip in usable_addresses(link):
+            if pattern.search(str(ip)):
+                return _with_ip(link, ip, why)
+    for link in snap.links:
+        if pattern.search(link.name):
+            return _with_ip(link, None, why)
+    raise FlannelError(f"{why} matches no interface address or name")
+
+
+def _by_index(snap: HostSnapshot, index: int) -> LinkFacts | None:
+    return next((link for link in snap.links if link.index == index), None)
+
+
+def choose_interface(snap: HostSnapshot, flags: InterfaceFlags) -> ExternalInterface:
+    """Pick the external interface from a snapshot; FlannelError says what was asked and
+    what exists when nothing fits."""
+    choice: tuple[LinkFacts, IPv4Address] | None = None
+    if flags.ifaces or flags.iface_regexes:
+        asked: list[str] = []
+        for name in flags.ifaces:
+            asked.append(f"-iface={name}")
+            try:
+                choice = _match_iface(snap, name)
+                break
+            except FlannelError as exc:
+                log.warning("%s; trying the next candidate", exc)
+        if choice is None:
+            for pattern in flags.iface_regexes:
+                asked.append(f"-iface-regex={pattern.pattern}")
+                try:
+                    choice = _match_regex(snap, pattern)
+                    break
+                except FlannelError as exc:
+                    log.warning("%s; trying the next candidate", exc)
+        if choice is None:
+            raise FlannelError(
+                f"no interface matches {', '.join(asked)}; have: {describe_links(snap)}"
+            )
+        if flags.can_reach is not None:
+            log.info("-iface-can-reach=%s ignored because -iface/-iface-regex is given", flags.can_reach)
+    elif flags.can_reach is not None:
+        why = f"-iface-can-reach={flags.can_reach}"
+        if not snap.reach_indexes:
+            raise FlannelError(f"{why}: no route to {flags.can_reach}; have: {describe_links(snap)}")
+        link = _by_index(snap, snap.reach_indexes[0])
+        if link is None:
+            raise FlannelError(f"{why}: route uses interface index {snap.reach_indexes[0]}, which is gone")
+        choice = _with_ip(link, None, why)
+    else:
+        why = "default route interface"
+        if snap.default_index is None:
+            raise FlannelError(
+                "no IPv4 default route to pick the interface from; use -iface, -iface-regex "
+                f"or -iface-can-reach; have: {describe_links(snap)}"
+            )
+        link = _by_index(snap, snap.default_index)
+        if link is None:
+            raise FlannelError(f"default route uses interface index {snap.default_index}, which is gone")
+        choice = _with_ip(link, None, why)
+
+    link, ip = choice
+    if ip == VAGRANT_NAT_IP:
+        log.warning(
+            "interface %s has %s, the NAT address every Vagrant/VirtualBox VM shares; nodes "
+            "will advertise the same PublicIP and collide; choose another with -iface",
+            link.name, ip,
+        )
+    return ExternalInterface(
+        name=link.name, index=link.index, ip=ip,
+        public_ip=flags.public_ip or ip, mtu=link.mtu,
+    )
+
+
+# --- reading the kernel (runs on the netlink thread) -------------------------------------
+
+
+def _attr(msg: Any, name: str) -> Any:
+    return msg.get_attr(name)
+
+
+def route_get_hops(ipr: Any, dst: IPv4Address) -> list[tuple[int | None, IPv4Address | None]]:
+    """`ip route get <dst>` as (oif, gateway) pairs; [] when there is no route."""
+    try:
+        msgs = ipr.route("get", dst=str(dst))
+    except NetlinkError as exc:
+        if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL):
+            return []
+        raise
+    hops = []
+    for msg in msgs:
+        gw = _attr(msg, "RTA_GATEWAY")
+        hops.append((_attr(msg, "RTA_OIF"), IPv4Address(gw) if gw else None))
+    return hops
+
+
+def read_snapshot(ipr: Any, can_reach: IPv4Address | None) -> HostSnapshot:
+    links = []
+    addrs: dict[int, list[IPv4Address]] = {}
+    for msg in ipr.get_addr(family=socket.AF_INET):
+        addrs.setdefault(msg["index"], []).append(IPv4Address(_attr(msg, "IFA_ADDRESS") or _attr(msg, "IFA_LOCAL")))
+    for msg in ipr.get_links():
+        links.append(
+            LinkFacts(
+                name=_attr(msg, "IFLA_IFNAME"),
+                index=msg["index"],
+                mtu=_attr(msg, "IFLA_MTU") or 0,
+                addrs=tuple(addrs.get(msg["index"], ())),
+            )
+        )
+    default_index = None
+    for msg in ipr.get_routes(family=socket.AF_INET, table=254):
+        if msg["dst_len"] == 0 and _attr(msg, "RTA_TABLE") in (None, 254):
+            oif = _attr(msg, "RTA_OIF")
+            if oif:
+                default_index = oif
+                break
+    reach = None
+    if can_reach is not None:
+        reach = tuple(oif for oif, _gw in route_get_hops(ipr, can_reach) if oif) or None
+    return HostSnapshot(links=tuple(links), default_index=default_index, reach_indexes=reach)
+
+
+async def select_interface(
+    nl: NetlinkThread, ifaces: list[str], iface_regexes: list[str], can_reach: str, public_ip: str
+) -> ExternalInterface:
+    """The external interface per the flags (see module doc); FlannelError when none fits."""
+    flags = check_flags(list(ifaces), list(iface_regexes), can_reach, public_ip)
+    snap = await nl.call(read_snapshot, flags.can_reach)
+    ext = choose_interface(snap, flags)
+    log.info("using interface %s with address %s (public %s, mtu %d)", ext.name, ext.ip, ext.public_ip, ext.mtu)
+    return ext
