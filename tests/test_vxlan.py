@@ -1,0 +1,253 @@
+"""The vxlan backend on real kernel devices: two "hosts" (namespaces a and b) joined by a
+veth underlay, each with a "container" namespace behind it, running VxlanBackend through
+NetlinkThread(netns=...)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from flannelpy.backends import backend_class
+from flannelpy.backends.base import ExternalInterface
+from flannelpy.backends.vxlan import VxlanBackend
+from flannelpy.config import parse_config
+from flannelpy.errors import ConfigError
+from flannelpy.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
+from flannelpy.netlink import NetlinkThread
+from netns_helpers import add_addr, add_veth, bridge_json, ifindex, ip_json, namespaces, ping, sh, unique_name
+
+pytestmark = pytest.mark.root
+
+A = IPv4Address
+NETWORK = "10.55.0.0/16"
+UNDERLAY = {"a": "192.168.100.1", "b": "192.168.100.2"}
+SUBNET = {"a": IPv4Network("10.55.1.0/24"), "b": IPv4Network("10.55.2.0/24")}
+
+
+def config(**backend):
+    return parse_config(json.dumps({"Network": NETWORK, "Backend": {"Type": "vxlan", **backend}}))
+
+
+@dataclass
+class Host:
+    ns: str
+    nl: NetlinkThread
+    ext: ExternalInterface
+
+    def backend(self, **opts) -> VxlanBackend:
+        return VxlanBackend(self.ext, config(**opts), self.nl)
+
+
+@asynccontextmanager
+async def two_hosts(containers: bool = False):
+    """Namespaces <p>-a and <p>-b joined by veth ua<->ub (192.168.100.1/.2, mtu 1500); with
+    containers, also <p>-ca/-cb behind veths with .1 (host) and .2 (container) of the subnet."""
+    p = unique_name("fpvx")
+    names = [f"{p}-a", f"{p}-b"] + ([f"{p}-ca", f"{p}-cb"] if containers else [])
+    with namespaces(*names):
+        a, b = names[0], names[1]
+        add_veth(a, "ua", b, "ub")
+        add_addr(a, "ua", f"{UNDERLAY['a']}/24")
+        add_addr(b, "ub", f"{UNDERLAY['b']}/24")
+        if containers:
+            for side, host, cont in (("a", a, names[2]), ("b", b, names[3])):
+                net = SUBNET[side]
+                add_veth(host, "hv", cont, "eth0")
+                add_addr(host, "hv", f"{net.network_address + 1}/24")
+                add_addr(cont, "eth0", f"{net.network_address + 2}/24")
+                sh("ip", "-n", cont, "route", "add", "default", "via", str(net.network_address + 1))
+                sh("ip", "netns", "exec", host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        hosts = {}
+        try:
+            for side, ns, dev in (("a", a, "ua"), ("b", b, "ub")):
+                nl = NetlinkThread(netns=ns)
+                ip = A(UNDERLAY[side])
+                hosts[side] = Host(ns, nl, ExternalInterface(dev, ifindex(ns, dev), ip, ip, 1500))
+            yield hosts, names
+        finally:
+            for h in hosts.values():
+                h.nl.stop()
+
+
+def lease_of(side: str, mac: str, public: str | None = None, btype: str = "vxlan") -> Lease:
+    return Lease(SUBNET[side], LeaseAttrs(A(public or UNDERLAY[side]), btype, {"VNI": 1, "VtepMAC": mac}))
+
+
+def added(lease: Lease) -> list[LeaseEvent]:
+    return [LeaseEvent(EventKind.ADDED, lease)]
+
+
+def removed(lease: Lease) -> list[LeaseEvent]:
+    return [LeaseEvent(EventKind.REMOVED, lease)]
+
+
+def device(ns: str, name: str = "flannel.1") -> dict:
+    return ip_json(ns, "-d", "link", "show", "dev", name)[0]
+
+
+def neighs(ns: str) -> list[tuple[str, str, list[str]]]:
+    return [(n["dst"], n.get("lladdr"), n["state"]) for n in ip_json(ns, "neigh", "show", "dev", "flannel.1")]
+
+
+def fdbs(ns: str) -> list[tuple[str, str | None, list[str], str]]:
+    return [(f["mac"], f.get("dst"), f.get("flags", []), f.get("state", ""))
+            for f in bridge_json(ns, "fdb", "show", "dev", "flannel.1")]
+
+
+def routes_text(ns: str, dst: str) -> str:
+    return sh("ip", "-n", ns, "route", "show", dst).strip()
+
+
+async def up(host: Host, side: str, **opts) -> tuple[VxlanBackend, str]:
+    be = host.backend(**opts)
+    data = await be.prepare()
+    await be.start(Lease(SUBNET[side], LeaseAttrs(host.ext.public_ip, "vxlan", data.backend_data)))
+    return be, data.backend_data["VtepMAC"]
+
+
+async def test_backend_is_registered():
+    assert backend_class("vxlan") is VxlanBackend
+
+
+def test_options_are_validated_with_their_names():
+    ext = ExternalInterface("x", 5, A("10.0.0.1"), A("10.0.0.1"), 1500)
+    nl = NetlinkThread()
+    with pytest.raises(ConfigError, match="Backend.VNI"):
+        VxlanBackend(ext, config(VNI=1 << 24), nl)
+    with pytest.raises(ConfigError, match="Backend.Port"):
+        VxlanBackend(ext, config(Port=70000), nl)
+    with pytest.raises(ConfigError, match="Backend.MTU"):
+        VxlanBackend(ext, config(MTU=100), nl)
+    with pytest.raises(ConfigError, match="Backend.DirectRouting"):
+        VxlanBackend(ext, config(DirectRouting="yes"), nl)
+    be = VxlanBackend(ext, config(MTU=9000, vni=7), nl)  # keys are case-insensitive
+    assert be.mtu() == 8950 and be.spec.name == "flannel.7" and be.spec.port == 8472
+    assert VxlanBackend(ext, config(), nl).mtu() == 1450
+
+
+async def test_two_hosts_entries_like_flanneld_and_ping_crosses(root):
+    async with two_hosts(containers=True) as (hosts, names):
+        a, b = hosts["a"], hosts["b"]
+        be_a, mac_a = await up(a, "a")
+        be_b, mac_b = await up(b, "b")
+        await be_a.apply(added(lease_of("b", mac_b)))
+        await be_b.apply(added(lease_of("a", mac_a)))
+
+        dev = device(a.ns)
+        info = dev["linkinfo"]["info_data"]
+        assert dev["address"] == mac_a and int(mac_a[:2], 16) & 0x03 == 0x02
+        assert dev["mtu"] == 1450 and "UP" in dev["flags"]
+        assert info["id"] == 1 and info["port"] == 8472 and info["local"] == UNDERLAY["a"]
+        assert info["link"] == "ua" and info["learning"] is False
+        assert "gbp" not in info
+        assert [(x["local"], x["prefixlen"]) for x in ip_json(a.ns, "-4", "addr", "show", "dev", "flannel.1")[0]["addr_info"]] == [("10.55.1.0", 32)]
+
+        assert neighs(a.ns) == [("10.55.2.0", mac_b, ["PERMANENT"])]
+        assert (mac_b, UNDERLAY["b"], ["self"], "permanent") in fdbs(a.ns)
+        assert [f for f in fdbs(a.ns) if f[1] is not None] == [(mac_b, UNDERLAY["b"], ["self"], "permanent")]
+        assert routes_text(a.ns, "10.55.2.0/24") == "10.55.2.0/24 via 10.55.2.0 dev flannel.1 onlink"
+        assert routes_text(b.ns, "10.55.1.0/24") == "10.55.1.0/24 via 10.55.1.0 dev flannel.1 onlink"
+        assert be_a.programmed_peers == 1
+
+        # container a -> container b, across the VXLAN (the only path between the subnets)
+        assert ping(names[2], "10.55.2.2")
+        rx = device(b.ns)  # counters are in `ip -s`; check the overlay carried packets
+        stats = ip_json(b.ns, "-s", "link", "show", "dev", "flannel.1")[0]["stats64"]
+        assert stats["rx"]["packets"] >= 2 and rx["operstate"] in ("UNKNOWN", "UP")
+
+        await be_a.apply(removed(lease_of("b", mac_b)))
+        assert neighs(a.ns) == []
+        assert [f for f in fdbs(a.ns) if f[0] == mac_b] == []
+        assert routes_text(a.ns, "10.55.2.0/24") == ""
+        assert be_a.programmed_peers == 0
+        # removing again carries on past the missing entries
+        await be_a.apply(removed(lease_of("b", mac_b)))
+
+
+async def test_changed_mac_replaces_entries_and_drops_old_fdb(root):
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        be, _mac = await up(a, "a")
+        await be.apply(added(lease_of("b", "0a:00:00:00:00:01")))
+        await be.apply(added(lease_of("b", "0a:00:00:00:00:02")))
+        assert neighs(a.ns) == [("10.55.2.0", "0a:00:00:00:00:02", ["PERMANENT"])]
+        assert [f[0] for f in fdbs(a.ns) if f[1]] == ["0a:00:00:00:00:02"]
+        assert routes_text(a.ns, "10.55.2.0/24") == "10.55.2.0/24 via 10.55.2.0 dev flannel.1 onlink"
+        assert be.programmed_peers == 1
+
+
+async def test_other_backend_types_are_ignored(root, caplog):
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        be, _mac = await up(a, "a")
+        with caplog.at_level(logging.INFO, logger="flannelpy.backends.vxlan"):
+            await be.apply(added(lease_of("b", "0a:00:00:00:00:01", btype="host-gw")))
+        assert "not vxlan" in caplog.text
+        assert neighs(a.ns) == [] and routes_text(a.ns, "10.55.2.0/24") == ""
+        assert be.programmed_peers == 0
+
+
+async def test_device_reused_with_its_mac_and_stale_addresses_removed(root):
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        be, mac = await up(a, "a")
+        index = ifindex(a.ns, "flannel.1")
+        sh("ip", "-n", a.ns, "addr", "add", "10.55.9.0/32", "dev", "flannel.1")
+        sh("ip", "-n", a.ns, "addr", "add", "10.55.1.0/16", "dev", "flannel.1")
+        sh("ip", "-n", a.ns, "addr", "add", "172.31.0.1/32", "dev", "flannel.1")  # not ours: kept
+        be2, mac2 = await up(a, "a")
+        assert mac2 == mac and ifindex(a.ns, "flannel.1") == index
+        addrs = {(x["local"], x["prefixlen"]) for x in ip_json(a.ns, "-4", "addr", "show", "dev", "flannel.1")[0]["addr_info"]}
+        assert addrs == {("10.55.1.0", 32), ("172.31.0.1", 32)}
+
+
+@pytest.mark.parametrize("make", [
+    "id 7 dstport 8472",  # other VNI under our name
+    "id 1 dstport 4789",  # other port
+    "id 1 dstport 8472 learning",
+])
+async def test_incompatible_device_is_recreated(root, make):
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        sh("ip", "-n", a.ns, "link", "add", "flannel.1", "address", "0a:de:ad:be:ef:00", "type", "vxlan",
+           *make.split(), "local", UNDERLAY["a"], "dev", "ua")
+        be, mac = await up(a, "a")
+        info = device(a.ns)["linkinfo"]["info_data"]
+        assert (info["id"], info["port"], info["learning"]) == (1, 8472, False)
+        assert mac != "0a:de:ad:be:ef:00" and device(a.ns)["address"] == mac
+
+
+async def test_gbp_port_and_mtu_options(root):
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        be, mac = await up(a, "a", VNI=42, Port=4789, GBP=True, MTU=1400)
+        dev = device(a.ns, "flannel.42")
+        info = dev["linkinfo"]["info_data"]
+        assert (info["id"], info["port"], dev["mtu"]) == (42, 4789, 1350)
+        assert info.get("gbp") is True and be.mtu() == 1350
+
+
+async def test_direct_routing_on_same_segment_and_vxlan_beyond(root):
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        sh("ip", "-n", a.ns, "route", "add", "192.168.200.0/24", "via", "192.168.100.254")
+        be, _mac = await up(a, "a", DirectRouting=True)
+        await be.apply(added(lease_of("b", "0a:00:00:00:00:01")))
+        assert routes_text(a.ns, "10.55.2.0/24") == "10.55.2.0/24 via 192.168.100.2 dev ua"
+        assert neighs(a.ns) == [] and [f for f in fdbs(a.ns) if f[1]] == []
+
+        far = Lease(IPv4Network("10.55.3.0/24"),
+                    LeaseAttrs(A("192.168.200.5"), "vxlan", {"VNI": 1, "VtepMAC": "0a:00:00:00:00:03"}))
+        await be.apply(added(far))
+        assert routes_text(a.ns, "10.55.3.0/24") == "10.55.3.0/24 via 10.55.3.0 dev flannel.1 onlink"
+        assert (("0a:00:00:00:00:03", "192.168.200.5", ["self"], "permanent")) in fdbs(a.ns)
+        assert be.programmed_peers == 2
+
+        await be.apply(removed(lease_of("b", "0a:00:00:00:00:01")))
+        assert routes_text(a.ns, "10.55.2.0/24") == ""
+        assert routes_text(a.ns, "10.55.3.0/24") != ""
