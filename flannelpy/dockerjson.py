@@ -1,0 +1,226 @@
+"""Docker's daemon.json: set "bip" and "mtu" from the lease, safely.
+
+Upstream flanneld never touches Docker (mk-docker-opts.sh writes flags instead), but Docker-CE's unit
+ignores those flags, so users edit daemon.json by hand.  This does it: every other key kept in
+order, atomic write, the previous file kept as `<path>.flannel-backup`, and a check that dockerd is
+not also given --bip/--mtu as flags (Docker refuses to start when an option is set both ways).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass
+from ipaddress import IPv4Interface
+from typing import Any
+
+from .errors import FlannelError
+from .fileutil import atomic_write
+
+DEFAULT_PATH = "/etc/docker/daemon.json"
+BACKUP_SUFFIX = ".flannel-backup"
+SYSTEMD_UNITS = (
+    "/etc/systemd/system/docker.service",
+    "/run/systemd/system/docker.service",
+    "/lib/systemd/system/docker.service",
+    "/usr/lib/systemd/system/docker.service",
+)
+
+
+@dataclass(frozen=True)
+class Change:
+    path: str
+    old_bip: Any
+    old_mtu: Any
+    bip: str
+    mtu: int
+    written: bool  # False: file already had these values and was not touched
+    backup: str | None  # where the previous version was kept, if there was one
+
+    @property
+    def bip_changed(self) -> bool:
+        return self.old_bip != self.bip
+
+    @property
+    def mtu_changed(self) -> bool:
+        return self.old_mtu != self.mtu
+
+    @property
+    def changed(self) -> bool:
+        return self.bip_changed or self.mtu_changed
+
+
+def _check_values(bip: str, mtu: int) -> None:
+    try:
+        iface = IPv4Interface(bip)
+    except ValueError as err:
+        raise FlannelError(f"bip {bip!r} is not an IPv4 address with prefix length (e.g. 10.1.74.1/24)") from err
+    if "/" not in bip or iface.ip == iface.network.network_address:
+        raise FlannelError(f"bip {bip!r} must be a host address with prefix length, not the network address")
+    if isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535:
+        raise FlannelError(f"mtu {mtu!r} must be an integer between 68 and 65535")
+
+
+def parse_daemon_json(text: str, path: str) -> dict[str, Any]:
+    """daemon.json text -> dict (order kept).  An empty file counts as {} like dockerd does."""
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FlannelError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    if not isinstance(data, dict):
+        raise FlannelError(f"{path}: top level must be a JSON object, found {type(data).__name__}")
+    return data
+
+
+def merge_daemon_json(text: str | None, bip: str, mtu: int, path: str = DEFAULT_PATH) -> tuple[str, dict[str, Any]]:
+    """Pure: (new file text, old settings).  Existing keys keep their place; new ones go last."""
+    _check_values(bip, mtu)
+    data = parse_daemon_json(text or "", path)
+    old = dict(data)
+    if data.get("bridge") not in (None, "", "docker0"):
+        # dockerd: "You specified -b & --bip, mutually exclusive options"
+        raise FlannelError(f"{path}: sets \"bridge\": {data['bridge']!r}, which dockerd rejects together with \"bip\"")
+    data["bip"] = bip
+    data["mtu"] = mtu
+    return json.dumps(data, indent=2) + "\n", old
+
+
+def update_daemon_json(path: str, bip: str, mtu: int) -> Change:
+    """Set bip/mtu in daemon.json; creates file and directory if missing; never half-writes.
+
+    Nothing is written when both already have the wanted values.  Otherwise the previous file
+    (if any) is first copied to `<path>.flannel-backup`, then the new one renamed into place.
+    """
+    try:
+        with open(path, "rb") as fh:
+            raw: bytes | None = fh.read()
+    except FileNotFoundError:
+        raw = None
+    try:
+        text = raw.decode("utf-8") if raw is not None else None
+    except UnicodeDecodeError as err:
+        raise FlannelError(f"{path}: not valid UTF-8 at byte {err.start}") from err
+    new_text, old = merge_daemon_json(text, bip, mtu, path)
+    change_args = dict(path=path, old_bip=old.get("bip"), old_mtu=old.get("mtu"), bip=bip, mtu=mtu)
+    if raw is not None and old.get("bip") == bip and old.get("mtu") == mtu:
+        return Change(**change_args, written=False, backup=None)
+    mode = 0o644
+    backup = None
+    if raw is not None:
+        mode = os.stat(path).st_mode & 0o777
+        backup = path + BACKUP_SUFFIX
+        atomic_write(backup, raw, mode=mode)
+    atomic_write(path, new_text.encode(), mode=mode, dir_mode=0o755)
+    return Change(**change_args, written=True, backup=backup)
+
+
+# --- flags given to dockerd that would clash --------------------------------------------------------
+
+_CONFLICTS = {"--bip": "bip", "--mtu": "mtu", "--bridge": "bip", "-b": "bip"}
+_ENV_CONFLICTS = ("DOCKER_OPT_BIP", "DOCKER_OPT_MTU", "DOCKER_NETWORK_OPTIONS")
+
+
+def find_flag_conflicts(cmdline: list[str]) -> list[str]:
+    """Messages for each dockerd argument that clashes with bip/mtu in daemon.json.
+
+    Accepts `--bip=x`, `--bip x`, `--mtu=x`, `--mtu x`, and -b/--bridge (exclusive with bip).  For a
+    unit's ExecStart, `$DOCKER_OPT_BIP`-style variables from mk-docker-opts.sh count too.
+    """
+    msgs: list[str] = []
+    i = 0
+    while i < len(cmdline):
+        arg = cmdline[i]
+        name, eq, value = arg.partition("=")
+        if name in _CONFLICTS:
+            if not eq and i + 1 < len(cmdline):
+                value = cmdline[i + 1]
+                shown = f"{name} {value}"
+                i += 1
+            else:
+                shown = arg
+            if name in ("--bridge", "-b"):
+                if value not in ("", "docker0"):
+                    msgs.append(f"dockerd is started with '{shown}', which cannot be combined with \"bip\" in daemon.json")
+            else:
+                msgs.append(
+                    f"dockerd is started with '{shown}' and daemon.json sets \"{_CONFLICTS[name]}\": "
+                    f"Docker refuses to start when an option is given both ways; remove the flag"
+                )
+        else:
+            for var in _ENV_CONFLICTS:
+                if f"${var}" in arg or f"${{{var}}}" in arg:
+                    msgs.append(
+                        f"dockerd's command line expands ${var} (from mk-docker-opts.sh), which would set "
+                        f"--bip/--mtu as flags while daemon.json sets them; remove it"
+                    )
+        i += 1
+    return msgs
+
+
+def running_dockerd_cmdlines(proc: str = "/proc") -> list[list[str]]:
+    """argv of every running dockerd."""
+    out = []
+    for path in glob.glob(os.path.join(proc, "[0-9]*", "cmdline")):
+        try:
+            with open(path, "rb") as fh:
+                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+        except OSError:
+            continue  # process exited, or not ours to read
+        if argv and os.path.basename(argv[0]) == "dockerd":
+            out.append(argv)
+    return out
+
+
+def unit_exec_starts(paths: tuple[str, ...] = SYSTEMD_UNITS) -> list[list[str]]:
+    """ExecStart command lines of docker.service and its drop-ins (last non-empty one per file)."""
+    files: list[str] = []
+    for unit in paths:
+        if os.path.exists(unit):
+            files.append(unit)
+        files += sorted(glob.glob(unit + ".d/*.conf"))
+    out = []
+    for f in files:
+        try:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                text = fh.read().replace("\\\n", " ")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, eq, value = line.strip().partition("=")
+            if key.strip() == "ExecStart" and eq and value.strip():
+                try:
+                    out.append(shlex.split(value.strip().lstrip("-@+!:")))
+                except ValueError:
+                    out.append(value.split())
+    return out
+
+
+def detect_conflicts() -> list[str]:
+    """Conflicts in running dockerds and in docker.service, de-duplicated."""
+    msgs: list[str] = []
+    for argv in running_dockerd_cmdlines() + unit_exec_starts():
+        for m in find_flag_conflicts(argv):
+            if m not in msgs:
+                msgs.append(m)
+    return msgs
+
+
+def restart_docker_if_changed(change: Change, systemd_dir: str = "/run/systemd/system") -> str | None:
+    """Restart docker.service via systemd when bip/mtu changed.
+
+    Returns None when nothing needed doing or the restart ran; otherwise the command the user
+    should run (no systemd here).  A failed restart raises FlannelError.
+    """
+    if not change.changed:
+        return None
+    if os.path.isdir(systemd_dir):
+        proc = subprocess.run(["systemctl", "try-restart", "docker.service"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise FlannelError(f"systemctl try-restart docker.service failed: {proc.stderr.strip()}")
+        return None
+    return f"restart dockerd so it reads bip/mtu from {change.path} (e.g. 'service docker restart')"

@@ -1,0 +1,169 @@
+"""Applying flanneld's iptables rules: one iptables-restore batch, a resync loop, old-rule cleanup.
+
+Rules are decided in flannelpy.iptables_rules; this module only runs iptables-save/-restore.
+Like flanneld, rules are kept when the agent exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from ipaddress import IPv4Network
+
+import trio
+
+from . import iptables_rules as R
+from .errors import FlannelError
+
+log = logging.getLogger(__name__)
+
+MISSING_MSG = "Some iptables rules are missing; deleting and recreating rules"
+
+
+class IptablesManager:
+    """Keeps flanneld's masq (nat FLANNEL-POSTRTG) and forward (filter FLANNEL-FWD) rules in place.
+
+    `netns` runs every command inside /var/run/netns/<netns> (tests); None = the current namespace.
+    """
+
+    def __init__(
+        self,
+        network: IPv4Network,
+        subnet: IPv4Network,
+        *,
+        masq: bool,
+        forward: bool,
+        resync_s: int = 5,
+        previous_network: IPv4Network | None = None,
+        previous_subnet: IPv4Network | None = None,
+        netns: str | None = None,
+        random_fully_disable: bool = False,
+    ) -> None:
+        self.network = network
+        self.subnet = subnet
+        self.masq = masq
+        self.forward = forward
+        self.resync_s = resync_s
+        self.previous_network = previous_network
+        self.previous_subnet = previous_subnet
+        self.netns = netns
+        self.random_fully_disable = random_fully_disable
+        self._desired: R.Desired | None = None
+        self._prefix: list[str] = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+        self._lock = trio.Lock()  # two overlapping batches could re-add what the other removed
+        self._bootstrapped = False
+        self._wait = False
+        self.applied = 0  # batches run; lets callers and tests see a resync happened
+
+    @property
+    def enabled(self) -> bool:
+        return self.masq or self.forward
+
+    async def _run(self, args: list[str], stdin: bytes = b"") -> str:
+        cmd = self._prefix + args
+        try:
+            proc = await trio.run_process(cmd, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False)
+        except FileNotFoundError as err:
+            raise FlannelError(f"cannot run {cmd[0]!r}: {err.strerror}; is iptables installed?") from err
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace").strip()
+            raise FlannelError(f"{' '.join(args)} failed (exit {proc.returncode}): {err}")
+        return proc.stdout.decode(errors="replace")
+
+    def _check_binaries(self) -> None:
+        for tool in ("iptables", "iptables-save", "iptables-restore"):
+            if shutil.which(tool) is None:
+                raise FlannelError(
+                    f"{tool} not found in PATH; install iptables, or run with "
+                    "--ip-masq=false --iptables-forward-rules=false"
+                )
+
+    async def _desired_rules(self) -> R.Desired:
+        if self._desired is None:
+            self._check_binaries()
+            version = R.parse_version(await self._run(["iptables", "--version"]))
+            self._wait = R.has_random_fully(version)  # --wait arrived in the same release (1.6.2)
+            self._desired = R.desired_rules(
+                self.network,
+                self.subnet,
+                masq=self.masq,
+                forward=self.forward,
+                random_fully=R.has_random_fully(version) and not self.random_fully_disable,
+            )
+        return self._desired
+
+    async def save(self) -> R.SavedTables:
+        text = await self._run(["iptables-save", "-t", "nat"]) + await self._run(["iptables-save", "-t", "filter"])
+        return R.parse_save(text)
+
+    async def _restore(self, payload: str) -> None:
+        args = ["iptables-restore", "--noflush"] + (["--wait"] if self._wait else [])
+        await self._run(args, payload.encode())
+        self.applied += 1
+
+    async def missing(self) -> list[str]:
+        return R.missing_rules(await self._desired_rules(), await self.save())
+
+    async def cleanup_previous(self) -> list[R.Rule]:
+        """Delete masq rules of the previous network/subnet, and pre-v0.20 flannel rules left in
+        POSTROUTING/FORWARD for the previous or current network.  Returns what was deleted."""
+        await self._desired_rules()
+        async with self._lock:
+            saved = await self.save()
+            rules = R.previous_masq_rules(self.previous_network, self.previous_subnet, self.network, self.subnet)
+            nets = [(self.network, self.subnet)]
+            if self.previous_network is not None:
+                nets.append((self.previous_network, self.previous_subnet))
+            rules += [r for r in R.legacy_rules(saved, nets) if r not in rules]
+            present = [r for r in rules if saved.count(r)]
+            payload = R.delete_payload(present, saved)
+            if payload:
+                log.info(
+                    "Current network or subnet (%s, %s) differs from previous (%s, %s) or old rules exist; "
+                    "removing %d old iptables rules",
+                    self.network, self.subnet, self.previous_network, self.previous_subnet, len(present),
+                )
+                await self._restore(payload)
+            return present
+
+    async def ensure(self) -> bool:
+        """Install every rule, in order, as one atomic batch if anything is missing; True if it ran."""
+        if not self.enabled:
+            return False
+        desired = await self._desired_rules()
+        async with self._lock:
+            for attempt in (1, 2):
+                saved = await self.save()
+                # the first time, rebuild even if all is present, to restore the order
+                if self._bootstrapped and not R.missing_rules(desired, saved):
+                    return False
+                try:
+                    await self._restore(R.restore_payload(desired, saved))
+                    self._bootstrapped = True
+                    return True
+                except FlannelError:
+                    # someone (Docker) changed the tables between save and restore; -D of a
+                    # vanished rule fails the batch, so look again once
+                    if attempt == 2:
+                        raise
+        return False
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Clean up, install, report started, then re-check every resync_s seconds forever."""
+        if not self.enabled:
+            task_status.started()
+            return
+        await self.cleanup_previous()
+        await self.ensure()
+        log.info("iptables rules in place (masq=%s, forward=%s)", self.masq, self.forward)
+        task_status.started()
+        while True:
+            await trio.sleep(self.resync_s)
+            try:
+                missing = await self.missing()
+                if missing:
+                    log.warning("%s: %s", MISSING_MSG, "; ".join(missing))
+                    await self.ensure()
+            except FlannelError as err:
+                # a transient failure (xtables lock, Docker rewriting rules) must not kill the agent
+                log.error("iptables resync failed: %s", err)

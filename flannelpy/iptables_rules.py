@@ -1,0 +1,305 @@
+"""iptables rules flanneld installs, as data: building restore payloads and reading iptables-save.
+
+Everything here is pure.  flannelpy.iptables runs the commands; this module decides what they say.
+
+Rule text is kept in iptables-save form (`-m comment --comment "flanneld masq"`), which is also what
+iptables-restore reads, so "is this rule present?" is a string comparison against iptables-save output.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+
+MASQ_CHAIN = "FLANNEL-POSTRTG"
+FWD_CHAIN = "FLANNEL-FWD"
+DOCKER_USER = "DOCKER-USER"
+MASQ_COMMENT = "flanneld masq"
+FWD_COMMENT = "flanneld forward"
+KUBE_PROXY_MARK = "0x4000/0x4000"  # kube-proxy's masquerade mark: never masquerade twice
+MULTICAST_V4 = "224.0.0.0/4"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: `-A <chain> <spec>` in table `table`; spec tokens are unquoted."""
+
+    table: str
+    chain: str
+    spec: tuple[str, ...]
+
+    @property
+    def spec_text(self) -> str:
+        """The spec as iptables-save prints it (the comment argument double-quoted)."""
+        out = []
+        for i, tok in enumerate(self.spec):
+            out.append(f'"{tok}"' if i > 0 and self.spec[i - 1] == "--comment" else tok)
+        return " ".join(out)
+
+    def line(self, action: str = "-A") -> str:
+        return f"{action} {self.chain} {self.spec_text}"
+
+
+def _c(comment: str) -> tuple[str, ...]:
+    return ("-m", "comment", "--comment", comment)
+
+
+def masq_rules(network: IPv4Network, subnet: IPv4Network, *, random_fully: bool) -> list[Rule]:
+    """flanneld HEAD's --ip-masq rules, in order: the POSTROUTING jump first, then the chain.
+
+    `random_fully` = iptables supports --random-fully and --ip-masq-fully-random-disable is not set.
+    """
+    n, p = str(network), str(subnet)
+    rf = ("--random-fully",) if random_fully else ()
+    c = _c(MASQ_COMMENT)
+    return [
+        Rule("nat", "POSTROUTING", (*c, "-j", MASQ_CHAIN)),
+        Rule("nat", MASQ_CHAIN, ("-m", "mark", "--mark", KUBE_PROXY_MARK, *c, "-j", "RETURN")),
+        # traffic inside the overlay keeps its source address
+        Rule("nat", MASQ_CHAIN, ("-s", p, "-d", n, *c, "-j", "RETURN")),
+        Rule("nat", MASQ_CHAIN, ("-s", n, "-d", p, *c, "-j", "RETURN")),
+        # external traffic arriving for one of our containers is not masqueraded
+        Rule("nat", MASQ_CHAIN, ("!", "-s", n, "-d", p, *c, "-j", "RETURN")),
+        Rule("nat", MASQ_CHAIN, ("-s", n, "!", "-d", MULTICAST_V4, *c, "-j", "MASQUERADE", *rf)),
+        Rule("nat", MASQ_CHAIN, ("!", "-s", n, "-d", n, *c, "-j", "MASQUERADE", *rf)),
+    ]
+
+
+def forward_rules(network: IPv4Network) -> list[Rule]:
+    """flanneld HEAD's --iptables-forward-rules: accept anything to or from the flannel network."""
+    n = str(network)
+    c = _c(FWD_COMMENT)
+    return [
+        Rule("filter", "FORWARD", (*c, "-j", FWD_CHAIN)),
+        Rule("filter", FWD_CHAIN, ("-s", n, *c, "-j", "ACCEPT")),
+        Rule("filter", FWD_CHAIN, ("-d", n, *c, "-j", "ACCEPT")),
+    ]
+
+
+# Docker >= 17.06 jumps to DOCKER-USER first in FORWARD; Docker's own rules (DROP policy, isolation,
+# Docker 28's stricter filtering) come after it, so our jump goes at the top of DOCKER-USER.
+DOCKER_USER_JUMP = Rule("filter", DOCKER_USER, (*_c(FWD_COMMENT), "-j", FWD_CHAIN))
+
+
+# --- reading iptables-save ---------------------------------------------------------------------
+
+
+@dataclass
+class SavedTables:
+    """What iptables-save shows: table -> chain -> rule specs in order (without `-A CHAIN `)."""
+
+    tables: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def chain(self, table: str, chain: str) -> list[str] | None:
+        return self.tables.get(table, {}).get(chain)
+
+    def has_chain(self, table: str, chain: str) -> bool:
+        return self.chain(table, chain) is not None
+
+    def count(self, rule: Rule) -> int:
+        return (self.chain(rule.table, rule.chain) or []).count(rule.spec_text)
+
+
+def parse_save(text: str) -> SavedTables:
+    """Parse iptables-save output (any number of tables)."""
+    saved = SavedTables()
+    table: dict[str, list[str]] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or line == "COMMIT":
+            continue
+        if line.startswith("*"):
+            table = saved.tables.setdefault(line[1:], {})
+        elif table is None:
+            raise ValueError(f"iptables-save output has a rule before any table: {line!r}")
+        elif line.startswith(":"):
+            table.setdefault(line[1:].split()[0], [])
+        elif line.startswith("-A "):
+            _, chain, *rest = line.split(" ", 2)
+            table.setdefault(chain, []).append(rest[0] if rest else "")
+    return saved
+
+
+# --- what we want, what is missing, how to get there -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Desired:
+    """All rules one flanneld wants: chains it owns (flushed and refilled), and jumps into them."""
+
+    rules: tuple[Rule, ...]
+    docker_user: bool  # put our jump first in DOCKER-USER when that chain exists
+
+    @property
+    def chains(self) -> list[tuple[str, str]]:
+        owned = {MASQ_CHAIN, FWD_CHAIN}
+        seen: list[tuple[str, str]] = []
+        for r in self.rules:
+            if r.chain in owned and (r.table, r.chain) not in seen:
+                seen.append((r.table, r.chain))
+        return seen
+
+
+def desired_rules(
+    network: IPv4Network, subnet: IPv4Network, *, masq: bool, forward: bool, random_fully: bool
+) -> Desired:
+    rules: list[Rule] = []
+    if masq:
+        rules += masq_rules(network, subnet, random_fully=random_fully)
+    if forward:
+        rules += forward_rules(network)
+    return Desired(tuple(rules), docker_user=forward)
+
+
+def missing_rules(desired: Desired, saved: SavedTables) -> list[str]:
+    """Human-readable list of what is absent (empty = all in place)."""
+    missing: list[str] = []
+    for table, chain in desired.chains:
+        if not saved.has_chain(table, chain):
+            missing.append(f"chain {table}/{chain}")
+    for rule in desired.rules:
+        if saved.has_chain(rule.table, rule.chain) and saved.count(rule) == 0:
+            missing.append(f"{rule.table}: {rule.line()}")
+    if desired.docker_user:
+        du = saved.chain("filter", DOCKER_USER)
+        if du is not None and (not du or du[0] != DOCKER_USER_JUMP.spec_text):
+            missing.append(f"filter: {DOCKER_USER_JUMP.line('-I')} 1 (first in {DOCKER_USER})")
+    return missing
+
+
+def restore_payload(desired: Desired, saved: SavedTables, cleanup: list[Rule] = ()) -> str:
+    """One iptables-restore --noflush batch that (re)builds everything in order, atomically.
+
+    Declaring `:CHAIN` creates our chain or flushes it (with --noflush, only declared chains are
+    flushed), so chain rules come back in order.  Jumps living in chains that are not ours are
+    deleted (every copy) and re-added, which also fixes their position.  `cleanup` rules are
+    deleted if present.  `saved` must be fresh: deleting an absent rule fails the whole batch.
+    """
+    by_table: dict[str, list[str]] = {}
+
+    def add(table: str, line: str) -> None:
+        by_table.setdefault(table, []).append(line)
+
+    owned = set(desired.chains)
+    for table, chain in desired.chains:
+        add(table, f":{chain} - [0:0]")
+    for rule in cleanup:
+        if (rule.table, rule.chain) in owned:
+            continue  # flushed anyway
+        for _ in range(saved.count(rule)):
+            add(rule.table, rule.line("-D"))
+    for rule in desired.rules:
+        if (rule.table, rule.chain) not in owned:
+            for _ in range(saved.count(rule)):
+                add(rule.table, rule.line("-D"))
+        add(rule.table, rule.line("-A"))
+    if desired.docker_user and saved.has_chain("filter", DOCKER_USER):
+        for _ in range(saved.count(DOCKER_USER_JUMP)):
+            add("filter", DOCKER_USER_JUMP.line("-D"))
+        add("filter", f"-I {DOCKER_USER} 1 {DOCKER_USER_JUMP.spec_text}")
+    return "".join(f"*{t}\n" + "".join(f"{l}\n" for l in lines) + "COMMIT\n" for t, lines in by_table.items())
+
+
+def delete_payload(rules: list[Rule], saved: SavedTables) -> str:
+    """A batch deleting each of `rules` that is present (every copy); '' if none is."""
+    by_table: dict[str, list[str]] = {}
+    for rule in rules:
+        for _ in range(saved.count(rule)):
+            by_table.setdefault(rule.table, []).append(rule.line("-D"))
+    return "".join(f"*{t}\n" + "".join(f"{l}\n" for l in lines) + "COMMIT\n" for t, lines in by_table.items())
+
+
+def previous_masq_rules(
+    prev_network: IPv4Network | None,
+    prev_subnet: IPv4Network | None,
+    network: IPv4Network,
+    subnet: IPv4Network,
+) -> list[Rule]:
+    """Masq rules built from the previous subnet.env values, when those differ from the current ones.
+
+    Like flanneld: if network or subnet changed, the rules for (previous network, previous subnet)
+    are removed before ours go in.  Both random-fully variants are listed; absent ones are skipped.
+    """
+    if prev_network is None or prev_subnet is None:
+        return []
+    if prev_network == network and prev_subnet == subnet:
+        return []
+    out: list[Rule] = []
+    for rf in (True, False):
+        for r in masq_rules(prev_network, prev_subnet, random_fully=rf):
+            if r not in out:
+                out.append(r)
+    return out
+
+
+# Rule bodies (comment and --random-fully stripped) that flanneld v0.7-v0.19 put straight into
+# POSTROUTING and FORWARD, before it had its own chains.
+def _legacy_bodies(network: IPv4Network, subnet: IPv4Network | None) -> dict[str, list[tuple[str, ...]]]:
+    n = str(network)
+    post = [
+        ("-s", n, "-d", n, "-j", "RETURN"),
+        ("-s", n, "!", "-d", MULTICAST_V4, "-j", "MASQUERADE"),
+        ("!", "-s", n, "-d", n, "-j", "MASQUERADE"),
+    ]
+    if subnet is not None:
+        post.append(("!", "-s", n, "-d", str(subnet), "-j", "RETURN"))
+    fwd = [("-s", n, "-j", "ACCEPT"), ("-d", n, "-j", "ACCEPT")]
+    return {"POSTROUTING": post, "FORWARD": fwd}
+
+
+def _strip_extras(spec: str) -> tuple[tuple[str, ...], str | None] | None:
+    try:
+        toks = shlex.split(spec)
+    except ValueError:
+        return None
+    comment = None
+    out: list[str] = []
+    i = 0
+    while i < len(toks):
+        if toks[i : i + 4][:3] == ["-m", "comment", "--comment"] and i + 3 < len(toks):
+            comment = toks[i + 3]
+            i += 4
+            continue
+        if toks[i] == "--random-fully":
+            i += 1
+            continue
+        out.append(toks[i])
+        i += 1
+    return tuple(out), comment
+
+
+def legacy_rules(saved: SavedTables, networks: list[tuple[IPv4Network, IPv4Network | None]]) -> list[Rule]:
+    """Rules left in POSTROUTING/FORWARD by pre-v0.20 flanneld for any of `networks`, as found.
+
+    Matches the old rule shapes with or without their comment and --random-fully; a rule carrying
+    some other comment belongs to someone else and is left alone.
+    """
+    found: list[Rule] = []
+    for network, subnet in networks:
+        for chain, bodies in _legacy_bodies(network, subnet).items():
+            table = "nat" if chain == "POSTROUTING" else "filter"
+            want_comment = MASQ_COMMENT if table == "nat" else FWD_COMMENT
+            for spec in saved.chain(table, chain) or []:
+                parsed = _strip_extras(spec)
+                if parsed is None:
+                    continue
+                body, comment = parsed
+                if body in bodies and comment in (None, want_comment):
+                    rule = Rule(table, chain, tuple(shlex.split(spec)))
+                    if rule not in found:
+                        found.append(rule)
+    return found
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    """'iptables v1.8.9 (nf_tables)' -> (1, 8, 9)."""
+    import re
+
+    m = re.search(r"v(\d+)\.(\d+)\.(\d+)", text)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def has_random_fully(version: tuple[int, int, int] | None) -> bool:
+    """--random-fully (and iptables-restore --wait) exist from iptables 1.6.2, as go-iptables checks."""
+    return version is not None and version >= (1, 6, 2)
