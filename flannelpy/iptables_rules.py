@@ -164,7 +164,7 @@ def missing_rules(desired: Desired, saved: SavedTables) -> list[str]:
     if desired.docker_user:
         du = saved.chain("filter", DOCKER_USER)
         if du is not None and (not du or du[0] != DOCKER_USER_JUMP.spec_text):
-            missing.append(f"filter: {DOCKER_USER_JUMP.line('-I')} 1 (first in {DOCKER_USER})")
+            missing.append(f"filter: -I {DOCKER_USER} 1 {DOCKER_USER_JUMP.spec_text} (must be first)")
     return missing
 
 

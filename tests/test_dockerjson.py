@@ -1,0 +1,127 @@
+"""daemon.json editing and dockerd flag conflict detection (no root)."""
+
+import json
+import os
+
+import pytest
+
+from flannelpy.dockerjson import (
+    BACKUP_SUFFIX,
+    find_flag_conflicts,
+    restart_docker_if_changed,
+    unit_exec_starts,
+    update_daemon_json,
+)
+from flannelpy.errors import FlannelError
+
+
+def test_missing_file_and_directory_are_created(tmp_path):
+    path = str(tmp_path / "etc" / "docker" / "daemon.json")
+    change = update_daemon_json(path, "10.1.74.1/24", 1450)
+    assert change.written and change.changed and change.bip_changed and change.mtu_changed
+    assert change.backup is None
+    assert json.loads(open(path).read()) == {"bip": "10.1.74.1/24", "mtu": 1450}
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_other_keys_and_their_order_are_kept_and_backup_made(tmp_path):
+    path = tmp_path / "daemon.json"
+    original = '{"log-driver": "journald", "mtu": 1500, "storage-opts": ["a", "b"], "debug": true}\n'
+    path.write_text(original)
+    os.chmod(path, 0o600)
+    change = update_daemon_json(str(path), "10.1.74.1/24", 1450)
+    data = json.loads(path.read_text())
+    assert list(data) == ["log-driver", "mtu", "storage-opts", "debug", "bip"]
+    assert data == {"log-driver": "journald", "mtu": 1450, "storage-opts": ["a", "b"], "debug": True, "bip": "10.1.74.1/24"}
+    assert change.bip_changed and change.mtu_changed and change.old_mtu == 1500 and change.old_bip is None
+    assert change.backup == str(path) + BACKUP_SUFFIX
+    assert open(change.backup).read() == original
+    assert os.stat(path).st_mode & 0o777 == 0o600  # permissions of the user's file kept
+
+
+def test_only_mtu_changed(tmp_path):
+    path = tmp_path / "daemon.json"
+    path.write_text('{"bip": "10.1.74.1/24", "mtu": 1500}')
+    change = update_daemon_json(str(path), "10.1.74.1/24", 1450)
+    assert change.written and not change.bip_changed and change.mtu_changed
+
+
+def test_unchanged_means_no_write(tmp_path):
+    path = tmp_path / "daemon.json"
+    text = '{ "mtu": 1450,   "bip": "10.1.74.1/24" }'
+    path.write_text(text)
+    before = os.stat(path).st_mtime_ns
+    change = update_daemon_json(str(path), "10.1.74.1/24", 1450)
+    assert not change.written and not change.changed and change.backup is None
+    assert path.read_text() == text and os.stat(path).st_mtime_ns == before
+    assert not os.path.exists(str(path) + BACKUP_SUFFIX)
+    assert restart_docker_if_changed(change) is None
+
+
+def test_invalid_json_names_file_line_and_column_and_leaves_file(tmp_path):
+    path = tmp_path / "daemon.json"
+    text = '{\n  "debug": true,\n  "mtu": 1500,,\n}\n'
+    path.write_text(text)
+    with pytest.raises(FlannelError) as err:
+        update_daemon_json(str(path), "10.1.74.1/24", 1450)
+    assert str(err.value).startswith(f"{path}: not valid JSON at line 3 column 15")
+    assert path.read_text() == text
+    assert sorted(os.listdir(tmp_path)) == ["daemon.json"]  # no temp file, no backup
+
+
+def test_not_an_object(tmp_path):
+    path = tmp_path / "daemon.json"
+    path.write_text('["bip"]')
+    with pytest.raises(FlannelError, match=r"daemon.json: top level must be a JSON object, found list"):
+        update_daemon_json(str(path), "10.1.74.1/24", 1450)
+    assert path.read_text() == '["bip"]'
+
+
+def test_empty_file_is_an_empty_object(tmp_path):
+    path = tmp_path / "daemon.json"
+    path.write_text("")
+    assert update_daemon_json(str(path), "10.1.74.1/24", 1450).written
+    assert json.loads(path.read_text()) == {"bip": "10.1.74.1/24", "mtu": 1450}
+
+
+@pytest.mark.parametrize("bip, mtu", [("10.1.74.0/24", 1450), ("10.1.74.1", 1450), ("nonsense", 1450), ("10.1.74.1/24", 20)])
+def test_bad_values_rejected_before_touching_anything(tmp_path, bip, mtu):
+    path = tmp_path / "daemon.json"
+    with pytest.raises(FlannelError):
+        update_daemon_json(str(path), bip, mtu)
+    assert not path.exists()
+
+
+def test_bridge_key_conflicts_with_bip(tmp_path):
+    path = tmp_path / "daemon.json"
+    path.write_text('{"bridge": "br-lan"}')
+    with pytest.raises(FlannelError, match='"bridge"'):
+        update_daemon_json(str(path), "10.1.74.1/24", 1450)
+
+
+def test_flag_conflicts_any_spelling():
+    argv = ["/usr/bin/dockerd", "-H", "fd://", "--bip=10.1.2.1/24", "--mtu", "1400", "--debug"]
+    msgs = find_flag_conflicts(argv)
+    assert len(msgs) == 2
+    assert "'--bip=10.1.2.1/24'" in msgs[0] and '"bip"' in msgs[0]
+    assert "'--mtu 1400'" in msgs[1] and '"mtu"' in msgs[1]
+    assert find_flag_conflicts(["dockerd", "-H", "fd://", "--containerd=/run/containerd/containerd.sock"]) == []
+    assert find_flag_conflicts(["dockerd", "--bridge=docker0"]) == []
+    assert len(find_flag_conflicts(["dockerd", "-b", "br0"])) == 1
+    assert "$DOCKER_NETWORK_OPTIONS" in find_flag_conflicts(["/usr/bin/dockerd", "$DOCKER_NETWORK_OPTIONS"])[0]
+
+
+def test_exec_start_read_from_unit_and_dropins(tmp_path):
+    unit = tmp_path / "docker.service"
+    unit.write_text("[Service]\nExecStart=/usr/bin/dockerd -H fd:// \\\n  --mtu=1400\n")
+    (tmp_path / "docker.service.d").mkdir()
+    (tmp_path / "docker.service.d" / "flannel.conf").write_text("[Service]\nExecStart=\nExecStart=/usr/bin/dockerd $DOCKER_OPT_BIP\n")
+    starts = unit_exec_starts((str(unit),))
+    assert starts == [["/usr/bin/dockerd", "-H", "fd://", "--mtu=1400"], ["/usr/bin/dockerd", "$DOCKER_OPT_BIP"]]
+    assert sum(len(find_flag_conflicts(s)) for s in starts) == 2
+
+
+def test_restart_without_systemd_returns_instruction(tmp_path):
+    change = update_daemon_json(str(tmp_path / "daemon.json"), "10.1.74.1/24", 1450)
+    msg = restart_docker_if_changed(change, systemd_dir=str(tmp_path / "no-systemd"))
+    assert msg is not None and "restart dockerd" in msg and str(tmp_path / "daemon.json") in msg
