@@ -251,3 +251,19 @@ async def test_direct_routing_on_same_segment_and_vxlan_beyond(root):
         await be.apply(removed(lease_of("b", "0a:00:00:00:00:01")))
         assert routes_text(a.ns, "10.55.2.0/24") == ""
         assert routes_text(a.ns, "10.55.3.0/24") != ""
+
+
+async def test_failed_step_rolls_back_earlier_ones(root, caplog):
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        be, _mac = await up(a, "a")
+        # On a down device neigh and FDB entries can be added but an onlink route cannot
+        # (ENETDOWN), so the third step fails and the first two must be undone.
+        sh("ip", "-n", a.ns, "link", "set", "flannel.1", "down")
+        with caplog.at_level(logging.ERROR, logger="flannelpy.backends.vxlan"):
+            await be.apply(added(lease_of("b", "0a:00:00:00:00:01")))
+        assert "rolled back" in caplog.text
+        assert neighs(a.ns) == []
+        assert [f for f in fdbs(a.ns) if f[1]] == []
+        assert routes_text(a.ns, "10.55.2.0/24") == ""
+        assert be.programmed_peers == 0
