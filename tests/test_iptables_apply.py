@@ -1,0 +1,172 @@
+"""IptablesManager against real iptables, inside network namespaces named fpip-<rand>."""
+
+import logging
+import secrets
+import subprocess
+from ipaddress import IPv4Network as N
+
+import pytest
+import trio
+
+from flannelpy import iptables_rules as R
+from flannelpy.errors import FlannelError
+from flannelpy.iptables import MISSING_MSG, IptablesManager
+
+pytestmark = pytest.mark.root
+
+NET, POD, OLD_POD = N("10.5.0.0/16"), N("10.5.72.0/24"), N("10.5.9.0/24")
+
+
+def sh(*args, check=True):
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+def in_ns(ns, *args, check=True):
+    return sh("nsenter", f"--net=/var/run/netns/{ns}", *args, check=check)
+
+
+@pytest.fixture
+def netns(root):
+    """Factory of namespaces; every one created is deleted afterwards."""
+    made = []
+    tag = secrets.token_hex(3)
+
+    def make(suffix=""):
+        name = f"fpip-{tag}{suffix}"
+        sh("ip", "netns", "add", name)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        sh("ip", "netns", "del", name, check=False)
+
+
+def save(ns):
+    return R.parse_save(in_ns(ns, "iptables-save").stdout)
+
+
+def chain(ns, table, name):
+    return save(ns).chain(table, name)
+
+
+def mgr(ns, subnet=POD, **kw):
+    kw.setdefault("masq", True)
+    kw.setdefault("forward", True)
+    return IptablesManager(NET, subnet, resync_s=kw.pop("resync_s", 1), netns=ns, **kw)
+
+
+def want(rules, chain_name):
+    return [r.spec_text for r in rules if r.chain == chain_name]
+
+
+async def test_rules_present_after_ensure(netns):
+    ns = netns()
+    m = mgr(ns)
+    assert await m.ensure()
+    masq = R.masq_rules(NET, POD, random_fully=True)  # iptables 1.8 supports --random-fully
+    fwd = R.forward_rules(NET)
+    assert chain(ns, "nat", "FLANNEL-POSTRTG") == want(masq, "FLANNEL-POSTRTG")
+    assert chain(ns, "nat", "POSTROUTING") == want(masq, "POSTROUTING")
+    assert chain(ns, "filter", "FLANNEL-FWD") == want(fwd, "FLANNEL-FWD")
+    assert chain(ns, "filter", "FORWARD") == want(fwd, "FORWARD")
+    assert await m.missing() == []
+    # a second manager (agent restart) rebuilds without duplicating the jumps
+    assert await mgr(ns).ensure()
+    assert chain(ns, "nat", "POSTROUTING") == want(masq, "POSTROUTING")
+    assert chain(ns, "filter", "FORWARD") == want(fwd, "FORWARD")
+
+
+async def test_random_fully_can_be_disabled(netns):
+    ns = netns()
+    await mgr(ns, random_fully_disable=True, forward=False).ensure()
+    assert chain(ns, "nat", "FLANNEL-POSTRTG") == want(R.masq_rules(NET, POD, random_fully=False), "FLANNEL-POSTRTG")
+    assert chain(ns, "filter", "FLANNEL-FWD") is None
+
+
+async def test_deleted_rule_comes_back_after_one_resync(netns, caplog):
+    ns = netns()
+    m = mgr(ns, resync_s=1)
+    caplog.set_level(logging.WARNING, logger="flannelpy.iptables")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(m.run)
+        before = m.applied
+        in_ns(ns, "iptables", "-t", "nat", "-D", "FLANNEL-POSTRTG", "-s", str(NET), "-d", str(POD),
+              "-m", "comment", "--comment", "flanneld masq", "-j", "RETURN")
+        in_ns(ns, "iptables", "-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD")
+        assert len(await m.missing()) == 2
+        with trio.fail_after(30):  # guard against a hang, not a timing assertion
+            while m.applied == before:
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert await m.missing() == []
+    assert chain(ns, "nat", "FLANNEL-POSTRTG") == want(R.masq_rules(NET, POD, random_fully=True), "FLANNEL-POSTRTG")
+    assert any(MISSING_MSG in r.getMessage() for r in caplog.records)
+
+
+async def test_previous_subnet_and_legacy_rules_removed(netns):
+    ns = netns()
+    await mgr(ns, subnet=OLD_POD).ensure()
+    # what a pre-v0.20 flanneld left straight in POSTROUTING / FORWARD
+    in_ns(ns, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", str(NET), "-d", str(NET), "-j", "RETURN")
+    in_ns(ns, "iptables", "-t", "nat", "-A", "POSTROUTING", "!", "-s", str(NET), "-d", str(OLD_POD), "-j", "RETURN")
+    in_ns(ns, "iptables", "-A", "FORWARD", "-s", str(NET), "-m", "comment", "--comment", "flanneld forward", "-j", "ACCEPT")
+    in_ns(ns, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "192.168.0.0/16", "-j", "MASQUERADE")  # not ours
+
+    m = mgr(ns, previous_network=NET, previous_subnet=OLD_POD)
+    deleted = await m.cleanup_previous()
+    old = R.masq_rules(NET, OLD_POD, random_fully=True)
+    assert deleted[: len(old)] == old  # the previous subnet's rules, jump included
+    assert sorted(r.chain for r in deleted[len(old) :]) == ["FORWARD", "POSTROUTING", "POSTROUTING"]  # legacy
+    await m.ensure()
+    text = in_ns(ns, "iptables-save").stdout
+    assert str(OLD_POD) not in text
+    assert chain(ns, "nat", "POSTROUTING") == ["-s 192.168.0.0/16 -j MASQUERADE"] + want(
+        R.masq_rules(NET, POD, random_fully=True), "POSTROUTING"
+    )
+    assert chain(ns, "filter", "FORWARD") == want(R.forward_rules(NET), "FORWARD")
+    assert chain(ns, "nat", "FLANNEL-POSTRTG") == want(R.masq_rules(NET, POD, random_fully=True), "FLANNEL-POSTRTG")
+
+
+async def test_docker_user_jump_inserted_first_and_idempotent(netns):
+    ns = netns()
+    in_ns(ns, "iptables", "-N", "DOCKER-USER")
+    in_ns(ns, "iptables", "-A", "DOCKER-USER", "-j", "RETURN")
+    in_ns(ns, "iptables", "-A", "FORWARD", "-j", "DOCKER-USER")
+    m = mgr(ns, masq=False)
+    await m.ensure()
+    jump = R.DOCKER_USER_JUMP.spec_text
+    assert chain(ns, "filter", "DOCKER-USER") == [jump, "-j RETURN"]
+    # Docker re-creating its chain puts something in front of ours: resync puts ours back on top, once
+    in_ns(ns, "iptables", "-I", "DOCKER-USER", "1", "-s", "1.2.3.4", "-j", "DROP")
+    assert await m.missing() != []
+    assert await m.ensure()
+    assert chain(ns, "filter", "DOCKER-USER") == [jump, "-s 1.2.3.4/32 -j DROP", "-j RETURN"]
+    assert not await m.ensure()  # nothing missing: nothing done
+    assert chain(ns, "filter", "DOCKER-USER") == [jump, "-s 1.2.3.4/32 -j DROP", "-j RETURN"]
+
+
+async def test_forward_policy_drop_still_forwards_overlay(netns):
+    """a (10.5.1.2) -- router (FORWARD policy DROP) -- b (10.5.2.2): our rules let the ping through."""
+    r, a, b = netns("r"), netns("a"), netns("b")
+    tag = r[5:11]
+    for side, last in ((a, 1), (b, 2)):
+        dev_r, dev_x = f"fpip{tag}r{last}", f"fpip{tag}x{last}"
+        sh("ip", "link", "add", dev_r, "netns", r, "type", "veth", "peer", "name", dev_x, "netns", side)
+        in_ns(r, "ip", "addr", "add", f"10.5.{last}.1/24", "dev", dev_r)
+        in_ns(r, "ip", "link", "set", dev_r, "up")
+        in_ns(side, "ip", "addr", "add", f"10.5.{last}.2/24", "dev", dev_x)
+        in_ns(side, "ip", "link", "set", dev_x, "up")
+        in_ns(side, "ip", "route", "add", "default", "via", f"10.5.{last}.1")
+    in_ns(r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    in_ns(r, "iptables", "-P", "FORWARD", "DROP")
+    assert in_ns(a, "busybox", "ping", "-c1", "-W1", "10.5.2.2", check=False).returncode != 0  # DROP really drops
+    await mgr(r, masq=False).ensure()
+    assert in_ns(a, "busybox", "ping", "-c3", "-W2", "10.5.2.2", check=False).returncode == 0
+
+
+async def test_missing_iptables_is_a_clear_error(netns, monkeypatch, tmp_path):
+    ns = netns()
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(FlannelError, match="iptables not found in PATH"):
+        await mgr(ns).ensure()
