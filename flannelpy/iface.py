@@ -241,7 +241,8 @@ def read_snapshot(ipr: Any, can_reach: IPv4Address | None) -> HostSnapshot:
     links = []
     addrs: dict[int, list[IPv4Address]] = {}
     for msg in ipr.get_addr(family=socket.AF_INET):
-        addrs.setdefault(msg["index"], []).append(IPv4Address(_attr(msg, "IFA_ADDRESS") or _attr(msg, "IFA_LOCAL")))
+        # IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on point-to-point links)
+        addrs.setdefault(msg["index"], []).append(IPv4Address(_attr(msg, "IFA_LOCAL") or _attr(msg, "IFA_ADDRESS")))
     for msg in ipr.get_links():
         links.append(
             LinkFacts(

@@ -141,7 +141,7 @@ def _ensure_device(ipr: Any, spec: VxlanDeviceSpec, new_mac: str) -> tuple[int, 
 
 def _configure_address(ipr: Any, index: int, base: IPv4Address, network: IPv4Network) -> None:
     have = [
-        (IPv4Address(m.get_attr("IFA_ADDRESS")), m["prefixlen"])
+        (IPv4Address(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")), m["prefixlen"])
         for m in ipr.get_addr(index=index, family=2)
     ]
     for ip, plen in addresses_to_remove(have, base, network):
