@@ -125,3 +125,41 @@ def test_restart_without_systemd_returns_instruction(tmp_path):
     change = update_daemon_json(str(tmp_path / "daemon.json"), "10.1.74.1/24", 1450)
     msg = restart_docker_if_changed(change, systemd_dir=str(tmp_path / "no-systemd"))
     assert msg is not None and "restart dockerd" in msg and str(tmp_path / "daemon.json") in msg
+
+
+# --- a real dockerd in a namespace reads what update_daemon_json wrote ---------------------------------
+
+
+@pytest.fixture
+def docker_ns(root):
+    import secrets
+    import subprocess
+
+    name = f"fpip-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_dockerd_takes_bip_and_mtu_from_daemon_json(docker_ns):
+    import subprocess
+
+    from dockerd import Dockerd
+
+    workdir = f"/tmp/{docker_ns}"
+    path = f"{workdir}/etc/daemon.json"
+    update_daemon_json(path, "10.1.74.1/24", 1400)
+    with Dockerd(docker_ns, workdir, path) as d:
+        d.import_busybox()
+        addr = subprocess.run(
+            ["nsenter", f"--net=/var/run/netns/{docker_ns}", "ip", "-4", "-o", "addr", "show", "docker0"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        assert "inet 10.1.74.1/24" in addr
+        out = d.run("fpip-c1", ["sh", "-c", "cat /sys/class/net/eth0/mtu; ping -c1 -W2 10.1.74.1"]).stdout.decode()
+        mtu, rest = out.split("\n", 1)
+        assert mtu == "1400"
+        assert "1 packets received" in rest
+    assert not os.path.exists(workdir)
