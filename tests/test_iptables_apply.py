@@ -170,3 +170,21 @@ async def test_missing_iptables_is_a_clear_error(netns, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(FlannelError, match="iptables not found in PATH"):
         await mgr(ns).ensure()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+async def test_with_real_dockerd_our_jump_is_first_in_docker_user(netns, tmp_path):
+    from dockerd import Dockerd
+    from flannelpy.dockerjson import update_daemon_json
+
+    ns = netns()
+    workdir = f"/tmp/{ns}"
+    update_daemon_json(f"{workdir}/daemon.json", "10.5.72.1/24", 1450)
+    with Dockerd(ns, workdir, f"{workdir}/daemon.json"):
+        m = mgr(ns)
+        await m.ensure()
+        forward = chain(ns, "filter", "FORWARD")
+        assert forward[0] == "-j DOCKER-USER"  # Docker's jump first, so ours in DOCKER-USER runs first
+        assert chain(ns, "filter", "DOCKER-USER")[0] == R.DOCKER_USER_JUMP.spec_text
+        assert await m.missing() == []
