@@ -1,0 +1,383 @@
+"""The Store over etcd's v2 keys API (`/v2/keys/...`), as flanneld <= v0.17 used it.
+
+Old flanneld nodes share state with us only through this API, so everything here follows
+`subnet/etcdv2` of flanneld v0.10: quorum reads, create with `prevExist=false` and a TTL,
+renew with a plain set, and a recursive `waitIndex` watch that yields one event per
+response.  Values are written in the legacy shape (no PublicIPv6) so those nodes decode
+them; any shape is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import ssl
+import time
+from calendar import timegm
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, AsyncIterator
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from ..errors import LeaseValueError
+from ..lease import EventKind, Lease, LeaseAttrs, LeaseEvent, ValueStyle, decode_attrs, encode_attrs, parse_subnet_key, subnet_key
+from .store import EtcdOptions, StoreUnavailable, WatchBatch
+
+log = logging.getLogger("flannelpy.etcd.v2")
+
+# etcd v2 error codes (etcd/error/error.go)
+KEY_NOT_FOUND = 100
+NODE_EXIST = 105
+EVENT_INDEX_CLEARED = 401
+
+# Watch actions: which mean the key now holds a value, which that it is gone.
+_ADDED_ACTIONS = frozenset({"set", "create", "update", "compareAndSwap"})
+_REMOVED_ACTIONS = frozenset({"delete", "expire", "compareAndDelete"})
+
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+# How long one watch long-poll may sit idle before we re-poll (etcd never times it out).
+WATCH_POLL_SECONDS = 60.0
+
+# A removal whose previous value etcd did not send still needs attrs; this placeholder marks it.
+UNKNOWN_ATTRS = LeaseAttrs(public_ip=IPv4Address("0.0.0.0"))
+
+
+class V2APIDisabled(StoreUnavailable):
+    """The server answers, but not the v2 keys API (etcd >= 3.4 without --enable-v2=true)."""
+
+
+class V2Error(Exception):
+    """etcd answered a v2 request with an error document."""
+
+    def __init__(self, status: int, code: int, message: str, cause: str, index: int) -> None:
+        super().__init__(f"etcd v2 error {code}: {message} ({cause})" if cause else f"etcd v2 error {code}: {message}")
+        self.status = status
+        self.code = code
+        self.index = index
+
+
+_EXP_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+
+
+def parse_expiration(text: str | None) -> float | None:
+    """etcd's RFC 3339 `expiration` (nanosecond fraction) as Unix time; None when absent."""
+    if not text:
+        return None
+    m = _EXP_RE.match(text)
+    if not m:
+        raise LeaseValueError(f"expiration {text!r} is not an RFC 3339 time")
+    base = timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S"))
+    frac = float("0." + m.group(2)) if m.group(2) else 0.0
+    tz = m.group(3)
+    offset = 0
+    if tz != "Z":
+        sign = 1 if tz[0] == "+" else -1
+        offset = sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
+    return base + frac - offset
+
+
+def node_to_lease(node: dict[str, Any]) -> Lease:
+    """A lease from a v2 node; LeaseValueError when its key or value cannot be decoded."""
+    key = node.get("key", "")
+    subnet = parse_subnet_key(key)
+    value = node.get("value")
+    if value is None:
+        raise LeaseValueError(f"lease key {key!r} has no value")
+    attrs = decode_attrs(value, key)
+    return Lease(
+        subnet=subnet,
+        attrs=attrs,
+        expiration=parse_expiration(node.get("expiration")),
+        store_ref=node.get("modifiedIndex"),
+    )
+
+
+def event_from_response(doc: dict[str, Any]) -> LeaseEvent:
+    """One watch response as a LeaseEvent; LeaseValueError when it is not about a lease."""
+    action = doc.get("action", "")
+    node = doc.get("node") or {}
+    if node.get("dir"):
+        raise LeaseValueError(f"{node.get('key')!r} is a directory, not a lease")
+    if action in _ADDED_ACTIONS:
+        return LeaseEvent(EventKind.ADDED, node_to_lease(node))
+    if action in _REMOVED_ACTIONS:
+        key = node.get("key", "")
+        subnet = parse_subnet_key(key)
+        attrs = UNKNOWN_ATTRS
+        prev = doc.get("prevNode") or {}
+        if prev.get("value") is not None:
+            try:
+                attrs = decode_attrs(prev["value"], key)
+            except LeaseValueError:
+                pass  # the subnet alone is enough to remove it
+        return LeaseEvent(EventKind.REMOVED, Lease(subnet=subnet, attrs=attrs, store_ref=node.get("modifiedIndex")))
+    raise LeaseValueError(f"unknown etcd v2 action {action!r} on {node.get('key')!r}")
+
+
+def _ssl_context(options: EtcdOptions) -> ssl.SSLContext | bool:
+    if not (options.cafile or options.certfile or options.keyfile):
+        return True
+    ctx = ssl.create_default_context(cafile=options.cafile or None)
+    if options.certfile and options.keyfile:
+        ctx.load_cert_chain(options.certfile, options.keyfile)
+    elif options.certfile or options.keyfile:
+        # flanneld also ignores a lone cert or key; say so instead of failing later in the handshake
+        log.warning("etcd TLS: both -etcd-certfile and -etcd-keyfile are needed for a client certificate; "
+                    "connecting without one")
+    return ctx
+
+
+class V2Store:
+    """flannel's subnet registry over the etcd v2 keys API."""
+
+    def __init__(self, options: EtcdOptions, *, style: ValueStyle = ValueStyle.LEGACY) -> None:
+        if not options.endpoints:
+            raise ValueError("etcd options: no endpoints")
+        self.options = options
+        self.style = style
+        self._endpoints = [e.rstrip("/") for e in options.endpoints]
+        self._current = 0  # the endpoint that answered last; tried first
+        auth = (options.username, options.password) if options.username else None
+        self._client = httpx.AsyncClient(
+            verify=_ssl_context(options),
+            auth=auth,
+            timeout=httpx.Timeout(options.request_timeout),
+        )
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _key_path(self, key: str) -> str:
+        # v2 keys are paths; etcd joins a prefix without a leading slash the same way.
+        full = "/" + key.lstrip("/")
+        return "/v2/keys" + quote(full, safe="/")
+
+    @property
+    def subnets_key(self) -> str:
+        return self.options.prefix.rstrip("/") + "/subnets"
+
+    @property
+    def config_key(self) -> str:
+        return self.options.prefix.rstrip("/") + "/config"
+
+    async def _request(self, method: str, key: str, *, params: dict[str, str] | None = None,
+                       data: dict[str, str] | None = None, timeout: httpx.Timeout | None = None,
+                       ) -> tuple[int, dict[str, Any], int]:
+        """Send to the first endpoint that answers; (status, JSON doc, X-Etcd-Index).
+
+        Errors documents raise V2Error; no endpoint answering raises StoreUnavailable.
+        """
+        failures: list[str] = []
+        n = len(self._endpoints)
+        for i in range(n):
+            idx = (self._current + i) % n
+            url = self._endpoints[idx] + self._key_path(key)
+            try:
+                resp = await self._client.request(
+                    method, url, params=params, data=data,
+                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                )
+            except httpx.TransportError as exc:
+                failures.append(f"{self._endpoints[idx]}: {exc!r}")
+                continue
+            if resp.status_code >= 500:
+                failures.append(f"{self._endpoints[idx]}: HTTP {resp.status_code} {resp.text.strip()[:200]}")
+                continue
+            self._current = idx
+            return self._decode(resp)
+        raise StoreUnavailable("no etcd endpoint answered: " + "; ".join(failures))
+
+    def _decode(self, resp: httpx.Response) -> tuple[int, dict[str, Any], int]:
+        index = _int(resp.headers.get("X-Etcd-Index"))
+        try:
+            doc = resp.json() if resp.content else {}
+        except ValueError:
+            if resp.status_code == 404:
+                raise V2APIDisabled(
+                    f"{resp.request.url.scheme}://{resp.request.url.netloc.decode()} does not serve the etcd v2 API "
+                    "(start etcd with --enable-v2=true)"
+                ) from None
+            raise StoreUnavailable(f"etcd answered HTTP {resp.status_code} with non-JSON {resp.text[:200]!r}") from None
+        if not isinstance(doc, dict):
+            raise StoreUnavailable(f"etcd answered HTTP {resp.status_code} with {resp.text[:200]!r}")
+        if "errorCode" in doc:
+            raise V2Error(resp.status_code, int(doc["errorCode"]), doc.get("message", ""), doc.get("cause", ""),
+                          _int(doc.get("index")) or index)
+        return resp.status_code, doc, index
+
+    # -- Store protocol ------------------------------------------------------------------
+
+    async def get_config(self) -> str | None:
+        try:
+            _, doc, _ = await self._request("GET", self.config_key, params={"quorum": "true"})
+        except V2Error as err:
+            if err.code == KEY_NOT_FOUND:
+                return None
+            raise
+        value = doc.get("node", {}).get("value")
+        return value  # a directory at the config key has no value: same as absent
+
+    async def put_config(self, text: str) -> None:
+        await self._request("PUT", self.config_key, data={"value": text})
+
+    async def list_leases(self) -> tuple[list[Lease], int]:
+        leases, _skipped, index = await self._list()
+        return leases, index
+
+    async def _list(self) -> tuple[list[Lease], list[str], int]:
+        try:
+            _, doc, index = await self._request(
+                "GET", self.subnets_key, params={"recursive": "true", "quorum": "true"})
+        except V2Error as err:
+            if err.code == KEY_NOT_FOUND:
+                return [], [], err.index
+            raise
+        leases: list[Lease] = []
+        skipped: list[str] = []
+        for node in doc.get("node", {}).get("nodes") or []:
+            if node.get("dir"):
+                continue
+            try:
+                leases.append(node_to_lease(node))
+            except LeaseValueError as exc:
+                log.warning("skipping lease: %s", exc)
+                skipped.append(node.get("key", ""))
+        return leases, skipped, index
+
+    def _lease_key(self, subnet: IPv4Network) -> str:
+        return f"{self.subnets_key}/{subnet_key(subnet)}"
+
+    def _lease_from_doc(self, subnet: IPv4Network, attrs: LeaseAttrs, doc: dict[str, Any]) -> Lease:
+        node = doc.get("node", {})
+        return Lease(subnet=subnet, attrs=attrs, expiration=parse_expiration(node.get("expiration")),
+                     store_ref=node.get("modifiedIndex"))
+
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        data = {"value": encode_attrs(attrs, self.style), "prevExist": "false"}
+        if ttl > 0:
+            data["ttl"] = str(ttl)
+        try:
+            _, doc, _ = await self._request("PUT", self._lease_key(subnet), data=data)
+        except V2Error as err:
+            if err.code == NODE_EXIST:
+                return None
+            raise
+        return self._lease_from_doc(subnet, attrs, doc)
+
+    async def renew_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease:
+        # An empty ttl clears it: a reservation (ttl=0) stays without one.
+        data = {"value": encode_attrs(attrs, self.style), "ttl": str(ttl) if ttl > 0 else ""}
+        _, doc, _ = await self._request("PUT", self._lease_key(subnet), data=data)
+        return self._lease_from_doc(subnet, attrs, doc)
+
+    async def delete_lease(self, subnet: IPv4Network) -> None:
+        try:
+            await self._request("DELETE", self._lease_key(subnet))
+        except V2Error as err:
+            if err.code != KEY_NOT_FOUND:
+                raise
+
+    async def watch_leases(self, after_revision: int) -> AsyncIterator[WatchBatch]:
+        """One WatchBatch per v2 event; a snapshot batch when the index was cleared."""
+        wait_index = after_revision + 1
+        backoff = BACKOFF_MIN
+        poll_timeout = httpx.Timeout(self.options.request_timeout, read=WATCH_POLL_SECONDS)
+        while True:
+            try:
+                doc, header_index = await self._watch_once(wait_index, poll_timeout)
+            except V2Error as err:
+                if err.code != EVENT_INDEX_CLEARED:
+                    log.warning("watching %s: %s; retrying in %.1fs", self.subnets_key, err, backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                # Our waitIndex fell out of etcd's 1000-event history: start over from a list.
+                log.info("watch index %d cleared from etcd history (%s); re-listing leases", wait_index, err)
+                try:
+                    leases, skipped, index = await self._list()
+                except (StoreUnavailable, V2Error) as exc:
+                    log.warning("re-listing leases: %s; retrying in %.1fs", exc, backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                backoff = BACKOFF_MIN
+                wait_index = index + 1
+                yield WatchBatch(snapshot=tuple(leases), revision=index, skipped=tuple(skipped))
+                continue
+            except (StoreUnavailable, httpx.HTTPError) as exc:
+                # etcd restarting or unreachable: back off and resume at the same index.
+                log.warning("watching %s: %s; retrying in %.1fs", self.subnets_key, _short(exc), backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_MIN
+            if not doc or "node" not in doc:
+                # Idle poll (our timeout) or closed without an event.  Nothing under the
+                # prefix changed up to the index etcd reported when the poll began, so
+                # resume after it: that keeps a quiet watch inside etcd's event history.
+                if header_index >= wait_index:
+                    wait_index = header_index + 1
+                continue
+            node = doc["node"]
+            index = _int(node.get("modifiedIndex")) or header_index
+            wait_index = max(wait_index, index + 1)
+            try:
+                event = event_from_response(doc)
+            except LeaseValueError as exc:
+                log.warning("skipping watch event: %s", exc)
+                yield WatchBatch(revision=index, skipped=(node.get("key", ""),))
+                continue
+            yield WatchBatch(events=(event,), revision=index)
+
+    async def _watch_once(self, wait_index: int, timeout: httpx.Timeout) -> tuple[dict[str, Any], int]:
+        """One long poll: (event doc or {} when idle/closed, X-Etcd-Index at poll start)."""
+        n = len(self._endpoints)
+        failures: list[str] = []
+        params = {"wait": "true", "recursive": "true", "waitIndex": str(wait_index)}
+        for i in range(n):
+            idx = (self._current + i) % n
+            url = self._endpoints[idx] + self._key_path(self.subnets_key)
+            try:
+                async with self._client.stream("GET", url, params=params, timeout=timeout) as resp:
+                    # etcd sends the headers as soon as the watch is registered
+                    self._current = idx
+                    header_index = _int(resp.headers.get("X-Etcd-Index"))
+                    try:
+                        await resp.aread()
+                    except httpx.ReadTimeout:
+                        return {}, header_index
+                    except httpx.RemoteProtocolError:
+                        return {}, 0  # server went away mid-poll: same index again
+                    if resp.status_code >= 500:
+                        failures.append(f"{self._endpoints[idx]}: HTTP {resp.status_code}")
+                        continue
+                    _, doc, _ = self._decode(resp)
+                    return doc, header_index
+            except httpx.TransportError as exc:
+                failures.append(f"{self._endpoints[idx]}: {_short(exc)}")
+                continue
+        raise StoreUnavailable("no etcd endpoint answered: " + "; ".join(failures))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> "V2Store":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if text else type(exc).__name__
