@@ -1,0 +1,115 @@
+"""host-gw and alloc backends: pure route decisions, and real routes in a namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+import trio
+
+from flannelpy.backends.alloc import AllocBackend
+from flannelpy.backends.base import ExternalInterface
+from flannelpy.backends.hostgw import HostGwBackend, Route, missing_routes, route_action
+from flannelpy.config import parse_config
+from flannelpy.errors import FlannelError
+from flannelpy.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
+from flannelpy.netlink import NetlinkThread
+from udp_driver import sh
+
+CONFIG = parse_config(json.dumps({"Network": "10.60.0.0/16", "Backend": {"Type": "host-gw"}}))
+N1, N2 = IPv4Network("10.60.1.0/24"), IPv4Network("10.60.2.0/24")
+GW1, GW2 = IPv4Address("192.168.78.2"), IPv4Address("192.168.78.3")
+
+
+def test_missing_routes_and_action() -> None:
+    want = [Route(N1, GW1, 5), Route(N2, GW2, 5)]
+    assert missing_routes(want, [Route(N1, GW1, 5)]) == [Route(N2, GW2, 5)]
+    assert missing_routes(want, [Route(N1, GW2, 5), Route(N2, GW2, 5)]) == [Route(N1, GW1, 5)]
+    assert missing_routes(want, want) == []
+    assert route_action(Route(N1, GW1, 5), []) == "add"
+    assert route_action(Route(N1, GW1, 5), [Route(N1, GW1, 5)]) is None
+    assert route_action(Route(N1, GW1, 5), [Route(N1, GW2, 5)]) == "replace"
+    assert route_action(Route(N1, GW1, 5), [Route(N1, None, 7)]) == "replace"
+
+
+async def test_mtu_lease_data_and_nat_refusal() -> None:
+    ext = ExternalInterface("eth0", 2, IPv4Address("10.0.0.5"), IPv4Address("10.0.0.5"), 9000)
+    nat = ExternalInterface("eth0", 2, IPv4Address("10.0.0.5"), IPv4Address("203.0.113.7"), 9000)
+    hg = HostGwBackend(ext, CONFIG, NetlinkThread())
+    assert hg.mtu() == 9000
+    data = await hg.prepare()
+    assert (data.backend_type, data.backend_data) == ("host-gw", None)
+    own = Lease(N1, LeaseAttrs(IPv4Address("10.0.0.5"), "host-gw"))
+    await hg.start(own)  # same address: fine
+    with pytest.raises(FlannelError, match="203.0.113.7.*NAT"):
+        await HostGwBackend(nat, CONFIG, NetlinkThread()).start(own)
+    alloc = AllocBackend(ext, CONFIG, NetlinkThread())
+    assert alloc.mtu() == 9000
+    assert await alloc.prepare() == type(data)("alloc", None)
+
+
+def _routes(ns: str) -> dict[str, tuple[str | None, str]]:
+    out = json.loads(sh("ip", "-n", ns, "-j", "route", "show").stdout)
+    return {r["dst"]: (r.get("gateway"), r["dev"]) for r in out}
+
+
+def _lease(net: IPv4Network, gw: IPv4Address, btype: str = "host-gw") -> Lease:
+    return Lease(net, LeaseAttrs(gw, btype))
+
+
+async def test_routes_appear_replace_disappear_and_come_back(root) -> None:
+    ns = f"fpud-{os.urandom(3).hex()}-hg"
+    nl = None
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "add", "fpudhg0", "type", "veth", "peer", "name", "fpudhg1")
+        sh("ip", "-n", ns, "addr", "add", "192.168.78.1/24", "dev", "fpudhg0")
+        for dev in ("fpudhg0", "fpudhg1", "lo"):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        index = json.loads(sh("ip", "-n", ns, "-j", "link", "show", "fpudhg0").stdout)[0]["ifindex"]
+        ext = ExternalInterface("fpudhg0", index, IPv4Address("192.168.78.1"), IPv4Address("192.168.78.1"), 1500)
+        nl = NetlinkThread(netns=ns)
+        hg = HostGwBackend(ext, CONFIG, nl, check_interval=0.2)
+        await hg.start(_lease(IPv4Network("10.60.9.0/24"), ext.ip))
+
+        # A conflicting route to N1 exists before the lease arrives: it is replaced.
+        sh("ip", "-n", ns, "route", "add", str(N1), "dev", "fpudhg1")
+        await hg.apply([
+            LeaseEvent(EventKind.ADDED, _lease(N1, GW1)),
+            LeaseEvent(EventKind.ADDED, _lease(N2, GW2)),
+            LeaseEvent(EventKind.ADDED, _lease(IPv4Network("10.60.3.0/24"), GW2, "vxlan")),  # ignored
+        ])
+        routes = _routes(ns)
+        assert routes[str(N1)] == (str(GW1), "fpudhg0")
+        assert routes[str(N2)] == (str(GW2), "fpudhg0")
+        assert "10.60.3.0/24" not in routes
+        # The same lease again changes nothing; a new PublicIP replaces the route.
+        await hg.apply([LeaseEvent(EventKind.ADDED, _lease(N2, GW2))])
+        await hg.apply([LeaseEvent(EventKind.ADDED, _lease(N2, GW1))])
+        assert _routes(ns)[str(N2)] == (str(GW1), "fpudhg0")
+
+        # The checker puts back a route someone deleted.
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hg.run)
+            sh("ip", "-n", ns, "route", "del", str(N1))
+            assert str(N1) not in _routes(ns)
+            with trio.fail_after(30):  # generous bound: a hang fails instead of blocking CI
+                while str(N1) not in _routes(ns):
+                    await trio.sleep(0.05)
+            assert _routes(ns)[str(N1)] == (str(GW1), "fpudhg0")
+            nursery.cancel_scope.cancel()
+
+        await hg.apply([LeaseEvent(EventKind.REMOVED, _lease(N1, GW1))])
+        assert str(N1) not in _routes(ns)
+        assert await hg.check_once() == []  # a removed lease is not re-added
+        assert str(N1) not in _routes(ns)
+        # Removing a route that is already gone is not an error.
+        sh("ip", "-n", ns, "route", "del", str(N2))
+        await hg.apply([LeaseEvent(EventKind.REMOVED, _lease(N2, GW1))])
+        await hg.close()
+    finally:
+        if nl is not None:
+            nl.stop()
+        sh("ip", "netns", "del", ns, check=False)
