@@ -247,6 +247,20 @@ class V2Store:
                 skipped.append(node.get("key", ""))
         return leases, skipped, index
 
+    async def get_lease(self, subnet: IPv4Network) -> Lease | None:
+        """The lease stored for one subnet, or None (also None when its value is undecodable)."""
+        try:
+            _, doc, _ = await self._request("GET", self._lease_key(subnet), params={"quorum": "true"})
+        except V2Error as err:
+            if err.code == KEY_NOT_FOUND:
+                return None
+            raise
+        try:
+            return node_to_lease(doc.get("node", {}))
+        except LeaseValueError as exc:
+            log.warning("lease for %s: %s", subnet, exc)
+            return None
+
     def _lease_key(self, subnet: IPv4Network) -> str:
         return f"{self.subnets_key}/{subnet_key(subnet)}"
 

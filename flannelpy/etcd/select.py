@@ -1,0 +1,157 @@
+"""Which etcd API to talk to, and waiting until the network config exists.
+
+flanneld <= 0.17 reads the config through the v2 keys API, >= 0.18 through v3, and the two
+keyspaces are separate (reference §3.6, §9 item 4): a config written with the "other"
+etcdctl is invisible.  With api="auto" we probe both and say exactly what we found and
+which command would create the key, once, instead of failing silently in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from ..errors import FlannelError, UsageError
+from .store import EtcdOptions, Store, StoreUnavailable
+from .v2 import V2APIDisabled, V2Error, V2Store
+
+API_CHOICES = ("v3", "v2", "auto")
+EXAMPLE_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}'
+DEFAULT_ENDPOINTS = EtcdOptions().endpoints
+
+
+def check_api(api: str) -> str:
+    """The API name, or UsageError naming the bad value."""
+    if api not in API_CHOICES:
+        raise UsageError(f'invalid etcd API "{api}": must be v3, v2 or auto')
+    return api
+
+
+def make_store(options: EtcdOptions, api: str) -> Store:
+    """A store for one concrete API ("v3" or "v2"); no I/O."""
+    if check_api(api) == "v2":
+        return V2Store(options)
+    if api == "v3":
+        from .v3 import V3Store  # imported late: v3 is optional for v2-only users and tests
+
+        return V3Store(options)
+    raise UsageError('etcd API "auto" must be resolved first (see open_store)')
+
+
+def config_key(options: EtcdOptions) -> str:
+    return options.prefix.rstrip("/") + "/config"
+
+
+def create_command(options: EtcdOptions, api: str, config: str = EXAMPLE_CONFIG) -> str:
+    """The etcdctl command line that writes <prefix>/config through `api`."""
+    endpoints = "" if options.endpoints == DEFAULT_ENDPOINTS else f" --endpoints={','.join(options.endpoints)}"
+    if api == "v2":
+        return f"ETCDCTL_API=2 etcdctl{endpoints} mk {config_key(options)} '{config}'"
+    return f"etcdctl{endpoints} put {config_key(options)} '{config}'"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one API said about <prefix>/config."""
+
+    api: str
+    config: str | None
+    state: str  # found | missing | disabled | unreachable | error
+    detail: str
+
+    def describe(self) -> str:
+        return f"{self.api}: {self.detail}"
+
+
+async def probe(store: Store, api: str) -> Probe:
+    """Read the config through one store and classify the answer (never raises for etcd trouble)."""
+    key = config_key(store.options)
+    try:
+        config = await store.get_config()
+    except V2APIDisabled:
+        return Probe(api, None, "disabled", "API disabled (start etcd with --enable-v2=true)")
+    except StoreUnavailable as exc:
+        return Probe(api, None, "unreachable", f"unreachable ({exc})")
+    except (FlannelError, V2Error, httpx.HTTPError) as exc:
+        return Probe(api, None, "error", f"error reading {key}: {exc}")
+    if config is None:
+        return Probe(api, None, "missing", f"no key {key}")
+    return Probe(api, config, "found", f"found {key}")
+
+
+def choose(probes: list[Probe]) -> Probe | None:
+    """The probe to use, in preference order, or None to keep waiting.
+
+    A later API is only chosen when every earlier one definitely has no key: if v3 is
+    merely unreachable, an old v2 config must not win by accident.
+    """
+    for p in probes:
+        if p.state == "found":
+            return p
+        if p.state not in ("missing", "disabled"):
+            return None
+    return None
+
+
+def waiting_message(options: EtcdOptions, probes: list[Probe], retry_interval: float) -> str:
+    """One log line (plus commands) saying why we are still waiting."""
+    found = "; ".join(p.describe() for p in probes)
+    if all(p.state == "unreachable" for p in probes):
+        return (f"cannot reach etcd at {','.join(options.endpoints)} ({found}); "
+                f"retrying every {retry_interval:g}s")
+    lines = [f"flannel network config not found in etcd (probed {found}); waiting for it, "
+             f"retrying every {retry_interval:g}s. Create it with:"]
+    lines += [f"  {create_command(options, p.api)}" for p in probes]
+    return "\n".join(lines)
+
+
+async def _close_all(stores: list[Store]) -> None:
+    with trio.CancelScope(shield=True):
+        for s in stores:
+            await s.aclose()
+
+
+async def open_store(options: EtcdOptions, api: str) -> Store:
+    """A store for "v3" or "v2"; "auto" probes once: where the config is (v3 first), else v3."""
+    if check_api(api) != "auto":
+        return make_store(options, api)
+    stores = {a: make_store(options, a) for a in ("v3", "v2")}
+    try:
+        probes = [await probe(stores[a], a) for a in ("v3", "v2")]
+    except BaseException:
+        await _close_all(list(stores.values()))
+        raise
+    chosen = next((p.api for p in probes if p.state == "found"), "v3")
+    await _close_all([s for a, s in stores.items() if a != chosen])
+    return stores[chosen]
+
+
+async def wait_for_config(options: EtcdOptions, api: str, *, log: logging.Logger,
+                          retry_interval: float = 1.0) -> tuple[Store, str]:
+    """Retry until <prefix>/config exists; (the store it was read from, its raw text).
+
+    Each distinct situation (unreachable, key missing, v2 disabled, ...) is logged once.
+    """
+    apis = ["v3", "v2"] if check_api(api) == "auto" else [api]
+    stores = {a: make_store(options, a) for a in apis}
+    last_situation: tuple[tuple[str, str], ...] | None = None
+    try:
+        while True:
+            probes = [await probe(stores[a], a) for a in apis]
+            chosen = choose(probes)
+            if chosen is not None and chosen.config is not None:
+                await _close_all([s for a, s in stores.items() if a != chosen.api])
+                log.info("using etcd %s API: network config at %s", chosen.api, config_key(options))
+                return stores[chosen.api], chosen.config
+            situation = tuple((p.api, p.state) for p in probes)
+            if situation != last_situation:
+                log.warning("%s", waiting_message(options, probes, retry_interval))
+                last_situation = situation
+            await trio.sleep(retry_interval)
+    except BaseException:
+        await _close_all(list(stores.values()))
+        raise
+
