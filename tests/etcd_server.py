@@ -22,8 +22,9 @@ def free_port() -> int:
 class EtcdServer:
     """One etcd member on 127.0.0.1 with the v2 API enabled (etcd 3.4 turns it off by default)."""
 
-    def __init__(self, data_dir: str | None = None, name: str = "fptest") -> None:
+    def __init__(self, data_dir: str | None = None, name: str = "fptest", enable_v2: bool = True) -> None:
         self.name = name
+        self.enable_v2 = enable_v2  # False: etcd 3.4's default, the v2 keys API answers 404
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="flannelpy-etcd-")
         self.client_port = free_port()
@@ -46,7 +47,7 @@ class EtcdServer:
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"{self.name}={peer}",
-            "--enable-v2=true",
+            f"--enable-v2={'true' if self.enable_v2 else 'false'}",
             "--log-level", "warn",
         ]
         log = open(os.path.join(self.data_dir, "etcd.log"), "ab")
