@@ -106,6 +106,8 @@ class Counters:
     rx_bytes: int = 0
     rx_dropped_unknown_source: int = 0
     rx_dropped: int = 0  # TTL expired, malformed, TUN write failed
+    tx_wakeups: int = 0  # packets per wakeup = batching achieved
+    rx_wakeups: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -139,6 +141,7 @@ class Forwarder:
         wait_readable = trio.lowlevel.wait_readable
         while True:
             await wait_readable(fd)
+            c.tx_wakeups += 1
             pkts = nbytes = no_route = dropped = 0
             while True:
                 for _ in range(BATCH):
@@ -205,6 +208,7 @@ class Forwarder:
         sock = self.sock
         while True:
             await wait_readable(sock)
+            c.rx_wakeups += 1
             pkts = nbytes = unknown = dropped = 0
             while True:
                 for _ in range(BATCH):

@@ -1,0 +1,78 @@
+"""Throughput of the udp backend's forwarder vs the bare veth underlay, with iperf3.
+
+    python3 bench/udp_forward.py [--seconds 5]
+
+Builds two hosts + two containers in namespaces named fpud-bench-*, runs the backend in each
+host (tests/udp_driver.py), and prints Gbit/s plus the forwarders' CPU (from /proc/<pid>/stat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from udp_driver import CONTAINERS, UNDERLAY, UdpLab  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def iperf(server_ns: str, client_ns: str, address: str, seconds: int, extra: list[str]) -> float:
+    server = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", address],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        out = subprocess.run(["ip", "netns", "exec", client_ns, "iperf3", "-c", address, "-t", str(seconds), "-J", *extra],
+                             capture_output=True, text=True, timeout=seconds + 30)
+        doc = json.loads(out.stdout)
+        if "error" in doc:
+            raise RuntimeError(doc["error"])
+        end = doc["end"]
+        summary = end.get("sum_received") or end["sum"]
+        return summary["bits_per_second"] / 1e9
+    finally:
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()  # our own iperf3 server, by its handle
+            server.wait()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=int, default=5)
+    args = p.parse_args()
+    lab = UdpLab(f"fpud-bench-{os.getpid() % 10000}")
+    rows = []
+    try:
+        lab.build()
+        rows.append(("veth underlay, TCP", iperf(lab.h[1], lab.h[0], UNDERLAY[1], args.seconds, []), None, None))
+        d1, d2 = lab.start()
+        for label, extra in (("udp backend, TCP", []), ("udp backend, TCP reverse", ["-R"])):
+            c1, c2, t0 = cpu_seconds(d1.proc.pid), cpu_seconds(d2.proc.pid), time.monotonic()
+            gbps = iperf(lab.c[1], lab.c[0], CONTAINERS[1], args.seconds, extra)
+            wall = time.monotonic() - t0
+            rows.append((label, gbps, (cpu_seconds(d1.proc.pid) - c1) / wall, (cpu_seconds(d2.proc.pid) - c2) / wall))
+        stats = d1.stats()
+    finally:
+        lab.destroy()
+    print(f"{'path':28} {'Gbit/s':>8} {'CPU h1':>8} {'CPU h2':>8}")
+    for label, gbps, cpu1, cpu2 in rows:
+        fmt = lambda v: f"{v * 100:7.0f}%" if v is not None else f"{'-':>8}"
+        print(f"{label:28} {gbps:8.2f} {fmt(cpu1)} {fmt(cpu2)}")
+    print("h1 counters:", stats)
+
+
+if __name__ == "__main__":
+    main()
