@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from ..errors import LeaseValueError
+from ..errors import FlannelError, LeaseValueError
 from ..lease import EventKind, Lease, LeaseAttrs, LeaseEvent, ValueStyle, decode_attrs, encode_attrs, parse_subnet_key, subnet_key
 from .store import EtcdOptions, StoreUnavailable, WatchBatch
 
@@ -50,8 +50,8 @@ class V2APIDisabled(StoreUnavailable):
     """The server answers, but not the v2 keys API (etcd >= 3.4 without --enable-v2=true)."""
 
 
-class V2Error(Exception):
-    """etcd answered a v2 request with an error document."""
+class V2Error(FlannelError):
+    """etcd answered a v2 request with an error document (auth, not a file, ...)."""
 
     def __init__(self, status: int, code: int, message: str, cause: str, index: int) -> None:
         super().__init__(f"etcd v2 error {code}: {message} ({cause})" if cause else f"etcd v2 error {code}: {message}")
