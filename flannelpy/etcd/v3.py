@@ -1,0 +1,435 @@
+"""The Store over etcd's v3 JSON gateway (etcd >= 3.4: /v3/kv/*, /v3/lease/*, /v3/watch).
+
+Leases are written exactly as flanneld v0.20+ writes them: create = grant(ttl) then a txn
+`version(key)==0 -> put(key, value, lease)` (the granted lease is revoked when the txn
+fails); renew = grant a fresh lease and a plain put.  Keys and values travel base64-encoded
+and int64s arrive as strings, which is why every number below goes through int().
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import posixpath
+import ssl
+import time
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, AsyncIterator
+
+import httpx
+import trio
+
+from ..errors import FlannelError, LeaseValueError
+from ..lease import EventKind, Lease, LeaseAttrs, LeaseEvent, ValueStyle, decode_attrs, encode_attrs, parse_subnet_key, subnet_key
+from .store import EtcdOptions, StoreUnavailable, WatchBatch
+
+log = logging.getLogger("flanneld.etcd")
+
+BACKOFF_MIN_S = 0.1  # flanneld's watch reconnect backoff: 100 ms doubling to 5 s
+BACKOFF_MAX_S = 5.0
+# etcd sends progress notifications every 10 min by default; a silent stream for longer
+# than this means a dead peer that TCP has not noticed yet.
+WATCH_IDLE_TIMEOUT_S = 15 * 60
+_TTL_CONCURRENCY = 16
+
+# Errors that mean "this endpoint did not answer": try the next one.
+_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout,
+                httpx.PoolTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class EtcdError(FlannelError):
+    """etcd answered with an error (bad request, permission denied, ...)."""
+
+    def __init__(self, path: str, status: int, message: str, code: int | None = None) -> None:
+        super().__init__(f"etcd {path}: {message} (HTTP {status}{f', gRPC code {code}' if code is not None else ''})")
+        self.status = status
+        self.code = code
+        self.etcd_message = message
+
+
+class _Compacted(Exception):
+    def __init__(self, revision: int) -> None:
+        self.revision = revision
+
+
+class _WatchBroken(Exception):
+    pass
+
+
+def _b64(text: str | bytes) -> str:
+    raw = text.encode() if isinstance(text, str) else text
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text or "")
+
+
+def prefix_range_end(prefix: str | bytes) -> bytes:
+    """etcd's WithPrefix: the range end is the prefix with its last byte incremented."""
+    raw = bytearray(prefix.encode() if isinstance(prefix, str) else prefix)
+    for i in range(len(raw) - 1, -1, -1):
+        if raw[i] < 0xFF:
+            raw[i] += 1
+            return bytes(raw[: i + 1])
+    return b"\0"  # all 0xff: the whole keyspace above the prefix
+
+
+def _join(*parts: str) -> str:
+    """Go's path.Join: joined and cleaned, "" elements dropped."""
+    joined = posixpath.join(*[p for p in parts if p])
+    cleaned = posixpath.normpath(joined) if joined else ""
+    return cleaned[1:] if cleaned.startswith("//") else cleaned
+
+
+class V3Store:
+    """A flannel subnet registry in etcd, v3 API, over httpx.  Use `async with` or aclose()."""
+
+    def __init__(self, options: EtcdOptions, *, backoff_min_s: float = BACKOFF_MIN_S,
+                 backoff_max_s: float = BACKOFF_MAX_S) -> None:
+        if not options.endpoints:
+            raise FlannelError("no etcd endpoints given")
+        self.options = options
+        self._endpoints = [e.rstrip("/") for e in options.endpoints]
+        self._good = 0  # index of the endpoint that answered last
+        self._token: str | None = None
+        self._auth_lock = trio.Lock()
+        self._backoff = (backoff_min_s, backoff_max_s)
+        self.config_key = _join(options.prefix, "config")
+        self.subnets_prefix = _join(options.prefix, "subnets") + "/"
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(options.request_timeout),
+            verify=self._verify(),
+            cert=self._cert(),
+        )
+
+    # --- connection ---------------------------------------------------------------------
+
+    def _verify(self) -> ssl.SSLContext | bool:
+        if self.options.cafile:
+            return ssl.create_default_context(cafile=self.options.cafile)
+        return True
+
+    def _cert(self) -> tuple[str, str] | None:
+        o = self.options
+        if o.certfile and o.keyfile:
+            return (o.certfile, o.keyfile)
+        if o.certfile or o.keyfile:
+            # flanneld only builds a client certificate when it has both halves.
+            log.warning("-etcd-certfile and -etcd-keyfile must both be given for a client certificate; "
+                        "connecting without one")
+        return None
+
+    async def __aenter__(self) -> "V3Store":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._client.aclose()
+
+    def _order(self) -> list[int]:
+        n = len(self._endpoints)
+        return [(self._good + i) % n for i in range(n)]
+
+    async def _authenticate(self, stale: str | None) -> None:
+        async with self._auth_lock:
+            if self._token is not None and self._token != stale:
+                return  # another task already refreshed it
+            self._token = None
+            doc = await self._post("/v3/auth/authenticate",
+                                   {"name": self.options.username, "password": self.options.password}, auth=False)
+            self._token = doc["token"]
+
+    async def _post(self, path: str, body: dict[str, Any], *, auth: bool = True) -> dict[str, Any]:
+        """POST to the first endpoint that answers; raise StoreUnavailable when none does."""
+        for attempt in range(2):
+            headers = {}
+            if auth and self.options.username:
+                if self._token is None:
+                    await self._authenticate(None)
+                headers["Authorization"] = self._token or ""
+            token = headers.get("Authorization")
+            last_exc: Exception | None = None
+            for idx in self._order():
+                try:
+                    r = await self._client.post(self._endpoints[idx] + path, json=body, headers=headers)
+                except _UNREACHABLE as exc:
+                    last_exc = exc
+                    log.debug("etcd endpoint %s: %s", self._endpoints[idx], exc)
+                    continue
+                self._good = idx
+                break
+            else:
+                raise StoreUnavailable(
+                    f"no etcd endpoint answered ({', '.join(self._endpoints)}): {last_exc!r}")
+            if r.status_code == 200:
+                return r.json()
+            err = self._error(path, r)
+            if auth and self.options.username and attempt == 0 and _token_rejected(err):
+                log.info("etcd rejected the auth token; authenticating again")
+                await self._authenticate(token)
+                continue
+            raise err
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _error(path: str, r: httpx.Response) -> EtcdError:
+        try:
+            doc = r.json()
+            msg, code = doc.get("message") or doc.get("error") or r.text, doc.get("code")
+        except ValueError:
+            msg, code = r.text.strip() or r.reason_phrase, None
+        return EtcdError(path, r.status_code, msg, code)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    async def get_config(self) -> str | None:
+        doc = await self._post("/v3/kv/range", {"key": _b64(self.config_key)})
+        kvs = doc.get("kvs") or []
+        return _unb64(kvs[0].get("value", "")).decode() if kvs else None
+
+    async def put_config(self, text: str) -> None:
+        """Write <prefix>/config (flannelctl's `config set`)."""
+        await self._post("/v3/kv/put", {"key": _b64(self.config_key), "value": _b64(text)})
+
+    async def _expiration(self, lease_id: int) -> float | None:
+        """Unix expiry of an etcd lease; None when the key has no lease (a reservation)."""
+        if not lease_id:
+            return None
+        doc = await self._post("/v3/lease/timetolive", {"ID": str(lease_id)})
+        ttl = int(doc.get("TTL", -1))
+        # Like flanneld's kvToIPLease: an unknown/expired lease (TTL -1) is "already expired".
+        return time.time() + (ttl if ttl >= 0 else -1)
+
+    async def _kv_to_lease(self, kv: dict[str, Any]) -> Lease:
+        key = _unb64(kv.get("key", "")).decode(errors="replace")
+        subnet = parse_subnet_key(key)
+        attrs = decode_attrs(_unb64(kv.get("value", "")), key)
+        lease_id = int(kv.get("lease", 0))
+        return Lease(subnet=subnet, attrs=attrs, expiration=await self._expiration(lease_id),
+                     store_ref=lease_id or None)
+
+    async def _kvs_to_leases(self, kvs: list[dict[str, Any]]) -> tuple[list[Lease], list[str]]:
+        results: list[Lease | None] = [None] * len(kvs)
+        skipped: list[str] = []
+        limiter = trio.CapacityLimiter(_TTL_CONCURRENCY)
+
+        async def one(i: int, kv: dict[str, Any]) -> None:
+            async with limiter:
+                try:
+                    results[i] = await self._kv_to_lease(kv)
+                except LeaseValueError as exc:
+                    log.warning("skipping lease: %s", exc)
+                    skipped.append(_unb64(kv.get("key", "")).decode(errors="replace"))
+
+        async with trio.open_nursery() as nursery:
+            for i, kv in enumerate(kvs):
+                nursery.start_soon(one, i, kv)
+        return [lease for lease in results if lease is not None], skipped
+
+    async def list_leases(self) -> tuple[list[Lease], int]:
+        leases, _rev, _skipped = await self._list()
+        return leases, _rev
+
+    async def _list(self) -> tuple[list[Lease], int, list[str]]:
+        doc = await self._post("/v3/kv/range", {
+            "key": _b64(self.subnets_prefix), "range_end": _b64(prefix_range_end(self.subnets_prefix))})
+        leases, skipped = await self._kvs_to_leases(doc.get("kvs") or [])
+        return leases, int(doc["header"]["revision"]), skipped
+
+    async def get_lease(self, subnet: IPv4Network) -> Lease | None:
+        """The lease stored for one subnet, or None (also None when its value is undecodable)."""
+        doc = await self._post("/v3/kv/range", {"key": _b64(self._key(subnet))})
+        kvs = doc.get("kvs") or []
+        if not kvs:
+            return None
+        try:
+            return await self._kv_to_lease(kvs[0])
+        except LeaseValueError as exc:
+            log.warning("lease for %s: %s", subnet, exc)
+            return None
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def _key(self, subnet: IPv4Network) -> str:
+        return self.subnets_prefix + subnet_key(subnet)
+
+    async def _grant(self, ttl: int) -> int:
+        doc = await self._post("/v3/lease/grant", {"TTL": str(ttl)})
+        return int(doc["ID"])
+
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        key, value = self._key(subnet), encode_attrs(attrs, ValueStyle.CURRENT)
+        lease_id = await self._grant(ttl) if ttl > 0 else 0
+        put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease_id:
+            put["lease"] = str(lease_id)
+        doc = await self._post("/v3/kv/txn", {
+            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "VERSION", "version": "0"}],
+            "success": [{"request_put": put}],
+            "failure": [{"request_range": {"key": _b64(key)}}],
+        })
+        if doc.get("succeeded"):
+            expiration = time.time() + ttl if ttl > 0 else None
+            return Lease(subnet=subnet, attrs=attrs, expiration=expiration, store_ref=lease_id or None)
+        if lease_id:
+            await self._revoke(lease_id)
+        # A retried request (timeout after etcd applied it) finds our own value: that is a win.
+        kvs = (doc.get("responses") or [{}])[0].get("response_range", {}).get("kvs") or []
+        if kvs and _unb64(kvs[0].get("value", "")).decode(errors="replace") == value:
+            try:
+                return await self._kv_to_lease(kvs[0])
+            except LeaseValueError:
+                pass
+        return None
+
+    async def _revoke(self, lease_id: int) -> None:
+        try:
+            await self._post("/v3/lease/revoke", {"ID": str(lease_id)})
+        except EtcdError as exc:
+            log.debug("revoking unused lease %x: %s", lease_id, exc)
+
+    async def renew_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease:
+        # As flanneld's updateSubnet: a new lease and a plain put; the old lease is left to
+        # expire empty.
+        lease_id = await self._grant(ttl) if ttl > 0 else 0
+        put: dict[str, Any] = {"key": _b64(self._key(subnet)),
+                               "value": _b64(encode_attrs(attrs, ValueStyle.CURRENT))}
+        if lease_id:
+            put["lease"] = str(lease_id)
+        await self._post("/v3/kv/put", put)
+        return Lease(subnet=subnet, attrs=attrs, expiration=time.time() + ttl if ttl > 0 else None,
+                     store_ref=lease_id or None)
+
+    async def delete_lease(self, subnet: IPv4Network) -> None:
+        await self._post("/v3/kv/deleterange", {"key": _b64(self._key(subnet))})
+
+    # --- watch ----------------------------------------------------------------------------
+
+    async def watch_leases(self, after_revision: int) -> AsyncIterator[WatchBatch]:
+        """Batches of changes after `after_revision`, forever.
+
+        Reconnects with backoff and resumes at the last seen revision + 1; when the history
+        it needs was compacted away it re-lists and yields a snapshot batch instead.
+        """
+        last = after_revision
+        delay = self._backoff[0]
+        while True:
+            try:
+                async for batch in self._watch_once(last + 1):
+                    delay = self._backoff[0]  # the stream works again
+                    last = max(last, batch.revision)
+                    if batch.events or batch.skipped:
+                        yield batch
+            except _Compacted as exc:
+                log.warning("watch fell behind etcd compaction (revision %d); re-listing leases", exc.revision)
+                try:
+                    leases, rev, skipped = await self._list()
+                except (StoreUnavailable, EtcdError) as err:
+                    log.warning("re-list after compaction failed: %s", err)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, self._backoff[1])
+                    continue
+                last = rev
+                delay = self._backoff[0]
+                yield WatchBatch(snapshot=tuple(leases), revision=rev, skipped=tuple(skipped))
+                continue
+            except (StoreUnavailable, EtcdError, _WatchBroken, *_UNREACHABLE) as exc:
+                log.warning("watch on %s interrupted (%s); reconnecting in %.1fs from revision %d",
+                            self.subnets_prefix, exc, delay, last + 1)
+            await trio.sleep(delay)
+            delay = min(delay * 2, self._backoff[1])
+
+    async def _watch_once(self, start_revision: int) -> AsyncIterator[WatchBatch]:
+        """One watch stream; ends by raising (disconnect, compaction, error)."""
+        body = {"create_request": {
+            "key": _b64(self.subnets_prefix),
+            "range_end": _b64(prefix_range_end(self.subnets_prefix)),
+            "start_revision": str(start_revision),
+            "progress_notify": True,
+        }}
+        headers = {}
+        if self.options.username:
+            if self._token is None:
+                await self._authenticate(None)
+            headers["Authorization"] = self._token or ""
+        timeout = httpx.Timeout(self.options.request_timeout, read=WATCH_IDLE_TIMEOUT_S)
+        last_exc: Exception | None = None
+        for idx in self._order():
+            url = self._endpoints[idx] + "/v3/watch"
+            try:
+                async with self._client.stream("POST", url, json=body, headers=headers, timeout=timeout) as r:
+                    self._good = idx
+                    if r.status_code != 200:
+                        await r.aread()
+                        err = self._error("/v3/watch", r)
+                        if _token_rejected(err):
+                            await self._authenticate(headers.get("Authorization"))
+                        raise err
+                    async for line in r.aiter_lines():
+                        if not line.strip():
+                            continue
+                        batch = await self._watch_line(line)
+                        if batch is not None:
+                            yield batch
+                raise _WatchBroken(f"etcd {self._endpoints[idx]} closed the watch stream")
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                last_exc = exc
+                continue
+        raise StoreUnavailable(f"no etcd endpoint answered the watch ({', '.join(self._endpoints)}): {last_exc!r}")
+
+    async def _watch_line(self, line: str) -> WatchBatch | None:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            raise _WatchBroken(f"undecodable watch message {line[:200]!r}") from None
+        if "error" in doc:
+            err = doc["error"]
+            msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+            if "compacted" in msg:
+                raise _Compacted(0)
+            if isinstance(err, dict) and _token_rejected(EtcdError("/v3/watch", 401, msg, err.get("code"))):
+                self._token = None
+            raise _WatchBroken(f"watch error: {msg}")
+        res = doc.get("result") or {}
+        compact = int(res.get("compact_revision", 0))
+        if compact:
+            raise _Compacted(compact)
+        if res.get("canceled"):
+            raise _WatchBroken(f"etcd cancelled the watch: {res.get('cancel_reason', '')}")
+        events = res.get("events") or []
+        if not events:
+            if res.get("created"):
+                return None  # the created header revision may predate events still to come
+            # A progress notification: everything up to this revision was delivered.
+            return WatchBatch(revision=int(res.get("header", {}).get("revision", 0)))
+        out: list[LeaseEvent] = []
+        skipped: list[str] = []
+        revision = 0
+        for ev in events:
+            kv = ev.get("kv") or {}
+            revision = max(revision, int(kv.get("mod_revision", 0)))
+            key = _unb64(kv.get("key", "")).decode(errors="replace")
+            try:
+                if ev.get("type") == "DELETE":
+                    # Only the subnet is known; the tracker fills in the last-known attrs.
+                    subnet = parse_subnet_key(key)
+                    out.append(LeaseEvent(EventKind.REMOVED, Lease(subnet=subnet, attrs=REMOVED_ATTRS)))
+                else:
+                    out.append(LeaseEvent(EventKind.ADDED, await self._kv_to_lease(kv)))
+            except LeaseValueError as exc:
+                log.warning("skipping watch event: %s", exc)
+                skipped.append(key)
+        return WatchBatch(events=tuple(out), revision=revision, skipped=tuple(skipped))
+
+
+# Placeholder attrs on a REMOVED event from the store (etcd does not say what was deleted).
+REMOVED_ATTRS = LeaseAttrs(public_ip=IPv4Address(0))
+
+
+def _token_rejected(err: EtcdError) -> bool:
+    return err.code == 16 or err.status == 401 or "invalid auth token" in err.etcd_message
