@@ -1,0 +1,279 @@
+"""Our subnet lease: acquire it, keep it renewed, and follow the peers' leases.
+
+Acquisition follows flanneld's tryAcquireLease (allocation.plan_acquisition decides, this
+module acts).  Where flanneld gives up we do better, deliberately:
+- a lost create race is retried with the subnet excluded (up to raceRetries=10) instead of
+  exiting 1;
+- when our own key is deleted or expires we re-create the same subnet at once instead of
+  exiting 0 (which, under Restart=on-failure, left the host without a network);
+- but if another host now holds our subnet we fail loudly (exit non-zero).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from ipaddress import IPv4Address, IPv4Network
+from typing import Awaitable, Callable, Sequence
+
+import trio
+
+from .allocation import plan_acquisition
+from .backends.base import LeaseData
+from .config import NetworkConfig
+from .errors import FlannelError
+from .etcd.store import Store, StoreUnavailable, WatchBatch
+from .lease import SUBNET_TTL, EventKind, Lease, LeaseAttrs, LeaseEvent
+from .leasetracker import LeaseTracker
+
+log = logging.getLogger("flanneld.lease")
+
+RACE_RETRIES = 10  # flanneld's raceRetries
+RENEW_RETRY_S = 60.0  # "Error renewing lease (trying again in 1 min)"
+_STARTUP_BACKOFF = (0.1, 5.0)
+_ACQUIRE_UNAVAILABLE_S = 30.0  # how long acquire() waits out an etcd outage before failing
+
+
+class LeaseTaken(FlannelError):
+    """Another host now holds the subnet we leased."""
+
+
+class LeaseManager:
+    def __init__(
+        self,
+        store: Store,
+        config: NetworkConfig,
+        public_ip: IPv4Address,
+        lease_data: LeaseData,
+        previous_subnet: IPv4Network | None,
+        renew_margin_s: float,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        retry_interval_s: float = RENEW_RETRY_S,
+        ttl: int = SUBNET_TTL,
+        on_change: Callable[[Lease], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.public_ip = IPv4Address(public_ip)
+        self.attrs = LeaseAttrs(public_ip=self.public_ip, backend_type=lease_data.backend_type,
+                                backend_data=lease_data.backend_data)
+        self.previous_subnet = previous_subnet
+        self.renew_margin_s = renew_margin_s
+        self.clock = clock  # Unix time, the same scale as Lease.expiration
+        self.rng = rng or random.Random()
+        self.retry_interval_s = retry_interval_s
+        self.ttl = ttl
+        self.on_change = on_change
+        self._current: Lease | None = None
+        # Set (then replaced) whenever `current` changes: `await mgr.changed.wait()`.
+        self.changed = trio.Event()
+        self.renewals = 0
+        self.recreations = 0
+
+    # --- state ----------------------------------------------------------------------------
+
+    @property
+    def current(self) -> Lease:
+        if self._current is None:
+            raise RuntimeError("no lease yet: call acquire() first")
+        return self._current
+
+    def _set_current(self, lease: Lease) -> None:
+        self._current = lease
+        event, self.changed = self.changed, trio.Event()
+        event.set()
+        if self.on_change is not None:
+            self.on_change(lease)
+
+    # --- acquire --------------------------------------------------------------------------
+
+    async def acquire(self) -> Lease:
+        """Get a subnet in flanneld's order; OutOfSubnets and store errors propagate."""
+        deadline = trio.current_time() + _ACQUIRE_UNAVAILABLE_S
+        delay = _STARTUP_BACKOFF[0]
+        while True:
+            try:
+                return await self._acquire_once()
+            except StoreUnavailable as exc:
+                if trio.current_time() >= deadline:
+                    raise FlannelError(f"failed to acquire lease: {exc}") from exc
+                log.warning("etcd unavailable while acquiring a lease (%s); retrying in %.1fs", exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, _STARTUP_BACKOFF[1])
+
+    async def _acquire_once(self) -> Lease:
+        exclude: list[IPv4Network] = []
+        for _ in range(RACE_RETRIES + 1):
+            leases, _rev = await self.store.list_leases()
+            plan = plan_acquisition(self.config, leases, self.public_ip, self.previous_subnet, self.rng, exclude)
+            for old in plan.delete:
+                log.info("found lease %s for our IP %s but it does not fit the current config; deleting it",
+                         old.subnet, self.public_ip)
+                await self.store.delete_lease(old.subnet)
+            if plan.reuse is not None:
+                # A reservation (no TTL) stays one; a lease gets a fresh TTL.
+                ttl = 0 if plan.reuse.expiration is None else self.ttl
+                lease = await self.store.renew_lease(plan.reuse.subnet, self.attrs, ttl)
+                log.info("reusing lease %s of public IP %s%s", lease.subnet, self.public_ip,
+                         " (a reservation, no TTL)" if ttl == 0 else "")
+                self._set_current(lease)
+                return lease
+            assert plan.create is not None
+            lease = await self.store.create_lease(plan.create, self.attrs, self.ttl)
+            if lease is not None:
+                log.info("allocated lease %s%s", lease.subnet,
+                         " (previous subnet from subnet.env)" if plan.create == self.previous_subnet else "")
+                self._set_current(lease)
+                return lease
+            log.info("subnet %s was taken by another host while we created it; trying another", plan.create)
+            exclude.append(plan.create)
+        raise FlannelError(f"failed to acquire lease: lost {RACE_RETRIES} creation races in a row")
+
+    # --- keep -----------------------------------------------------------------------------
+
+    async def keep_lease(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Renew before expiry and guard our key; raises LeaseTaken if another host takes it."""
+        self.current  # noqa: B018 - fail early without a lease
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._guard_own_key)
+                nursery.start_soon(self._renew_loop)
+                task_status.started()
+        except BaseExceptionGroup as group:
+            # Let the agent see the plain FlannelError (and its exit code), not a group.
+            taken, _rest = group.split(FlannelError)
+            if taken is not None:
+                raise _first_leaf(taken) from group
+            raise
+
+    async def _renew_loop(self) -> None:
+        while True:
+            lease = self.current
+            changed = self.changed
+            if lease.expiration is None:
+                await changed.wait()  # a reservation: nothing to renew
+                continue
+            delay = lease.expiration - self.renew_margin_s - self.clock()
+            with trio.move_on_after(max(delay, 0)):
+                await changed.wait()
+                continue  # re-created or renewed elsewhere: recompute the deadline
+            await self._renew_now(lease)
+
+    async def _renew_now(self, lease: Lease) -> None:
+        while True:
+            try:
+                renewed = await self.store.renew_lease(lease.subnet, self.attrs, self.ttl)
+            except (StoreUnavailable, FlannelError) as exc:
+                log.error("Error renewing lease (trying again in %s): %s", _human(self.retry_interval_s), exc)
+                await trio.sleep(self.retry_interval_s)
+                continue
+            self.renewals += 1
+            log.info("lease %s renewed, new expiration %s", renewed.subnet,
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(renewed.expiration or 0)))
+            self._set_current(renewed)
+            # Never hot-loop when the margin is at least the TTL.
+            if renewed.expiration is not None and renewed.expiration - self.renew_margin_s - self.clock() < 1:
+                await trio.sleep(1)
+            return
+
+    async def _guard_own_key(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        leases, rev = await _retry_unavailable(self.store.list_leases)
+        await self._check_listing(leases)
+        task_status.started()
+        async for batch in self.store.watch_leases(rev):
+            await self._check_batch(batch)
+
+    async def _check_listing(self, leases: Sequence[Lease]) -> None:
+        subnet = self.current.subnet
+        mine = next((lease for lease in leases if lease.subnet == subnet), None)
+        await self._own_state(mine)
+
+    async def _check_batch(self, batch: WatchBatch) -> None:
+        if batch.snapshot is not None:
+            await self._check_listing(batch.snapshot)
+            return
+        subnet = self.current.subnet
+        for event in batch.events:
+            if event.lease.subnet != subnet:
+                continue
+            await self._own_state(event.lease if event.kind is EventKind.ADDED else None)
+
+    async def _own_state(self, lease: Lease | None) -> None:
+        """React to what etcd now holds at our key (None: nothing)."""
+        if lease is None:
+            await self._recreate()
+        elif lease.attrs.public_ip != self.public_ip:
+            raise LeaseTaken(f"lease for {lease.subnet} was taken by {lease.attrs.public_ip}")
+        elif lease.store_ref != self.current.store_ref:
+            # Renewed by someone with our IP (or our own put seen late): adopt its expiry.
+            self._set_current(Lease(lease.subnet, self.attrs, lease.expiration, lease.store_ref))
+
+    async def _recreate(self) -> None:
+        subnet = self.current.subnet
+        log.error("Lease has been revoked: the key for our subnet %s is gone (deleted or expired); "
+                  "re-creating the same subnet (flanneld would exit here)", subnet)
+        while True:
+            try:
+                lease = await self.store.create_lease(subnet, self.attrs, self.ttl)
+                if lease is None:
+                    leases, _ = await self.store.list_leases()
+                    holder = next((x for x in leases if x.subnet == subnet), None)
+                    if holder is None:
+                        continue  # gone again already: try once more
+                    if holder.attrs.public_ip != self.public_ip:
+                        raise LeaseTaken(f"lease for {subnet} was taken by {holder.attrs.public_ip}")
+                    lease = holder
+            except StoreUnavailable as exc:
+                log.warning("re-creating lease %s: %s; retrying", subnet, exc)
+                await trio.sleep(min(1.0, self.retry_interval_s))
+                continue
+            self.recreations += 1
+            log.warning("re-created lease %s", subnet)
+            self._set_current(lease)
+            return
+
+    # --- peers ----------------------------------------------------------------------------
+
+    async def watch_peers(
+        self,
+        apply: Callable[[list[LeaseEvent]], Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Apply every peer lease now (started() after that), then every change, forever."""
+        tracker = LeaseTracker(self.current.subnet)
+        self.tracker = tracker
+        leases, rev = await _retry_unavailable(self.store.list_leases)
+        events = tracker.reset(leases)
+        if events:
+            await apply(events)
+        task_status.started()
+        async for batch in self.store.watch_leases(rev):
+            events = tracker.update(batch)
+            if events:
+                await apply(events)
+
+
+async def _retry_unavailable(fn):
+    delay = _STARTUP_BACKOFF[0]
+    while True:
+        try:
+            return await fn()
+        except StoreUnavailable as exc:
+            log.warning("etcd unavailable (%s); retrying in %.1fs", exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, _STARTUP_BACKOFF[1])
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _human(seconds: float) -> str:
+    return "1 min" if seconds == 60 else f"{seconds:g}s"

@@ -1,0 +1,231 @@
+"""LeaseManager against a real etcd: acquisition order, races, renewal, own-key guard, peers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+import trio
+
+from flannelpy.backends.base import LeaseData
+from flannelpy.config import parse_config
+from flannelpy.errors import OutOfSubnets
+from flannelpy.etcd.store import EtcdOptions
+from flannelpy.etcd.v3 import V3Store
+from flannelpy.lease import SUBNET_TTL, EventKind
+from flannelpy.leasemgr import LeaseManager, LeaseTaken
+
+pytestmark = pytest.mark.etcd
+
+PREFIX = "/coreos.com/network"
+CONFIG = parse_config('{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}')
+DATA = LeaseData("vxlan", {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"})
+ME = IPv4Address("192.168.64.3")
+MY_VALUE = ('{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
+            '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
+
+
+def key(subnet: str) -> str:
+    return f"{PREFIX}/subnets/{subnet.replace('/', '-')}"
+
+
+def store_for(etcd) -> V3Store:
+    return V3Store(EtcdOptions(endpoints=(etcd.endpoint,), prefix=PREFIX), backoff_min_s=0.05)
+
+
+def manager(store, **kw) -> LeaseManager:
+    args = dict(public_ip=ME, lease_data=DATA, previous_subnet=None, renew_margin_s=3600)
+    args.update(kw)
+    return LeaseManager(store, CONFIG, args.pop("public_ip"), args.pop("lease_data"),
+                        args.pop("previous_subnet"), args.pop("renew_margin_s"), **args)
+
+
+def kv(etcd, k: str) -> dict | None:
+    doc = json.loads(etcd.etcdctl("get", k, "-w", "json").stdout)
+    return doc["kvs"][0] if doc.get("kvs") else None
+
+
+def granted_ttl(etcd, lease_id: int) -> int:
+    doc = json.loads(etcd.etcdctl("lease", "timetolive", format(lease_id, "x"), "-w", "json").stdout)
+    return doc["granted-ttl"]
+
+
+async def wait_change(mgr: LeaseManager):
+    with trio.fail_after(30):  # hang guard only
+        await mgr.changed.wait()
+    return mgr.current
+
+
+async def test_acquire_new_lease_shape(etcd):
+    async with store_for(etcd) as store:
+        lease = await manager(store, rng=random.Random(1)).acquire()
+    assert CONFIG.contains_subnet(lease.subnet)
+    got = kv(etcd, key(str(lease.subnet)))
+    import base64
+    assert base64.b64decode(got["value"]).decode() == MY_VALUE
+    assert int(got["lease"]) == lease.store_ref and granted_ttl(etcd, lease.store_ref) == SUBNET_TTL
+
+
+async def test_reuse_by_public_ip_renews_with_new_attrs(etcd):
+    etcd.etcdctl("put", key("10.5.7.0/24"), '{"PublicIP":"192.168.64.3","BackendType":"vxlan",'
+                 '"BackendData":{"VtepMAC":"aa:aa:aa:aa:aa:aa"}}', "--lease=" + grant(etcd, 600))
+    async with store_for(etcd) as store:
+        lease = await manager(store, previous_subnet=IPv4Network("10.5.9.0/24")).acquire()
+    assert lease.subnet == IPv4Network("10.5.7.0/24")
+    assert etcd.etcdctl("get", key("10.5.7.0/24"), "--print-value-only").stdout.strip() == MY_VALUE
+    assert granted_ttl(etcd, int(kv(etcd, key("10.5.7.0/24"))["lease"])) == SUBNET_TTL
+
+
+async def test_reservation_stays_without_ttl(etcd):
+    etcd.etcdctl("put", key("10.5.8.0/24"), '{"PublicIP":"192.168.64.3"}')
+    async with store_for(etcd) as store:
+        lease = await manager(store).acquire()
+    assert lease.subnet == IPv4Network("10.5.8.0/24") and lease.expiration is None
+    assert "lease" not in kv(etcd, key("10.5.8.0/24"))
+
+
+async def test_incompatible_own_lease_deleted_then_previous_subnet_used(etcd):
+    etcd.etcdctl("put", key("10.6.1.0/24"), '{"PublicIP":"192.168.64.3"}')  # outside Network now
+    etcd.etcdctl("put", key("10.5.10.0/24"), '{"PublicIP":"10.0.0.99"}')  # someone else's
+    async with store_for(etcd) as store:
+        lease = await manager(store, previous_subnet=IPv4Network("10.5.11.0/24")).acquire()
+        assert lease.subnet == IPv4Network("10.5.11.0/24")
+        assert kv(etcd, key("10.6.1.0/24")) is None
+        # A previous subnet somebody else holds is not taken over (flanneld HEAD).
+        other = manager(store, public_ip=IPv4Address("10.0.0.50"), previous_subnet=IPv4Network("10.5.10.0/24"))
+        lease2 = await other.acquire()
+        assert lease2.subnet not in (IPv4Network("10.5.10.0/24"), IPv4Network("10.5.11.0/24"))
+
+
+async def test_ten_concurrent_acquirers_get_distinct_subnets(etcd):
+    results = {}
+
+    async def one(i: int) -> None:
+        async with store_for(etcd) as store:
+            # The same seed everywhere makes them all want the same subnet: races guaranteed.
+            mgr = manager(store, public_ip=IPv4Address(f"192.168.1.{i + 1}"), rng=random.Random(7))
+            results[i] = (await mgr.acquire()).subnet
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(one, i)
+    assert len(set(results.values())) == 10
+    listed = etcd.etcdctl("get", f"{PREFIX}/subnets/", "--prefix", "--keys-only").stdout.split()
+    assert len(listed) == 10
+
+
+async def test_out_of_subnets(etcd):
+    small = parse_config('{"Network":"10.9.0.0/24","SubnetLen":26}')  # SubnetMin..Max: .64, .128, .192
+    async with store_for(etcd) as store:
+        for i in range(3):
+            await LeaseManager(store, small, IPv4Address(f"10.0.0.{i + 1}"), DATA, None, 3600).acquire()
+        with pytest.raises(OutOfSubnets):
+            await LeaseManager(store, small, IPv4Address("10.0.0.9"), DATA, None, 3600).acquire()
+
+
+async def test_renewal_extends_ttl(etcd):
+    async with store_for(etcd) as store:
+        # margin = TTL - 1 s: renewal is due one second after acquiring.
+        mgr = manager(store, renew_margin_s=SUBNET_TTL - 1)
+        first = await mgr.acquire()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mgr.keep_lease)
+            renewed = await wait_change(mgr)
+            nursery.cancel_scope.cancel()
+    assert mgr.renewals >= 1
+    assert renewed.store_ref != first.store_ref and renewed.expiration > first.expiration
+    assert int(kv(etcd, key(str(first.subnet)))["lease"]) == renewed.store_ref
+    assert granted_ttl(etcd, renewed.store_ref) == SUBNET_TTL
+
+
+async def test_renewal_retries_while_etcd_is_down(etcd, caplog):
+    caplog.set_level(logging.INFO)
+    async with store_for(etcd) as store:
+        mgr = manager(store, renew_margin_s=SUBNET_TTL - 1, retry_interval_s=0.2)
+        first = await mgr.acquire()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mgr.keep_lease)
+            etcd.stop()
+            with trio.fail_after(30):
+                while "Error renewing lease" not in caplog.text:
+                    await trio.sleep(0.1)
+            etcd.start()
+            renewed = await wait_change(mgr)
+            nursery.cancel_scope.cancel()
+    assert renewed.store_ref != first.store_ref
+    assert int(kv(etcd, key(str(first.subnet)))["lease"]) == renewed.store_ref
+
+
+@pytest.mark.parametrize("how", ["delete", "revoke"])
+async def test_own_key_gone_is_recreated_with_same_subnet(etcd, how):
+    async with store_for(etcd) as store:
+        mgr = manager(store)
+        first = await mgr.acquire()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mgr.keep_lease)
+            started = time.monotonic()
+            if how == "delete":
+                etcd.etcdctl("del", key(str(first.subnet)))
+            else:  # what expiry looks like: the lease goes and takes the key with it
+                etcd.etcdctl("lease", "revoke", format(first.store_ref, "x"))
+            again = await wait_change(mgr)
+            print(f"re-created after {time.monotonic() - started:.3f}s")
+            nursery.cancel_scope.cancel()
+    assert again.subnet == first.subnet and again.store_ref != first.store_ref
+    assert mgr.recreations == 1
+    got = kv(etcd, key(str(first.subnet)))
+    assert got is not None and int(got["lease"]) == again.store_ref
+
+
+async def test_own_key_taken_by_another_host_fails(etcd):
+    async with store_for(etcd) as store:
+        mgr = manager(store)
+        first = await mgr.acquire()
+        with pytest.raises(BaseExceptionGroup) as info:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(mgr.keep_lease)
+                etcd.etcdctl("put", key(str(first.subnet)), '{"PublicIP":"10.0.0.66","PublicIPv6":null}')
+                with trio.fail_after(30):
+                    await trio.sleep_forever()
+    # keep_lease itself raises the plain error (not a group), so the agent sees its exit code.
+    [exc] = info.value.exceptions
+    assert isinstance(exc, LeaseTaken)
+    assert str(exc) == f"lease for {first.subnet} was taken by 10.0.0.66"
+
+
+async def test_watch_peers_snapshot_then_events_across_restart(etcd):
+    etcd.etcdctl("put", key("10.5.1.0/24"), '{"PublicIP":"10.0.0.1","PublicIPv6":null,"BackendType":"vxlan",'
+                 '"BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}')
+    send, recv = trio.open_memory_channel(100)
+
+    async def apply(events):
+        await send.send(list(events))
+
+    async def next_events():
+        with trio.fail_after(30):
+            return [(e.kind, str(e.lease.subnet), str(e.lease.attrs.public_ip)) for e in await recv.receive()]
+
+    async with store_for(etcd) as store:
+        mgr = manager(store, previous_subnet=IPv4Network("10.5.2.0/24"))
+        await mgr.acquire()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mgr.watch_peers, apply)
+            # Our own lease is never reported.
+            assert await next_events() == [(EventKind.ADDED, "10.5.1.0/24", "10.0.0.1")]
+            await mgr.store.renew_lease(mgr.current.subnet, mgr.attrs, SUBNET_TTL)
+            etcd.restart()
+            etcd.etcdctl("del", key("10.5.1.0/24"))
+            # The removal carries the attrs we knew (the backend needs the MAC to tear down).
+            assert await next_events() == [(EventKind.REMOVED, "10.5.1.0/24", "10.0.0.1")]
+            etcd.etcdctl("put", key("10.5.3.0/24"), '{"PublicIP":"10.0.0.3","PublicIPv6":null}')
+            assert await next_events() == [(EventKind.ADDED, "10.5.3.0/24", "10.0.0.3")]
+            nursery.cancel_scope.cancel()
+
+
+def grant(etcd, ttl: int) -> str:
+    out = etcd.etcdctl("lease", "grant", str(ttl)).stdout  # "lease 694d... granted with TTL(600s)"
+    return out.split()[1]
