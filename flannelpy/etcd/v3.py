@@ -167,7 +167,10 @@ class V3Store:
                 raise StoreUnavailable(
                     f"no etcd endpoint answered ({', '.join(self._endpoints)}): {last_exc!r}")
             if r.status_code == 200:
-                return r.json()
+                try:
+                    return r.json()
+                except ValueError:
+                    raise EtcdError(path, 200, f"not an etcd v3 gateway answer: {r.text[:200]!r}") from None
             err = self._error(path, r)
             if auth and self.options.username and attempt == 0 and _token_rejected(err):
                 log.info("etcd rejected the auth token; authenticating again")
