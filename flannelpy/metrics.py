@@ -1,0 +1,147 @@
+"""Prometheus metrics for one agent (flanneld has none; these are flannelpy's addition).
+
+Every Metrics owns a private CollectorRegistry, so two agents (or two tests) in one
+process never share or clash on metric names.  Values that the agent already keeps in
+AgentState (lease expiry, peers) are read from it at scrape time rather than mirrored, so
+they cannot drift; backend packet counters are read from a callable the backend provides.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .state import AgentState
+
+log = logging.getLogger("flanneld.metrics")
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Seconds from a lease event arriving to the backend having programmed it: sub-millisecond
+# for host-gw/udp table updates, up to seconds when netlink is slow or retried.
+_PROGRAM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def split_counter_name(name: str) -> tuple[str, str, str] | None:
+    """Map a backend counter key to (metric, direction, reason).
+
+    Keys follow `<tx|rx>_<packets|bytes|dropped...|no_route>` (udpforward.Counters):
+    tx_packets -> ("packets", "tx", ""), rx_dropped_unknown_source -> ("drops", "rx",
+    "unknown_source"), tx_no_route -> ("drops", "tx", "no_route"), tx_dropped -> ("drops",
+    "tx", "other").  Anything else is None (ignored, so a new counter never breaks a scrape).
+    """
+    direction, _, rest = name.partition("_")
+    if direction not in ("tx", "rx") or not rest:
+        return None
+    if rest in ("packets", "bytes"):
+        return rest, direction, ""
+    if rest == "dropped":
+        return "drops", direction, "other"
+    if rest.startswith("dropped_"):
+        return "drops", direction, rest[len("dropped_"):]
+    if rest == "no_route":
+        return "drops", direction, "no_route"
+    return None
+
+
+class _StateCollector:
+    """Gauges derived from AgentState and backend counters, computed at scrape time."""
+
+    def __init__(self, owner: "Metrics") -> None:
+        self.owner = owner
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # unchecked collector: names are fixed below, registry need not pre-validate
+
+    def collect(self) -> Iterable[Metric]:
+        state = self.owner.state
+        if state is not None:
+            ready = GaugeMetricFamily("flannel_ready", "1 once subnet.env is written and the data plane is programmed")
+            ready.add_metric([], 1.0 if state.ready else 0.0)
+            yield ready
+            if state.lease_expiration is not None:
+                exp = GaugeMetricFamily("flannel_lease_expiration_timestamp_seconds",
+                                        "Unix time our subnet lease expires in etcd")
+                exp.add_metric([], float(state.lease_expiration))
+                yield exp
+            known = GaugeMetricFamily("flannel_peers_known", "Peer leases seen in etcd (any backend type)")
+            known.add_metric([], float(state.leases_seen))
+            yield known
+            prog = GaugeMetricFamily("flannel_peers_programmed", "Peer leases programmed by the backend")
+            prog.add_metric([], float(state.peers_programmed))
+            yield prog
+        yield from self._backend_counters()
+
+    def _backend_counters(self) -> Iterable[Metric]:
+        families = {
+            "packets": CounterMetricFamily("flannel_backend_packets", "Packets forwarded by the backend",
+                                           labels=["backend", "direction"]),
+            "bytes": CounterMetricFamily("flannel_backend_bytes", "Bytes forwarded by the backend",
+                                         labels=["backend", "direction"]),
+            "drops": CounterMetricFamily("flannel_backend_drops", "Packets the backend dropped",
+                                         labels=["backend", "direction", "reason"]),
+        }
+        for backend, read in list(self.owner._counter_sources.items()):
+            try:
+                values = read()
+            except Exception as exc:  # a broken source must not take /metrics down
+                log.debug("reading %s counters failed: %s", backend, exc)
+                continue
+            for key, value in values.items():
+                parts = split_counter_name(key)
+                if parts is None:
+                    continue
+                metric, direction, reason = parts
+                labels = [backend, direction] + ([reason] if metric == "drops" else [])
+                families[metric].add_metric(labels, float(value))
+        for family in families.values():
+            if family.samples:
+                yield family
+
+
+class Metrics:
+    def __init__(self, state: AgentState | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.state = state
+        self._counter_sources: dict[str, Callable[[], Mapping[str, int]]] = {}
+        r = self.registry
+        self.renewals = Counter("flannel_lease_renewals", "Successful lease renewals", registry=r)
+        self.renewal_failures = Counter("flannel_lease_renewal_failures", "Failed lease renewal attempts", registry=r)
+        self.watch_reconnects = Counter("flannel_watch_reconnects", "etcd watch streams re-opened", registry=r)
+        self.watch_resyncs = Counter("flannel_watch_resyncs",
+                                     "Full re-lists of the leases (compaction, lost index)", registry=r)
+        self.event_to_programmed = Histogram("flannel_event_programming_seconds",
+                                             "Seconds from a lease event to the backend having programmed it",
+                                             buckets=_PROGRAM_BUCKETS, registry=r)
+        r.register(_StateCollector(self))
+
+    def bind_state(self, state: AgentState) -> None:
+        """Read lease/peer gauges from this state (serve_health does it when not done already)."""
+        self.state = state
+
+    def register_counters(self, backend: str, read: Callable[[], Mapping[str, int]]) -> None:
+        """Expose a backend's packet counters; `read()` is called on every scrape."""
+        self._counter_sources[backend] = read
+
+    def attach_backend(self, backend: Any) -> None:
+        """Register backend.counters() (the udp backend has it) under the backend's name."""
+        read = getattr(backend, "counters", None)
+        if callable(read):
+            self.register_counters(getattr(backend, "name", type(backend).__name__), read)
+
+    def observe_events(self, events: Sequence[Any], seconds: float, backend: Any = None) -> None:
+        """One histogram sample per event in a batch the backend applied in `seconds`."""
+        if backend is not None and getattr(backend, "name", None) not in self._counter_sources:
+            self.attach_backend(backend)
+        for _ in events:
+            self.event_to_programmed.observe(seconds)
+
+    def renewal(self, ok: bool) -> None:
+        (self.renewals if ok else self.renewal_failures).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,113 @@
+"""What the running agent knows about itself, for /status, /readyz and the metrics.
+
+The agent is the only writer (from the trio thread); the health server only reads, so no
+locking.  Peer bookkeeping lives here, not in the backend, because "leases seen" must count
+leases the backend ignores (a vxlan node does not program host-gw peers, flanneld logs
+"ignoring non-vxlan ..."), which is exactly the gap operators need to see.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from typing import Any, Iterable, Protocol
+
+from .lease import EventKind, Lease, LeaseEvent
+
+
+class _Accepts(Protocol):
+    def accepts(self, lease: Lease) -> bool: ...
+
+
+@dataclass
+class AgentState:
+    started_at: float = field(default_factory=time.time)
+    network: str | None = None
+    subnet: str | None = None
+    backend_type: str | None = None
+    interface: str | None = None
+    public_ip: str | None = None
+    mtu: int | None = None
+    lease_expiration: float | None = None  # unix time; None = no TTL (a reservation) or no lease yet
+    # Ready = subnet.env written and the data plane (device, iptables, backend loop) programmed,
+    # the same moment flanneld sends READY=1 (and, since v0.28.9, /readyz turns 200).
+    ready: bool = False
+    last_event: str | None = None
+    last_event_at: float | None = None
+    # peer subnet -> True when the backend programmed it, False when it ignores it
+    _peers: dict[IPv4Network, bool] = field(default_factory=dict, repr=False)
+
+    @property
+    def leases_seen(self) -> int:
+        """Peer leases currently in etcd (our own excluded), whatever their backend."""
+        return len(self._peers)
+
+    @property
+    def peers_programmed(self) -> int:
+        """Peer leases the backend accepted and has programmed."""
+        return sum(1 for programmed in self._peers.values() if programmed)
+
+    def note(self, text: str, when: float | None = None) -> None:
+        """Remember the last noteworthy thing that happened (shown by `flannelctl status`)."""
+        self.last_event = text
+        self.last_event_at = time.time() if when is None else when
+
+    def set_lease(self, config: Any, ext: Any, lease: Lease, mtu: int, backend_type: str) -> None:
+        """Record our own lease once acquired (config: NetworkConfig, ext: ExternalInterface)."""
+        self.network = str(config.network)
+        self.subnet = str(lease.subnet)
+        self.backend_type = backend_type
+        self.interface = ext.name
+        self.public_ip = str(ext.public_ip)
+        self.mtu = mtu
+        self.lease_expiration = lease.expiration
+        self.note(f"acquired lease {lease.subnet}")
+
+    def lease_renewed(self, lease: Lease) -> None:
+        self.lease_expiration = lease.expiration
+        self.note(f"renewed lease {lease.subnet}")
+
+    def record_events(self, events: Iterable[LeaseEvent], backend: _Accepts) -> None:
+        """Call after backend.apply(events) succeeded: the accepted peers are now programmed."""
+        last = None
+        for ev in events:
+            subnet = ev.lease.subnet
+            if ev.kind is EventKind.ADDED:
+                self._peers[subnet] = bool(backend.accepts(ev.lease))
+                verb = "added" if self._peers[subnet] else "ignored (backend type %r)" % ev.lease.attrs.backend_type
+            else:
+                self._peers.pop(subnet, None)
+                verb = "removed"
+            last = f"peer {subnet} ({ev.lease.attrs.public_ip}) {verb}"
+        if last is not None:
+            self.note(last)
+
+    def reset_peers(self, leases: Iterable[Lease], backend: _Accepts) -> None:
+        """After a full resync: the peer set is exactly `leases`."""
+        self._peers = {lease.subnet: bool(backend.accepts(lease)) for lease in leases}
+        self.note(f"resynced {len(self._peers)} peer leases")
+
+    def to_dict(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        return {
+            "ready": self.ready,
+            "network": self.network,
+            "subnet": self.subnet,
+            "backend": self.backend_type,
+            "interface": self.interface,
+            "public_ip": self.public_ip,
+            "mtu": self.mtu,
+            "lease_expiration": self.lease_expiration,
+            "lease_expires_in": None if self.lease_expiration is None else round(self.lease_expiration - now, 1),
+            "leases_seen": self.leases_seen,
+            "peers_programmed": self.peers_programmed,
+            "last_event": self.last_event,
+            "last_event_at": self.last_event_at,
+            "started_at": self.started_at,
+            "uptime": round(now - self.started_at, 1),
+        }
+
+    def to_json(self, now: float | None = None) -> str:
+        return json.dumps(self.to_dict(now), sort_keys=True)
