@@ -87,3 +87,20 @@ def test_two_metrics_do_not_share_a_registry():
     a.renewal(ok=True)
     assert b"flannel_lease_renewals_total 1.0" in a.render()
     assert b"flannel_lease_renewals_total 0.0" in b.render()
+
+
+async def test_flannelctl_status_exit_codes(tmp_path, capsys):
+    from flannelpy.cli.flannelctl import main
+
+    sock_path = str(tmp_path / "fpop3.sock")
+    assert await trio.to_thread.run_sync(main, ["status", "--socket", sock_path]) == 1
+    assert "unreachable" in capsys.readouterr().err
+    state = AgentState()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_health, state, Metrics(), "127.0.0.1", 0, sock_path)
+        assert await trio.to_thread.run_sync(main, ["status", "--socket", sock_path]) == 1
+        assert "not ready" in capsys.readouterr().err
+        state.ready, state.subnet = True, "10.5.7.0/24"
+        assert await trio.to_thread.run_sync(main, ["status", "--socket", sock_path]) == 0
+        assert "10.5.7.0/24" in capsys.readouterr().out
+        nursery.cancel_scope.cancel()
