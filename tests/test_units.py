@@ -70,3 +70,10 @@ def test_wrapper_maps_sysconfig_variables(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "FLANNEL_ETCD_ENDPOINTS": "http://e:2379", "FLANNEL_ETCD_KEY": "/atomic.io/network"}
     out = subprocess.run(["sh", str(tmp_path / "wrapper"), "-iface=eth1"], env=env, capture_output=True, text=True).stdout
     assert out.split("\n")[:3] == ["-etcd-endpoints=http://e:2379", "-etcd-prefix=/atomic.io/network", "-iface=eth1"]
+
+
+def test_vagrantfile_syntax():
+    if not shutil.which("ruby"):
+        pytest.skip("ruby not installed")
+    r = subprocess.run(["ruby", "-c", str(REPO / "vagrant/Vagrantfile")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
