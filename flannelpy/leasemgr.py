@@ -54,6 +54,7 @@ class LeaseManager:
         retry_interval_s: float = RENEW_RETRY_S,
         ttl: int = SUBNET_TTL,
         on_change: Callable[[Lease], None] | None = None,
+        on_renewal: Callable[[bool], None] | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -67,6 +68,8 @@ class LeaseManager:
         self.retry_interval_s = retry_interval_s
         self.ttl = ttl
         self.on_change = on_change
+        self.on_resync: Callable[[], None] | None = None  # a full re-list replaced the watch (metrics)
+        self.on_renewal = on_renewal  # called with True/False per renewal attempt (metrics)
         self._current: Lease | None = None
         # Set (then replaced) whenever `current` changes: `await mgr.changed.wait()`.
         self.changed = trio.Event()
@@ -168,9 +171,13 @@ class LeaseManager:
                 renewed = await self.store.renew_lease(lease.subnet, self.attrs, self.ttl)
             except (StoreUnavailable, FlannelError) as exc:
                 log.error("Error renewing lease (trying again in %s): %s", _human(self.retry_interval_s), exc)
+                if self.on_renewal is not None:
+                    self.on_renewal(False)
                 await trio.sleep(self.retry_interval_s)
                 continue
             self.renewals += 1
+            if self.on_renewal is not None:
+                self.on_renewal(True)
             log.info("lease %s renewed, new expiration %s", renewed.subnet,
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(renewed.expiration or 0)))
             self._set_current(renewed)
@@ -252,6 +259,8 @@ class LeaseManager:
             await apply(events)
         task_status.started()
         async for batch in self.store.watch_leases(rev):
+            if batch.snapshot is not None and self.on_resync is not None:
+                self.on_resync()
             events = tracker.update(batch)
             if events:
                 await apply(events)

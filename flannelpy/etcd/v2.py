@@ -16,7 +16,7 @@ import ssl
 import time
 from calendar import timegm
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 from urllib.parse import quote
 
 import httpx
@@ -137,6 +137,7 @@ class V2Store:
     def __init__(self, options: EtcdOptions, *, style: ValueStyle = ValueStyle.LEGACY) -> None:
         if not options.endpoints:
             raise ValueError("etcd options: no endpoints")
+        self.on_watch_reconnect: Callable[[], None] | None = None  # see V3Store
         self.options = options
         self.style = style
         self._endpoints = [e.rstrip("/") for e in options.endpoints]
@@ -294,6 +295,10 @@ class V2Store:
             if err.code != KEY_NOT_FOUND:
                 raise
 
+    def _watch_reconnected(self) -> None:
+        if self.on_watch_reconnect is not None:
+            self.on_watch_reconnect()
+
     async def watch_leases(self, after_revision: int) -> AsyncIterator[WatchBatch]:
         """One WatchBatch per v2 event; a snapshot batch when the index was cleared."""
         wait_index = after_revision + 1
@@ -305,6 +310,7 @@ class V2Store:
             except V2Error as err:
                 if err.code != EVENT_INDEX_CLEARED:
                     log.warning("watching %s: %s; retrying in %.1fs", self.subnets_key, err, backoff)
+                    self._watch_reconnected()
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
@@ -324,6 +330,7 @@ class V2Store:
             except (StoreUnavailable, httpx.HTTPError) as exc:
                 # etcd restarting or unreachable: back off and resume at the same index.
                 log.warning("watching %s: %s; retrying in %.1fs", self.subnets_key, _short(exc), backoff)
+                self._watch_reconnected()
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue

@@ -15,7 +15,7 @@ import posixpath
 import ssl
 import time
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import httpx
 import trio
@@ -96,6 +96,8 @@ class V3Store:
         self._token: str | None = None
         self._auth_lock = trio.Lock()
         self._backoff = (backoff_min_s, backoff_max_s)
+        # Called whenever a watch stream breaks and is re-opened (the agent counts it in /metrics).
+        self.on_watch_reconnect: Callable[[], None] | None = None
         self.config_key = _join(options.prefix, "config")
         self.subnets_prefix = _join(options.prefix, "subnets") + "/"
         self._client = httpx.AsyncClient(
@@ -344,6 +346,8 @@ class V3Store:
             except (StoreUnavailable, EtcdError, _WatchBroken, *_UNREACHABLE) as exc:
                 log.warning("watch on %s interrupted (%s); reconnecting in %.1fs from revision %d",
                             self.subnets_prefix, exc, delay, last + 1)
+                if self.on_watch_reconnect is not None:
+                    self.on_watch_reconnect()
             await trio.sleep(delay)
             delay = min(delay * 2, self._backoff[1])
 

@@ -1,0 +1,56 @@
+"""flanneld: the drop-in daemon's entry point."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import trio
+
+from .. import __version__
+from ..errors import FlannelError, UsageError
+from ..flags import HelpRequested, parse_flags, usage
+
+log = logging.getLogger("flanneld")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        flags = parse_flags(argv, os.environ)
+    except HelpRequested:
+        print(usage(), file=sys.stderr)
+        return 0
+    except UsageError as err:
+        print(f"flanneld: {err}", file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    if flags["version"]:
+        print(__version__, file=sys.stderr)  # flanneld prints its version to stderr
+        return 0
+
+    from ..logsetup import setup_logging
+
+    setup_logging(flags["v"])
+    for warning in flags.inactive_in_use():
+        log.warning("%s", warning)
+
+    from ..agent import AgentOptions, run_agent
+
+    try:
+        opts = AgentOptions.from_flags(flags)
+        trio.run(run_agent, opts)
+    except UsageError as err:
+        print(f"flanneld: {err}", file=sys.stderr)
+        return 2
+    except FlannelError as err:
+        log.error("%s", err)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""flannelctl lab up|down|status: the single-machine multi-host lab (see flannelpy.lab)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..lab import DEFAULT_PREFIX, Lab, LabError, print_status
+
+BACKENDS = ("vxlan", "udp", "host-gw", "none")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lab", help="a multi-host lab on this machine (namespaces, real etcd, real flanneld)",
+                       description="Hosts are network namespaces on one bridge; each runs the real flanneld.")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX,
+                   help=f"name prefix of the lab's namespaces (default {DEFAULT_PREFIX})")
+    p.add_argument("--workdir", default="", help="state, logs and subnet.env files (default /run/flannelpy-lab/PREFIX)")
+    lab_sub = p.add_subparsers(dest="lab_command", metavar="up|down|status", required=True)
+
+    up = lab_sub.add_parser("up", help="build the lab, start etcd and the agents, ping across hosts")
+    up.add_argument("--hosts", type=int, default=2, help="number of hosts (default 2)")
+    up.add_argument("--backend", choices=BACKENDS, default="vxlan",
+                    help="backend in the network config; 'none' writes no Backend (flanneld: udp)")
+    up.add_argument("--network", default="10.5.0.0/16", help="the overlay Network (default 10.5.0.0/16)")
+    up.add_argument("--etcd-api", choices=("v3", "v2"), default="v3",
+                    help="write the config with etcdctl put (v3) or ETCDCTL_API=2 etcdctl mk (v2)")
+    up.add_argument("--etcd-prefix", default="/coreos.com/network", help="etcd prefix (e.g. /atomic.io/network)")
+    up.add_argument("--docker", action="store_true",
+                    help="run a real dockerd per host (bip/mtu from -docker-daemon-json) and busybox containers")
+    up.add_argument("--json", action="store_true", help="print the lab status and ping results as JSON")
+    up.set_defaults(func=_up)
+
+    down = lab_sub.add_parser("down", help="stop the agents and etcd, delete the namespaces")
+    down.set_defaults(func=_down)
+
+    status = lab_sub.add_parser("status", help="hosts, subnets, agents; --ping to test every pair")
+    status.add_argument("--ping", action="store_true", help="ping every container pair")
+    status.add_argument("--json", action="store_true", help="print as JSON")
+    status.set_defaults(func=_status)
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab creates network namespaces: run it as root")
+
+
+def _print_pings(results: dict[tuple[int, int], bool]) -> None:
+    for (a, b), ok in sorted(results.items()):
+        print(f"  container on host {a} -> container on host {b}: {'ok' if ok else 'FAILED'}")
+
+
+def _pings_json(results: dict[tuple[int, int], bool]) -> list[dict]:
+    return [{"from": a, "to": b, "ok": ok} for (a, b), ok in sorted(results.items())]
+
+
+def _up(args: argparse.Namespace) -> int:
+    _require_root()
+    if args.docker:
+        from ..labdocker import DockerLab
+
+        lab: Lab = DockerLab(prefix=args.prefix, hosts=args.hosts, backend=args.backend, etcd_api=args.etcd_api,
+                             etcd_prefix=args.etcd_prefix, workdir=args.workdir)
+    else:
+        from ..lab import default_config
+
+        lab = Lab(prefix=args.prefix, hosts=args.hosts, backend=args.backend, etcd_api=args.etcd_api,
+                  etcd_prefix=args.etcd_prefix, workdir=args.workdir,
+                  config=default_config(args.backend, args.network))
+    if not args.json:
+        print(f"starting lab {args.prefix}: etcd + {args.hosts} hosts, backend {args.backend} ...", flush=True)
+    lab.up()
+    results = lab.wait_all_pings()
+    ok = all(results.values())
+    if args.json:
+        json.dump({**lab.status(), "pings": _pings_json(results)}, sys.stdout, indent=2)
+        print()
+    else:
+        print_status(lab)
+        print("cross-host pings:")
+        _print_pings(results)
+        print(f"{'all pings answered' if ok else 'SOME PINGS FAILED'}; "
+              f"`flannelctl lab status --ping` to re-test, `flannelctl lab down` to remove the lab")
+    return 0 if ok else 1
+
+
+def _load(args: argparse.Namespace) -> Lab:
+    lab = Lab.load(args.prefix, args.workdir)
+    if getattr(lab, "docker", False) or os.path.exists(os.path.join(lab.workdir, "docker")):
+        from ..labdocker import DockerLab
+
+        return DockerLab.load(args.prefix, args.workdir)
+    return lab
+
+
+def _down(args: argparse.Namespace) -> int:
+    _require_root()
+    lab = _load(args)
+    removed = lab.down()
+    print(f"lab {args.prefix} removed ({len(removed)} namespaces)")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    lab = _load(args)
+    results = lab.ping_matrix() if args.ping else {}
+    if args.json:
+        doc = lab.status()
+        if args.ping:
+            doc["pings"] = _pings_json(results)
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+    else:
+        print_status(lab)
+        if args.ping:
+            _print_pings(results)
+    return 0 if all(results.values()) else 1

@@ -1,0 +1,191 @@
+"""flanneld's command line: Go `flag` syntax and the FLANNELD_* environment fallback.
+
+Go's flag package accepts `-name` and `--name`, `-name=value` and `-name value`; a boolean
+takes its value only as `-name=false` (a separate word would end flag parsing).  After the
+command line, every flag not given falls back to FLANNELD_<NAME> (upper case, - and . as _),
+with empty values ignored; `-version` is checked before the environment, as in flanneld.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    name: str
+    kind: type  # str, int, bool or list (repeatable string)
+    default: Any
+    help: str
+    # Accepted for compatibility but without effect here; the text says why.
+    inactive: str = ""
+
+
+_KUBE = "Kubernetes mode is not supported: flannelpy runs in etcd mode only"
+
+FLAGS: tuple[FlagSpec, ...] = (
+    FlagSpec("etcd-endpoints", str, "http://127.0.0.1:4001,http://127.0.0.1:2379", "a comma-delimited list of etcd endpoints"),
+    FlagSpec("etcd-prefix", str, "/coreos.com/network", "etcd prefix"),
+    FlagSpec("etcd-keyfile", str, "", "SSL key file used to secure etcd communication"),
+    FlagSpec("etcd-certfile", str, "", "SSL certification file used to secure etcd communication"),
+    FlagSpec("etcd-cafile", str, "", "SSL Certificate Authority file used to secure etcd communication"),
+    FlagSpec("etcd-username", str, "", "username for BasicAuth to etcd"),
+    FlagSpec("etcd-password", str, "", "password for BasicAuth to etcd"),
+    FlagSpec("etcd-api", str, "auto", "etcd API to use: v3, v2 or auto (v3 when the config is there, else v2)"),
+    FlagSpec("iface", list, [], "interface to use (IP or name) for inter-host communication; may be repeated"),
+    FlagSpec("iface-regex", list, [], "regex expression to match the first interface to use (IP or name); may be repeated"),
+    FlagSpec("iface-can-reach", str, "", "detect the interface to use from the route to this IP address"),
+    FlagSpec("subnet-file", str, "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written to"),
+    FlagSpec("public-ip", str, "", "IP accessible by other nodes for inter-host communication"),
+    FlagSpec("public-ipv6", str, "", "IPv6 accessible by other nodes", inactive="IPv6 is not supported by flannelpy yet"),
+    FlagSpec("subnet-lease-renew-margin", int, 60, "subnet lease renewal margin, in minutes, ranging from 1 to 1439"),
+    FlagSpec("ip-masq", bool, False, "setup IP masquerade rule for traffic destined outside of overlay network"),
+    FlagSpec("ip-masq-fully-random-disable", bool, False, "disable --random-fully in the masquerade rules"),
+    FlagSpec("ip-blackhole-route", bool, False, "add a blackhole route for our own subnet",
+             inactive="the blackhole route is not implemented in flannelpy"),
+    FlagSpec("healthz-ip", str, "0.0.0.0", "the IP address for healthz server to listen"),
+    FlagSpec("healthz-port", int, 0, "the port for healthz server to listen (0 to disable)"),
+    FlagSpec("iptables-resync", int, 5, "resync period for iptables rules, in seconds"),
+    FlagSpec("iptables-forward-rules", bool, True, "add default accept rules to FORWARD chain in iptables"),
+    FlagSpec("docker-daemon-json", str, "", "set bip and mtu from the lease in this Docker daemon.json (empty: off)"),
+    FlagSpec("docker-restart", bool, False, "restart Docker when bip or mtu in daemon.json changed"),
+    FlagSpec("status-socket", str, "/run/flannel/flanneld.sock", "unix socket serving /status for flannelctl (empty: off)"),
+    FlagSpec("kube-subnet-mgr", bool, False, "contact the Kubernetes API for subnet assignment", inactive=_KUBE),
+    FlagSpec("kube-api-url", str, "", "Kubernetes API server URL", inactive=_KUBE),
+    FlagSpec("kubeconfig-file", str, "", "kubeconfig file location", inactive=_KUBE),
+    FlagSpec("kube-annotation-prefix", str, "flannel.alpha.coreos.com", "Kubernetes annotation prefix", inactive=_KUBE),
+    FlagSpec("net-config-path", str, "/etc/kube-flannel/net-conf.json", "path to the network configuration file", inactive=_KUBE),
+    FlagSpec("set-node-network-unavailable", bool, True, "set NodeNetworkUnavailable after ready", inactive=_KUBE),
+    FlagSpec("version", bool, False, "print version and exit"),
+    FlagSpec("v", int, 0, "log level for V logs"),
+    FlagSpec("vmodule", str, "", "comma-separated list of pattern=N settings (accepted, ignored)"),
+    FlagSpec("log_backtrace_at", str, "", "when logging hits line file:N, emit a stack trace (accepted, ignored)"),
+)
+
+_BY_NAME = {spec.name: spec for spec in FLAGS}
+
+_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+def env_name(flag: str) -> str:
+    return "FLANNELD_" + flag.upper().replace("-", "_").replace(".", "_")
+
+
+@dataclass
+class ParsedFlags:
+    values: dict[str, Any]
+    given: set[str] = field(default_factory=set)  # set on the command line or from the environment
+    from_env: set[str] = field(default_factory=set)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def inactive_in_use(self) -> list[str]:
+        """Warnings for flags that were set but have no effect here."""
+        out = []
+        for name in sorted(self.given):
+            spec = _BY_NAME[name]
+            if spec.inactive and self.values[name] != spec.default:
+                out.append(f"-{name} is accepted but has no effect: {spec.inactive}")
+        return out
+
+
+def _convert(spec: FlagSpec, raw: str, source: str) -> Any:
+    if spec.kind is bool:
+        if raw in _TRUE:
+            return True
+        if raw in _FALSE:
+            return False
+        raise UsageError(f'invalid boolean value "{raw}" for {source}: parse error')
+    if spec.kind is int:
+        try:
+            return int(raw, 0)
+        except ValueError:
+            raise UsageError(f'invalid value "{raw}" for {source}: parse error') from None
+    return raw
+
+
+def usage() -> str:
+    lines = ["Usage: flanneld [OPTION]...", ""]
+    for spec in FLAGS:
+        kind = {str: " string", int: " int", bool: "", list: " value"}[spec.kind]
+        default = ""
+        if spec.kind is int or (spec.kind is not list and spec.default not in ("", False)):
+            shown = f'"{spec.default}"' if spec.kind is str else str(spec.default).lower()
+            default = f" (default {shown})"
+        extra = f" [{spec.inactive}]" if spec.inactive else ""
+        lines.append(f"  -{spec.name}{kind}")
+        lines.append(f"    \t{spec.help}{default}{extra}")
+    lines.append("")
+    lines.append("Every flag can also be set with FLANNELD_<FLAG> in the environment, e.g. FLANNELD_ETCD_ENDPOINTS.")
+    return "\n".join(lines)
+
+
+class HelpRequested(Exception):
+    pass
+
+
+def parse_flags(argv: Sequence[str], environ: Mapping[str, str]) -> ParsedFlags:
+    """Parse argv (without the program name), then apply the environment fallback.
+
+    Raises UsageError (exit 2) for unknown flags, missing values, bad values or stray
+    arguments, and HelpRequested for -h/-help.
+    """
+    values: dict[str, Any] = {spec.name: (list(spec.default) if spec.kind is list else spec.default) for spec in FLAGS}
+    given: set[str] = set()
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            if i < len(args):
+                raise UsageError(f"unexpected argument {args[i]!r}: flanneld takes only flags")
+            break
+        if len(arg) < 2 or not arg.startswith("-"):
+            raise UsageError(f"unexpected argument {arg!r}: flanneld takes only flags")
+        body = arg[2:] if arg.startswith("--") else arg[1:]
+        if not body or body.startswith("-") or body.startswith("="):
+            raise UsageError(f"bad flag syntax: {arg}")
+        name, has_value, value = body.partition("=")
+        if name in ("h", "help"):
+            raise HelpRequested()
+        spec = _BY_NAME.get(name)
+        if spec is None:
+            raise UsageError(f"flag provided but not defined: -{name}")
+        if not has_value:
+            if spec.kind is bool:
+                value = "true"
+            else:
+                if i >= len(args):
+                    raise UsageError(f"flag needs an argument: -{name}")
+                value = args[i]
+                i += 1
+        converted = _convert(spec, value, f"flag -{name}")
+        if spec.kind is list:
+            if name not in given:
+                values[name] = []
+            values[name].append(converted)
+        else:
+            values[name] = converted
+        given.add(name)
+    parsed = ParsedFlags(values=values, given=given)
+    if values["version"]:
+        return parsed  # flanneld checks -version before reading the environment
+    for spec in FLAGS:
+        if spec.name in given or spec.name == "version":
+            continue
+        raw = environ.get(env_name(spec.name), "")
+        if raw == "":
+            continue
+        converted = _convert(spec, raw, f"environment variable {env_name(spec.name)}")
+        # FLANNELD_IFACE sets one entry; commas are not split (coreos/pkg flagutil).
+        values[spec.name] = [converted] if spec.kind is list else converted
+        given.add(spec.name)
+        parsed.from_env.add(spec.name)
+    return parsed
