@@ -8,7 +8,10 @@ import tempfile
 
 def atomic_write(path: str, data: bytes, mode: int = 0o644, dir_mode: int = 0o755) -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=dir_mode, exist_ok=True)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=dir_mode, exist_ok=True)
+        # makedirs honours the umask; readers of subnet.env (Docker units) need the directory open.
+        os.chmod(directory, dir_mode)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:

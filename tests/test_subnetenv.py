@@ -1,0 +1,59 @@
+"""subnet.env: flanneld's bytes, atomic replace, and reading the previous subnet back (no root)."""
+
+import os
+import stat
+from ipaddress import IPv4Network
+
+from flannelpy.subnetenv import SubnetEnv, parse_env_file, read_previous, render_subnet_env, write_subnet_env
+
+
+def env(mtu=1450, masq=False, subnet="10.5.72.0/24"):
+    return SubnetEnv(network=IPv4Network("10.5.0.0/16"), subnet=IPv4Network(subnet), mtu=mtu, ipmasq=masq)
+
+
+def test_render_is_flanneld_bytes():
+    assert render_subnet_env(env()) == (
+        "FLANNEL_NETWORK=10.5.0.0/16\n"
+        "FLANNEL_SUBNET=10.5.72.1/24\n"
+        "FLANNEL_MTU=1450\n"
+        "FLANNEL_IPMASQ=false\n"
+    )
+    assert render_subnet_env(env(1472, True, "172.18.9.0/24")).splitlines()[1:] == [
+        "FLANNEL_SUBNET=172.18.9.1/24", "FLANNEL_MTU=1472", "FLANNEL_IPMASQ=true"]
+
+
+def test_write_is_atomic_0644_and_creates_dir(tmp_path):
+    path = tmp_path / "run" / "flannel" / "subnet.env"
+    old_umask = os.umask(0o077)  # flanneld ignores the umask for this file
+    try:
+        write_subnet_env(str(path), env())
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755
+    inode = path.stat().st_ino
+    write_subnet_env(str(path), env(mtu=1400))
+    assert path.read_text().count("FLANNEL_MTU=1400") == 1
+    assert path.stat().st_ino != inode  # replaced by rename, never rewritten in place
+    assert sorted(os.listdir(path.parent)) == ["subnet.env"]  # no temp file left behind
+
+
+def test_read_previous(tmp_path):
+    path = tmp_path / "subnet.env"
+    assert read_previous(str(path)) == (None, None)
+    write_subnet_env(str(path), env())
+    assert read_previous(str(path)) == (IPv4Network("10.5.0.0/16"), IPv4Network("10.5.72.0/24"))
+
+
+def test_read_previous_like_godotenv(tmp_path):
+    path = tmp_path / "subnet.env"
+    path.write_text('# written by hand\nexport FLANNEL_NETWORK="10.5.0.0/16"\nFLANNEL_SUBNET=10.5.3.1/24 # ok\n')
+    assert read_previous(str(path)) == (IPv4Network("10.5.0.0/16"), IPv4Network("10.5.3.0/24"))
+    path.write_text("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.3.1/24,10.5.4.1/24\n")
+    assert read_previous(str(path)) == (IPv4Network("10.5.0.0/16"), None)  # multi-valued: ignored
+    path.write_text("FLANNEL_SUBNET=garbage\n")
+    assert read_previous(str(path)) == (None, None)
+
+
+def test_parse_env_file():
+    assert parse_env_file("A=1\n\n# c\nB='x y'\nexport C=3\nnot a line\n") == {"A": "1", "B": "x y", "C": "3"}
