@@ -8,7 +8,6 @@ with empty values ignored; `-version` is checked before the environment, as in f
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 

@@ -53,7 +53,7 @@ def default_config(backend: str, network: str = "10.5.0.0/16") -> str:
 
 
 def run(*args: str, netns: str | None = None, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    cmd = ([f"nsenter", f"--net=/var/run/netns/{netns}"] if netns else []) + list(args)
+    cmd = (["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []) + list(args)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")

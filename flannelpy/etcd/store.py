@@ -6,11 +6,16 @@ return the shared types from flannelpy.lease, so the lease logic above them is t
 
 from __future__ import annotations
 
+import logging
+import ssl
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import AsyncIterator, Protocol
 
+from ..errors import FlannelError
 from ..lease import Lease, LeaseAttrs, LeaseEvent
+
+log = logging.getLogger("flanneld.etcd")
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,31 @@ class EtcdOptions:
     username: str = ""
     password: str = ""
     request_timeout: float = 5.0
+
+
+def tls_context(options: EtcdOptions) -> ssl.SSLContext | bool:
+    """httpx's `verify` for the -etcd-cafile/-etcd-certfile/-etcd-keyfile flags.
+
+    A file that cannot be read is a FlannelError naming the flag and the file, at start-up,
+    rather than a handshake failure on every request later.
+    """
+    if not (options.cafile or options.certfile or options.keyfile):
+        return True
+    try:
+        ctx = ssl.create_default_context(cafile=options.cafile or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise FlannelError(f"-etcd-cafile={options.cafile}: cannot load the CA certificate: {exc}") from None
+    if options.certfile and options.keyfile:
+        try:
+            ctx.load_cert_chain(options.certfile, options.keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            raise FlannelError(f"-etcd-certfile={options.certfile} -etcd-keyfile={options.keyfile}: "
+                               f"cannot load the client certificate: {exc}") from None
+    elif options.certfile or options.keyfile:
+        # flanneld also ignores a lone cert or key; say so instead of failing later in the handshake
+        log.warning("etcd TLS: both -etcd-certfile and -etcd-keyfile are needed for a client certificate; "
+                    "connecting without one")
+    return ctx
 
 
 class StoreUnavailable(Exception):

@@ -9,10 +9,8 @@ them; any shape is read.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import ssl
 import time
 from calendar import timegm
 from ipaddress import IPv4Address, IPv4Network
@@ -24,7 +22,7 @@ import trio
 
 from ..errors import FlannelError, LeaseValueError
 from ..lease import EventKind, Lease, LeaseAttrs, LeaseEvent, ValueStyle, decode_attrs, encode_attrs, parse_subnet_key, subnet_key
-from .store import EtcdOptions, StoreUnavailable, WatchBatch
+from .store import EtcdOptions, StoreUnavailable, WatchBatch, tls_context
 
 log = logging.getLogger("flannelpy.etcd.v2")
 
@@ -118,19 +116,6 @@ def event_from_response(doc: dict[str, Any]) -> LeaseEvent:
     raise LeaseValueError(f"unknown etcd v2 action {action!r} on {node.get('key')!r}")
 
 
-def _ssl_context(options: EtcdOptions) -> ssl.SSLContext | bool:
-    if not (options.cafile or options.certfile or options.keyfile):
-        return True
-    ctx = ssl.create_default_context(cafile=options.cafile or None)
-    if options.certfile and options.keyfile:
-        ctx.load_cert_chain(options.certfile, options.keyfile)
-    elif options.certfile or options.keyfile:
-        # flanneld also ignores a lone cert or key; say so instead of failing later in the handshake
-        log.warning("etcd TLS: both -etcd-certfile and -etcd-keyfile are needed for a client certificate; "
-                    "connecting without one")
-    return ctx
-
-
 class V2Store:
     """flannel's subnet registry over the etcd v2 keys API."""
 
@@ -144,7 +129,7 @@ class V2Store:
         self._current = 0  # the endpoint that answered last; tried first
         auth = (options.username, options.password) if options.username else None
         self._client = httpx.AsyncClient(
-            verify=_ssl_context(options),
+            verify=tls_context(options),
             auth=auth,
             timeout=httpx.Timeout(options.request_timeout),
         )

@@ -12,7 +12,6 @@ import base64
 import json
 import logging
 import posixpath
-import ssl
 import time
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, AsyncIterator, Callable
@@ -22,7 +21,7 @@ import trio
 
 from ..errors import FlannelError, LeaseValueError
 from ..lease import EventKind, Lease, LeaseAttrs, LeaseEvent, ValueStyle, decode_attrs, encode_attrs, parse_subnet_key, subnet_key
-from .store import EtcdOptions, StoreUnavailable, WatchBatch
+from .store import EtcdOptions, StoreUnavailable, WatchBatch, tls_context
 
 log = logging.getLogger("flanneld.etcd")
 
@@ -102,26 +101,10 @@ class V3Store:
         self.subnets_prefix = _join(options.prefix, "subnets") + "/"
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(options.request_timeout),
-            verify=self._verify(),
-            cert=self._cert(),
+            verify=tls_context(options),
         )
 
     # --- connection ---------------------------------------------------------------------
-
-    def _verify(self) -> ssl.SSLContext | bool:
-        if self.options.cafile:
-            return ssl.create_default_context(cafile=self.options.cafile)
-        return True
-
-    def _cert(self) -> tuple[str, str] | None:
-        o = self.options
-        if o.certfile and o.keyfile:
-            return (o.certfile, o.keyfile)
-        if o.certfile or o.keyfile:
-            # flanneld only builds a client certificate when it has both halves.
-            log.warning("-etcd-certfile and -etcd-keyfile must both be given for a client certificate; "
-                        "connecting without one")
-        return None
 
     async def __aenter__(self) -> "V3Store":
         return self
