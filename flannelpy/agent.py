@@ -118,6 +118,7 @@ async def run_agent(opts: AgentOptions) -> None:
     metrics = Metrics()
     netlink = NetlinkThread()
     backend = None
+    running = False
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
@@ -170,12 +171,21 @@ async def run_agent(opts: AgentOptions) -> None:
 
             state.set_lease(config, ext, lease, backend.mtu(), config.backend_type)
             state.ready = True
+            running = True
             sdnotify.notify("READY=1", f"STATUS=leased {lease.subnet}, backend {config.backend_type}")
             log.info("running: subnet %s, backend %s", lease.subnet, config.backend_type)
+    except BaseExceptionGroup as group:
+        # Tasks fail inside the nursery; callers (and the exit code) want the plain error.
+        fatal, _rest = group.split(FlannelError)
+        if fatal is not None:
+            raise _first_leaf(fatal) from None
+        raise
     finally:
         sdnotify.notify("STOPPING=1")
         if backend is not None:
             with trio.CancelScope(shield=True):
+                if not running:
+                    await backend.abandon()
                 await backend.close()
         netlink.stop()
 
@@ -206,6 +216,13 @@ def _update_docker(opts: AgentOptions, env: SubnetEnv) -> None:
             message = dockerjson.restart_docker_if_changed(change)
             if message:
                 log.warning("%s", message)
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _when(lease: Lease) -> str:

@@ -70,5 +70,9 @@ class Backend(ABC):
         task_status.started()
         await trio.sleep_forever()
 
+    async def abandon(self) -> None:
+        """Start-up failed before the agent was running: undo what prepare()/start() created
+        in this run (an existing device reused from a previous run is left alone)."""
+
     async def close(self) -> None:
         """Called on shutdown.  Backends keep their kernel state unless flanneld drops it."""

@@ -270,12 +270,21 @@ class VxlanBackend(Backend):
     async def prepare(self) -> LeaseData:
         index, mac, created = await self.netlink.call(_ensure_device, self.spec, random_vtep_mac())
         self.index, self.mac = index, mac
+        self._created_now = created
         if getattr(self.netlink, "_netns", None) is None:
             _set_accept_ra_off(self.spec.name)
         log.info("%s device %s (vni %d, port %d, mtu %d, mac %s)",
                  "created" if created else "reusing", self.spec.name, self.spec.vni,
                  self.spec.port, self.spec.mtu, mac)
         return LeaseData("vxlan", {"VNI": self.spec.vni, "VtepMAC": mac})
+
+    async def abandon(self) -> None:
+        # Start-up failed: a device we made in this run, never advertised, must not linger.
+        if getattr(self, "_created_now", False) and self.index is not None:
+            index = self.index
+            await self.netlink.call(lambda ipr: _ignore(_GONE, lambda: ipr.link("del", index=index)))
+            log.info("removed %s: start-up did not complete", self.spec.name)
+            self.index = None
 
     def _need_device(self) -> int:
         if self.index is None:
