@@ -8,7 +8,9 @@ run side by side, one per simulated host:
         d.import_busybox()
         d.run("c1", ["ping", "-c1", "10.1.74.1"])
 
-Everything is stopped with SIGTERM (dockerd then stops its containers, containerd and mounts).
+Everything is stopped with SIGTERM (dockerd then stops its containers, containerd and mounts).  A
+daemon started by another process (the lab's `up` vs. `down`) is stopped by PID with `stop_dockerd`;
+`leftover_pids` and `unmount_under` then catch what a killed daemon could leave behind.
 """
 
 from __future__ import annotations
@@ -26,12 +28,19 @@ BUSYBOX_IMAGE = "fpip-busybox:latest"
 BUSYBOX_LINKS = ("sh", "ping", "ip", "ifconfig", "route", "cat", "sleep", "wget", "nc", "hostname", "ls")
 
 
+# What a dockerd spawns: its own containerd (under --exec-root) and one shim per container.
+DOCKER_PROGRAMS = ("dockerd", "containerd", "containerd-shim-runc-v2", "containerd-shim")
+
+
 class Dockerd:
-    def __init__(self, netns: str, workdir: str, daemon_json: str, *, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, netns: str, workdir: str, daemon_json: str, *, extra_args: tuple[str, ...] = (),
+                 name: str = "") -> None:
         self.netns = netns
         self.workdir = os.path.abspath(workdir)
         self.daemon_json = daemon_json
         self.extra_args = extra_args
+        # containerd namespace: unique per daemon, in case a system containerd is shared
+        self.name = name or os.path.basename(self.workdir)
         self.sock = os.path.join(self.workdir, "docker.sock")
         self.pidfile = os.path.join(self.workdir, "docker.pid")
         self.log_path = os.path.join(self.workdir, "dockerd.log")
@@ -44,8 +53,20 @@ class Dockerd:
     def _ns(self, *args: str) -> list[str]:
         return ["nsenter", f"--net=/var/run/netns/{self.netns}", *args]
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
     def start(self, timeout: float = 60) -> "Dockerd":
         """Start dockerd and wait until it answers on its socket (raises with the log tail if not)."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> int:
+        """Start dockerd without waiting (so several can boot in parallel); returns its PID.
+
+        nsenter without --fork execs dockerd, so the PID is dockerd's own.
+        """
         os.makedirs(self.workdir, exist_ok=True)
         subprocess.run(self._ns("ip", "link", "set", "lo", "up"), check=True)
         cmd = self._ns(
@@ -56,13 +77,18 @@ class Dockerd:
             "-H", self.host,
             f"--pidfile={self.pidfile}",
             "--iptables=true",
-            # containerd namespace per daemon, in case a system containerd is shared
-            f"--containerd-namespace={os.path.basename(self.workdir)}",
-            f"--containerd-plugins-namespace={os.path.basename(self.workdir)}-plugins",
+            f"--containerd-namespace={self.name}",
+            f"--containerd-plugins-namespace={self.name}-plugins",
             *self.extra_args,
         )
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 60) -> "Dockerd":
+        """Wait until the launched dockerd answers `docker version`; stop it and raise if it does not."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -133,7 +159,9 @@ class Dockerd:
     def remove(self) -> None:
         """Stop, then delete workdir (data-root included)."""
         self.stop()
-        subprocess.run(["umount", "-R", f"{self.workdir}/exec"], capture_output=True)
+        for pid in leftover_pids(self.workdir):
+            _kill(pid)
+        unmount_under(self.workdir)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "Dockerd":
@@ -141,3 +169,108 @@ class Dockerd:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+# --- clean-up usable from another process (lab down) ---------------------------------------------------
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(") ", 1)[1][0] != "Z"  # a zombie has exited already
+    except (OSError, IndexError):
+        return False
+
+
+def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return True
+        except ChildProcessError:
+            pass  # not our child: poll /proc instead
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def is_our_dockerd(pid: int, sock: str) -> bool:
+    """True if `pid` is still the dockerd serving `sock` (guards against a recycled PID)."""
+    argv = _cmdline(pid)
+    return bool(argv) and os.path.basename(argv[0]) == "dockerd" and f"unix://{sock}" in argv
+
+
+def stop_dockerd(pid: int, sock: str, timeout: float = 60) -> bool:
+    """SIGTERM a dockerd we started (found by PID, checked against its socket) and wait for it.
+
+    dockerd then stops its containers and containerd and unmounts its layers.  After `timeout` it
+    is SIGKILLed.  Returns True when it exited on SIGTERM (or was already gone).
+    """
+    if not pid or not is_our_dockerd(pid, sock):
+        return True
+    _kill(pid, signal.SIGTERM)
+    if _wait_gone(pid, timeout):
+        return True
+    _kill(pid, signal.SIGKILL)
+    _wait_gone(pid, 10)
+    return False
+
+
+def leftover_pids(root: str) -> list[int]:
+    """PIDs of dockerd/containerd/shims whose command line names a path under `root`.
+
+    Normally empty; after a SIGKILLed dockerd its containerd and shims would otherwise live on.
+    Matching on our own unique directory means only processes a daemon of ours started qualify.
+    """
+    root = os.path.abspath(root).rstrip("/") + "/"
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        argv = _cmdline(int(entry))
+        if argv and os.path.basename(argv[0]) in DOCKER_PROGRAMS and any(root in a for a in argv):
+            pids.append(int(entry))
+    return pids
+
+
+def mounts_under(root: str) -> list[str]:
+    """Mount points at or below `root`, in mount order (from /proc/self/mountinfo)."""
+    root = os.path.abspath(root).rstrip("/")
+    found = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            # field 5 is the mount point, with space, tab, newline and backslash octal-escaped
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == root or point.startswith(root + "/"):
+                found.append(point)
+    return found
+
+
+def unmount_under(root: str) -> list[str]:
+    """Unmount everything below `root`, newest first (lazily if busy); returns what was mounted.
+
+    Must run before deleting a data-root: rmtree through a live overlay or bind mount would
+    delete inside it.
+    """
+    points = mounts_under(root)
+    for point in reversed(points):
+        if subprocess.run(["umount", point], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", point], capture_output=True)
+    return points

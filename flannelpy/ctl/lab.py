@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from ..lab import DEFAULT_PREFIX, Lab, LabError, print_status
+from ..lab import DEFAULT_PREFIX, DEFAULT_WORKDIR, Lab, LabError, default_config, print_status
 
 BACKENDS = ("vxlan", "udp", "host-gw", "none")
 
@@ -62,10 +62,9 @@ def _up(args: argparse.Namespace) -> int:
         from ..labdocker import DockerLab
 
         lab: Lab = DockerLab(prefix=args.prefix, hosts=args.hosts, backend=args.backend, etcd_api=args.etcd_api,
-                             etcd_prefix=args.etcd_prefix, workdir=args.workdir)
+                             etcd_prefix=args.etcd_prefix, workdir=args.workdir,
+                             config=default_config(args.backend, args.network))
     else:
-        from ..lab import default_config
-
         lab = Lab(prefix=args.prefix, hosts=args.hosts, backend=args.backend, etcd_api=args.etcd_api,
                   etcd_prefix=args.etcd_prefix, workdir=args.workdir,
                   config=default_config(args.backend, args.network))
@@ -87,12 +86,13 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Lab:
-    lab = Lab.load(args.prefix, args.workdir)
-    if getattr(lab, "docker", False) or os.path.exists(os.path.join(lab.workdir, "docker")):
+    # Decide before loading: Lab(**doc) would reject a DockerLab's extra fields in lab.json.
+    workdir = args.workdir or os.path.join(DEFAULT_WORKDIR, args.prefix)
+    if os.path.exists(os.path.join(workdir, "docker")):
         from ..labdocker import DockerLab
 
         return DockerLab.load(args.prefix, args.workdir)
-    return lab
+    return Lab.load(args.prefix, args.workdir)
 
 
 def _down(args: argparse.Namespace) -> int:
