@@ -159,8 +159,7 @@ class Dockerd:
     def remove(self) -> None:
         """Stop, then delete workdir (data-root included)."""
         self.stop()
-        for pid in leftover_pids(self.workdir):
-            _kill(pid)
+        kill_leftovers(self.workdir)
         unmount_under(self.workdir)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -248,6 +247,60 @@ def leftover_pids(root: str) -> list[int]:
         if argv and os.path.basename(argv[0]) in DOCKER_PROGRAMS and any(root in a for a in argv):
             pids.append(int(entry))
     return pids
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(c) for c in fh.read().split()]
+    except OSError:
+        return []
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], _children(pid)
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo += _children(child)
+    return out
+
+
+def kill_leftovers(root: str, cgroup_root: str = "/sys/fs/cgroup") -> list[int]:
+    """SIGKILL what a killed dockerd under `root` left running; returns the PIDs killed.
+
+    A shim outlives its dockerd and containerd, and the container's processes are its children, so
+    those go too (found before the shim dies and they are re-parented).  The containers' now-empty
+    cgroups (Docker's default cgroupfs parent `docker/<id>`) are removed; rmdir fails on busy ones.
+    """
+    victims: list[int] = []
+    ids: list[str] = []
+    for pid in leftover_pids(root):
+        argv = _cmdline(pid)
+        if "-id" in argv[:-1]:
+            ids.append(argv[argv.index("-id") + 1])
+        victims += _descendants(pid) + [pid]
+    for pid in victims:
+        _kill(pid)
+    for pid in victims:
+        _wait_gone(pid, 10)
+    for cid in ids:
+        if not cid.isalnum():
+            continue  # a container ID is hex; never build a path from anything else
+        for path in [os.path.join(cgroup_root, "docker", cid),
+                     *(os.path.join(cgroup_root, c, "docker", cid) for c in _listdir(cgroup_root))]:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+    return victims
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def mounts_under(root: str) -> list[str]:

@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dockerproc import BUSYBOX, Dockerd, leftover_pids, stop_dockerd, unmount_under
+from .dockerproc import BUSYBOX, Dockerd, kill_leftovers, stop_dockerd, unmount_under
 from .lab import Lab, LabError, LabHost, _pid_alive, run
 
 # flanneld runs with -ip-masq, so Docker must not masquerade too (mk-docker-opts.sh turns
@@ -188,13 +187,9 @@ class DockerLab(Lab):
         """Stop each dockerd (SIGTERM; its containers, containerd and mounts go with it), then Lab.down."""
         for host in self.host_list:
             self._stop_docker(host)
-        # Only after a SIGKILLed daemon: its containerd/shims, then any mount left under our workdir
-        # (rmtree must never run through a live mount).
-        for pid in leftover_pids(self.docker_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # Only after a SIGKILLed daemon: its containerd, shims and containers; then any mount left
+        # under our workdir (rmtree must never run through a live mount).
+        kill_leftovers(self.docker_dir)
         unmount_under(self.workdir)
         return super().down()
 
