@@ -134,7 +134,10 @@ class DockerLab(Lab):
         self.save()  # PIDs on disk before the slow part, so `lab down` finds them if we die now
         with ThreadPoolExecutor(max_workers=len(self.host_list)) as pool:
             for fut in [pool.submit(self._boot_host, host, wait) for host in self.host_list]:
-                fut.result()
+                try:
+                    fut.result()
+                except RuntimeError as err:  # dockerproc's errors; flannelctl reports LabError cleanly
+                    raise LabError(str(err)) from err
 
     def _boot_host(self, host: LabHost, wait: float) -> None:
         d = self.dockerd(host).wait_ready(wait)

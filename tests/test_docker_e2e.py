@@ -75,6 +75,9 @@ def test_docker_hosts_use_the_lease_and_containers_talk_across_hosts(docker_lab:
         forward = run("iptables", "-w", "-S", "FORWARD", netns=host.netns).stdout.splitlines()
         assert forward[0] == "-P FORWARD DROP"
         assert any("-j FLANNEL-FWD" in rule for rule in forward)
+        # "ip-masq": false was honoured: only flanneld masquerades, so pod-to-pod keeps its source
+        nat = run("iptables", "-w", "-t", "nat", "-S", "POSTROUTING", netns=host.netns).stdout
+        assert "MASQUERADE" not in nat and "-j FLANNEL-POSTRTG" in nat
         # no -c<N> namespace was made: the container is Docker's
         assert host.container_ns not in run("ip", "netns", "list").stdout
 
