@@ -67,7 +67,7 @@ class UdpBackend(Backend):
 
     async def start(self, lease: Lease) -> None:
         address = lease.subnet.network_address
-        fd, name = open_tun("flannel%d")
+        fd, name = open_tun("flannel%d", vnet_hdr=True)
         sock: socket.socket | None = None
         try:
             await self.netlink.call(_configure_tun, name, str(address), self.mtu(), str(self.config.network))
@@ -89,7 +89,7 @@ class UdpBackend(Backend):
                 sock.close()
             raise
         self.tun_fd, self.tun_name, self.sock = fd, name, sock
-        self.forwarder = Forwarder(fd, sock, self.peers, IPv4Address(address))
+        self.forwarder = Forwarder(fd, sock, self.peers, IPv4Address(address), vnet_hdr=True)
 
     async def apply(self, events: Sequence[LeaseEvent]) -> None:
         for event in events:
