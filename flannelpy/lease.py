@@ -143,7 +143,11 @@ def decode_attrs(raw: str | bytes, key: str = "") -> LeaseAttrs:
                     raise LeaseValueError(f"{where}: BackendData.VNI {v!r} is not a VNI")
                 canon["VNI"] = v
             elif lk == "vtepmac":
-                canon["VtepMAC"] = normalize_mac(v)
+                try:
+                    canon["VtepMAC"] = normalize_mac(v)
+                except LeaseValueError as exc:
+                    # Name the key too: the log line is all an operator has to find the garbage.
+                    raise LeaseValueError(f"{where}: BackendData.{exc}") from None
             else:
                 canon[k] = v
         bdata = canon
