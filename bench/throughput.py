@@ -1,0 +1,131 @@
+"""Container-to-container TCP throughput across two lab hosts (issue #3), with iperf3.
+
+For each backend (vxlan, udp, host-gw) a 2-host lab is built and measured: first the raw
+underlay (host 1 -> host 2 over the veth bridge, no flannel: the baseline for that backend's
+ratio), then container 1 -> container 2 through the backend.  Each figure is the median of
+--runs iperf3 runs of --seconds.  For udp the flanneld processes' CPU use during the runs is
+read from /proc/<pid>/stat (utime + stime, all threads).
+
+    python3 bench/throughput.py [--backends vxlan,udp,host-gw] [--seconds 5] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+
+from benchlib import (Resources, Row, agent_pid, bench_lab, cpu_seconds, machine_busy_seconds, median, ns_cmd, table,
+                      wait_idle, wait_peers_programmed)
+from flannelpy.lab import Lab
+
+
+# Before each iperf3 run, wait up to this long for the shared machine to go quiet (0: don't).
+IDLE_WAIT_S = 60.0
+_busy_before: list[float] = []
+
+
+def iperf(res: Resources, server_ns: str, client_ns: str, address: str, seconds: int,
+          cpu_of: list[int] = (), cpu_acc: list[float] | None = None) -> float:
+    """One iperf3 run; Gbit/s received.  The server is ours, stopped by PID.  With cpu_of, the
+    CPU seconds those PIDs used during the client's run (and its wall time, last) are added
+    to cpu_acc."""
+    if IDLE_WAIT_S > 0:
+        _busy_before.append(wait_idle(IDLE_WAIT_S))
+    server = res.popen(ns_cmd(server_ns, "iperf3", "-s", "-1", "-B", address),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _attempt in range(20):
+            cpu0, t0 = [cpu_seconds(p) for p in cpu_of] + [machine_busy_seconds()], time.monotonic()
+            out = subprocess.run(ns_cmd(client_ns, "iperf3", "-c", address, "-t", str(seconds), "-J"),
+                                 capture_output=True, text=True, timeout=seconds + 30)
+            used = [b - a for a, b in zip(cpu0, [cpu_seconds(p) for p in cpu_of] + [machine_busy_seconds()])]
+            used.append(time.monotonic() - t0)
+            doc = json.loads(out.stdout) if out.stdout.strip() else {"error": out.stderr}
+            if "error" in doc and "refused" in str(doc["error"]):
+                time.sleep(0.25)  # server not listening yet
+                continue
+            if "error" in doc:
+                raise RuntimeError(f"iperf3 {client_ns} -> {address}: {doc['error']}")
+            if cpu_acc is not None:
+                for i, v in enumerate(used):
+                    cpu_acc[i] += v
+            end = doc["end"]
+            return (end.get("sum_received") or end["sum"])["bits_per_second"] / 1e9
+        raise RuntimeError(f"iperf3 server on {address} never answered")
+    finally:
+        res.stop(server)
+
+
+def measure(res: Resources, lab: Lab, backend: str, seconds: int, runs: int) -> list[Row]:
+    h1, h2 = lab.host(1), lab.host(2)
+    underlay = median([iperf(res, h2.netns, h1.netns, h2.ip, seconds) for _ in range(runs)])
+    pids = [agent_pid(lab, 1), agent_pid(lab, 2)]
+    acc = [0.0] * 4  # CPU s of h1's and h2's flanneld, of the whole machine; wall s of the clients
+    overlay = median([iperf(res, h2.container_ns, h1.container_ns, h2.container_ip, seconds, pids, acc)
+                      for _ in range(runs)])
+    cpu = [x / acc[3] * 100 for x in acc[:3]]
+    label = f"iperf3 -t {seconds}, median of {runs}"
+    rows = [Row("throughput", f"{backend}: container -> container ({label}, MTU {h1.mtu})", overlay, "Gbit/s",
+                "underlay host -> host (same lab)", underlay)]
+    if backend == "udp":
+        rows += [Row("throughput", "udp: flanneld CPU during the runs, sending host h1 (100% = 1 core)", cpu[0], "%"),
+                 Row("throughput", "udp: flanneld CPU during the runs, receiving host h2", cpu[1], "%"),
+                 Row("throughput", f"udp: whole machine busy during the runs (of {os.cpu_count() * 100}%)", cpu[2], "%")]
+    return rows
+
+
+def run(res: Resources, backends: list[str], seconds: int = 5, runs: int = 3,
+        labs: dict[str, Lab] | None = None) -> list[Row]:
+    """`labs` may supply an already running lab for a backend (run_all reuses its vxlan lab)."""
+    rows: list[Row] = []
+    for backend in backends:
+        lab = (labs or {}).get(backend)
+        own = lab is None
+        if own:
+            lab = bench_lab(res, {"vxlan": "x", "udp": "u", "host-gw": "g"}[backend], backend, hosts=2)
+        try:
+            wait_peers_programmed(lab)
+            rows += measure(res, lab, backend, seconds, runs)
+        finally:
+            if own:
+                res.drop_lab(lab)
+    return rows
+
+
+def set_idle_wait(seconds: float) -> None:
+    global IDLE_WAIT_S
+    IDLE_WAIT_S = seconds
+
+
+def busy_note() -> str:
+    if not _busy_before:
+        return "no idle wait"
+    return f"machine busy before the iperf3 runs: max {max(_busy_before) * 100:.0f}% of all CPUs"
+
+
+def underlay_row(rows: list[Row]) -> Row:
+    values = [r.base_value for r in rows if r.base_value is not None and r.unit == "Gbit/s"]
+    return Row("throughput", f"underlay host -> host (veth bridge), median over the {len(values)} labs",
+               median(values), "Gbit/s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--backends", default="vxlan,udp,host-gw")
+    p.add_argument("--seconds", type=int, default=5)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--idle-wait", type=float, default=IDLE_WAIT_S,
+                   help="before each run wait up to this many s for the machine to be <25%% busy")
+    args = p.parse_args()
+    set_idle_wait(args.idle_wait)
+    with Resources() as res:
+        rows = run(res, args.backends.split(","), args.seconds, args.runs)
+    print(table([underlay_row(rows), *rows]))
+    print(busy_note())
+
+
+if __name__ == "__main__":
+    main()
