@@ -142,6 +142,9 @@ class Lab:
         if not 1 <= self.hosts <= 200:
             raise LabError(f"--hosts {self.hosts}: must be between 1 and 200")
         self._etcd: EtcdServer | None = None
+        # Popen handles of agents started by this process: stop_agent reaps through them so the
+        # exit status is not lost to subprocess's reaping of dropped Popen objects.
+        self._agent_procs: dict[int, subprocess.Popen] = {}
 
     # --- names -----------------------------------------------------------------------------
 
@@ -275,7 +278,8 @@ class Lab:
             f"-subnet-file={host.subnet_file}",
             f"-status-socket={host.status_socket}",
             "-ip-masq",
-            *self.agent_flags,
+            # Per-host values (e.g. -healthz-ip={host_ip}): one agent_flags list serves every host.
+            *(f.replace("{host_ip}", host.ip).replace("{host}", str(host.index)) for f in self.agent_flags),
         ]
 
     def start_agent(self, i: int) -> int:
@@ -289,15 +293,31 @@ class Lab:
                                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
         log.close()
+        self._agent_procs[i] = proc
         host.pid = proc.pid
         self.save()
         return proc.pid
 
-    def stop_agent(self, i: int, sig: int = signal.SIGTERM) -> None:
+    def stop_agent(self, i: int, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Signal host i's agent and wait for it; returns its exit code (negative: killed by that
+        signal), or None when it was started by another process (then the code is unknowable)."""
         host = self.host(i)
-        stop_pid(host.pid, sig)
+        proc = self._agent_procs.pop(i, None)
+        code: int | None = None
+        if proc is not None and proc.pid == host.pid:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            code = proc.returncode
+        else:
+            stop_pid(host.pid, sig, timeout)
         host.pid = 0
         self.save()
+        return code
 
     def agent_running(self, i: int) -> bool:
         return bool(self.host(i).pid) and _pid_alive(self.host(i).pid)
@@ -378,6 +398,53 @@ class Lab:
                 return results
             time.sleep(0.2)
 
+    def ip_json(self, i: int, *args: str) -> list[dict[str, Any]]:
+        """`ip -j -n <host i> <args>` parsed, e.g. lab.ip_json(1, "route")."""
+        out = run("ip", "-j", "-n", self.host(i).netns, *args).stdout
+        return json.loads(out) if out.strip() else []
+
+    def bridge_json(self, i: int, *args: str) -> list[dict[str, Any]]:
+        """`bridge -j -n <host i> <args>` parsed, e.g. lab.bridge_json(1, "fdb", "show", "dev", "flannel.1")."""
+        out = run("bridge", "-j", "-n", self.host(i).netns, *args).stdout
+        return json.loads(out) if out.strip() else []
+
+    def lease_key(self, i: int) -> str:
+        """Host i's lease key in etcd (needs its subnet, i.e. after wait_subnet_env)."""
+        subnet = self.host(i).subnet
+        if not subnet:
+            raise LabError(f"host {i} has no subnet yet")
+        net = IPv4Interface(subnet).network
+        return f"{self.etcd_prefix.rstrip('/')}/subnets/{net.network_address}-{net.prefixlen}"
+
+    def lease_value(self, i: int, api: str = "") -> dict[str, Any] | None:
+        """Host i's lease value as stored in etcd (None when absent).  `api` defaults to the
+        lab's etcd_api, which is also what `-etcd-api auto` agents pick."""
+        if (api or self.etcd_api) == "v2":
+            proc = self.etcdctl("get", self.lease_key(i), api=2, check=False)
+            text = proc.stdout.strip() if proc.returncode == 0 else ""
+        else:
+            text = self.etcdctl("get", self.lease_key(i), "--print-value-only").stdout.strip()
+        return json.loads(text) if text else None
+
+    def delete_lease(self, i: int, api: str = "") -> None:
+        """Remove host i's lease from etcd as an operator would (etcdctl del / rm)."""
+        if (api or self.etcd_api) == "v2":
+            self.etcdctl("rm", self.lease_key(i), api=2)
+        else:
+            out = self.etcdctl("del", self.lease_key(i)).stdout.strip()
+            if out != "1":
+                raise LabError(f"etcdctl del {self.lease_key(i)} deleted {out or 0} keys, expected 1")
+
+    def agent_status(self, i: int, timeout: float = 5.0) -> dict[str, Any]:
+        """Host i's agent /status document, read over its unix status socket (as `flannelctl
+        status --json` prints it, without a process start per call)."""
+        import httpx
+
+        with httpx.Client(transport=httpx.HTTPTransport(uds=self.host(i).status_socket), timeout=timeout) as c:
+            r = c.get("http://flanneld/status")
+            r.raise_for_status()
+            return r.json()
+
     def status(self) -> dict[str, Any]:
         return {
             "prefix": self.prefix,
@@ -399,9 +466,13 @@ class Lab:
         """Stop our processes by PID, delete our namespaces by name, remove the workdir."""
         removed: list[str] = []
         for host in self.host_list:
-            if host.pid:
+            proc = self._agent_procs.pop(host.index, None)
+            if proc is not None and proc.pid == host.pid:
+                stop_pid(proc.pid)
+                proc.poll()  # stop_pid reaped it; let the handle know so it is not reaped again
+            elif host.pid:
                 stop_pid(host.pid)
-                host.pid = 0
+            host.pid = 0
         if self._etcd is not None and self._etcd.proc is not None:
             self._etcd.stop()
         elif self.etcd_pid:
