@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -132,8 +133,8 @@ def test_vxlan_three_hosts_all_pairs_ping(make_lab: Callable[..., Lab], api: str
         dev = link(lab, i, "flannel.1")
         assert dev is not None and dev["mtu"] == 1450 and "UP" in dev["flags"]
         assert lab.host(i).mtu == 1450
-        addrs = [(a["local"], a["prefixlen"]) for a in lab.ip_json(i, "addr", "show", "dev", "flannel.1")[0]["addr_info"]
-                 if a["family"] == "inet"]
+        addr_info = lab.ip_json(i, "addr", "show", "dev", "flannel.1")[0]["addr_info"]
+        addrs = [(a["local"], a["prefixlen"]) for a in addr_info if a["family"] == "inet"]
         assert addrs == [(base(lab, i), 32)]
         macs[i] = dev["address"]
         want = {"PublicIP": lab.host(i).ip, "PublicIPv6": None, "BackendType": "vxlan",
@@ -188,6 +189,17 @@ def test_vxlan_sigterm_keeps_data_plane_and_restart_keeps_identity(make_lab: Cal
     assert lease_after == lease3, "restarted agent advertised a different lease value"
     assert_all_ping(lab)
 
+    # SIGKILL leaves a stale status socket behind; the next start must replace it and converge the same way.
+    assert lab.stop_agent(3, signal.SIGKILL) == -signal.SIGKILL
+    assert os.path.exists(lab.host(3).status_socket)
+    before = os.stat(lab.host(3).subnet_file).st_mtime
+    lab.start_agent(3)
+    lab.wait_subnet_env(3, timeout=20, after_mtime=before)
+    assert lab.host(3).subnet == subnet3 and link(lab, 3, "flannel.1")["address"] == mac3
+    wait_for(lambda: lab.agent_status(3).get("ready") is True, 10, "host 3 ready after SIGKILL", lab)
+    assert lab.agent_status(3)["peers_programmed"] == 2
+    assert_all_ping(lab)
+
 
 @pytest.mark.parametrize("api", ["v3", "v2"])
 def test_vxlan_lease_deletion_removes_peer_everywhere(make_lab: Callable[..., Lab], api: str) -> None:
@@ -212,6 +224,51 @@ def test_vxlan_lease_deletion_removes_peer_everywhere(make_lab: Callable[..., La
     assert not lab.ping(1, 3, timeout_s=1)
     # ... and only that path.
     assert lab.ping(1, 2) and lab.ping(2, 1)
+
+
+def test_vxlan_running_agents_deleted_lease_is_recreated(make_lab: Callable[..., Lab]) -> None:
+    """flannelpy's deliberate deviation: flanneld exits 0 on "Lease has been revoked"; flannelpy
+    re-creates the same subnet, so the peer re-programs it and traffic resumes."""
+    lab = make_lab(hosts=2, backend="vxlan")
+    assert_all_ping(lab)
+    value = lab.lease_value(2)
+    lab.delete_lease(2)
+    wait_for(lambda: lab.lease_value(2) == value, 10, "host 2 to re-create its lease", lab)
+    assert "re-created lease " + net(lab, 2) in log_text(lab, 2)
+    assert lab.agent_running(2)
+    mac2 = link(lab, 2, "flannel.1")["address"]
+    wait_for(lambda: all(vxlan_peer_state(lab, 1, 2, mac2).values()), 10, "host 1 to re-program host 2", lab)
+    assert_vxlan_peer_programmed(lab, 1, 2, mac2)
+    assert_all_ping(lab)
+    assert lab.stop_agent(2, signal.SIGINT) == 0  # Ctrl-C is a clean stop too
+    assert "received SIGINT" in log_text(lab, 2)
+
+
+def test_vxlan_peer_with_new_vtep_mac_replaces_old_entries(make_lab: Callable[..., Lab]) -> None:
+    """Host 3's device is re-created (new MAC) under the same subnet: the others must follow
+    and keep no FDB entry for the old MAC."""
+    lab = make_lab(hosts=3, backend="vxlan")
+    assert_all_ping(lab)
+    old_mac = link(lab, 3, "flannel.1")["address"]
+    assert lab.stop_agent(3) == 0
+    subprocess.run(["ip", "-n", lab.host(3).netns, "link", "del", "flannel.1"], check=True)
+    subnet3 = lab.host(3).subnet
+    before = os.stat(lab.host(3).subnet_file).st_mtime
+    lab.start_agent(3)
+    lab.wait_subnet_env(3, timeout=20, after_mtime=before)
+    assert lab.host(3).subnet == subnet3  # its lease (by PublicIP) is reused
+    new_mac = link(lab, 3, "flannel.1")["address"]
+    assert new_mac != old_mac
+    wait_for(lambda: lab.lease_value(3)["BackendData"]["VtepMAC"] == new_mac, 10, "the lease to carry the new MAC",
+             lab)
+    for on in (1, 2):
+        wait_for(lambda: vxlan_peer_state(lab, on, 3, new_mac)["fdb"] != [], 10, f"host {on} to learn the new MAC",
+                 lab)
+        assert_vxlan_peer_programmed(lab, on, 3, new_mac)
+        assert vxlan_peer_state(lab, on, 3, old_mac)["fdb"] == []
+        assert [f for f in lab.bridge_json(on, "fdb", "show", "dev", "flannel.1") if f["dst"] == lab.host(3).ip] \
+            == vxlan_peer_state(lab, on, 3, new_mac)["fdb"]
+    assert_all_ping(lab)
 
 
 def test_vxlan_ignores_leases_of_another_backend_type(make_lab: Callable[..., Lab]) -> None:
@@ -273,6 +330,14 @@ def test_udp_and_hostgw_ping_and_lease_removal(make_lab: Callable[..., Lab], bac
             assert routes_to(lab, on, net(lab, 3)) == []
         assert not lab.ping(on, 3, timeout_s=1)
     assert lab.ping(1, 2) and lab.ping(2, 1)
+
+    # Host 3 comes back: same subnet (from its subnet.env), peers re-add it, every pair answers.
+    subnet3 = lab.host(3).subnet
+    before = os.stat(lab.host(3).subnet_file).st_mtime
+    lab.start_agent(3)
+    lab.wait_subnet_env(3, timeout=20, after_mtime=before)
+    assert lab.host(3).subnet == subnet3
+    assert_all_ping(lab)
 
 
 def test_config_without_backend_runs_udp(make_lab: Callable[..., Lab]) -> None:
@@ -408,23 +473,34 @@ def test_healthz_readyz_metrics_over_http(make_lab: Callable[..., Lab]) -> None:
     lab.delete_lease(3)
     wait_for(lambda: peers_programmed(1) == 1, 10, "flannel_peers_programmed to drop to 1 on host 1", lab)
 
-    # /readyz turns 200 only once subnet.env is written: restart host 2 and watch both from inside.
+    # /readyz: 503 while the agent waits for its config, 200 only once subnet.env is written.
+    # Restart host 2 with the config key gone (running agents never re-read it), then put it back.
+    url2 = f"http://{lab.host(2).ip}:{HEALTHZ_PORT}"
     subnet_file = lab.host(2).subnet_file
     before = os.stat(subnet_file).st_mtime
     assert lab.stop_agent(2) == 0
+    lab.etcdctl("del", "/coreos.com/network/config")
+    lab.start_agent(2)
+    wait_for(lambda: http_get(lab, 2, url2, "/healthz")["/healthz"][0] == 200, 15, "host 2's healthz server", lab)
+    assert http_get(lab, 2, url2, "/healthz", "/readyz") == {"/healthz": [200, "flanneld is running"],
+                                                             "/readyz": [503, "flanneld is not ready yet"]}
+    assert os.stat(subnet_file).st_mtime == before
     watcher = subprocess.Popen(
         ["nsenter", f"--net=/var/run/netns/{lab.host(2).netns}", "python3", "-c", READY_WATCH,
-         f"http://{lab.host(2).ip}:{HEALTHZ_PORT}/readyz", subnet_file, repr(before)],
+         f"{url2}/readyz", subnet_file, repr(before)],
         stdout=subprocess.PIPE, text=True)
     try:
-        lab.start_agent(2)
+        time.sleep(0.3)  # the watcher is polling before the config appears
+        lab.write_config()
         out, _ = watcher.communicate(timeout=30)
     finally:
         if watcher.poll() is None:
             watcher.kill()
             watcher.wait()
     seen = json.loads(out)
-    assert seen["states"][-1] == 200 and seen["first_200_env_written"] is True, seen
+    assert seen["states"] == [503, 200] and seen["first_200_env_written"] is True, seen
+    assert lab.wait_subnet_env(2, timeout=5)["FLANNEL_SUBNET"] == lab.host(2).subnet
+    assert peers_programmed(2) == 1  # host 1 only: host 3's lease is gone
 
 
 READY_WATCH = r"""
