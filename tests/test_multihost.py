@@ -271,20 +271,27 @@ def test_vxlan_peer_with_new_vtep_mac_replaces_old_entries(make_lab: Callable[..
     assert_all_ping(lab)
 
 
-def test_vxlan_ignores_leases_of_another_backend_type(make_lab: Callable[..., Lab]) -> None:
-    lab = make_lab(hosts=2, backend="vxlan")
+@pytest.mark.parametrize("backend,foreign_type,message", [
+    ("vxlan", "host-gw", "ignoring lease 10.5.250.0/24: backend type 'host-gw' is not vxlan"),
+    ("host-gw", "vxlan", "ignoring non-host-gw subnet 10.5.250.0/24: type 'vxlan'"),
+], ids=["vxlan", "host-gw"])
+def test_ignores_leases_of_another_backend_type(make_lab: Callable[..., Lab], backend: str, foreign_type: str,
+                                                message: str) -> None:
+    lab = make_lab(hosts=2, backend=backend)
     foreign = "10.5.250.0/24"  # outside the first-100 range the lab's hosts allocate from
+    data = {"VNI": 1, "VtepMAC": "02:00:00:00:00:99"} if foreign_type == "vxlan" else None
     lab.etcdctl("put", "/coreos.com/network/subnets/10.5.250.0-24",
-                json.dumps({"PublicIP": "10.250.0.99", "PublicIPv6": None, "BackendType": "host-gw",
-                            "BackendData": None}))
+                json.dumps({"PublicIP": "10.250.0.99", "PublicIPv6": None, "BackendType": foreign_type,
+                            "BackendData": data}))
     wait_for(lambda: all(lab.agent_status(i)["leases_seen"] == 2 for i in (1, 2)), 10,
-             "both agents to see the host-gw lease", lab)
+             f"both agents to see the {foreign_type} lease", lab)
     for i in (1, 2):
         st = lab.agent_status(i)
         assert st["peers_programmed"] == 1, st
         assert routes_to(lab, i, foreign) == []
-        assert [n for n in lab.ip_json(i, "neigh", "show", "dev", "flannel.1") if n["dst"] == "10.5.250.0"] == []
-        assert "ignoring lease 10.5.250.0/24: backend type 'host-gw' is not vxlan" in log_text(lab, i)
+        if backend == "vxlan":
+            assert [n for n in lab.ip_json(i, "neigh", "show", "dev", "flannel.1") if n["dst"] == "10.5.250.0"] == []
+        assert message in log_text(lab, i)
     assert_all_ping(lab)
 
 
