@@ -83,6 +83,8 @@ def run(res: Resources, lab: Lab, peers: int = 1000, host: int = 3) -> list[Row]
     return [
         Row("scale (vxlan)", f"start -> {n} peers programmed", big["seconds"], "s",
             f"start -> {base['peers']} peers programmed", base["seconds"]),
+        Row("scale (vxlan)", f"start -> first peer programmed ({n} leases listed)", big["first"], "s",
+            f"start -> first peer, {base['peers']} leases", base["first"]),
         Row("scale (vxlan)", f"agent CPU time for that ({n} peers)", big["cpu"], "s",
             f"CPU time, {base['peers']} peers", base["cpu"]),
         Row("scale (vxlan)", f"RSS after programming {n} peers", big["rss"], "MiB",

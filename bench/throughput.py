@@ -2,8 +2,8 @@
 
 For each backend (vxlan, udp, host-gw) a 2-host lab is built and measured: first the raw
 underlay (host 1 -> host 2 over the veth bridge, no flannel: the baseline for that backend's
-ratio), then container 1 -> container 2 through the backend.  Each figure is the median of
---runs iperf3 runs of --seconds.  For udp the flanneld processes' CPU use during the runs is
+ratio), then container 1 -> container 2 through the backend.  Each figure is the best of
+--runs iperf3 runs of --seconds (on a shared machine other jobs only ever lower a run).  For udp the flanneld processes' CPU use during the runs is
 read from /proc/<pid>/stat (utime + stime, all threads).
 
     python3 bench/throughput.py [--backends vxlan,udp,host-gw] [--seconds 5] [--runs 3]
@@ -61,13 +61,14 @@ def iperf(res: Resources, server_ns: str, client_ns: str, address: str, seconds:
 
 def measure(res: Resources, lab: Lab, backend: str, seconds: int, runs: int) -> list[Row]:
     h1, h2 = lab.host(1), lab.host(2)
-    underlay = median([iperf(res, h2.netns, h1.netns, h2.ip, seconds) for _ in range(runs)])
+    # Best of `runs`: other jobs on a shared machine only ever lower a run's figure.
+    underlay = max(iperf(res, h2.netns, h1.netns, h2.ip, seconds) for _ in range(runs))
     pids = [agent_pid(lab, 1), agent_pid(lab, 2)]
     acc = [0.0] * 4  # CPU s of h1's and h2's flanneld, of the whole machine; wall s of the clients
-    overlay = median([iperf(res, h2.container_ns, h1.container_ns, h2.container_ip, seconds, pids, acc)
-                      for _ in range(runs)])
+    overlay = max(iperf(res, h2.container_ns, h1.container_ns, h2.container_ip, seconds, pids, acc)
+                  for _ in range(runs))
     cpu = [x / acc[3] * 100 for x in acc[:3]]
-    label = f"iperf3 -t {seconds}, median of {runs}"
+    label = f"iperf3 -t {seconds}, best of {runs}"
     rows = [Row("throughput", f"{backend}: container -> container ({label}, MTU {h1.mtu})", overlay, "Gbit/s",
                 "underlay host -> host (same lab)", underlay)]
     if backend == "udp":
@@ -103,12 +104,14 @@ def set_idle_wait(seconds: float) -> None:
 def busy_note() -> str:
     if not _busy_before:
         return "no idle wait"
-    return f"machine busy before the iperf3 runs: max {max(_busy_before) * 100:.0f}% of all CPUs"
+    b = sorted(_busy_before)
+    return (f"machine busy (other jobs) just before the {len(b)} iperf3 runs: median {median(b) * 100:.0f}%, "
+            f"max {b[-1] * 100:.0f}% of all CPUs")
 
 
 def underlay_row(rows: list[Row]) -> Row:
     values = [r.base_value for r in rows if r.base_value is not None and r.unit == "Gbit/s"]
-    return Row("throughput", f"underlay host -> host (veth bridge), median over the {len(values)} labs",
+    return Row("throughput", f"underlay host -> host (veth bridge), median of the {len(values)} labs' figures",
                median(values), "Gbit/s")
 
 
