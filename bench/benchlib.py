@@ -216,10 +216,14 @@ class Row:
 def fmt(v: float | None, unit: str = "") -> str:
     if v is None:
         return "-"
+    if unit == "us":
+        return f"{v:.1f}"
     if unit in ("ms",):
         return f"{v:.1f}" if v < 100 else f"{v:.0f}"
     if unit in ("MiB", "Gbit/s", "s"):
         return f"{v:.2f}"
+    if unit == "pkt/s":
+        return f"{v:,.0f}"
     if unit == "%":
         return f"{v:.0f}"
     return f"{v:.3g}"

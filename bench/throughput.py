@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import time
+
+import httpx
 
 from benchlib import (Resources, Row, agent_pid, bench_lab, cpu_seconds, machine_busy_seconds, median, ns_cmd, table,
                       wait_idle, wait_peers_programmed)
@@ -59,15 +62,34 @@ def iperf(res: Resources, server_ns: str, client_ns: str, address: str, seconds:
         res.stop(server)
 
 
+def backend_counters(lab: Lab, i: int) -> dict[tuple[str, str], float]:
+    """flannel_backend_{packets,bytes}_total by (metric, direction) from host i's agent's
+    /metrics on its status socket (the udp forwarder's counters)."""
+    with httpx.Client(transport=httpx.HTTPTransport(uds=lab.host(i).status_socket), timeout=5) as c:
+        text = c.get("http://flanneld/metrics").text
+    out = {}
+    for m in re.finditer(r'^flannel_backend_(packets|bytes)_total\{([^}]*)\} (\S+)$', text, re.M):
+        direction = re.search(r'direction="(\w+)"', m.group(2))
+        if direction:
+            out[(m.group(1), direction.group(1))] = float(m.group(3))
+    return out
+
+
 def measure(res: Resources, lab: Lab, backend: str, seconds: int, runs: int) -> list[Row]:
     h1, h2 = lab.host(1), lab.host(2)
     # Best of `runs`: other jobs on a shared machine only ever lower a run's figure.
     underlay = max(iperf(res, h2.netns, h1.netns, h2.ip, seconds) for _ in range(runs))
     pids = [agent_pid(lab, 1), agent_pid(lab, 2)]
+    counters0 = [backend_counters(lab, 1), backend_counters(lab, 2)] if backend == "udp" else None
     acc = [0.0] * 4  # CPU s of h1's and h2's flanneld, of the whole machine; wall s of the clients
     overlay = max(iperf(res, h2.container_ns, h1.container_ns, h2.container_ip, seconds, pids, acc)
                   for _ in range(runs))
     cpu = [x / acc[3] * 100 for x in acc[:3]]
+    if counters0 is not None:
+        c1, c2 = backend_counters(lab, 1), backend_counters(lab, 2)
+        tx = c1.get(("packets", "tx"), 0) - counters0[0].get(("packets", "tx"), 0)
+        tx_bytes = c1.get(("bytes", "tx"), 0) - counters0[0].get(("bytes", "tx"), 0)
+        rx = c2.get(("packets", "rx"), 0) - counters0[1].get(("packets", "rx"), 0)
     label = f"iperf3 -t {seconds}, best of {runs}"
     rows = [Row("throughput", f"{backend}: container -> container ({label}, MTU {h1.mtu})", overlay, "Gbit/s",
                 "underlay host -> host (same lab)", underlay)]
@@ -75,6 +97,11 @@ def measure(res: Resources, lab: Lab, backend: str, seconds: int, runs: int) -> 
         rows += [Row("throughput", "udp: flanneld CPU during the runs, sending host h1 (100% = 1 core)", cpu[0], "%"),
                  Row("throughput", "udp: flanneld CPU during the runs, receiving host h2", cpu[1], "%"),
                  Row("throughput", f"udp: whole machine busy during the runs (of {os.cpu_count() * 100}%)", cpu[2], "%")]
+        if tx:
+            rows += [Row("throughput", f"udp: packets/s forwarded, h1 TUN -> UDP ({tx_bytes / tx:.0f} B avg)",
+                         tx / acc[3], "pkt/s"),
+                     Row("throughput", "udp: h1 flanneld CPU per forwarded packet", acc[0] / tx * 1e6, "us"),
+                     Row("throughput", "udp: h2 flanneld CPU per forwarded packet", acc[1] / max(rx, 1) * 1e6, "us")]
     return rows
 
 
