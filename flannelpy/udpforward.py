@@ -171,54 +171,90 @@ def _invariant_columns(hl: int) -> tuple[int, ...]:
 _COLUMNS = {hl: _invariant_columns(hl) for hl in range(40, 81, 4)}
 
 
-def coalesce_run(buf: bytearray, mv: memoryview, n: int, seg: int, out: list) -> bool:
-    """Fast path of coalesce(): buf[:n] is one in-order run of one TCP flow (what a peer's
-    kernel GSO + our UDP GSO produce), checked column by column with strided slices instead
-    of a Python loop per segment.  Appends one TSO write and returns True, or returns False
-    with buf untouched (then coalesce() sorts it out segment by segment)."""
-    k = (n + seg - 1) // seg
-    if k < 2 or buf[0] != 0x45 or buf[9] != IPPROTO_TCP or buf[8] <= 1 or buf[6] & 0x3F or buf[7]:
-        return False
-    hl = 20 + (buf[32] >> 4) * 4
+_FLAGS_OK = bytes(0 if i in (0x10, 0x18) else 1 for i in range(256))  # ACK, ACK|PSH -> 0
+
+
+def _first_diff(a: bytes, b: bytes) -> int:
+    """Index of the first byte where equally long `a` and `b` differ (len(a) if none)."""
+    x = int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+    return len(a) - (x.bit_length() + 7) // 8
+
+
+def run_length(buf: bytearray, off: int, n: int, seg: int) -> int:
+    """How many segments from `off` (laid out every `seg` bytes up to n) form one in-order
+    run of one TCP flow that can be written as a single TSO packet; 0 when the segment at
+    `off` itself cannot start one.  The check is column by column over strided slices (one
+    C-level operation per header byte for all segments at once), not a loop per segment:
+    every header byte equal to the first segment's except total length (full `seg` but for
+    the buffer's last packet), IP id and checksum, TCP checksum, PSH; seq contiguous."""
+    if buf[off] != 0x45 or buf[off + 9] != IPPROTO_TCP or buf[off + 8] <= 1 or buf[off + 6] & 0x3F or buf[off + 7]:
+        return 0
+    ln = seg if off + seg <= n else n - off
+    hl = 20 + (buf[off + 32] >> 4) * 4
     cols = _COLUMNS.get(hl)
-    mss = seg - hl
-    full = (k - 1) * seg  # start of the last segment
-    last = n - full
-    if cols is None or mss <= 0 or last <= hl or (buf[full + 2] << 8 | buf[full + 3]) != last:
-        return False
-    k1 = k - 1
-    if buf[2:full:seg] != bytes((seg >> 8,)) * k1 or buf[3:full:seg] != bytes((seg & 0xFF,)) * k1:
-        return False
-    if buf[33:full:seg] != b"\x10" * k1 or buf[full + 33] not in (0x10, 0x18):
-        return False
+    if cols is None or ln <= hl or (buf[off + 2] << 8 | buf[off + 3]) != ln or _FLAGS_OK[buf[off + 33]]:
+        return 0
+    k = (n - off + seg - 1) // seg
+    if k < 2:
+        return 1
+    lastoff = off + (k - 1) * seg  # the buffer's last (maybe shorter) packet
+    # Total length: seg for all but the buffer's last packet, which has its own length.
+    full = bytes((seg >> 8,)) * (k - 1)
+    m = min(_first_diff(buf[off + 2 : lastoff : seg], full), _first_diff(buf[off + 3 : lastoff : seg], bytes((seg & 0xFF,)) * (k - 1)))
+    if m < k - 1:
+        k = m + 1  # segment m has a wrong length and must not be included
+        if m == 0:
+            return 1
+    elif n - lastoff <= hl or (buf[lastoff + 2] << 8 | buf[lastoff + 3]) != n - lastoff:
+        k -= 1
+    end = off + (k - 1) * seg + hl
     for p in cols:
-        if buf[p:n:seg].count(buf[p]) != k:
-            return False
-    s0 = _U32(buf, 24)[0]
-    seqs = struct.pack(f"!{k}I", *[(s0 + i * mss) & 0xFFFFFFFF for i in range(k)])
-    if buf[24:n:seg] != seqs[0::4] or buf[25:n:seg] != seqs[1::4] or buf[26:n:seg] != seqs[2::4] \
-            or buf[27:n:seg] != seqs[3::4]:
-        return False
-    out.append((k, _merged(buf, mv, 0, k, seg, hl, mss, k1 * mss + last - hl, buf[full + 33] & 0x08)))
-    return True
+        c = buf[off + p : end : seg]
+        m = len(c) - len(c.lstrip(c[:1]))
+        if m < k:
+            k = m
+            end = off + (k - 1) * seg + hl
+    if k > 1:
+        c = buf[off + 33 : end : seg].translate(_FLAGS_OK)
+        m = len(c) - len(c.lstrip(b"\0"))
+        if m < k:
+            k = m
+            end = off + (k - 1) * seg + hl
+    if k > 1:
+        s0 = _U32(buf, off + 24)[0]
+        mss = seg - hl
+        seqs = struct.pack(f"!{k}I", *[(s0 + i * mss) & 0xFFFFFFFF for i in range(k)])
+        for j in range(4):
+            m = _first_diff(buf[off + 24 + j : end : seg], seqs[j::4])
+            if m < k:
+                k = m
+                end = off + (k - 1) * seg + hl
+    return k
 
 
 def coalesce(buf: bytearray, mv: memoryview, n: int, seg: int, out: list) -> tuple[int, int, int]:
     """Cut buf[:n] into inner packets every `seg` bytes (UDP GRO layout; the last may be
     shorter), decrement their TTLs and append (packets, iovecs) per TUN write to `out`.
 
-    Consecutive in-order TCP segments of one flow (same headers but for length, id, seq,
-    checksums and a final PSH; plain ACK/PSH data, no IP options or fragments) become one
-    vnet_hdr TSO write; everything else is written alone behind a plain vnet header.
+    Runs of one TCP flow (run_length) become one vnet_hdr TSO write (PSH if any segment had
+    it); everything else is written alone behind a plain vnet header.
     Returns (packets, bytes, dropped); dropped are malformed or TTL-expired packets.
     """
-    if n > seg and coalesce_run(buf, mv, n, seg, out):
-        return (n + seg - 1) // seg, n, 0
     pkts = nbytes = dropped = 0
-    run = t = hl = mss = rlen = nseq = 0
-    k1 = k2 = k3 = k4 = k5 = b""
     off = 0
     while off < n:
+        k = run_length(buf, off, n, seg) if n - off > seg else 0
+        if k > 1:
+            end = off + k * seg
+            if end > n:
+                end = n
+            hl = 20 + (buf[off + 32] >> 4) * 4
+            psh = 0x08 if b"\x18" in buf[off + 33 : end : seg] else 0
+            out.append((k, _merged(buf, mv, off, k, seg, hl, seg - hl, end - off - k * hl, psh)))
+            pkts += k
+            nbytes += end - off
+            off = end
+            continue
         end = off + seg
         if end > n:
             end = n
@@ -226,53 +262,11 @@ def coalesce(buf: bytearray, mv: memoryview, n: int, seg: int, out: list) -> tup
         b0 = buf[off]
         if ln < 20 or b0 >> 4 != 4 or (b0 & 0x0F) * 4 > ln or buf[off + 8] <= 1:
             dropped += 1
-            off = end
-            if run:
-                out.append((run, _merged(buf, mv, t, run, seg, hl, mss, rlen, 0) if run > 1 else _single(buf, mv, t, hl + rlen)))
-                run = 0
-            continue
-        pkts += 1
-        nbytes += ln
-        if b0 == 0x45 and buf[off + 9] == IPPROTO_TCP and ln >= 40 and (buf[off + 2] << 8 | buf[off + 3]) == ln \
-                and not buf[off + 6] & 0x3F and not buf[off + 7]:
-            h = 20 + (buf[off + 32] >> 4) * 4
-            fl = buf[off + 33]
-            plen = ln - h
-            if h >= 40 and plen > 0 and fl & 0xF7 == 0x10:
-                seq = _U32(buf, off + 24)[0]
-                if run and h == hl and seq == nseq and plen <= mss and hl + rlen + plen <= MAX_IP_LEN \
-                        and buf[off:off + 2] == k1 and buf[off + 6:off + 10] == k2 and buf[off + 12:off + 24] == k3 \
-                        and buf[off + 28:off + 33] == k4 and buf[off + 34:off + 36] == k5[:2] and buf[off + 38:off + h] == k5[2:]:
-                    run += 1
-                    rlen += plen
-                    nseq = (seq + plen) & 0xFFFFFFFF
-                    if plen < mss or fl & 0x08:
-                        out.append((run, _merged(buf, mv, t, run, seg, hl, mss, rlen, fl & 0x08)))
-                        run = 0
-                    off = end
-                    continue
-                if run:
-                    out.append((run, _merged(buf, mv, t, run, seg, hl, mss, rlen, 0) if run > 1 else _single(buf, mv, t, hl + rlen)))
-                    run = 0
-                if fl & 0x08 or end == n:
-                    out.append((1, _single(buf, mv, off, ln)))
-                else:
-                    run, t, hl, mss, rlen = 1, off, h, plen, plen
-                    nseq = (seq + plen) & 0xFFFFFFFF
-                    k1 = buf[off:off + 2]
-                    k2 = buf[off + 6:off + 10]
-                    k3 = buf[off + 12:off + 24]
-                    k4 = buf[off + 28:off + 33]
-                    k5 = buf[off + 34:off + 36] + buf[off + 38:off + h]
-                off = end
-                continue
-        if run:
-            out.append((run, _merged(buf, mv, t, run, seg, hl, mss, rlen, 0) if run > 1 else _single(buf, mv, t, hl + rlen)))
-            run = 0
-        out.append((1, _single(buf, mv, off, ln)))
+        else:
+            pkts += 1
+            nbytes += ln
+            out.append((1, _single(buf, mv, off, ln)))
         off = end
-    if run:
-        out.append((run, _merged(buf, mv, t, run, seg, hl, mss, rlen, 0) if run > 1 else _single(buf, mv, t, hl + rlen)))
     return pkts, nbytes, dropped
 
 
@@ -309,6 +303,9 @@ class Counters:
 
 
 TX_BUF = 4 * 65536
+_V4_FIRST_BYTES = bytes(range(0x45, 0x50))  # version 4, IHL 5..15
+_DEC = bytes([0, *range(255)])  # b -> b - 1 (only used when no byte is 0 or 1)
+_INC = bytes([*range(1, 256), 0])  # b -> b + 1 (only used when no byte is 0xFE or 0xFF)
 MAX_READ = 65536
 RX_BUF = 65536 + 4096
 # Datagrams (each up to 64 KiB of UDP GRO) per wakeup before letting the other task run.
@@ -375,6 +372,35 @@ class Forwarder:
         c.tx_sends += count
         return sent
 
+    def _flush(self, buf: bytearray, mv: memoryview, gs: int, end: int, count: int, size: int,
+               peer: tuple[str, int]) -> int:
+        """Decrement TTLs of the `count` packets laid out every `size` bytes in buf[gs:end]
+        and send them; return how many were sent.  The first packet was validated on read,
+        the others only matched its size and destination, so their version and TTL are
+        checked here, column-wise with strided slices (one C call for all packets)."""
+        if count > 1:
+            ttl = buf[gs + 8 : end : size]
+            hi = buf[gs + 10 : end : size]
+            if (size >= 60 and not buf[gs:end:size].translate(None, _V4_FIRST_BYTES) and b"\0" not in ttl
+                    and b"\1" not in ttl and b"\xfe" not in hi and b"\xff" not in hi):
+                # TTL - 1 and checksum high byte + 1 (RFC 1624; no carry when it is < 0xFE).
+                buf[gs + 8 : end : size] = ttl.translate(_DEC)
+                buf[gs + 10 : end : size] = hi.translate(_INC)
+                return self._send(mv[gs:end], count, size, peer)
+            sent = 0
+            for o in range(gs, end, size):
+                e = o + size if o + size < end else end
+                if buf[o] >> 4 == 4 and (buf[o] & 0x0F) * 4 <= e - o and decrement_ttl(mv[o:e]):
+                    sent += self._send(mv[o:e], 1, size, peer)
+            return sent
+        buf[gs + 8] -= 1  # checked > 1 on read
+        s = ((buf[gs + 10] << 8) | buf[gs + 11]) + 0x0100
+        if s >= 0xFFFF:
+            s = (s + 1) & 0xFFFF
+        buf[gs + 10] = s >> 8
+        buf[gs + 11] = s & 0xFF
+        return self._send(mv[gs:end], 1, size, peer)
+
     async def _tun_to_udp(self) -> None:
         fd = self.tun_fd
         vnet = self.vnet_hdr
@@ -384,7 +410,7 @@ class Forwarder:
         hmv = memoryview(hdr)
         readv = os.readv
         lookup = self.peers.lookup
-        send = self._send
+        flush = self._flush
         c = self.counters
         wait_readable = trio.lowlevel.wait_readable
         limit = TX_BUF - MAX_READ
@@ -392,16 +418,19 @@ class Forwarder:
             await wait_readable(fd)
             c.tx_wakeups += 1
             pkts = nbytes = no_route = dropped = 0
+            # The group being built: `gcount` packets of `gsize` bytes from buf[gs:off] to
+            # `gpeer` (inner destination `gdst`), sent with one UDP GSO sendmsg.
             gs = off = gcount = gsize = budget = 0
             gpeer = None
+            gdst = b""
             while True:
                 if budget >= BATCH or off > limit:
                     if gcount:
-                        sent = send(mv[gs:off], gcount, gsize, gpeer)
+                        sent = flush(buf, mv, gs, off, gcount, gsize, gpeer)
                         pkts += sent
                         dropped += gcount - sent
                         nbytes += off - gs if sent == gcount else 0
-                        gcount = 0
+                        gcount = gsize = 0
                     gs = off = 0
                     if budget >= BATCH:
                         # More may be waiting: let the other direction run, then go on.
@@ -418,11 +447,17 @@ class Forwarder:
                         n = readv(fd, [mv[off : off + MAX_READ]])
                 except BlockingIOError:
                     break
+                # Fast path: same size and inner destination as the group (checked at flush).
+                if n == gsize and gcount < GSO_MAX_SEGMENTS and buf[off + 16 : off + 20] == gdst \
+                        and not (vnet and (hdr[0] or hdr[1])) and off + n - gs <= UDP_MAX_PAYLOAD:
+                    gcount += 1
+                    off += n
+                    continue
                 if vnet and (hdr[0] or hdr[1]):
                     if hdr[1] != VNET_GSO_NONE or not self._finish_partial(hdr, mv[off : off + n]):
                         dropped += 1
                         continue
-                if n < 20 or buf[off] >> 4 != 4:
+                if n < 20 or buf[off] >> 4 != 4 or (buf[off] & 0x0F) * 4 > n:
                     dropped += 1  # IPv6 or junk: flannel's udp overlay is IPv4 only
                     continue
                 peer = lookup(_U32(buf, off + 16)[0])
@@ -430,40 +465,30 @@ class Forwarder:
                     no_route += 1
                     self._unreachable(mv[off : off + n])
                     continue
-                ttl = buf[off + 8]
-                if ttl <= 1:
+                if buf[off + 8] <= 1:
                     dropped += 1
                     continue
-                buf[off + 8] = ttl - 1
-                s = ((buf[off + 10] << 8) | buf[off + 11]) + 0x0100
-                if s >= 0xFFFF:
-                    s = (s + 1) & 0xFFFF
-                buf[off + 10] = s >> 8
-                buf[off + 11] = s & 0xFF
-                if gcount:
-                    # One UDP GSO batch: same peer, equal sizes, only the last may be shorter.
-                    if peer is gpeer and n <= gsize and gcount < GSO_MAX_SEGMENTS and off + n - gs <= UDP_MAX_PAYLOAD:
-                        gcount += 1
-                        off += n
-                        if n < gsize:
-                            sent = send(mv[gs:off], gcount, gsize, gpeer)
-                            pkts += sent
-                            dropped += gcount - sent
-                            nbytes += off - gs if sent == gcount else 0
-                            gcount = 0
-                            gs = off
-                    else:
-                        sent = send(mv[gs:off], gcount, gsize, gpeer)
-                        pkts += sent
-                        dropped += gcount - sent
-                        nbytes += off - gs if sent == gcount else 0
-                        gs, gcount, gsize, gpeer = off, 1, n, peer
-                        off += n
-                else:
-                    gs, gcount, gsize, gpeer = off, 1, n, peer
+                if gcount and peer is gpeer and n < gsize and gcount < GSO_MAX_SEGMENTS \
+                        and off + n - gs <= UDP_MAX_PAYLOAD:
+                    # A shorter packet may end a GSO batch.
+                    gcount += 1
                     off += n
+                    sent = flush(buf, mv, gs, off, gcount, gsize, gpeer)
+                    pkts += sent
+                    dropped += gcount - sent
+                    nbytes += off - gs if sent == gcount else 0
+                    gs, gcount, gsize = off, 0, 0
+                    continue
+                if gcount:
+                    sent = flush(buf, mv, gs, off, gcount, gsize, gpeer)
+                    pkts += sent
+                    dropped += gcount - sent
+                    nbytes += off - gs if sent == gcount else 0
+                gs, gcount, gsize, gpeer = off, 1, n, peer
+                gdst = buf[off + 16 : off + 20]
+                off += n
             if gcount:
-                sent = send(mv[gs:off], gcount, gsize, gpeer)
+                sent = flush(buf, mv, gs, off, gcount, gsize, gpeer)
                 pkts += sent
                 dropped += gcount - sent
                 nbytes += off - gs if sent == gcount else 0

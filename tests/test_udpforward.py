@@ -143,3 +143,174 @@ def test_peer_table_agrees_with_linear_scan(leases: list[tuple[int, int]], dst: 
     got = t.lookup(dst)
     assert (got[0] if got else None) == want
     assert t.entries() == ref
+
+
+# --- Offload helpers: TSO coalescing of received runs, column-wise TTL patch on send ----------
+
+import random
+import socket
+
+from flannelpy.udpforward import (
+    VNET_HDR_LEN, Forwarder, _VNET, _first_diff, coalesce, complete_checksum, run_length,
+)
+
+
+def _seg(seq: int, payload: bytes, *, ts: int = 1, flags: str = "A", sport: int = 5201, ttl: int = 63, ident: int = 0) -> bytes:
+    return bytes(IP(src="10.50.1.2", dst="10.50.2.2", ttl=ttl, id=ident, flags="DF")
+                 / TCP(sport=sport, dport=40000, seq=seq, ack=77, flags=flags, window=501,
+                       options=[("NOP", None), ("NOP", None), ("Timestamp", (ts, 9))]) / payload)
+
+
+def _gro(packets: list[bytes], seg: int) -> tuple[bytearray, memoryview, int]:
+    """Lay packets out like a UDP GRO receive: every `seg` bytes, all full but the last."""
+    raw = b"".join(packets)
+    assert all(len(p) == seg for p in packets[:-1]) and len(packets[-1]) <= seg
+    buf = bytearray(len(raw) + 100)
+    buf[: len(raw)] = raw
+    return buf, memoryview(buf), len(raw)
+
+
+def _written(iov: list) -> tuple[tuple, bytes]:
+    data = b"".join(bytes(v) for v in iov)
+    return _VNET.unpack(data[:VNET_HDR_LEN]), data[VNET_HDR_LEN:]
+
+
+def _as_kernel_would(vnet: tuple, pkt: bytes) -> bytes:
+    """Complete a NEEDS_CSUM packet the way the kernel does for CHECKSUM_PARTIAL."""
+    flags, _, _, _, start, offset = vnet
+    out = bytearray(pkt)
+    if flags & 1:
+        complete_checksum(out, start, offset)
+    return bytes(out)
+
+
+def test_coalesce_merges_one_run_into_a_tso_write() -> None:
+    mss = 1400
+    data = bytes(random.Random(1).randrange(256) for _ in range(mss * 9 + 333))
+    pkts = [_seg(1000 + i * mss, data[i * mss:(i + 1) * mss], ident=i) for i in range(9)]
+    pkts.append(_seg(1000 + 9 * mss, data[9 * mss:], flags="PA", ident=9))
+    buf, mv, n = _gro(pkts, len(pkts[0]))
+    assert run_length(buf, 0, n, len(pkts[0])) == 10
+    out: list = []
+    assert coalesce(buf, mv, n, len(pkts[0]), out) == (10, n, 0)
+    assert [count for count, _ in out] == [10]
+    vnet, pkt = _written(out[0][1])
+    flags, gso_type, hdr_len, gso_size, start, offset = vnet
+    assert (flags, gso_type, hdr_len, gso_size, start, offset) == (1, 1, 52, mss, 20, 16)
+    ip = IP(_as_kernel_would(vnet, pkt))
+    assert ip.len == len(pkt) == 52 + len(data) and ip.ttl == 62 and ip.id == 0
+    assert checksum(pkt[:20]) == 0
+    assert ip[TCP].seq == 1000 and ip[TCP].flags == "PA" and bytes(ip[TCP].payload) == data
+    fresh = IP(bytes(ip))
+    del fresh[TCP].chksum
+    assert IP(bytes(fresh))[TCP].chksum == ip[TCP].chksum  # what the kernel completes is right
+
+
+def test_coalesce_splits_where_linux_gro_would() -> None:
+    mss = 1000
+    p = lambda i, **kw: _seg(i * mss, bytes([i]) * mss, **kw)
+    pkts = [p(0), p(1), p(2, ts=2), p(3, ts=2), p(4, ts=2, sport=1), p(6, ts=2), p(7, ts=2), p(8, ts=2, flags="FA")]
+    seg = len(pkts[0])
+    buf, mv, n = _gro(pkts, seg)
+    out: list = []
+    assert coalesce(buf, mv, n, seg, out) == (8, n, 0)
+    # ts change | other flow | seq gap | FIN never merges
+    assert [count for count, _ in out] == [2, 2, 1, 2, 1]
+    for count, iov in out:
+        vnet, pkt = _written(iov)
+        ip = IP(_as_kernel_would(vnet, pkt))
+        assert ip.ttl == 62 and checksum(pkt[:20]) == 0
+        assert len(ip[TCP].payload) == count * mss
+        if count == 1:
+            assert vnet == (0, 0, 0, 0, 0, 0)
+
+
+def test_coalesce_drops_expired_and_junk_and_passes_the_rest_alone() -> None:
+    udp = bytes(IP(src="10.50.1.2", dst="10.50.2.2", ttl=9) / UDP(sport=1, dport=2) / (b"u" * 60))
+    pkts = [udp, bytes(IP(src="10.50.1.2", dst="10.50.2.2", ttl=1) / UDP() / (b"t" * 60)), b"\x60" + bytes(87), udp]
+    buf, mv, n = _gro(pkts, len(udp))
+    out: list = []
+    assert coalesce(buf, mv, n, len(udp), out) == (2, 2 * len(udp), 2)
+    for count, iov in out:
+        vnet, pkt = _written(iov)
+        assert count == 1 and vnet == (0, 0, 0, 0, 0, 0)
+        assert IP(pkt).ttl == 8 and checksum(pkt[:20]) == 0
+
+
+def test_coalesce_random_mix_keeps_every_byte_in_order() -> None:
+    rng = random.Random(7)
+    for _ in range(30):
+        mss = rng.choice([100, 537, 1400])
+        count = rng.randrange(1, 40)
+        seqs = {1: 0, 2: 0}
+        pkts, sent = [], {1: b"", 2: b""}
+        for i in range(count):
+            flow = 1 if rng.random() < 0.8 else 2
+            size = mss if i < count - 1 else rng.randrange(1, mss + 1)
+            payload = bytes([rng.randrange(256)]) * size
+            pkts.append(_seg(seqs[flow], payload, sport=flow, ts=rng.choice([1, 1, 1, 2]), flags=rng.choice(["A"] * 5 + ["PA"])))
+            seqs[flow] += size
+            sent[flow] += payload
+        buf, mv, n = _gro(pkts, len(pkts[0]))
+        out: list = []
+        assert coalesce(buf, mv, n, len(pkts[0]), out) == (count, n, 0)
+        got = {1: b"", 2: b""}
+        for c, iov in out:
+            vnet, pkt = _written(iov)
+            ip = IP(_as_kernel_would(vnet, pkt))
+            assert checksum(pkt[:20]) == 0 and ip.ttl == 62
+            fresh = IP(bytes(ip))
+            del fresh[TCP].chksum
+            assert IP(bytes(fresh))[TCP].chksum == ip[TCP].chksum
+            got[ip[TCP].sport] += bytes(ip[TCP].payload)
+        assert got == sent
+        assert sum(c for c, _ in out) == count
+
+
+def test_first_diff_and_complete_checksum() -> None:
+    assert _first_diff(b"abcd", b"abcd") == 4
+    assert _first_diff(b"abcd", b"abXd") == 2
+    assert _first_diff(b"\0\0\0\1", b"\0\0\0\0") == 3
+    pkt = bytearray(bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=7, dport=9) / b"hello world"))
+    want = pkt[26:28]
+    a, b = struct.unpack("!II", pkt[12:20])
+    pseudo = (a >> 16) + (a & 0xFFFF) + (b >> 16) + (b & 0xFFFF) + 17 + len(pkt) - 20
+    while pseudo >> 16:
+        pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+    pkt[26:28] = pseudo.to_bytes(2, "big")
+    complete_checksum(pkt, 20, 6)
+    assert pkt[26:28] == want
+
+
+def test_flush_patches_ttl_column_wise_and_falls_back_per_packet() -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(5)
+    try:
+        fwd = Forwarder(-1, tx, PeerTable(rx.getsockname()[1]), IPv4Address("10.50.1.0"), gro=False)
+        peer = rx.getsockname()
+        for ttls in ([64, 30, 2, 9], [64, 1, 0, 9]):
+            pkts = [bytes(IP(src="10.50.1.2", dst="10.50.2.2", ttl=t, id=i) / UDP() / (b"p" * 80)) for i, t in enumerate(ttls)]
+            pkts.append(bytes(IP(src="10.50.1.2", dst="10.50.2.2", ttl=5) / UDP() / b"short"))
+            buf = bytearray(b"".join(pkts))
+            size = len(pkts[0])
+            alive = [p for p in pkts if p[8] > 1]
+            assert fwd._flush(buf, memoryview(buf), 0, len(buf), len(pkts), size, peer) == len(alive)
+            for p in alive:
+                got = rx.recv(2000)
+                assert got[8] == p[8] - 1 and checksum(got[:20]) == 0 and got[12:] == p[12:]
+        # A checksum high byte of 0xFE/0xFF needs the end-around carry: per packet.
+        for ident in range(4000):
+            p = bytes(IP(src="10.50.1.2", dst="10.50.2.2", ttl=64, id=ident) / UDP() / b"x")
+            if p[10] >= 0xFE:
+                break
+        buf = bytearray(p * 3)
+        assert fwd._flush(buf, memoryview(buf), 0, len(buf), 3, len(p), peer) == 3
+        for _ in range(3):
+            got = rx.recv(2000)
+            assert got[8] == 63 and checksum(got[:20]) == 0
+        assert fwd.counters.tx_sends >= 1
+    finally:
+        rx.close()
+        tx.close()
