@@ -98,7 +98,7 @@ def measure(res: Resources, lab: Lab, backend: str, seconds: int, runs: int) -> 
                  Row("throughput", "udp: flanneld CPU during the runs, receiving host h2", cpu[1], "%"),
                  Row("throughput", f"udp: whole machine busy during the runs (of {os.cpu_count() * 100}%)", cpu[2], "%")]
         if tx:
-            rows += [Row("throughput", f"udp: packets/s forwarded, h1 TUN -> UDP ({tx_bytes / tx:.0f} B avg)",
+            rows += [Row("throughput", f"udp: packets/s, h1 TUN -> UDP, mean of all runs ({tx_bytes / tx:.0f} B avg)",
                          tx / acc[3], "pkt/s"),
                      Row("throughput", "udp: h1 flanneld CPU per forwarded packet", acc[0] / tx * 1e6, "us"),
                      Row("throughput", "udp: h2 flanneld CPU per forwarded packet", acc[1] / max(rx, 1) * 1e6, "us")]
