@@ -27,7 +27,6 @@ import json
 import select
 import socket
 import struct
-import sys
 import threading
 import time
 from ipaddress import IPv4Address, IPv4Network
