@@ -53,6 +53,13 @@ def machine_busy_seconds() -> float:
     return (sum(v) - v[3] - v[4]) / TICK
 
 
+def machine_times() -> dict[str, float]:
+    """All CPUs' seconds by /proc/stat column (user nice system idle iowait irq softirq steal)."""
+    with open("/proc/stat") as f:
+        v = [int(x) / TICK for x in f.readline().split()[1:9]]
+    return dict(zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"), v))
+
+
 def wait_idle(max_wait: float, busy_below: float = 0.25, sample: float = 1.0) -> float:
     """Wait (up to max_wait s) until the machine is mostly idle (other people's tests share it):
     busy fraction of all CPUs over `sample` s below busy_below.  Returns the last fraction."""

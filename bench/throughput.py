@@ -15,12 +15,14 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import time
 
 import httpx
 
-from benchlib import (Resources, Row, agent_pid, bench_lab, cpu_seconds, machine_busy_seconds, median, ns_cmd, table,
+from benchlib import (Resources, Row, agent_pid, bench_lab, cpu_seconds, machine_busy_seconds, machine_times, median,
+                      ns_cmd, table,
                       wait_idle, wait_peers_programmed)
 from flannelpy.lab import Lab
 
@@ -30,36 +32,51 @@ IDLE_WAIT_S = 60.0
 _busy_before: list[float] = []
 
 
+def _sample(pids: list[int]) -> dict[str, float]:
+    m = machine_times()
+    out = {f"pid{i}": cpu_seconds(p) for i, p in enumerate(pids)}
+    out.update(busy=machine_busy_seconds(), softirq=m["softirq"], steal=m["steal"], wall=time.monotonic())
+    return out
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def iperf(res: Resources, server_ns: str, client_ns: str, address: str, seconds: int,
-          cpu_of: list[int] = (), cpu_acc: list[float] | None = None) -> float:
-    """One iperf3 run; Gbit/s received.  The server is ours, stopped by PID.  With cpu_of, the
-    CPU seconds those PIDs used during the client's run (and its wall time, last) are added
-    to cpu_acc."""
+          cpu_of: list[int] = (), acc: dict[str, float] | None = None) -> float:
+    """One iperf3 run; Gbit/s received.  The server is ours, stopped by PID.  With `acc`, the
+    CPU seconds the `cpu_of` PIDs (pid0, pid1...), the whole machine (busy, softirq, steal) and
+    both iperf3 processes (iperf3) used during the client's run, and its wall time, are added."""
     if IDLE_WAIT_S > 0:
         _busy_before.append(wait_idle(IDLE_WAIT_S))
+    children0 = _children_cpu()
     server = res.popen(ns_cmd(server_ns, "iperf3", "-s", "-1", "-B", address),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    used: dict[str, float] = {}
     try:
         for _attempt in range(20):
-            cpu0, t0 = [cpu_seconds(p) for p in cpu_of] + [machine_busy_seconds()], time.monotonic()
+            before = _sample(list(cpu_of))
             out = subprocess.run(ns_cmd(client_ns, "iperf3", "-c", address, "-t", str(seconds), "-J"),
                                  capture_output=True, text=True, timeout=seconds + 30)
-            used = [b - a for a, b in zip(cpu0, [cpu_seconds(p) for p in cpu_of] + [machine_busy_seconds()])]
-            used.append(time.monotonic() - t0)
+            after = _sample(list(cpu_of))
+            used = {k: after[k] - before[k] for k in before}
             doc = json.loads(out.stdout) if out.stdout.strip() else {"error": out.stderr}
             if "error" in doc and "refused" in str(doc["error"]):
                 time.sleep(0.25)  # server not listening yet
                 continue
             if "error" in doc:
                 raise RuntimeError(f"iperf3 {client_ns} -> {address}: {doc['error']}")
-            if cpu_acc is not None:
-                for i, v in enumerate(used):
-                    cpu_acc[i] += v
             end = doc["end"]
             return (end.get("sum_received") or end["sum"])["bits_per_second"] / 1e9
         raise RuntimeError(f"iperf3 server on {address} never answered")
     finally:
-        res.stop(server)
+        res.stop(server)  # reaped: its CPU now counts in RUSAGE_CHILDREN, like the client's
+        if acc is not None and used:
+            used["iperf3"] = _children_cpu() - children0
+            for k, v in used.items():
+                acc[k] = acc.get(k, 0.0) + v
 
 
 def backend_counters(lab: Lab, i: int) -> dict[tuple[str, str], float]:
@@ -81,27 +98,31 @@ def measure(res: Resources, lab: Lab, backend: str, seconds: int, runs: int) -> 
     underlay = max(iperf(res, h2.netns, h1.netns, h2.ip, seconds) for _ in range(runs))
     pids = [agent_pid(lab, 1), agent_pid(lab, 2)]
     counters0 = [backend_counters(lab, 1), backend_counters(lab, 2)] if backend == "udp" else None
-    acc = [0.0] * 4  # CPU s of h1's and h2's flanneld, of the whole machine; wall s of the clients
-    overlay = max(iperf(res, h2.container_ns, h1.container_ns, h2.container_ip, seconds, pids, acc)
-                  for _ in range(runs))
-    cpu = [x / acc[3] * 100 for x in acc[:3]]
+    acc: dict[str, float] = {}
+    runs_gbps = [iperf(res, h2.container_ns, h1.container_ns, h2.container_ip, seconds, pids, acc)
+                 for _ in range(runs)]
+    overlay = max(runs_gbps)
+    pct = {k: v / acc["wall"] * 100 for k, v in acc.items()}
     if counters0 is not None:
         c1, c2 = backend_counters(lab, 1), backend_counters(lab, 2)
         tx = c1.get(("packets", "tx"), 0) - counters0[0].get(("packets", "tx"), 0)
         tx_bytes = c1.get(("bytes", "tx"), 0) - counters0[0].get(("bytes", "tx"), 0)
         rx = c2.get(("packets", "rx"), 0) - counters0[1].get(("packets", "rx"), 0)
-    label = f"iperf3 -t {seconds}, best of {runs}"
+    label = f"iperf3 -t {seconds}, best of {' / '.join(f'{g:.2f}' for g in runs_gbps)}"
     rows = [Row("throughput", f"{backend}: container -> container ({label}, MTU {h1.mtu})", overlay, "Gbit/s",
                 "underlay host -> host (same lab)", underlay)]
     if backend == "udp":
-        rows += [Row("throughput", "udp: flanneld CPU during the runs, sending host h1 (100% = 1 core)", cpu[0], "%"),
-                 Row("throughput", "udp: flanneld CPU during the runs, receiving host h2", cpu[1], "%"),
-                 Row("throughput", f"udp: whole machine busy during the runs (of {os.cpu_count() * 100}%)", cpu[2], "%")]
+        rows += [Row("throughput", "udp: flanneld CPU during the runs, sending host h1 (100% = 1 core)", pct["pid0"], "%"),
+                 Row("throughput", "udp: flanneld CPU during the runs, receiving host h2", pct["pid1"], "%"),
+                 Row("throughput", "udp: iperf3 client + server CPU during the runs", pct["iperf3"], "%"),
+                 Row("throughput", "udp: softirq (kernel packet processing) during the runs", pct["softirq"], "%"),
+                 Row("throughput", f"udp: whole machine busy during the runs (of {os.cpu_count() * 100}%, steal "
+                     f"{pct['steal']:.0f}%)", pct["busy"], "%")]
         if tx:
             rows += [Row("throughput", f"udp: packets/s, h1 TUN -> UDP, mean of all runs ({tx_bytes / tx:.0f} B avg)",
-                         tx / acc[3], "pkt/s"),
-                     Row("throughput", "udp: h1 flanneld CPU per forwarded packet", acc[0] / tx * 1e6, "us"),
-                     Row("throughput", "udp: h2 flanneld CPU per forwarded packet", acc[1] / max(rx, 1) * 1e6, "us")]
+                         tx / acc["wall"], "pkt/s"),
+                     Row("throughput", "udp: h1 flanneld CPU per forwarded packet", acc["pid0"] / tx * 1e6, "us"),
+                     Row("throughput", "udp: h2 flanneld CPU per forwarded packet", acc["pid1"] / max(rx, 1) * 1e6, "us")]
     return rows
 
 
