@@ -302,7 +302,7 @@ class Counters:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-TX_BUF = 4 * 65536
+TX_BUF = 9 * 65536  # BATCH full-size packets fit: the budget, not the buffer, ends a wakeup
 _V4_FIRST_BYTES = bytes(range(0x45, 0x50))  # version 4, IHL 5..15
 _DEC = bytes([0, *range(255)])  # b -> b - 1 (only used when no byte is 0 or 1)
 _INC = bytes([*range(1, 256), 0])  # b -> b + 1 (only used when no byte is 0xFE or 0xFF)
@@ -448,8 +448,9 @@ class Forwarder:
                 except BlockingIOError:
                     break
                 # Fast path: same size and inner destination as the group (checked at flush).
+                # (vnet flags: NEEDS_CSUM and a GSO type need work; DATA_VALID alone does not.)
                 if n == gsize and gcount < GSO_MAX_SEGMENTS and buf[off + 16 : off + 20] == gdst \
-                        and not (vnet and (hdr[0] or hdr[1])) and off + n - gs <= UDP_MAX_PAYLOAD:
+                        and not (vnet and (hdr[0] & VNET_F_NEEDS_CSUM or hdr[1])) and off + n - gs <= UDP_MAX_PAYLOAD:
                     gcount += 1
                     off += n
                     continue
@@ -468,11 +469,13 @@ class Forwarder:
                 if buf[off + 8] <= 1:
                     dropped += 1
                     continue
-                if gcount and peer is gpeer and n < gsize and gcount < GSO_MAX_SEGMENTS \
+                if gcount and peer is gpeer and n <= gsize and gcount < GSO_MAX_SEGMENTS \
                         and off + n - gs <= UDP_MAX_PAYLOAD:
-                    # A shorter packet may end a GSO batch.
                     gcount += 1
                     off += n
+                    if n == gsize:
+                        continue
+                    # A shorter packet ends the GSO batch.
                     sent = flush(buf, mv, gs, off, gcount, gsize, gpeer)
                     pkts += sent
                     dropped += gcount - sent
