@@ -86,8 +86,9 @@ def proc_cmdline(pid: int) -> list[str]:
 
 
 def agent_pid(lab: Lab, i: int) -> int:
-    """The PID the lab started is nsenter, which execs flanneld (through pyenv's shim, which
-    execs too): check that it is now the Python flanneld process, so /proc/<pid> is its RSS."""
+    """The PID the lab started is nsenter, which execs flanneld (and a pyenv shim, when PATH
+    gives one, execs too): check that it is now the Python flanneld process, so /proc/<pid>
+    is its RSS and CPU time."""
     pid = lab.host(i).pid
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
