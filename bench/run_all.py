@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from benchlib import Resources, Row, bench_lab, table, wait_peers_programmed
+from benchlib import Resources, Row, bench_lab, table, wait_idle, wait_peers_programmed
 import agent_scale
 import agent_startup
 import peer_join
@@ -74,6 +74,7 @@ def main() -> None:
     throughput.set_idle_wait(args.idle_wait)
     info = machine()
     rows: list[Row] = []
+    quiet: dict[str, float] = {}
     started = time.monotonic()
     with Resources() as res:
         print(f"run prefix {res.prefix}; {info['date']}; {info['load']}", file=sys.stderr)
@@ -89,17 +90,27 @@ def main() -> None:
         if "throughput" in only:
             tp = throughput.run(res, backends, args.seconds, args.runs, labs={"vxlan": lab} if lab else None)
             rows += [throughput.underlay_row(tp), *tp]
+        def settle(step: str) -> None:
+            # Others' jobs share the machine: start each timed step on a quiet machine if we can.
+            if args.idle_wait > 0:
+                quiet[step] = wait_idle(args.idle_wait)
+
         if "join" in only:
+            settle("join")
             rows += peer_join.run(res, lab, args.joins)
         if "startup" in only:
+            settle("startup")
             rows += agent_startup.run(res, lab, args.startup_runs)
         if "scale" in only:
+            settle("scale")
             rows += agent_scale.run(res, lab, args.peers)  # last: it stops the other agents
     info["load_end"] = "load average %.2f %.2f %.2f" % os.getloadavg()
     head = (f"{info['date']} | {info['machine']}\ncommit {info['commit']} | {info['load']} at start, "
             f"{info['load_end']} at end | {time.monotonic() - started:.0f} s")
     if "throughput" in only:
         head += "\n" + throughput.busy_note()
+    if quiet:
+        head += "\nmachine busy (other jobs) before " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in quiet.items())
     print(head)
     print(table(rows))
     if args.markdown:
