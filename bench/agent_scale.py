@@ -51,7 +51,7 @@ def cold_start(res: Resources, lab: Lab, host: int, fake: int) -> dict:
     lab_run("ip", "link", "del", "flannel.1", netns=h.netns, check=False)
     real = [f"{IPv4Interface(o.subnet).network}={lab.lease_value(o.index)['BackendData']['VtepMAC']}"
             for o in lab.host_list if o.index != host]
-    args = [PROBE, "scale", "--count", str(fake), "--timeout", "600"]
+    args = [PROBE, "scale", "--count", str(fake), "--timeout", "180"]
     for spec in real:
         args += ["--peer", spec]
     mon = res.popen(ns_cmd(h.netns, sys.executable, *args), stdout=subprocess.PIPE, text=True)
