@@ -234,7 +234,8 @@ def test_vxlan_running_agents_deleted_lease_is_recreated(make_lab: Callable[...,
     value = lab.lease_value(2)
     lab.delete_lease(2)
     wait_for(lambda: lab.lease_value(2) == value, 10, "host 2 to re-create its lease", lab)
-    assert "re-created lease " + net(lab, 2) in log_text(lab, 2)
+    # The log line follows the etcd write, so a watcher can see the key before it is logged.
+    wait_for(lambda: "re-created lease " + net(lab, 2) in log_text(lab, 2), 5, "host 2 to log the re-creation", lab)
     assert lab.agent_running(2)
     mac2 = link(lab, 2, "flannel.1")["address"]
     wait_for(lambda: all(vxlan_peer_state(lab, 1, 2, mac2).values()), 10, "host 1 to re-program host 2", lab)
@@ -291,7 +292,7 @@ def test_ignores_leases_of_another_backend_type(make_lab: Callable[..., Lab], ba
         assert routes_to(lab, i, foreign) == []
         if backend == "vxlan":
             assert [n for n in lab.ip_json(i, "neigh", "show", "dev", "flannel.1") if n["dst"] == "10.5.250.0"] == []
-        assert message in log_text(lab, i)
+        wait_for(lambda: message in log_text(lab, i), 5, f"host {i} to log {message!r}", lab)
     assert_all_ping(lab)
 
 
