@@ -191,7 +191,22 @@ class Lab:
     # --- bring up ----------------------------------------------------------------------------
 
     def up(self, wait: float = 60.0) -> None:
-        """Build everything; on any failure tear down what was built and raise."""
+        """Build everything and start the agents; on any failure tear down what was built and raise."""
+        self.build()
+        try:
+            for host in self.host_list:
+                self.start_agent(host.index)
+            for host in self.host_list:
+                self.wait_subnet_env(host.index, wait)
+                if self.with_containers:
+                    self._build_container(host)
+            self.save()
+        except BaseException:
+            self.down()
+            raise
+
+    def build(self) -> None:
+        """Everything up() makes except the agents: underlay, etcd, config, host namespaces."""
         if os.path.exists(self.state_file):
             raise LabError(f"lab {self.prefix!r} already exists ({self.state_file}); run `flannelctl lab down` first")
         existing = set(run("ip", "netns", "list").stdout.split())
@@ -208,13 +223,6 @@ class Lab:
             self.write_config()
             for i in range(1, self.hosts + 1):
                 self._build_host(i)
-            self.save()
-            for host in self.host_list:
-                self.start_agent(host.index)
-            for host in self.host_list:
-                self.wait_subnet_env(host.index, wait)
-                if self.with_containers:
-                    self._build_container(host)
             self.save()
         except BaseException:
             self.down()

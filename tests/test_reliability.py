@@ -72,20 +72,6 @@ class RLab(Lab):
         self.host(i).pid = 0
         self.save()
 
-    def build(self) -> None:
-        """Everything up() makes except the agents: underlay, etcd, config, host namespaces."""
-        os.makedirs(self.workdir, exist_ok=True)
-        try:
-            self._build_underlay()
-            self._start_etcd()
-            self.write_config()
-            for i in range(1, self.hosts + 1):
-                self._build_host(i)
-            self.save()
-        except BaseException:
-            self.down()
-            raise
-
     def add_host(self, start: bool = True, container: bool = True) -> int:
         """One more host (and container) after the lab is up; its agent starts now."""
         self.hosts += 1  # first, so that down() removes its namespaces whatever happens next

@@ -101,3 +101,22 @@ class Store(Protocol):
 
     async def aclose(self) -> None:
         ...
+
+
+class SkipLog:
+    """Warns once per distinct bad lease value; a periodic re-list would otherwise repeat the same
+    warning for the same garbage key every time, burying everything else in the log."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._seen: set[str] = set()
+
+    def skipped(self, reason: Exception) -> None:
+        message = f"skipping lease: {reason}"
+        if message in self._seen:
+            self._logger.debug("%s", message)
+            return
+        if len(self._seen) > 10_000:  # bounded, in case someone writes garbage keys in a loop
+            self._seen.clear()
+        self._seen.add(message)
+        self._logger.warning("%s (logged once per value)", message)

@@ -22,7 +22,7 @@ import trio
 
 from ..errors import FlannelError, LeaseValueError
 from ..lease import EventKind, Lease, LeaseAttrs, LeaseEvent, ValueStyle, decode_attrs, encode_attrs, parse_subnet_key, subnet_key
-from .store import EtcdOptions, StoreUnavailable, WatchBatch, tls_context
+from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, tls_context
 
 log = logging.getLogger("flannelpy.etcd.v2")
 
@@ -127,6 +127,7 @@ class V2Store:
         self.style = style
         self._endpoints = [e.rstrip("/") for e in options.endpoints]
         self._current = 0  # the endpoint that answered last; tried first
+        self._skip_log = SkipLog(log)
         auth = (options.username, options.password) if options.username else None
         self._client = httpx.AsyncClient(
             verify=tls_context(options),
@@ -229,7 +230,7 @@ class V2Store:
             try:
                 leases.append(node_to_lease(node))
             except LeaseValueError as exc:
-                log.warning("skipping lease: %s", exc)
+                self._skip_log.skipped(exc)
                 skipped.append(node.get("key", ""))
         return leases, skipped, index
 

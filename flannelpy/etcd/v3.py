@@ -21,7 +21,7 @@ import trio
 
 from ..errors import FlannelError, LeaseValueError
 from ..lease import EventKind, Lease, LeaseAttrs, LeaseEvent, ValueStyle, decode_attrs, encode_attrs, parse_subnet_key, subnet_key
-from .store import EtcdOptions, StoreUnavailable, WatchBatch, tls_context
+from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, tls_context
 
 log = logging.getLogger("flanneld.etcd")
 
@@ -92,6 +92,7 @@ class V3Store:
         self.options = options
         self._endpoints = [e.rstrip("/") for e in options.endpoints]
         self._good = 0  # index of the endpoint that answered last
+        self._skip_log = SkipLog(log)
         self._token: str | None = None
         self._auth_lock = trio.Lock()
         self._backoff = (backoff_min_s, backoff_max_s)
@@ -211,7 +212,7 @@ class V3Store:
                 try:
                     results[i] = await self._kv_to_lease(kv)
                 except LeaseValueError as exc:
-                    log.warning("skipping lease: %s", exc)
+                    self._skip_log.skipped(exc)
                     skipped.append(_unb64(kv.get("key", "")).decode(errors="replace"))
 
         async with trio.open_nursery() as nursery:
