@@ -19,7 +19,7 @@ import trio
 
 from .backends import backend_class
 from .config import NetworkConfig, parse_config
-from .errors import FlannelError, UsageError
+from .errors import FlannelError, UsageError, first_flannel_error
 from .etcd.select import wait_for_config
 from .etcd.store import EtcdOptions
 from .flags import ParsedFlags
@@ -176,9 +176,9 @@ async def run_agent(opts: AgentOptions) -> None:
             log.info("running: subnet %s, backend %s", lease.subnet, config.backend_type)
     except BaseExceptionGroup as group:
         # Tasks fail inside the nursery; callers (and the exit code) want the plain error.
-        fatal, _rest = group.split(FlannelError)
+        fatal = first_flannel_error(group)
         if fatal is not None:
-            raise _first_leaf(fatal) from None
+            raise fatal from None
         raise
     finally:
         sdnotify.notify("STOPPING=1")
@@ -216,13 +216,6 @@ def _update_docker(opts: AgentOptions, env: SubnetEnv) -> None:
             message = dockerjson.restart_docker_if_changed(change)
             if message:
                 log.warning("%s", message)
-
-
-def _first_leaf(group: BaseExceptionGroup) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _when(lease: Lease) -> str:

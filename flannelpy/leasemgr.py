@@ -22,7 +22,7 @@ import trio
 from .allocation import plan_acquisition
 from .backends.base import LeaseData
 from .config import NetworkConfig
-from .errors import FlannelError
+from .errors import FlannelError, first_flannel_error
 from .etcd.store import Store, StoreUnavailable, WatchBatch
 from .lease import SUBNET_TTL, EventKind, Lease, LeaseAttrs, LeaseEvent
 from .leasetracker import LeaseTracker
@@ -147,9 +147,9 @@ class LeaseManager:
                 task_status.started()
         except BaseExceptionGroup as group:
             # Let the agent see the plain FlannelError (and its exit code), not a group.
-            taken, _rest = group.split(FlannelError)
+            taken = first_flannel_error(group)
             if taken is not None:
-                raise _first_leaf(taken) from group
+                raise taken from group
             raise
 
     async def _renew_loop(self) -> None:
@@ -275,13 +275,6 @@ async def _retry_unavailable(fn):
             log.warning("etcd unavailable (%s); retrying in %.1fs", exc, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, _STARTUP_BACKOFF[1])
-
-
-def _first_leaf(group: BaseExceptionGroup) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _human(seconds: float) -> str:
