@@ -1,1 +1,0 @@
-"""flannelctl subcommands: each module here defines register(subparsers) and is found by name."""
