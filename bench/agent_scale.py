@@ -19,9 +19,22 @@ import sys
 import time
 from ipaddress import IPv4Interface
 
-from benchlib import (Resources, Row, agent_pid, bench_lab, cpu_seconds, ns_cmd, PROBE, probe, rss_kib, table,
-                      wait_peers_programmed)
-from flannelpy.lab import Lab, run as lab_run
+from benchlib import (
+    PROBE,
+    Resources,
+    Row,
+    agent_pid,
+    bench_lab,
+    cpu_seconds,
+    ns_cmd,
+    probe,
+    rss_kib,
+    table,
+    wait_peers_programmed,
+)
+
+from flannelpy.lab.netns_lab import Lab
+from flannelpy.lab.netns_lab import run as lab_run
 
 
 def import_only_rss(res: Resources, netns: str) -> float:

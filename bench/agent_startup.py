@@ -18,7 +18,8 @@ import sys
 import time
 
 from benchlib import Resources, Row, agent_pid, bench_lab, median, ns_cmd, table, wait_peers_programmed
-from flannelpy.lab import Lab
+
+from flannelpy.lab.netns_lab import Lab
 
 
 def flanneld_interpreter() -> str:

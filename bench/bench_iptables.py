@@ -13,7 +13,7 @@ from ipaddress import IPv4Network as N
 import trio
 
 sys.path.insert(0, ".")
-from flannelpy.iptables import IptablesManager  # noqa: E402
+from flannelpy.hostnet.iptables import IptablesManager  # noqa: E402
 
 
 async def bench(ns: str, rounds: int) -> dict[str, list[float]]:

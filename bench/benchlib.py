@@ -1,7 +1,7 @@
 """Shared pieces of the lab benchmarks: a unique namespace prefix, clean-up of everything a run
 started (labs by name, processes by PID) even on failure, /proc readers and the result table.
 
-The labs are flannelpy.lab.Lab instances, used as they are (lab.py belongs to someone else);
+The labs are flannelpy.lab.netns_lab.Lab instances, used as they are (lab.py belongs to someone else);
 every namespace is named `<run prefix><letter>-...`, e.g. fpb3a9cv-h1, so a final sweep can
 delete exactly this run's namespaces by name.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from flannelpy.lab import Lab, default_config, stop_pid  # noqa: E402
+from flannelpy.lab.netns_lab import Lab, default_config, stop_pid  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 PROBE = os.path.join(HERE, "nsprobe.py")

@@ -11,11 +11,11 @@ import time
 from ipaddress import IPv4Address, IPv4Network
 
 import trio
-
 from etcd_server import EtcdServer
+
 from flannelpy.etcd.store import EtcdOptions
 from flannelpy.etcd.v2 import V2Store
-from flannelpy.lease import SUBNET_TTL, LeaseAttrs
+from flannelpy.subnet.lease import SUBNET_TTL, LeaseAttrs
 
 
 def subnet(i: int) -> IPv4Network:

@@ -14,14 +14,14 @@ import time
 from ipaddress import IPv4Address, IPv4Network
 
 import trio
-
 from etcd_server import EtcdServer
+
 from flannelpy.backends.base import LeaseData
-from flannelpy.config import parse_config
+from flannelpy.config.network import parse_config
 from flannelpy.etcd.store import EtcdOptions
 from flannelpy.etcd.v3 import V3Store
-from flannelpy.lease import SUBNET_TTL, LeaseAttrs
-from flannelpy.leasemgr import LeaseManager
+from flannelpy.subnet.lease import SUBNET_TTL, LeaseAttrs
+from flannelpy.subnet.manager import LeaseManager
 
 ATTRS = LeaseAttrs(IPv4Address("10.0.0.1"), "vxlan", {"VNI": 1, "VtepMAC": "aa:bb:cc:dd:ee:ff"})
 

@@ -13,7 +13,8 @@ import argparse
 import time
 
 from benchlib import Resources, Row, bench_lab, percentile, probe, table, wait_peers_programmed
-from flannelpy.lab import Lab
+
+from flannelpy.lab.netns_lab import Lab
 
 
 def run(res: Resources, lab: Lab, joins: int = 100, host: int = 1) -> list[Row]:

@@ -23,11 +23,11 @@ import subprocess
 import sys
 import time
 
-from benchlib import Resources, Row, bench_lab, table, wait_idle, wait_peers_programmed
 import agent_scale
 import agent_startup
 import peer_join
 import throughput
+from benchlib import Resources, Row, bench_lab, table, wait_idle, wait_peers_programmed
 
 ALL = ("memory", "throughput", "join", "startup", "scale")
 

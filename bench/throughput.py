@@ -20,12 +20,22 @@ import subprocess
 import time
 
 import httpx
+from benchlib import (
+    Resources,
+    Row,
+    agent_pid,
+    bench_lab,
+    cpu_seconds,
+    machine_busy_seconds,
+    machine_times,
+    median,
+    ns_cmd,
+    table,
+    wait_idle,
+    wait_peers_programmed,
+)
 
-from benchlib import (Resources, Row, agent_pid, bench_lab, cpu_seconds, machine_busy_seconds, machine_times, median,
-                      ns_cmd, table,
-                      wait_idle, wait_peers_programmed)
-from flannelpy.lab import Lab
-
+from flannelpy.lab.netns_lab import Lab
 
 # Before each iperf3 run, wait up to this long for the shared machine to go quiet (0: don't).
 IDLE_WAIT_S = 60.0

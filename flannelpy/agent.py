@@ -17,17 +17,17 @@ from typing import Sequence
 
 import trio
 
-from .backends import backend_class
-from .config import NetworkConfig, parse_config
-from .errors import FlannelError, UsageError, first_flannel_error
-from .etcd.select import wait_for_config
-from .etcd.store import EtcdOptions
-from .flags import ParsedFlags
-from .iface import select_interface
-from .lease import Lease, LeaseEvent
-from .leasemgr import LeaseManager
-from .netlink import NetlinkThread
-from .subnetenv import SubnetEnv, read_previous, write_subnet_env
+from flannelpy.backends import backend_class
+from flannelpy.config.flags import ParsedFlags
+from flannelpy.config.network import NetworkConfig, parse_config
+from flannelpy.errors import FlannelError, UsageError, first_flannel_error
+from flannelpy.etcd.select import wait_for_config
+from flannelpy.etcd.store import EtcdOptions
+from flannelpy.hostnet.interface import select_interface
+from flannelpy.hostnet.netlink import NetlinkThread
+from flannelpy.subnet.envfile import SubnetEnv, read_previous, write_subnet_env
+from flannelpy.subnet.lease import Lease, LeaseEvent
+from flannelpy.subnet.manager import LeaseManager
 
 log = logging.getLogger("flanneld")
 
@@ -108,10 +108,10 @@ async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:
 
 async def run_agent(opts: AgentOptions) -> None:
     """Run until a signal (returns) or a fatal error (raises FlannelError)."""
-    from . import sdnotify
-    from .health import serve_health
-    from .metrics import Metrics
-    from .state import AgentState
+    from flannelpy.ops import sdnotify
+    from flannelpy.ops.health import serve_health
+    from flannelpy.ops.metrics import Metrics
+    from flannelpy.ops.state import AgentState
 
     previous_network, previous_subnet = read_previous(opts.subnet_file)
     state = AgentState()
@@ -192,7 +192,7 @@ async def run_agent(opts: AgentOptions) -> None:
 
 async def _run_iptables(opts: AgentOptions, config: NetworkConfig, lease: Lease, previous_network, previous_subnet,
                         *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    from .iptables import IptablesManager
+    from flannelpy.hostnet.iptables import IptablesManager
 
     manager = IptablesManager(
         config.network, lease.subnet,
@@ -204,16 +204,16 @@ async def _run_iptables(opts: AgentOptions, config: NetworkConfig, lease: Lease,
 
 
 def _update_docker(opts: AgentOptions, env: SubnetEnv) -> None:
-    from . import dockerjson
+    from flannelpy.docker import daemon_json
 
     bip = str(IPv4Interface((int(env.subnet.network_address) + 1, env.subnet.prefixlen)))
-    change = dockerjson.update_daemon_json(opts.docker_daemon_json, bip, env.mtu)
-    for conflict in dockerjson.detect_conflicts():
+    change = daemon_json.update_daemon_json(opts.docker_daemon_json, bip, env.mtu)
+    for conflict in daemon_json.detect_conflicts():
         log.warning("%s", conflict)
     if change.changed:
         log.info("updated %s: bip=%s mtu=%d", opts.docker_daemon_json, bip, env.mtu)
         if opts.docker_restart:
-            message = dockerjson.restart_docker_if_changed(change)
+            message = daemon_json.restart_docker_if_changed(change)
             if message:
                 log.warning("%s", message)
 

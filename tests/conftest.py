@@ -1,9 +1,15 @@
 import os
 import shutil
+import sys
 
 import pytest
-
 from etcd_server import EtcdServer
+
+# The suite runs from a venv (`.venv/bin/python -m pytest`) that is not activated: put its
+# flanneld and flannelctl first on PATH for the subprocesses the tests and the lab start.
+_BIN = os.path.dirname(sys.executable)
+if os.path.exists(os.path.join(_BIN, "flanneld")):
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 def _need_root() -> None:

@@ -1,5 +1,5 @@
 """Tests import the dockerd process helper from here; it lives in the package for the Docker lab."""
 
-from flannelpy.dockerproc import BUSYBOX, BUSYBOX_IMAGE, Dockerd
+from flannelpy.lab.dockerd import BUSYBOX, BUSYBOX_IMAGE, Dockerd
 
 __all__ = ["BUSYBOX", "BUSYBOX_IMAGE", "Dockerd"]

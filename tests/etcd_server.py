@@ -1,5 +1,5 @@
 """Tests import the etcd process helper from here; it lives in the package for the lab."""
 
-from flannelpy.etcdproc import EtcdServer, free_port
+from flannelpy.lab.etcd_server import EtcdServer, free_port
 
 __all__ = ["EtcdServer", "free_port"]

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flannelpy.allocation import FREE_CANDIDATES, free_subnets, plan_acquisition
-from flannelpy.config import parse_config
+from flannelpy.config.network import parse_config
 from flannelpy.errors import OutOfSubnets
-from flannelpy.lease import Lease, LeaseAttrs
+from flannelpy.subnet.allocation import FREE_CANDIDATES, free_subnets, plan_acquisition
+from flannelpy.subnet.lease import Lease, LeaseAttrs
 
 CFG = parse_config('{"Network":"10.5.0.0/16"}')
 ME = IPv4Address("192.168.0.1")

@@ -23,12 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flannelpy.allocation import plan_acquisition
 from flannelpy.backends import backend_class
-from flannelpy.config import parse_config, validate_config
+from flannelpy.config.network import parse_config, validate_config
 from flannelpy.errors import ConfigError, LeaseValueError, OutOfSubnets
-from flannelpy.lease import Lease, LeaseAttrs, decode_attrs, parse_subnet_key, subnet_key
-from flannelpy.subnetenv import SubnetEnv, parse_env_file, read_previous, render_subnet_env, write_subnet_env
+from flannelpy.subnet.allocation import plan_acquisition
+from flannelpy.subnet.envfile import SubnetEnv, parse_env_file, read_previous, render_subnet_env, write_subnet_env
+from flannelpy.subnet.lease import Lease, LeaseAttrs, decode_attrs, parse_subnet_key, subnet_key
 
 
 def cfg(**fields) -> str:

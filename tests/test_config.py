@@ -5,7 +5,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from flannelpy.backends import backend_class
-from flannelpy.config import parse_config, validate_config
+from flannelpy.config.network import parse_config, validate_config
 from flannelpy.errors import ConfigError, FlannelError
 
 

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from flannelpy.lab import Lab
+from flannelpy.lab.netns_lab import Lab
 
 
 def flannelctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -15,10 +15,10 @@ import shutil
 
 import pytest
 
-from flannelpy.dockerproc import leftover_pids, mounts_under
-from flannelpy.labdocker import DockerLab
-from flannelpy.lab import run
-from flannelpy.subnetenv import parse_env_file
+from flannelpy.lab.docker_lab import DockerLab
+from flannelpy.lab.dockerd import leftover_pids, mounts_under
+from flannelpy.lab.netns_lab import run
+from flannelpy.subnet.envfile import parse_env_file
 
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.slow]
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from flannelpy.dockerjson import (
+from flannelpy.docker.daemon_json import (
     BACKUP_SUFFIX,
     find_flag_conflicts,
     restart_docker_if_changed,

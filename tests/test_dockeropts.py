@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from flannelpy.ctl.docker_opts import run
-from flannelpy.dockeropts import DockerOptsError, Options, parse_args, render, route_conflict
+from flannelpy.cli.flannelctl.docker_opts import run
+from flannelpy.docker.opts import DockerOptsError, Options, parse_args, render, route_conflict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 import trio
-
 from etcd_server import EtcdServer, free_port
+
 from flannelpy.errors import UsageError
 from flannelpy.etcd import select
 from flannelpy.etcd.select import create_command, open_store, wait_for_config

@@ -11,8 +11,8 @@ import time
 
 import httpx
 import pytest
-
 from etcd_server import free_port
+
 from flannelpy.errors import FlannelError
 from flannelpy.etcd.store import EtcdOptions, StoreUnavailable, tls_context
 from flannelpy.etcd.v2 import V2Store

@@ -9,11 +9,11 @@ from ipaddress import IPv4Address, IPv4Network
 import httpx
 import pytest
 import trio
-
 from etcd_server import EtcdServer, free_port
+
 from flannelpy.etcd.store import EtcdOptions, StoreUnavailable
 from flannelpy.etcd.v2 import UNKNOWN_ATTRS, V2APIDisabled, V2Store, event_from_response, parse_expiration
-from flannelpy.lease import SUBNET_TTL, EventKind, LeaseAttrs
+from flannelpy.subnet.lease import SUBNET_TTL, EventKind, LeaseAttrs
 
 PREFIX = "/coreos.com/network"
 NET1 = IPv4Network("10.5.1.0/24")

@@ -8,12 +8,12 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 import trio
-
 from etcd_server import free_port
+
 from flannelpy.etcd.store import EtcdOptions, StoreUnavailable
 from flannelpy.etcd.v3 import V3Store, prefix_range_end
-from flannelpy.lease import EventKind, LeaseAttrs
-from flannelpy.leasetracker import LeaseTracker
+from flannelpy.subnet.lease import EventKind, LeaseAttrs
+from flannelpy.subnet.tracker import LeaseTracker
 
 pytestmark = pytest.mark.etcd
 

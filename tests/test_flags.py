@@ -4,8 +4,8 @@ import pytest
 
 from flannelpy.agent import AgentOptions
 from flannelpy.cli.flanneld import main as flanneld_main
+from flannelpy.config.flags import FLAGS, HelpRequested, env_name, parse_flags
 from flannelpy.errors import FlannelError, UsageError
-from flannelpy.flags import FLAGS, HelpRequested, env_name, parse_flags
 
 
 def parse(*argv, env=None):

@@ -6,13 +6,13 @@ from ipaddress import IPv4Address, IPv4Network
 
 import httpx
 import trio
+from etcd_server import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from etcd_server import free_port
-from flannelpy.health import serve_health
-from flannelpy.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
-from flannelpy.metrics import Metrics
-from flannelpy.state import AgentState
+from flannelpy.ops.health import serve_health
+from flannelpy.ops.metrics import Metrics
+from flannelpy.ops.state import AgentState
+from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
 
 class _Vxlan:

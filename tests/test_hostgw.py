@@ -8,15 +8,15 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 import trio
-
-from flannelpy.backends.alloc import AllocBackend
-from flannelpy.backends.base import ExternalInterface
-from flannelpy.backends.hostgw import HostGwBackend, Route, missing_routes, route_action
-from flannelpy.config import parse_config
-from flannelpy.errors import FlannelError
-from flannelpy.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
-from flannelpy.netlink import NetlinkThread
 from udp_driver import sh
+
+from flannelpy.backends.alloc.backend import AllocBackend
+from flannelpy.backends.base import ExternalInterface
+from flannelpy.backends.hostgw.backend import HostGwBackend, Route, missing_routes, route_action
+from flannelpy.config.network import parse_config
+from flannelpy.errors import FlannelError
+from flannelpy.hostnet.netlink import NetlinkThread
+from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
 CONFIG = parse_config(json.dumps({"Network": "10.60.0.0/16", "Backend": {"Type": "host-gw"}}))
 N1, N2 = IPv4Network("10.60.1.0/24"), IPv4Network("10.60.2.0/24")

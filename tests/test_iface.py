@@ -4,9 +4,10 @@ import logging
 from ipaddress import IPv4Address
 
 import pytest
+from netns_helpers import add_addr, add_veth, ifindex, namespaces, sh, unique_name
 
 from flannelpy.errors import FlannelError
-from flannelpy.iface import (
+from flannelpy.hostnet.interface import (
     HostSnapshot,
     LinkFacts,
     check_flags,
@@ -14,8 +15,7 @@ from flannelpy.iface import (
     select_interface,
     usable_addresses,
 )
-from flannelpy.netlink import NetlinkThread
-from netns_helpers import add_addr, add_veth, ifindex, namespaces, sh, unique_name
+from flannelpy.hostnet.netlink import NetlinkThread
 
 A = IPv4Address
 
@@ -119,11 +119,11 @@ def test_bad_flags_name_the_flag(kw, flag):
 
 def test_vagrant_nat_address_warns(caplog):
     snap = HostSnapshot((LinkFacts("eth0", 2, 1500, (A("10.0.2.15"),)),), default_index=2)
-    with caplog.at_level(logging.WARNING, logger="flannelpy.iface"):
+    with caplog.at_level(logging.WARNING, logger="flannelpy.hostnet.interface"):
         choose(snap=snap)
     assert "Vagrant" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="flannelpy.iface"):
+    with caplog.at_level(logging.WARNING, logger="flannelpy.hostnet.interface"):
         choose()
     assert "Vagrant" not in caplog.text
 

@@ -8,9 +8,9 @@ from ipaddress import IPv4Network as N
 import pytest
 import trio
 
-from flannelpy import iptables_rules as R
 from flannelpy.errors import FlannelError
-from flannelpy.iptables import MISSING_MSG, IptablesManager
+from flannelpy.hostnet import iptables_rules as R
+from flannelpy.hostnet.iptables import MISSING_MSG, IptablesManager
 
 pytestmark = pytest.mark.root
 
@@ -87,7 +87,7 @@ async def test_random_fully_can_be_disabled(netns):
 async def test_deleted_rule_comes_back_after_one_resync(netns, caplog):
     ns = netns()
     m = mgr(ns, resync_s=1)
-    caplog.set_level(logging.WARNING, logger="flannelpy.iptables")
+    caplog.set_level(logging.WARNING, logger="flannelpy.hostnet.iptables")
     async with trio.open_nursery() as nursery:
         await nursery.start(m.run)
         before = m.applied
@@ -176,7 +176,8 @@ async def test_missing_iptables_is_a_clear_error(netns, monkeypatch, tmp_path):
 @pytest.mark.slow
 async def test_with_real_dockerd_our_jump_is_first_in_docker_user(netns, tmp_path):
     from dockerd import Dockerd
-    from flannelpy.dockerjson import update_daemon_json
+
+    from flannelpy.docker.daemon_json import update_daemon_json
 
     ns = netns()
     workdir = f"/tmp/{ns}"

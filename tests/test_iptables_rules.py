@@ -2,7 +2,7 @@
 
 from ipaddress import IPv4Network as N
 
-from flannelpy import iptables_rules as R
+from flannelpy.hostnet import iptables_rules as R
 
 NET, POD = N("10.5.0.0/16"), N("10.5.72.0/24")
 

@@ -13,11 +13,11 @@ import pytest
 import trio
 
 from flannelpy.backends.base import LeaseData
-from flannelpy.config import parse_config
+from flannelpy.config.network import parse_config
 from flannelpy.etcd.select import make_store
 from flannelpy.etcd.store import EtcdOptions
-from flannelpy.lease import EventKind
-from flannelpy.leasemgr import LeaseManager
+from flannelpy.subnet.lease import EventKind
+from flannelpy.subnet.manager import LeaseManager
 
 pytestmark = [pytest.mark.etcd, pytest.mark.parametrize("api", ["v3", "v2"])]
 

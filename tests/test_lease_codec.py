@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flannelpy.errors import LeaseValueError
-from flannelpy.lease import LeaseAttrs, ValueStyle, decode_attrs, encode_attrs, parse_subnet_key, subnet_key
+from flannelpy.subnet.lease import LeaseAttrs, ValueStyle, decode_attrs, encode_attrs, parse_subnet_key, subnet_key
 
 HEAD_VXLAN = '{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}'
 

@@ -12,12 +12,12 @@ import pytest
 import trio
 
 from flannelpy.backends.base import LeaseData
-from flannelpy.config import parse_config
+from flannelpy.config.network import parse_config
 from flannelpy.errors import OutOfSubnets
 from flannelpy.etcd.store import EtcdOptions
 from flannelpy.etcd.v3 import V3Store
-from flannelpy.lease import SUBNET_TTL, EventKind
-from flannelpy.leasemgr import LeaseManager, LeaseTaken
+from flannelpy.subnet.lease import SUBNET_TTL, EventKind
+from flannelpy.subnet.manager import LeaseManager, LeaseTaken
 
 pytestmark = pytest.mark.etcd
 

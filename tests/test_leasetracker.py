@@ -4,8 +4,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 from flannelpy.etcd.store import WatchBatch
 from flannelpy.etcd.v3 import REMOVED_ATTRS
-from flannelpy.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
-from flannelpy.leasetracker import LeaseTracker
+from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
+from flannelpy.subnet.tracker import LeaseTracker
 
 OWN = IPv4Network("10.5.1.0/24")
 

@@ -2,7 +2,7 @@ import io
 import logging
 import re
 
-from flannelpy.logsetup import setup_logging
+from flannelpy.ops.logsetup import setup_logging
 
 
 def _emit(verbosity, environ):

@@ -1,4 +1,4 @@
-"""Multi-host integration: the namespace lab (flannelpy.lab) with real etcd and the real
+"""Multi-host integration: the namespace lab (flannelpy.lab.netns_lab) with real etcd and the real
 `flanneld` command line on every host, real kernel devices, real pings between containers.
 
 Nothing is mocked.  Each test builds its own lab with a unique `fpmXXXX` prefix and always
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from flannelpy.lab import Lab
+from flannelpy.lab.netns_lab import Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd]
 

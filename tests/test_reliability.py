@@ -20,8 +20,8 @@ from ipaddress import IPv4Network
 
 import pytest
 
-from flannelpy.lab import ETCD_IP, Lab, LabError, run, stop_pid
-from flannelpy.subnetenv import parse_env_file
+from flannelpy.lab.netns_lab import ETCD_IP, Lab, LabError, run, stop_pid
+from flannelpy.subnet.envfile import parse_env_file
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd]
 

@@ -5,8 +5,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flannelpy.lease import Lease, LeaseAttrs
-from flannelpy.routeplan import (
+from flannelpy.backends.vxlan.plan import (
     Fdb,
     Neigh,
     PeerPlan,
@@ -21,6 +20,7 @@ from flannelpy.routeplan import (
     random_vtep_mac,
     stale_entries,
 )
+from flannelpy.subnet.lease import Lease, LeaseAttrs
 
 A = IPv4Address
 

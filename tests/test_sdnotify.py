@@ -3,7 +3,7 @@
 import os
 import socket
 
-from flannelpy import sdnotify
+from flannelpy.ops import sdnotify
 
 
 def test_path_socket(tmp_path):

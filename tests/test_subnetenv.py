@@ -4,7 +4,7 @@ import os
 import stat
 from ipaddress import IPv4Network
 
-from flannelpy.subnetenv import SubnetEnv, parse_env_file, read_previous, render_subnet_env, write_subnet_env
+from flannelpy.subnet.envfile import SubnetEnv, parse_env_file, read_previous, render_subnet_env, write_subnet_env
 
 
 def env(mtu=1450, masq=False, subnet="10.5.72.0/24"):

@@ -11,13 +11,13 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
+from udp_driver import CONTAINERS, LEASES, UNDERLAY, UdpLab, in_netns, sh
 
 from flannelpy.backends.base import ExternalInterface
-from flannelpy.backends.udp import UdpBackend
-from flannelpy.config import parse_config
-from flannelpy.lease import Lease, LeaseAttrs, encode_attrs
-from flannelpy.netlink import NetlinkThread
-from udp_driver import CONTAINERS, LEASES, UNDERLAY, UdpLab, in_netns, sh
+from flannelpy.backends.udp.backend import UdpBackend
+from flannelpy.config.network import parse_config
+from flannelpy.hostnet.netlink import NetlinkThread
+from flannelpy.subnet.lease import Lease, LeaseAttrs, encode_attrs
 
 pytestmark = [pytest.mark.root]
 

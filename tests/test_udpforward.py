@@ -5,11 +5,12 @@ from __future__ import annotations
 import struct
 from ipaddress import IPv4Address, IPv4Network
 
-from hypothesis import given, strategies as st
-from scapy.layers.inet import ICMP, IP, UDP, TCP
+from hypothesis import given
+from hypothesis import strategies as st
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 
-from flannelpy.peertable import PeerTable
-from flannelpy.udpforward import checksum, decrement_ttl, is_ipv4, net_unreachable, wants_unreachable
+from flannelpy.backends.udp.forwarder import checksum, decrement_ttl, is_ipv4, net_unreachable, wants_unreachable
+from flannelpy.backends.udp.peertable import PeerTable
 
 
 def _header(ttl: int, rest: bytes) -> bytearray:
@@ -150,8 +151,14 @@ def test_peer_table_agrees_with_linear_scan(leases: list[tuple[int, int]], dst: 
 import random
 import socket
 
-from flannelpy.udpforward import (
-    VNET_HDR_LEN, Forwarder, _VNET, _first_diff, coalesce, complete_checksum, run_length,
+from flannelpy.backends.udp.forwarder import (
+    _VNET,
+    VNET_HDR_LEN,
+    Forwarder,
+    _first_diff,
+    coalesce,
+    complete_checksum,
+    run_length,
 )
 
 

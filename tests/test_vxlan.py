@@ -11,15 +11,15 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from netns_helpers import add_addr, add_veth, bridge_json, ifindex, ip_json, namespaces, ping, sh, unique_name
 
 from flannelpy.backends import backend_class
 from flannelpy.backends.base import ExternalInterface
-from flannelpy.backends.vxlan import VxlanBackend
-from flannelpy.config import parse_config
+from flannelpy.backends.vxlan.backend import VxlanBackend
+from flannelpy.config.network import parse_config
 from flannelpy.errors import ConfigError
-from flannelpy.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
-from flannelpy.netlink import NetlinkThread
-from netns_helpers import add_addr, add_veth, bridge_json, ifindex, ip_json, namespaces, ping, sh, unique_name
+from flannelpy.hostnet.netlink import NetlinkThread
+from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
 pytestmark = pytest.mark.root
 
@@ -185,7 +185,7 @@ async def test_other_backend_types_are_ignored(root, caplog):
     async with two_hosts() as (hosts, _):
         a = hosts["a"]
         be, _mac = await up(a, "a")
-        with caplog.at_level(logging.INFO, logger="flannelpy.backends.vxlan"):
+        with caplog.at_level(logging.INFO, logger="flannelpy.backends.vxlan.backend"):
             await be.apply(added(lease_of("b", "0a:00:00:00:00:01", btype="host-gw")))
         assert "not vxlan" in caplog.text
         assert neighs(a.ns) == [] and routes_text(a.ns, "10.55.2.0/24") == ""
@@ -260,7 +260,7 @@ async def test_failed_step_rolls_back_earlier_ones(root, caplog):
         # On a down device neigh and FDB entries can be added but an onlink route cannot
         # (ENETDOWN), so the third step fails and the first two must be undone.
         sh("ip", "-n", a.ns, "link", "set", "flannel.1", "down")
-        with caplog.at_level(logging.ERROR, logger="flannelpy.backends.vxlan"):
+        with caplog.at_level(logging.ERROR, logger="flannelpy.backends.vxlan.backend"):
             await be.apply(added(lease_of("b", "0a:00:00:00:00:01")))
         assert "rolled back" in caplog.text
         assert neighs(a.ns) == []

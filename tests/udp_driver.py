@@ -23,10 +23,10 @@ import trio
 from pyroute2 import IPRoute
 
 from flannelpy.backends.base import ExternalInterface
-from flannelpy.backends.udp import UdpBackend
-from flannelpy.config import parse_config
-from flannelpy.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
-from flannelpy.netlink import NetlinkThread
+from flannelpy.backends.udp.backend import UdpBackend
+from flannelpy.config.network import parse_config
+from flannelpy.hostnet.netlink import NetlinkThread
+from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
 
 def external(name: str) -> ExternalInterface:

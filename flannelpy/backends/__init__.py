@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ..errors import ConfigError
+from flannelpy.errors import ConfigError
+
 from .base import Backend
 
 

@@ -1,7 +1,9 @@
 """The interface every backend implements; the agent knows backends only through it.
 
-A backend is one module in flannelpy/backends/ that defines `BACKEND = <class>`; the
-registry finds it by its `name`, so adding a backend is adding one file.
+A backend is one folder in flannelpy/backends/ whose package defines `BACKEND = <class>`; the
+registry finds it by its `name`, so adding a backend is adding one folder.  ExternalInterface (the
+underlay, from hostnet) and LeaseData (what goes in our lease, from subnet) are part of the interface
+and re-exported here.
 """
 
 from __future__ import annotations
@@ -13,28 +15,10 @@ from typing import Any, ClassVar, Sequence
 
 import trio
 
-from ..config import NetworkConfig
-from ..lease import Lease, LeaseEvent
-from ..netlink import NetlinkThread
-
-
-@dataclass(frozen=True)
-class ExternalInterface:
-    """The underlay interface flannel sends over (flanneld's ExtIface)."""
-
-    name: str
-    index: int
-    ip: IPv4Address  # the interface's own address (flanneld: IfaceAddr)
-    public_ip: IPv4Address  # advertised to peers; -public-ip or the interface address
-    mtu: int
-
-
-@dataclass(frozen=True)
-class LeaseData:
-    """What the backend puts in our lease value."""
-
-    backend_type: str  # "" for udp, which never writes BackendType
-    backend_data: dict[str, Any] | None
+from flannelpy.config.network import NetworkConfig
+from flannelpy.hostnet.interface import ExternalInterface
+from flannelpy.hostnet.netlink import NetlinkThread
+from flannelpy.subnet.lease import Lease, LeaseData, LeaseEvent
 
 
 class Backend(ABC):
@@ -76,3 +60,6 @@ class Backend(ABC):
 
     async def close(self) -> None:
         """Called on shutdown.  Backends keep their kernel state unless flanneld drops it."""
+
+
+__all__ = ["Backend", "ExternalInterface", "LeaseData"]

@@ -8,9 +8,9 @@ import sys
 
 import trio
 
-from .. import __version__
-from ..errors import FlannelError, UsageError
-from ..flags import HelpRequested, parse_flags, usage
+from flannelpy import __version__
+from flannelpy.config.flags import HelpRequested, parse_flags, usage
+from flannelpy.errors import FlannelError, UsageError
 
 log = logging.getLogger("flanneld")
 
@@ -30,13 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__, file=sys.stderr)  # flanneld prints its version to stderr
         return 0
 
-    from ..logsetup import setup_logging
+    from flannelpy.ops.logsetup import setup_logging
 
     setup_logging(flags["v"])
     for warning in flags.inactive_in_use():
         log.warning("%s", warning)
 
-    from ..agent import AgentOptions, run_agent
+    from flannelpy.agent import AgentOptions, run_agent
 
     try:
         opts = AgentOptions.from_flags(flags)

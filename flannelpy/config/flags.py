@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .errors import UsageError
+from flannelpy.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from .errors import ConfigError
+from flannelpy.errors import ConfigError
 
 # Field name -> canonical spelling, for case-insensitive lookup.
 _FIELDS = {

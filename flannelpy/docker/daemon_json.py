@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from typing import Any
 
-from .errors import FlannelError
-from .fileutil import atomic_write
+from flannelpy.errors import FlannelError
+from flannelpy.fileutil import atomic_write
 
 DEFAULT_PATH = "/etc/docker/daemon.json"
 BACKUP_SUFFIX = ".flannel-backup"

@@ -1,4 +1,4 @@
-"""mk-docker-opts.sh, reproduced: subnet.env -> Docker flag env file.  Pure; flannelpy.ctl.docker_opts acts.
+"""mk-docker-opts.sh, reproduced: subnet.env -> Docker flag env file.  Pure; flannelpy.cli.flannelctl.docker_opts acts.
 
 Behaviour of flannel HEAD dist/mk-docker-opts.sh: getopts "f:d:icmk:?h"; the flannel env file is
 sourced over the current environment; every DOCKER_OPT_* variable is written in name order; the

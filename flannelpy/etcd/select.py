@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import httpx
 import trio
 
-from ..errors import FlannelError, UsageError
+from flannelpy.errors import FlannelError, UsageError
+
 from .store import EtcdOptions, Store, StoreUnavailable
 from .v2 import V2APIDisabled, V2Error, V2Store
 

@@ -1,7 +1,7 @@
 """The interface the agent needs from etcd, whatever the API version.
 
 Both implementations (v3 over the JSON gateway, v2 over the keys API) speak httpx and
-return the shared types from flannelpy.lease, so the lease logic above them is the same.
+return the shared types from flannelpy.subnet.lease, so the lease logic above them is the same.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import AsyncIterator, Protocol
 
-from ..errors import FlannelError
-from ..lease import Lease, LeaseAttrs, LeaseEvent
+from flannelpy.errors import FlannelError
+from flannelpy.subnet.lease import Lease, LeaseAttrs, LeaseEvent
 
 log = logging.getLogger("flanneld.etcd")
 

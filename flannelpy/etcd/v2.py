@@ -20,8 +20,19 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from ..errors import FlannelError, LeaseValueError
-from ..lease import EventKind, Lease, LeaseAttrs, LeaseEvent, ValueStyle, decode_attrs, encode_attrs, parse_subnet_key, subnet_key
+from flannelpy.errors import FlannelError, LeaseValueError
+from flannelpy.subnet.lease import (
+    EventKind,
+    Lease,
+    LeaseAttrs,
+    LeaseEvent,
+    ValueStyle,
+    decode_attrs,
+    encode_attrs,
+    parse_subnet_key,
+    subnet_key,
+)
+
 from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, tls_context
 
 log = logging.getLogger("flannelpy.etcd.v2")

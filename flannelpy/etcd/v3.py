@@ -19,8 +19,19 @@ from typing import Any, AsyncIterator, Callable
 import httpx
 import trio
 
-from ..errors import FlannelError, LeaseValueError
-from ..lease import EventKind, Lease, LeaseAttrs, LeaseEvent, ValueStyle, decode_attrs, encode_attrs, parse_subnet_key, subnet_key
+from flannelpy.errors import FlannelError, LeaseValueError
+from flannelpy.subnet.lease import (
+    EventKind,
+    Lease,
+    LeaseAttrs,
+    LeaseEvent,
+    ValueStyle,
+    decode_attrs,
+    encode_attrs,
+    parse_subnet_key,
+    subnet_key,
+)
+
 from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, tls_context
 
 log = logging.getLogger("flanneld.etcd")

@@ -19,8 +19,8 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .backends.base import ExternalInterface
-from .errors import FlannelError
+from flannelpy.errors import FlannelError
+
 from .netlink import NetlinkThread
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,17 @@ log = logging.getLogger(__name__)
 # advertise the same PublicIP and end up sharing one lease (flannel#51).
 VAGRANT_NAT_IP = IPv4Address("10.0.2.15")
 _LINK_LOCAL = IPv4Network("169.254.0.0/16")
+
+
+@dataclass(frozen=True)
+class ExternalInterface:
+    """The underlay interface flannel sends over (flanneld's ExtIface)."""
+
+    name: str
+    index: int
+    ip: IPv4Address  # the interface's own address (flanneld: IfaceAddr)
+    public_ip: IPv4Address  # advertised to peers; -public-ip or the interface address
+    mtu: int
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Applying flanneld's iptables rules: one iptables-restore batch, a resync loop, old-rule cleanup.
 
-Rules are decided in flannelpy.iptables_rules; this module only runs iptables-save/-restore.
+Rules are decided in flannelpy.hostnet.iptables_rules; this module only runs iptables-save/-restore.
 Like flanneld, rules are kept when the agent exits.
 """
 
@@ -12,8 +12,9 @@ from ipaddress import IPv4Network
 
 import trio
 
+from flannelpy.errors import FlannelError
+
 from . import iptables_rules as R
-from .errors import FlannelError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """iptables rules flanneld installs, as data: building restore payloads and reading iptables-save.
 
-Everything here is pure.  flannelpy.iptables runs the commands; this module decides what they say.
+Everything here is pure.  flannelpy.hostnet.iptables runs the commands; this module decides what they say.
 
 Rule text is kept in iptables-save form (`-m comment --comment "flanneld masq"`), which is also what
 iptables-restore reads, so "is this rule present?" is a string comparison against iptables-save output.

@@ -1,6 +1,6 @@
 """The lab with a real Docker per host: flanneld writes bip/mtu into daemon.json, dockerd reads it.
 
-Same topology as `flannelpy.lab`, except that the containers are real Docker containers instead of
+Same topology as `flannelpy.lab.netns_lab`, except that the containers are real Docker containers instead of
 `<prefix>-cN` namespaces:
 
     <prefix>-hN   runs `flanneld ... -docker-daemon-json=<hostdir>/daemon.json` and, once flanneld has
@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dockerproc import BUSYBOX, Dockerd, kill_leftovers, stop_dockerd, unmount_under
-from .lab import Lab, LabError, LabHost, _pid_alive, run
+from .dockerd import BUSYBOX, Dockerd, kill_leftovers, stop_dockerd, unmount_under
+from .netns_lab import Lab, LabError, LabHost, _pid_alive, run
 
 # flanneld runs with -ip-masq, so Docker must not masquerade too (mk-docker-opts.sh turns
 # FLANNEL_IPMASQ=true into --ip-masq=false); otherwise container-to-container traffic leaves NATed.

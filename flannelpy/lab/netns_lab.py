@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
 from typing import Any
 
-from .errors import FlannelError
-from .etcdproc import EtcdServer
-from .subnetenv import parse_env_file
+from flannelpy.errors import FlannelError
+from flannelpy.subnet.envfile import parse_env_file
+
+from .etcd_server import EtcdServer
 
 UNDERLAY_NET = IPv4Network("10.250.0.0/24")
 ETCD_IP = "10.250.0.1"
@@ -43,6 +44,12 @@ class LabError(FlannelError):
 
 def host_ip(index: int) -> str:
     return str(UNDERLAY_NET.network_address + 10 + index)
+
+
+def own_command(name: str) -> str:
+    """flanneld/flannelctl from the same installation as this Python (a venv need not be on PATH)."""
+    sibling = os.path.join(os.path.dirname(sys.executable), name)
+    return sibling if os.access(sibling, os.X_OK) else name
 
 
 def default_config(backend: str, network: str = "10.5.0.0/16") -> str:
@@ -279,7 +286,7 @@ class Lab:
 
     def agent_command(self, host: LabHost) -> list[str]:
         return [
-            "flanneld",
+            own_command("flanneld"),
             f"-etcd-endpoints={self.etcd_endpoint}",
             f"-etcd-prefix={self.etcd_prefix}",
             "-iface=eth0",

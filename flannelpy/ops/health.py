@@ -22,7 +22,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from .errors import FlannelError
+from flannelpy.errors import FlannelError
+
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .state import AgentState

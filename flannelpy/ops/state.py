@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Any, Iterable, Protocol
 
-from .lease import EventKind, Lease, LeaseEvent
+from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
 
 
 class _Accepts(Protocol):

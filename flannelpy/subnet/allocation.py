@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable
 
-from .config import NetworkConfig
-from .errors import OutOfSubnets
+from flannelpy.config.network import NetworkConfig
+from flannelpy.errors import OutOfSubnets
+
 from .lease import Lease
 
 FREE_CANDIDATES = 100  # flanneld picks at random among this many free subnets

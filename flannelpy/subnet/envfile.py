@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
 
-from .fileutil import atomic_write
+from flannelpy.fileutil import atomic_write
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from enum import Enum
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from .errors import LeaseValueError
+from flannelpy.errors import LeaseValueError
 
 SUBNET_TTL = 24 * 3600  # flanneld's subnetTTL
 
@@ -74,6 +74,14 @@ class LeaseAttrs:
             return None
         vni = self.backend_data.get("VNI")
         return int(vni) if vni is not None else None
+
+
+@dataclass(frozen=True)
+class LeaseData:
+    """What the backend puts in our lease value."""
+
+    backend_type: str  # "" for udp, which never writes BackendType
+    backend_data: dict[str, Any] | None
 
 
 @dataclass(frozen=True)

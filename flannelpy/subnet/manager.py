@@ -19,13 +19,13 @@ from typing import Awaitable, Callable, Sequence
 
 import trio
 
+from flannelpy.config.network import NetworkConfig
+from flannelpy.errors import FlannelError, first_flannel_error
+from flannelpy.etcd.store import Store, StoreUnavailable, WatchBatch
+
 from .allocation import plan_acquisition
-from .backends.base import LeaseData
-from .config import NetworkConfig
-from .errors import FlannelError, first_flannel_error
-from .etcd.store import Store, StoreUnavailable, WatchBatch
-from .lease import SUBNET_TTL, EventKind, Lease, LeaseAttrs, LeaseEvent
-from .leasetracker import LeaseTracker
+from .lease import SUBNET_TTL, EventKind, Lease, LeaseAttrs, LeaseData, LeaseEvent
+from .tracker import LeaseTracker
 
 log = logging.getLogger("flanneld.lease")
 

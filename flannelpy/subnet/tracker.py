@@ -14,7 +14,8 @@ from __future__ import annotations
 from ipaddress import IPv4Network
 from typing import Iterable
 
-from .etcd.store import WatchBatch
+from flannelpy.etcd.store import WatchBatch
+
 from .lease import EventKind, Lease, LeaseEvent
 
 

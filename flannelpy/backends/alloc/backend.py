@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..lease import Lease, LeaseEvent
-from .base import Backend, LeaseData
+from flannelpy.backends.base import Backend, LeaseData
+from flannelpy.subnet.lease import Lease, LeaseEvent
 
 
 class AllocBackend(Backend):

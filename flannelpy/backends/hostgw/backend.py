@@ -18,9 +18,9 @@ import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..errors import FlannelError
-from ..lease import EventKind, Lease, LeaseEvent
-from .base import Backend, LeaseData
+from flannelpy.backends.base import Backend, LeaseData
+from flannelpy.errors import FlannelError
+from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,13 @@ import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..errors import FlannelError
-from ..lease import EventKind, Lease, LeaseEvent
-from ..peertable import PeerTable
-from ..tun import open_tun
-from ..udpforward import Forwarder
-from .base import Backend, LeaseData
+from flannelpy.backends.base import Backend, LeaseData
+from flannelpy.errors import FlannelError
+from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
+
+from .forwarder import Forwarder
+from .peertable import PeerTable
+from .tun import open_tun
 
 DEFAULT_PORT = 8285
 ENCAP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)

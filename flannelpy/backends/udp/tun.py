@@ -11,7 +11,7 @@ import fcntl
 import os
 import struct
 
-from .errors import FlannelError
+from flannelpy.errors import FlannelError
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0

@@ -2,7 +2,7 @@
 a permanent FDB entry and an onlink route, exactly as flanneld programs them (so mixed
 clusters of flanneld and flannelpy nodes interoperate).
 
-What to program is decided in flannelpy.routeplan; this module only performs it, on the
+What to program is decided in flannelpy.backends.vxlan.plan; this module only performs it, on the
 netlink thread.  Kernel state is kept on shutdown so a restart does not cut traffic.
 """
 
@@ -15,12 +15,14 @@ from typing import Any, Callable, Sequence
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..config import NetworkConfig
-from ..errors import ConfigError, FlannelError
-from ..iface import route_get_hops
-from ..lease import EventKind, Lease, LeaseEvent
-from ..netlink import NetlinkThread
-from ..routeplan import (
+from flannelpy.backends.base import Backend, ExternalInterface, LeaseData
+from flannelpy.config.network import NetworkConfig
+from flannelpy.errors import ConfigError, FlannelError
+from flannelpy.hostnet.interface import route_get_hops
+from flannelpy.hostnet.netlink import NetlinkThread
+from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
+
+from .plan import (
     VXLAN_DEFAULT_PORT,
     VXLAN_OVERHEAD,
     Fdb,
@@ -37,7 +39,6 @@ from ..routeplan import (
     random_vtep_mac,
     stale_entries,
 )
-from .base import Backend, ExternalInterface, LeaseData
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable
 
-from .lease import Lease
+from flannelpy.subnet.lease import Lease
 
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8
 VXLAN_DEFAULT_PORT = 8472  # the Linux kernel's (pre-IANA) VXLAN port, which flanneld relies on

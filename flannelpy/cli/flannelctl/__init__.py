@@ -1,4 +1,4 @@
-"""flannelctl: admin and lab tool.  Each subcommand lives in its own module in flannelpy.ctl."""
+"""flannelctl: admin and lab tool.  Each subcommand is a module of this package defining register(subparsers)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ import importlib
 import pkgutil
 import sys
 
-from .. import ctl
-from ..errors import FlannelError
+from flannelpy.errors import FlannelError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flannelctl", description="flannelpy admin and lab tool")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for info in sorted(pkgutil.iter_modules(ctl.__path__), key=lambda i: i.name):
-        module = importlib.import_module(f"{ctl.__name__}.{info.name}")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):  # __main__ runs flannelctl itself
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
@@ -33,6 +34,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

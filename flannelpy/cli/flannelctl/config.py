@@ -13,10 +13,10 @@ from typing import Any, TextIO
 
 import trio
 
-from ..config import NetworkConfig, check_config
-from ..errors import FlannelError
-from ..etcd.select import API_CHOICES, check_api, config_key, create_command, make_store, probe
-from ..etcd.store import EtcdOptions, Store
+from flannelpy.config.network import NetworkConfig, check_config
+from flannelpy.errors import FlannelError
+from flannelpy.etcd.select import API_CHOICES, check_api, config_key, create_command, make_store, probe
+from flannelpy.etcd.store import EtcdOptions, Store
 
 
 def add_etcd_options(p: argparse.ArgumentParser) -> None:

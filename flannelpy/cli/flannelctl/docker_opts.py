@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
-from ..dockeropts import DockerOptsError, parse_args, render, route_conflict
-from ..subnetenv import parse_env_file
+from flannelpy.docker.opts import DockerOptsError, parse_args, render, route_conflict
+from flannelpy.subnet.envfile import parse_env_file
 
 
 def run(argv: list[str], environ: dict[str, str] | None = None, prog: str = "mk-docker-opts.sh") -> int:

@@ -1,4 +1,4 @@
-"""flannelctl lab up|down|status: the single-machine multi-host lab (see flannelpy.lab)."""
+"""flannelctl lab up|down|status: the single-machine multi-host lab (see flannelpy.lab.netns_lab)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from ..lab import DEFAULT_PREFIX, DEFAULT_WORKDIR, Lab, LabError, default_config, print_status
+from flannelpy.lab.netns_lab import DEFAULT_PREFIX, DEFAULT_WORKDIR, Lab, LabError, default_config, print_status
 
 BACKENDS = ("vxlan", "udp", "host-gw", "none")
 
@@ -59,7 +59,7 @@ def _pings_json(results: dict[tuple[int, int], bool]) -> list[dict]:
 def _up(args: argparse.Namespace) -> int:
     _require_root()
     if args.docker:
-        from ..labdocker import DockerLab
+        from flannelpy.lab.docker_lab import DockerLab
 
         lab: Lab = DockerLab(prefix=args.prefix, hosts=args.hosts, backend=args.backend, etcd_api=args.etcd_api,
                              etcd_prefix=args.etcd_prefix, workdir=args.workdir,
@@ -89,7 +89,7 @@ def _load(args: argparse.Namespace) -> Lab:
     # Decide before loading: Lab(**doc) would reject a DockerLab's extra fields in lab.json.
     workdir = args.workdir or os.path.join(DEFAULT_WORKDIR, args.prefix)
     if os.path.exists(os.path.join(workdir, "docker")):
-        from ..labdocker import DockerLab
+        from flannelpy.lab.docker_lab import DockerLab
 
         return DockerLab.load(args.prefix, args.workdir)
     return Lab.load(args.prefix, args.workdir)

@@ -8,8 +8,8 @@ from typing import Any
 
 import trio
 
-from ..etcd.store import EtcdOptions
-from ..lease import Lease
+from flannelpy.etcd.store import EtcdOptions
+from flannelpy.subnet.lease import Lease
 
 
 def _expires_in(lease: Lease, now: float) -> str:
@@ -47,7 +47,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 async def _fetch(options: EtcdOptions, api: str) -> list[Lease]:
-    from ..etcd.select import open_store
+    from flannelpy.etcd.select import open_store
 
     store = await open_store(options, api)
     try:

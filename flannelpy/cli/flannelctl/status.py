@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from ..health import DEFAULT_SOCKET
+from flannelpy.ops.health import DEFAULT_SOCKET
 
 
 def format_status(doc: dict[str, Any], now: float) -> str:
