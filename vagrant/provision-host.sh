@@ -5,23 +5,13 @@ ETCD_IP="$1"
 MY_IP="$2"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q docker.io iptables iproute2 python3-pip python3-venv
+apt-get install -y -q docker.io iptables iproute2 python3-venv
 modprobe br_netfilter
 echo br_netfilter > /etc/modules-load.d/flannel.conf
 
-python3 -m venv /opt/flannelpy
-/opt/flannelpy/bin/pip install -q /flannelpy
-ln -sf /opt/flannelpy/bin/flanneld /usr/bin/flanneld
-ln -sf /opt/flannelpy/bin/flannelctl /usr/bin/flannelctl
-
-install -m 0755 /flannelpy/systemd/flanneld-start /usr/bin/flanneld-start
-install -m 0644 /flannelpy/systemd/flanneld.service /usr/lib/systemd/system/flanneld.service
-install -d /usr/lib/systemd/system/docker.service.d
-install -m 0644 /flannelpy/systemd/docker.service.d/flannel.conf /usr/lib/systemd/system/docker.service.d/flannel.conf
-install -m 0644 /flannelpy/etc/tmpfiles-flannel.conf /usr/lib/tmpfiles.d/flannel.conf
-systemd-tmpfiles --create /usr/lib/tmpfiles.d/flannel.conf
-install -d /etc/sysconfig
-install -m 0644 /flannelpy/etc/sysconfig/flanneld /etc/sysconfig/flanneld
+# The documented install (README): a venv in /opt/flannelpy made with Debian's own python3,
+# /usr/bin/flanneld and flannelctl, the units, the Docker drop-in and /etc/sysconfig/flanneld.
+sh /flannelpy/etc/install.sh
 
 # The interface that holds MY_IP (eth1), never the NAT interface: every VirtualBox VM has
 # 10.0.2.15 on eth0, so a default-route pick would advertise the same PublicIP from every host.
