@@ -189,3 +189,32 @@ async def test_with_real_dockerd_our_jump_is_first_in_docker_user(netns, tmp_pat
         assert forward[0] == "-j DOCKER-USER"  # Docker's jump first, so ours in DOCKER-USER runs first
         assert chain(ns, "filter", "DOCKER-USER")[0] == R.DOCKER_USER_JUMP.spec_text
         assert await m.missing() == []
+
+
+async def test_two_networks_in_one_namespace_keep_each_others_rules(netns):
+    """Two flanneld instances (different -etcd-prefix and Network) in one namespace: each
+    resync leaves the other's rules alone, so neither rebuilds after the first batch."""
+    ns = netns()
+    net_b, pod_b = N("10.6.0.0/16"), N("10.6.3.0/24")
+    a = mgr(ns, resync_s=1)
+    b = IptablesManager(net_b, pod_b, masq=True, forward=True, resync_s=1, netns=ns)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        settled = (a.applied, b.applied)
+        await trio.sleep(3.5)  # three resyncs of each
+        assert (a.applied, b.applied) == settled, "a resync rebuilt the chains: the instances fight"
+        assert await a.missing() == [] and await b.missing() == []
+        # someone deletes one of a's rules: a rebuilds, b's rules are there throughout
+        in_ns(ns, "iptables", "-D", "FLANNEL-FWD", "-s", str(NET), "-m", "comment", "--comment", "flanneld forward",
+              "-j", "ACCEPT")
+        with trio.fail_after(30):
+            while a.applied == settled[0]:
+                await trio.sleep(0.1)
+        assert await a.missing() == [] and await b.missing() == []
+        nursery.cancel_scope.cancel()
+    fwd = chain(ns, "filter", "FLANNEL-FWD")
+    assert sorted(fwd) == sorted(want(R.forward_rules(NET), "FLANNEL-FWD") + want(R.forward_rules(net_b), "FLANNEL-FWD"))
+    post = chain(ns, "nat", "FLANNEL-POSTRTG")
+    assert len(post) == len(set(post)) == 11
+    assert chain(ns, "nat", "POSTROUTING").count(R.masq_rules(NET, POD, random_fully=True)[0].spec_text) == 1

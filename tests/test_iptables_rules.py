@@ -158,3 +158,86 @@ def test_version_parsing_and_random_fully_support():
     assert R.parse_version("iptables v1.8.9 (nf_tables)") == (1, 8, 9)
     assert R.parse_version("garbage") is None
     assert R.has_random_fully((1, 6, 2)) and not R.has_random_fully((1, 6, 1)) and not R.has_random_fully(None)
+
+
+# --- several instances in one namespace share flanneld's chain names --------------------------------
+
+NET_B, POD_B = N("10.6.0.0/16"), N("10.6.3.0/24")
+
+
+def _apply(payload: str, saved: R.SavedTables) -> R.SavedTables:
+    """What iptables-restore --noflush leaves: declared chains flushed, -D/-A/-I applied in order."""
+    tables = {t: {c: list(specs) for c, specs in chains.items()} for t, chains in saved.tables.items()}
+    table = None
+    for line in payload.splitlines():
+        if line.startswith("*"):
+            table = tables.setdefault(line[1:], {})
+        elif line.startswith(":"):
+            table[line[1:].split()[0]] = []
+        elif line.startswith(("-A ", "-D ")):
+            op, chain, spec = line.split(" ", 2)
+            rules = table.setdefault(chain, [])
+            if op == "-A":
+                rules.append(spec)
+            else:
+                rules.remove(spec)
+        elif line.startswith("-I "):
+            _, chain, pos, spec = line.split(" ", 3)
+            table.setdefault(chain, []).insert(int(pos) - 1, spec)
+    return R.SavedTables(tables)
+
+
+def test_two_networks_keep_each_others_rules_through_rebuilds():
+    a = R.desired_rules(NET, POD, masq=True, forward=True, random_fully=True)
+    b = R.desired_rules(NET_B, POD_B, masq=True, forward=True, random_fully=True)
+    state = _apply(R.restore_payload(a, R.SavedTables()), R.SavedTables())
+    state = _apply(R.restore_payload(b, state), state)
+    assert R.missing_rules(a, state) == [] and R.missing_rules(b, state) == []
+    # a rebuild by either (e.g. after someone deleted one of its rules) keeps the other's
+    for who in (a, b, a, b):
+        state = _apply(R.restore_payload(who, state), state)
+        assert R.missing_rules(a, state) == [] and R.missing_rules(b, state) == []
+    post = state.chain("nat", "FLANNEL-POSTRTG")
+    fwd = state.chain("filter", "FLANNEL-FWD")
+    assert len(post) == len(set(post)) == 11  # the kube-proxy mark RETURN is shared, not doubled
+    assert len(fwd) == 4
+    assert state.chain("nat", "POSTROUTING").count('-m comment --comment "flanneld masq" -j FLANNEL-POSTRTG') == 1
+    # our rules come first, in flanneld's order
+    assert post[:6] == [r.spec_text for r in b.rules if r.chain == "FLANNEL-POSTRTG"]
+
+
+def test_stale_variant_of_our_own_rules_is_dropped_foreign_ones_kept_verbatim():
+    d = R.desired_rules(NET, POD, masq=True, forward=False, random_fully=True)
+    saved = R.parse_save(
+        "*nat\n:FLANNEL-POSTRTG - [0:0]\n"
+        # ours without --random-fully and of an older subnet of ours: stale
+        '-A FLANNEL-POSTRTG -s 10.5.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE\n'
+        '-A FLANNEL-POSTRTG -s 10.5.9.0/24 -d 10.5.0.0/16 -m comment --comment "flanneld masq" -j RETURN\n'
+        # another instance's, and an operator's own rule with another comment: kept as they are
+        '-A FLANNEL-POSTRTG -s 10.6.3.0/24 -d 10.6.0.0/16 -m comment --comment "flanneld masq" -j RETURN\n'
+        '-A FLANNEL-POSTRTG -s 10.5.1.0/24 -m comment --comment "ops: keep me" -j RETURN\n'
+        "COMMIT\n"
+    )
+    state = _apply(R.restore_payload(d, saved), saved)
+    post = state.chain("nat", "FLANNEL-POSTRTG")
+    assert post == [r.spec_text for r in d.rules if r.chain == "FLANNEL-POSTRTG"] + [
+        '-s 10.6.3.0/24 -d 10.6.0.0/16 -m comment --comment "flanneld masq" -j RETURN',
+        '-s 10.5.1.0/24 -m comment --comment "ops: keep me" -j RETURN',
+    ]
+
+
+def test_rules_of_our_previous_network_are_ours_to_drop():
+    old_fwd = R.forward_rules(NET_B)[1:]
+    saved = R.parse_save("*filter\n:FLANNEL-FWD - [0:0]\n" + lines(old_fwd) + "COMMIT\n")
+    moved = R.desired_rules(NET, POD, masq=False, forward=True, random_fully=True, previous_network=NET_B)
+    assert _apply(R.restore_payload(moved, saved), saved).chain("filter", "FLANNEL-FWD") == [
+        r.spec_text for r in R.forward_rules(NET)[1:]]
+    # without that history they look like another instance's and stay
+    other = R.desired_rules(NET, POD, masq=False, forward=True, random_fully=True)
+    assert len(_apply(R.restore_payload(other, saved), saved).chain("filter", "FLANNEL-FWD")) == 4
+
+
+def test_rule_networks_reads_source_and_destination():
+    assert R.rule_networks('! -s 10.5.0.0/16 -d 10.5.72.0/24 -m comment --comment "flanneld masq" -j RETURN') == [
+        NET, POD]
+    assert R.rule_networks("-m mark --mark 0x4000/0x4000 -j RETURN") == []

@@ -21,6 +21,16 @@ log = logging.getLogger(__name__)
 MISSING_MSG = "Some iptables rules are missing; deleting and recreating rules"
 
 
+def check_tools() -> None:
+    """The commands the rules need are installed; the agent calls this before taking a lease."""
+    for tool in ("iptables", "iptables-save", "iptables-restore"):
+        if shutil.which(tool) is None:
+            raise FlannelError(
+                f"{tool} not found in PATH; install iptables, or run with "
+                "--ip-masq=false --iptables-forward-rules=false"
+            )
+
+
 class IptablesManager:
     """Keeps flanneld's masq (nat FLANNEL-POSTRTG) and forward (filter FLANNEL-FWD) rules in place.
 
@@ -72,12 +82,7 @@ class IptablesManager:
         return proc.stdout.decode(errors="replace")
 
     def _check_binaries(self) -> None:
-        for tool in ("iptables", "iptables-save", "iptables-restore"):
-            if shutil.which(tool) is None:
-                raise FlannelError(
-                    f"{tool} not found in PATH; install iptables, or run with "
-                    "--ip-masq=false --iptables-forward-rules=false"
-                )
+        check_tools()
 
     async def _desired_rules(self) -> R.Desired:
         if self._desired is None:
@@ -90,6 +95,7 @@ class IptablesManager:
                 masq=self.masq,
                 forward=self.forward,
                 random_fully=R.has_random_fully(version) and not self.random_fully_disable,
+                previous_network=self.previous_network,
             )
         return self._desired
 

@@ -126,10 +126,18 @@ def parse_save(text: str) -> SavedTables:
 
 @dataclass(frozen=True)
 class Desired:
-    """All rules one flanneld wants: chains it owns (flushed and refilled), and jumps into them."""
+    """All rules one flanneld wants: chains it fills (rebuilt in order), and jumps into them.
+
+    Several flanneld instances on one machine (different -etcd-prefix and Network) share
+    flanneld's chain names, so a rebuild keeps every rule of the chain that is not ours: ours are
+    the rules we want and any flanneld-commented rule naming one of `own_networks` (a stale
+    variant of ours, e.g. of a previous subnet).  The rules themselves stay byte-identical to
+    flanneld's, so tooling that reads them, and an upgrade from flanneld, see what they expect.
+    """
 
     rules: tuple[Rule, ...]
     docker_user: bool  # put our jump first in DOCKER-USER when that chain exists
+    own_networks: tuple[IPv4Network, ...] = ()
 
     @property
     def chains(self) -> list[tuple[str, str]]:
@@ -142,14 +150,57 @@ class Desired:
 
 
 def desired_rules(
-    network: IPv4Network, subnet: IPv4Network, *, masq: bool, forward: bool, random_fully: bool
+    network: IPv4Network, subnet: IPv4Network, *, masq: bool, forward: bool, random_fully: bool,
+    previous_network: IPv4Network | None = None,
 ) -> Desired:
     rules: list[Rule] = []
     if masq:
         rules += masq_rules(network, subnet, random_fully=random_fully)
     if forward:
         rules += forward_rules(network)
-    return Desired(tuple(rules), docker_user=forward)
+    own = (network,) if previous_network in (None, network) else (network, previous_network)
+    return Desired(tuple(rules), docker_user=forward, own_networks=own)
+
+
+_OUR_COMMENTS = (MASQ_COMMENT, FWD_COMMENT)
+_ADDRESS_OPTIONS = ("-s", "--source", "-d", "--destination")
+
+
+def rule_networks(spec: str) -> list[IPv4Network]:
+    """The networks a rule's -s/-d options name (negated or not), in iptables-save form."""
+    try:
+        toks = shlex.split(spec)
+    except ValueError:
+        return []
+    found = []
+    for opt, value in zip(toks, toks[1:]):
+        if opt in _ADDRESS_OPTIONS:
+            try:
+                found.append(IPv4Network(value, strict=False))
+            except ValueError:
+                pass
+    return found
+
+
+def is_ours(table: str, chain: str, spec: str, desired: Desired) -> bool:
+    """Whether a rule found in one of our chains belongs to this flanneld (see Desired)."""
+    if any(r.table == table and r.chain == chain and r.spec_text == spec for r in desired.rules):
+        return True
+    parsed = _strip_extras(spec)
+    if parsed is None or parsed[1] not in _OUR_COMMENTS:
+        return False
+    return any(net.subnet_of(own) for net in rule_networks(spec) for own in desired.own_networks)
+
+
+def foreign_rules(desired: Desired, saved: SavedTables) -> list[tuple[str, str, str]]:
+    """(table, chain, spec as iptables-save printed it) of each rule in our chains that another
+    instance (or someone else) put there, in their order; the spec is re-added verbatim."""
+    out: list[tuple[str, str, str]] = []
+    for table, chain in desired.chains:
+        for spec in saved.chain(table, chain) or []:
+            if not is_ours(table, chain, spec, desired):
+                out.append((table, chain, spec))
+    return out
 
 
 def missing_rules(desired: Desired, saved: SavedTables) -> list[str]:
@@ -172,9 +223,11 @@ def restore_payload(desired: Desired, saved: SavedTables, cleanup: list[Rule] = 
     """One iptables-restore --noflush batch that (re)builds everything in order, atomically.
 
     Declaring `:CHAIN` creates our chain or flushes it (with --noflush, only declared chains are
-    flushed), so chain rules come back in order.  Jumps living in chains that are not ours are
-    deleted (every copy) and re-added, which also fixes their position.  `cleanup` rules are
-    deleted if present.  `saved` must be fresh: deleting an absent rule fails the whole batch.
+    flushed), so chain rules come back in order; the rules of other instances found there are
+    re-added after ours in the same batch, so they never disappear, even for an instant.  Jumps
+    living in chains that are not ours are deleted (every copy) and re-added, which also fixes
+    their position.  `cleanup` rules are deleted if present.  `saved` must be fresh: deleting an
+    absent rule fails the whole batch.
     """
     by_table: dict[str, list[str]] = {}
 
@@ -194,6 +247,8 @@ def restore_payload(desired: Desired, saved: SavedTables, cleanup: list[Rule] = 
             for _ in range(saved.count(rule)):
                 add(rule.table, rule.line("-D"))
         add(rule.table, rule.line("-A"))
+    for table, chain, spec in foreign_rules(desired, saved):
+        add(table, f"-A {chain} {spec}")
     if desired.docker_user and saved.has_chain("filter", DOCKER_USER):
         for _ in range(saved.count(DOCKER_USER_JUMP)):
             add("filter", DOCKER_USER_JUMP.line("-D"))
