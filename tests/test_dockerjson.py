@@ -7,8 +7,10 @@ import pytest
 
 from flannelpy.docker.daemon_json import (
     BACKUP_SUFFIX,
+    check_daemon_json,
     find_flag_conflicts,
     restart_docker_if_changed,
+    restore_daemon_json,
     unit_exec_starts,
     update_daemon_json,
 )
@@ -125,6 +127,111 @@ def test_restart_without_systemd_returns_instruction(tmp_path):
     change = update_daemon_json(str(tmp_path / "daemon.json"), "10.1.74.1/24", 1450)
     msg = restart_docker_if_changed(change, systemd_dir=str(tmp_path / "no-systemd"))
     assert msg is not None and "restart dockerd" in msg and str(tmp_path / "daemon.json") in msg
+
+
+def test_symlinked_file_stays_a_symlink_and_its_target_is_updated(tmp_path):
+    (tmp_path / "managed").mkdir()
+    target = tmp_path / "managed" / "daemon.json"
+    target.write_text('{"debug": true}')
+    link = tmp_path / "daemon.json"
+    link.symlink_to(target)
+    check_daemon_json(str(link))
+    change = update_daemon_json(str(link), "10.1.74.1/24", 1450)
+    assert os.path.islink(link) and os.readlink(link) == str(target)
+    assert json.loads(target.read_text()) == {"debug": True, "bip": "10.1.74.1/24", "mtu": 1450}
+    assert change.backup == str(target) + BACKUP_SUFFIX and change.target == str(target)
+    assert open(change.backup).read() == '{"debug": true}'
+    assert sorted(os.listdir(tmp_path)) == ["daemon.json", "managed"]
+
+
+def test_dangling_symlink_creates_its_target(tmp_path):
+    link = tmp_path / "daemon.json"
+    link.symlink_to(tmp_path / "conf" / "docker.json")
+    update_daemon_json(str(link), "10.1.74.1/24", 1450)
+    assert os.path.islink(link)
+    assert json.loads((tmp_path / "conf" / "docker.json").read_text())["bip"] == "10.1.74.1/24"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"mtu": 1500,,}', "not valid JSON at line 1 column 14"),
+    ("[" * 100_000, "nested too deeply"),
+    ('"x"', "top level must be a JSON object, found str"),
+    ('{"bridge": "br-lan"}', '"bridge"'),
+    (b"\xff\xfe{}", "not valid UTF-8 at byte 0"),
+])
+def test_check_names_the_file_and_the_problem_in_one_line(tmp_path, text, message):
+    path = tmp_path / "daemon.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(FlannelError) as err:
+        check_daemon_json(str(path))
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value) and "\n" not in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["daemon.json"]
+
+
+def test_check_refuses_a_directory_and_a_path_under_a_file(tmp_path):
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(FlannelError, match="cannot read: Is a directory"):
+        check_daemon_json(str(tmp_path / "dir.json"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FlannelError, match="Not a directory"):
+        check_daemon_json(str(tmp_path / "file" / "docker" / "daemon.json"))
+    check_daemon_json(str(tmp_path / "new" / "daemon.json"))  # a missing file and directory are fine
+    assert sorted(os.listdir(tmp_path)) == ["dir.json", "file"]  # the check made nothing
+
+
+@pytest.mark.parametrize("had_backup", [False, True])
+def test_restore_puts_file_and_backup_back_byte_for_byte(tmp_path, had_backup):
+    path = tmp_path / "daemon.json"
+    path.write_bytes(b'{"debug":true}')
+    if had_backup:
+        (tmp_path / ("daemon.json" + BACKUP_SUFFIX)).write_bytes(b"older")
+    change = update_daemon_json(str(path), "10.1.74.1/24", 1450)
+    restore_daemon_json(change)
+    assert path.read_bytes() == b'{"debug":true}'
+    backup = tmp_path / ("daemon.json" + BACKUP_SUFFIX)
+    assert backup.read_bytes() == b"older" if had_backup else not backup.exists()
+
+
+def test_restore_of_a_created_file_removes_it(tmp_path):
+    path = tmp_path / "daemon.json"
+    restore_daemon_json(update_daemon_json(str(path), "10.1.74.1/24", 1450))
+    assert not path.exists() and not (tmp_path / ("daemon.json" + BACKUP_SUFFIX)).exists()
+
+
+_IN_PRIVATE_MOUNTS = """
+import json, os, sys
+from flannelpy.docker.daemon_json import update_daemon_json
+from flannelpy.errors import FlannelError
+try:
+    update_daemon_json(sys.argv[1], "10.1.74.1/24", 1450)
+except FlannelError as err:
+    print(json.dumps(str(err)))
+else:
+    print(json.dumps("updated"))
+"""
+
+
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_read_only_file_or_directory_fails_in_one_line_and_leaves_no_backup(root, tmp_path, what):
+    """A read-only bind mount, made in a private mount namespace (the host's mounts are not touched)."""
+    import subprocess
+    import sys
+
+    conf = tmp_path / "docker"
+    conf.mkdir()
+    path = conf / "daemon.json"
+    path.write_text('{"debug": true}')
+    ro = path if what == "file" else conf
+    script = (f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && "
+              f"exec {sys.executable} -c '{_IN_PRIVATE_MOUNTS}' {path}")
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    message = json.loads(proc.stdout)
+    assert message.startswith(f"{path}: cannot be updated: "), message
+    assert ("mount point" if what == "file" else "Read-only file system") in message
+    assert path.read_text() == '{"debug": true}'
+    assert sorted(os.listdir(conf)) == ["daemon.json"]  # no backup, no temp file
 
 
 # --- a real dockerd in a namespace reads what update_daemon_json wrote ---------------------------------

@@ -4,7 +4,19 @@ import os
 import stat
 from ipaddress import IPv4Network
 
-from flannelpy.subnet.envfile import SubnetEnv, parse_env_file, read_previous, render_subnet_env, write_subnet_env
+import pytest
+
+from flannelpy.errors import FlannelError
+from flannelpy.fileutil import nearest_existing, parse_mount_points, replace_problem
+from flannelpy.subnet.envfile import (
+    SubnetEnv,
+    check_subnet_file,
+    parse_env_file,
+    read_previous,
+    render_subnet_env,
+    subnet_env_matches,
+    write_subnet_env,
+)
 
 
 def env(mtu=1450, masq=False, subnet="10.5.72.0/24"):
@@ -57,3 +69,58 @@ def test_read_previous_like_godotenv(tmp_path):
 
 def test_parse_env_file():
     assert parse_env_file("A=1\n\n# c\nB='x y'\nexport C=3\nnot a line\n") == {"A": "1", "B": "x y", "C": "3"}
+
+
+# --- checked before the lease: can the file be written at all? -----------------------------------------
+
+
+def test_check_accepts_missing_file_and_directories_and_creates_nothing(tmp_path):
+    check_subnet_file(str(tmp_path / "run" / "flannel" / "subnet.env"))
+    check_subnet_file(str(tmp_path / "subnet.env"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_refuses_a_directory_and_a_path_under_a_file(tmp_path):
+    (tmp_path / "subnet.env").mkdir()
+    with pytest.raises(FlannelError, match=r"^-subnet-file=.*/subnet.env: cannot be written: .* is a directory$"):
+        check_subnet_file(str(tmp_path / "subnet.env"))
+    (tmp_path / "plain").write_text("")
+    with pytest.raises(FlannelError, match="plain is not a directory|Not a directory"):
+        check_subnet_file(str(tmp_path / "plain" / "flannel" / "subnet.env"))
+
+
+def test_write_error_is_one_named_line(tmp_path):
+    (tmp_path / "subnet.env").mkdir()
+    with pytest.raises(FlannelError, match=r"^-subnet-file=.*subnet.env: cannot be written: Is a directory$"):
+        write_subnet_env(str(tmp_path / "subnet.env"), env())
+
+
+def test_matches_only_the_exact_bytes(tmp_path):
+    path = tmp_path / "subnet.env"
+    assert not subnet_env_matches(str(path), env())
+    write_subnet_env(str(path), env())
+    assert subnet_env_matches(str(path), env())
+    assert not subnet_env_matches(str(path), env(mtu=1400))
+    path.write_text(render_subnet_env(env()) + "# edited\n")
+    assert not subnet_env_matches(str(path), env())
+
+
+def test_nearest_existing_lists_what_must_be_created(tmp_path):
+    assert nearest_existing(str(tmp_path / "a" / "b")) == (str(tmp_path), [str(tmp_path / "a"), str(tmp_path / "a" / "b")])
+    assert nearest_existing(str(tmp_path)) == (str(tmp_path), [])
+
+
+def test_mount_points_from_mountinfo_with_escapes():
+    text = (
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "98 22 0:45 /x /etc/docker/daemon.json ro,relatime - tmpfs tmpfs ro\n"
+        "99 22 0:46 / /mnt/with\\040space rw - tmpfs tmpfs rw\n"
+    )
+    assert parse_mount_points(text) == {"/", "/etc/docker/daemon.json", "/mnt/with space"}
+
+
+def test_replace_problem_follows_symlinks_only_when_asked(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    assert replace_problem(str(tmp_path / "link")) is None  # the link itself can be replaced
+    assert "is a directory" in replace_problem(str(tmp_path / "link"), follow_symlinks=True)

@@ -4,6 +4,10 @@ Upstream flanneld never touches Docker (mk-docker-opts.sh writes flags instead),
 ignores those flags, so users edit daemon.json by hand.  This does it: every other key kept in
 order, atomic write, the previous file kept as `<path>.flannel-backup`, and a check that dockerd is
 not also given --bip/--mtu as flags (Docker refuses to start when an option is set both ways).
+
+A symlinked daemon.json (configuration managed elsewhere) stays a symlink: its target is what is
+read, backed up and replaced.  `check_daemon_json` tells, before the agent takes a lease, whether
+the update can succeed, so a bad file never leaves a lease, a subnet.env or a backup behind.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from ipaddress import IPv4Interface
 from typing import Any
 
 from flannelpy.errors import FlannelError
-from flannelpy.fileutil import atomic_write
+from flannelpy.fileutil import atomic_write, replace_problem
 
 DEFAULT_PATH = "/etc/docker/daemon.json"
 BACKUP_SUFFIX = ".flannel-backup"
@@ -39,6 +43,9 @@ class Change:
     mtu: int
     written: bool  # False: file already had these values and was not touched
     backup: str | None  # where the previous version was kept, if there was one
+    target: str = ""  # the file actually written: `path`, or its symlink's target
+    old_raw: bytes | None = None  # the file before the update (None: there was none)
+    old_backup: bytes | None = None  # the backup file before the update (None: there was none)
 
     @property
     def bip_changed(self) -> bool:
@@ -71,10 +78,18 @@ def parse_daemon_json(text: str, path: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise FlannelError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+        raise FlannelError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise FlannelError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise FlannelError(f"{path}: top level must be a JSON object, found {type(data).__name__}")
     return data
+
+
+def _check_bridge(data: dict[str, Any], path: str) -> None:
+    if data.get("bridge") not in (None, "", "docker0"):
+        # dockerd: "You specified -b & --bip, mutually exclusive options"
+        raise FlannelError(f"{path}: sets \"bridge\": {data['bridge']!r}, which dockerd rejects together with \"bip\"")
 
 
 def merge_daemon_json(text: str | None, bip: str, mtu: int, path: str = DEFAULT_PATH) -> tuple[str, dict[str, Any]]:
@@ -82,41 +97,116 @@ def merge_daemon_json(text: str | None, bip: str, mtu: int, path: str = DEFAULT_
     _check_values(bip, mtu)
     data = parse_daemon_json(text or "", path)
     old = dict(data)
-    if data.get("bridge") not in (None, "", "docker0"):
-        # dockerd: "You specified -b & --bip, mutually exclusive options"
-        raise FlannelError(f"{path}: sets \"bridge\": {data['bridge']!r}, which dockerd rejects together with \"bip\"")
+    _check_bridge(data, path)
     data["bip"] = bip
     data["mtu"] = mtu
     return json.dumps(data, indent=2) + "\n", old
+
+
+def _name(path: str, target: str) -> str:
+    """The file as the user named it, and where its symlink leads if it is one."""
+    return path if os.path.abspath(path) == target else f"{path} (-> {target})"
+
+
+def _read(path: str) -> tuple[str, bytes | None, str | None]:
+    """(real path, raw bytes or None when absent, text); FlannelError names the file and the problem."""
+    target = os.path.realpath(path)
+    try:
+        with open(target, "rb") as fh:
+            raw: bytes | None = fh.read()
+    except FileNotFoundError:
+        raw = None
+    except OSError as err:
+        raise FlannelError(f"{_name(path, target)}: cannot read: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8") if raw is not None else None
+    except UnicodeDecodeError as err:
+        raise FlannelError(f"{_name(path, target)}: not valid UTF-8 at byte {err.start}") from None
+    return target, raw, text
+
+
+def check_daemon_json(path: str) -> None:
+    """Raise FlannelError unless update_daemon_json(path, ...) can succeed now: the file (or its
+    symlink's target) is readable, a JSON object dockerd accepts together with "bip", and it and a
+    backup beside it can be written.  Changes nothing."""
+    target, raw, text = _read(path)
+    data = parse_daemon_json(text or "", _name(path, target))
+    _check_bridge(data, _name(path, target))
+    problem = replace_problem(target)
+    if problem is None and raw is not None:
+        problem = replace_problem(target + BACKUP_SUFFIX)
+    if problem is not None:
+        raise FlannelError(f"{_name(path, target)}: cannot be updated: {problem}")
 
 
 def update_daemon_json(path: str, bip: str, mtu: int) -> Change:
     """Set bip/mtu in daemon.json; creates file and directory if missing; never half-writes.
 
     Nothing is written when both already have the wanted values.  Otherwise the previous file
-    (if any) is first copied to `<path>.flannel-backup`, then the new one renamed into place.
+    (if any) is first copied to `<path>.flannel-backup`, then the new one renamed into place; if
+    that fails the backup is put back as it was, so a failed update leaves no trace.
     """
-    try:
-        with open(path, "rb") as fh:
-            raw: bytes | None = fh.read()
-    except FileNotFoundError:
-        raw = None
-    try:
-        text = raw.decode("utf-8") if raw is not None else None
-    except UnicodeDecodeError as err:
-        raise FlannelError(f"{path}: not valid UTF-8 at byte {err.start}") from err
-    new_text, old = merge_daemon_json(text, bip, mtu, path)
-    change_args = dict(path=path, old_bip=old.get("bip"), old_mtu=old.get("mtu"), bip=bip, mtu=mtu)
+    _check_values(bip, mtu)
+    target, raw, text = _read(path)
+    name = _name(path, target)
+    new_text, old = merge_daemon_json(text, bip, mtu, name)
+    change_args = dict(path=path, old_bip=old.get("bip"), old_mtu=old.get("mtu"), bip=bip, mtu=mtu,
+                       target=target, old_raw=raw)
     if raw is not None and old.get("bip") == bip and old.get("mtu") == mtu:
         return Change(**change_args, written=False, backup=None)
+    problem = replace_problem(target)
+    if problem is not None:
+        raise FlannelError(f"{name}: cannot be updated: {problem}")
     mode = 0o644
     backup = None
-    if raw is not None:
-        mode = os.stat(path).st_mode & 0o777
-        backup = path + BACKUP_SUFFIX
-        atomic_write(backup, raw, mode=mode)
-    atomic_write(path, new_text.encode(), mode=mode, dir_mode=0o755)
-    return Change(**change_args, written=True, backup=backup)
+    old_backup = None
+    try:
+        if raw is not None:
+            mode = os.stat(target).st_mode & 0o777
+            backup = target + BACKUP_SUFFIX
+            old_backup = _read_if_present(backup)
+            atomic_write(backup, raw, mode=mode)
+        try:
+            atomic_write(target, new_text.encode(), mode=mode, dir_mode=0o755)
+        except OSError:
+            if backup is not None:
+                _put_back(backup, old_backup, mode)
+            raise
+    except OSError as err:
+        raise FlannelError(f"{name}: cannot be updated: {err.strerror or err}") from None
+    return Change(**change_args, written=True, backup=backup, old_backup=old_backup)
+
+
+def restore_daemon_json(change: Change) -> None:
+    """Undo update_daemon_json: the file and its backup as they were before (start-up failed)."""
+    if not change.written:
+        return
+    target = change.target or os.path.realpath(change.path)
+    mode = os.stat(target).st_mode & 0o777 if os.path.exists(target) else 0o644
+    try:
+        _put_back(target, change.old_raw, mode)
+        if change.backup is not None:
+            _put_back(change.backup, change.old_backup, mode)
+    except OSError as err:
+        raise FlannelError(f"{_name(change.path, target)}: cannot restore the previous version: {err.strerror}") from None
+
+
+def _read_if_present(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def _put_back(path: str, raw: bytes | None, mode: int) -> None:
+    if raw is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    else:
+        atomic_write(path, raw, mode=mode)
 
 
 # --- flags given to dockerd that would clash --------------------------------------------------------

@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
 
-from flannelpy.fileutil import atomic_write
+from flannelpy.errors import FlannelError
+from flannelpy.fileutil import atomic_write, replace_problem
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,29 @@ def render_subnet_env(env: SubnetEnv) -> str:
     )
 
 
+def check_subnet_file(path: str) -> None:
+    """FlannelError unless write_subnet_env(path) can succeed now (its directory exists or can be
+    made, and is writable); checked before the lease is taken.  Changes nothing."""
+    problem = replace_problem(path)
+    if problem is not None:
+        raise FlannelError(f"-subnet-file={path}: cannot be written: {problem}")
+
+
 def write_subnet_env(path: str, env: SubnetEnv) -> None:
     """Atomic (temp file + rename), mode 0644, directory 0755, as flanneld >= v0.28.8."""
-    atomic_write(path, render_subnet_env(env).encode(), mode=0o644, dir_mode=0o755)
+    try:
+        atomic_write(path, render_subnet_env(env).encode(), mode=0o644, dir_mode=0o755)
+    except OSError as exc:
+        raise FlannelError(f"-subnet-file={path}: cannot be written: {exc.strerror or exc}") from None
+
+
+def subnet_env_matches(path: str, env: SubnetEnv) -> bool:
+    """Whether the file holds exactly what write_subnet_env(path, env) writes (False when absent)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read() == render_subnet_env(env).encode()
+    except OSError:
+        return False
 
 
 _LINE_RE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
