@@ -111,11 +111,13 @@ def _unix_socket(path: str) -> socket.socket:
     process umask (shared with the netlink thread) is never touched.
     """
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, mode=0o755, exist_ok=True)
     try:
-        st = os.lstat(path)
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        st: os.stat_result | None = os.lstat(path)
     except FileNotFoundError:
         st = None
+    except OSError as exc:
+        raise FlannelError(f"status socket {path}: {exc.strerror}") from None
     if st is not None:
         if not stat.S_ISSOCK(st.st_mode):
             raise FlannelError(f"status socket {path}: exists and is not a socket; remove it or pass -status-socket")
@@ -128,7 +130,10 @@ def _unix_socket(path: str) -> socket.socket:
             raise FlannelError(f"status socket {path}: another flanneld is serving on it")
         finally:
             probe.close()
-    tmpdir = tempfile.mkdtemp(prefix=".flanneld-sock-", dir=parent)
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".flanneld-sock-", dir=parent)
+    except OSError as exc:
+        raise FlannelError(f"status socket {path}: cannot create it in {parent}: {exc.strerror}") from None
     tmp = os.path.join(tmpdir, "s")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -157,8 +162,14 @@ def _remove_socket(path: str, inode: int) -> None:
 
 
 async def serve_health(state: AgentState, metrics: Metrics, ip: str, port: int, unix_socket: str | None,
-                       *, task_status: trio.TaskStatus[HealthEndpoints] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled.  TCP only when port != 0; the unix socket whenever given."""
+                       *, unix_socket_optional: bool = False,
+                       task_status: trio.TaskStatus[HealthEndpoints] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled.  TCP only when port != 0; the unix socket whenever given.
+
+    `unix_socket_optional` (the default -status-socket): when it cannot be served, e.g. because
+    another flanneld on this machine serves it, warn and run without it, as flanneld (which has
+    no such socket) would run; an explicitly given socket that cannot be served is an error.
+    """
     if metrics.state is None:
         metrics.bind_state(state)
     socks: list[socket.socket] = []
@@ -170,10 +181,17 @@ async def serve_health(state: AgentState, metrics: Metrics, ip: str, port: int, 
             socks.append(s)
             tcp = s.getsockname()[:2]
         if unix_socket:
-            s = _unix_socket(unix_socket)
-            socks.append(s)
-            unix = unix_socket
-            unix_inode = os.lstat(unix_socket).st_ino
+            try:
+                s = _unix_socket(unix_socket)
+            except FlannelError as exc:
+                if not unix_socket_optional:
+                    raise
+                log.warning("%s; running without a status socket (give this instance its own with "
+                            "-status-socket=PATH)", exc)
+            else:
+                socks.append(s)
+                unix = unix_socket
+                unix_inode = os.lstat(unix_socket).st_ino
     except BaseException:
         for s in socks:
             s.close()
