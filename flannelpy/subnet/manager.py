@@ -127,6 +127,7 @@ class LeaseManager:
             assert plan.create is not None
             lease = await self.store.create_lease(plan.create, self.attrs, self.ttl)
             if lease is not None:
+                self.created_subnet = lease.subnet  # ours to delete if start-up fails (release)
                 log.info("allocated lease %s%s", lease.subnet,
                          " (previous subnet from subnet.env)" if plan.create == self.previous_subnet else "")
                 self._set_current(lease)
@@ -264,6 +265,20 @@ class LeaseManager:
             events = tracker.update(batch)
             if events:
                 await apply(events)
+
+    # --- undo -----------------------------------------------------------------------------
+
+    created_subnet: IPv4Network | None = None  # the key acquire() created (not one it reused)
+
+    async def release(self) -> bool:
+        """Start-up failed after acquire(): delete our key if this run created it, so a refused
+        start leaves etcd as it found it.  A lease reused from a previous run stays (it may be
+        what this host's containers use).  True when a key was deleted."""
+        if self._current is None or self.created_subnet != self._current.subnet:
+            return False
+        await self.store.delete_lease(self.created_subnet)
+        log.info("deleted lease %s, created by this run, as start-up failed", self.created_subnet)
+        return True
 
 
 async def _retry_unavailable(fn):
