@@ -2,12 +2,20 @@
 
 pyroute2's asyncio API does not run under trio, and an IPRoute socket must not be used
 from several threads at once, so every netlink call goes through this single worker.
+
+Also here: what the kernel holds, as plain values (KernelRoute, KernelNeigh, KernelFdb) and
+the one-dump readers that produce them, so the backends' pure plans can compare "what should
+be there" with "what is there"; and FLANNEL_RTPROT, the route protocol that marks our routes.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
+import socket
 import threading
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Callable, TypeVar
 
 import outcome
@@ -15,6 +23,21 @@ import trio
 from pyroute2 import IPRoute
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# The route protocol (rtm_protocol) of every route flannelpy adds, so that it can tell its own
+# routes from everyone else's and never remove what it did not make.  flanneld leaves it to
+# vishvananda/netlink's default, RTPROT_BOOT (3), which is also what `ip route add` uses, and
+# which routing daemons purge on start: useless as a mark.  70 (0x46, "F") is not in
+# iproute2's rt_protos (0-4 kernel/boot/static, 8-16 gated..dhcp, 18 keepalived, 42 babel,
+# 99 openr, 186-192 bgp/isis/ospf/rip/eigrp) nor used by bird, FRR or the usual CNIs, and the
+# kernel stores values >= RTPROT_STATIC without interpreting them.  `ip route` prints it as
+# "proto 70".
+FLANNEL_RTPROT = 70
+RTPROT_KERNEL = 2
+MAIN_TABLE = 254
+NUD_PERMANENT = 0x80
+RTNH_F_ONLINK = 0x04
 
 
 class NetlinkThread:
@@ -26,6 +49,21 @@ class NetlinkThread:
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._serve, name="netlink", daemon=True)
         self._started = False
+        self._port_id: int | None = None
+        self._port_known = threading.Event()
+
+    @property
+    def netns(self) -> str | None:
+        """The named namespace this thread works in (None: the process's own)."""
+        return self._netns
+
+    @property
+    def port_id(self) -> int | None:
+        """The netlink port id of our socket: the kernel stamps it on the notifications of
+        changes we made, so a monitor can skip its own echoes.  None when unknown."""
+        self.start()
+        self._port_known.wait(5)
+        return self._port_id
 
     def start(self) -> None:
         if not self._started:
@@ -33,7 +71,13 @@ class NetlinkThread:
             self._thread.start()
 
     def _serve(self) -> None:
-        ipr = IPRoute(netns=self._netns) if self._netns else IPRoute()
+        # groups=0: this socket only asks; notifications nobody reads would pile up in it
+        # (hostnet.monitor has its own socket for them).
+        ipr = IPRoute(netns=self._netns, groups=0) if self._netns else IPRoute(groups=0)
+        try:
+            self._port_id = _port_id_of(ipr)
+        finally:
+            self._port_known.set()
         try:
             while True:
                 job = self._jobs.get()
@@ -85,3 +129,104 @@ class NetlinkThread:
             self._jobs.put(None)
             self._thread.join(timeout=5)
             self._started = False
+
+
+def _port_id_of(ipr: Any) -> int | None:
+    """The socket's port id; the kernel assigns it on the first request, so make one."""
+    try:
+        ipr.get_links(1)  # lo is ifindex 1 in every namespace
+        port = ipr.asyncore.socket.getsockname()[0]
+    except Exception as exc:  # pyroute2 internals differ between versions: only an optimisation
+        log.debug("netlink port id unknown: %s", exc)
+        return None
+    return int(port) or None
+
+
+# --- what the kernel holds: plain values, one dump each -----------------------------------
+
+
+@dataclass(frozen=True)
+class KernelRoute:
+    """One IPv4 route of the main table, as the kernel reports it."""
+
+    dst: IPv4Network
+    gateway: IPv4Address | None
+    oif: int | None
+    proto: int
+    priority: int = 0
+    tos: int = 0
+    onlink: bool = False
+
+
+@dataclass(frozen=True)
+class KernelNeigh:
+    """An IPv4 neighbour (ARP) entry on one device."""
+
+    ip: IPv4Address
+    mac: str | None
+    permanent: bool
+
+
+@dataclass(frozen=True)
+class KernelFdb:
+    """A bridge FDB entry of a vxlan device that sends to a remote VTEP (has NDA_DST)."""
+
+    mac: str
+    dst: IPv4Address
+    permanent: bool
+
+
+def dump_main_routes(ipr: Any) -> list[KernelRoute]:
+    """Every IPv4 unicast route of the main table (one dump)."""
+    routes = []
+    for msg in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+        if msg.get_attr("RTA_TABLE", msg["table"]) != MAIN_TABLE or msg["type"] != 1:  # RTN_UNICAST
+            continue
+        dst = msg.get_attr("RTA_DST") or "0.0.0.0"
+        gw = msg.get_attr("RTA_GATEWAY")
+        routes.append(KernelRoute(
+            dst=IPv4Network(f"{dst}/{msg['dst_len']}", strict=False),
+            gateway=IPv4Address(gw) if gw else None,
+            oif=msg.get_attr("RTA_OIF"),
+            proto=msg["proto"],
+            priority=msg.get_attr("RTA_PRIORITY") or 0,
+            tos=msg["tos"],
+            onlink=bool(msg["flags"] & RTNH_F_ONLINK),
+        ))
+    return routes
+
+
+def dump_neighbours(ipr: Any, index: int) -> list[KernelNeigh]:
+    """IPv4 neighbour entries of device `index`."""
+    out = []
+    for msg in ipr.get_neighbours(family=socket.AF_INET, ifindex=index):
+        if msg["ifindex"] != index or not msg.get_attr("NDA_DST"):
+            continue
+        mac = msg.get_attr("NDA_LLADDR")
+        out.append(KernelNeigh(IPv4Address(msg.get_attr("NDA_DST")), mac.lower() if mac else None,
+                               bool(msg["state"] & NUD_PERMANENT)))
+    return out
+
+
+def dump_fdb(ipr: Any, index: int) -> list[KernelFdb]:
+    """FDB entries of vxlan device `index` that point at a remote VTEP (IPv4 NDA_DST)."""
+    out = []
+    for msg in ipr.fdb("dump", ifindex=index):
+        dst = msg.get_attr("NDA_DST")
+        mac = msg.get_attr("NDA_LLADDR")
+        if msg["ifindex"] != index or not dst or not mac or ":" in str(dst):
+            continue
+        out.append(KernelFdb(mac.lower(), IPv4Address(dst), bool(msg["state"] & NUD_PERMANENT)))
+    return out
+
+
+def delete_route(ipr: Any, route: KernelRoute) -> None:
+    """Delete exactly this route (protocol included, so nobody else's matches)."""
+    kwargs: dict[str, Any] = dict(dst=str(route.dst), table=MAIN_TABLE, proto=route.proto, tos=route.tos)
+    if route.priority:
+        kwargs["priority"] = route.priority
+    if route.gateway is not None:
+        kwargs["gateway"] = str(route.gateway)
+    if route.oif is not None:
+        kwargs["oif"] = route.oif
+    ipr.route("del", **kwargs)
