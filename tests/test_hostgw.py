@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from ipaddress import IPv4Address, IPv4Network
 
@@ -12,7 +13,8 @@ from udp_driver import sh
 
 from flannelpy.backends.alloc.backend import AllocBackend
 from flannelpy.backends.base import ExternalInterface
-from flannelpy.backends.hostgw.backend import HostGwBackend, Route, missing_routes, route_action
+from flannelpy.backends.hostgw.backend import HostGwBackend
+from flannelpy.backends.hostgw.plan import Route, missing_routes
 from flannelpy.config.network import parse_config
 from flannelpy.errors import FlannelError
 from flannelpy.hostnet.netlink import NetlinkThread
@@ -23,15 +25,11 @@ N1, N2 = IPv4Network("10.60.1.0/24"), IPv4Network("10.60.2.0/24")
 GW1, GW2 = IPv4Address("192.168.78.2"), IPv4Address("192.168.78.3")
 
 
-def test_missing_routes_and_action() -> None:
+def test_missing_routes() -> None:
     want = [Route(N1, GW1, 5), Route(N2, GW2, 5)]
     assert missing_routes(want, [Route(N1, GW1, 5)]) == [Route(N2, GW2, 5)]
     assert missing_routes(want, [Route(N1, GW2, 5), Route(N2, GW2, 5)]) == [Route(N1, GW1, 5)]
     assert missing_routes(want, want) == []
-    assert route_action(Route(N1, GW1, 5), []) == "add"
-    assert route_action(Route(N1, GW1, 5), [Route(N1, GW1, 5)]) is None
-    assert route_action(Route(N1, GW1, 5), [Route(N1, GW2, 5)]) == "replace"
-    assert route_action(Route(N1, GW1, 5), [Route(N1, None, 7)]) == "replace"
 
 
 async def test_mtu_lease_data_and_nat_refusal() -> None:
@@ -103,12 +101,86 @@ async def test_routes_appear_replace_disappear_and_come_back(root) -> None:
 
         await hg.apply([LeaseEvent(EventKind.REMOVED, _lease(N1, GW1))])
         assert str(N1) not in _routes(ns)
-        assert await hg.check_once() == []  # a removed lease is not re-added
+        assert (await hg.reconcile_once()).added == []  # a removed lease is not re-added
         assert str(N1) not in _routes(ns)
         # Removing a route that is already gone is not an error.
         sh("ip", "-n", ns, "route", "del", str(N2))
         await hg.apply([LeaseEvent(EventKind.REMOVED, _lease(N2, GW1))])
         await hg.close()
+    finally:
+        if nl is not None:
+            nl.stop()
+        sh("ip", "netns", "del", ns, check=False)
+
+
+async def test_unreachable_peer_is_logged_retried_and_never_raised(root, caplog) -> None:
+    """Issue #12: a lease whose PublicIP is off our segment made every host-gw agent crash
+    (NetlinkError 101).  Now: that peer alone is not programmed, /readyz says why, the others
+    work, and the route appears once the address becomes reachable."""
+    ns = f"fpud-{os.urandom(3).hex()}-hu"
+    nl = None
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "add", "fpudhg0", "type", "veth", "peer", "name", "fpudhg1")
+        sh("ip", "-n", ns, "addr", "add", "192.168.78.1/24", "dev", "fpudhg0")
+        for dev in ("fpudhg0", "fpudhg1", "lo"):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        index = json.loads(sh("ip", "-n", ns, "-j", "link", "show", "fpudhg0").stdout)[0]["ifindex"]
+        ext = ExternalInterface("fpudhg0", index, IPv4Address("192.168.78.1"), IPv4Address("192.168.78.1"), 1500)
+        nl = NetlinkThread(netns=ns)
+        hg = HostGwBackend(ext, CONFIG, nl, check_interval=30)
+        far = _lease(IPv4Network("10.60.7.0/24"), IPv4Address("198.51.100.7"))
+        with caplog.at_level(logging.ERROR, logger="flannelpy.backends.hostgw.backend"):
+            await hg.apply([LeaseEvent(EventKind.ADDED, far), LeaseEvent(EventKind.ADDED, _lease(N1, GW1))])
+            assert (await hg.reconcile_once()).failures  # retried: still failing, not logged again
+        assert caplog.text.count("10.60.7.0/24") == 1 and "Network is unreachable" in caplog.text
+        assert hg.programmed_count() == 1
+        assert hg.data_plane_problems() == [
+            "1 peer route failed: 10.60.7.0/24: via 198.51.100.7: Network is unreachable"]
+        assert _routes(ns)[str(N1)] == (str(GW1), "fpudhg0") and "10.60.7.0/24" not in _routes(ns)
+        # The address becomes reachable: the next pass programs it.
+        sh("ip", "-n", ns, "route", "add", "198.51.100.0/24", "dev", "fpudhg0")
+        report = await hg.reconcile_once()
+        assert report.failures == {} and hg.data_plane_problems() == [] and hg.programmed_count() == 2
+        assert _routes(ns)["10.60.7.0/24"] == ("198.51.100.7", "fpudhg0")
+        # Removing the lease removes its route; removing an unknown one is quiet.
+        await hg.apply([LeaseEvent(EventKind.REMOVED, far)])
+        assert "10.60.7.0/24" not in _routes(ns) and hg.programmed_count() == 1
+    finally:
+        if nl is not None:
+            nl.stop()
+        sh("ip", "netns", "del", ns, check=False)
+
+
+async def test_reconcile_removes_only_our_unexplained_routes(root) -> None:
+    ns = f"fpud-{os.urandom(3).hex()}-hr"
+    nl = None
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "add", "fpudhg0", "type", "veth", "peer", "name", "fpudhg1")
+        sh("ip", "-n", ns, "addr", "add", "192.168.78.1/24", "dev", "fpudhg0")
+        for dev in ("fpudhg0", "fpudhg1", "lo"):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        index = json.loads(sh("ip", "-n", ns, "-j", "link", "show", "fpudhg0").stdout)[0]["ifindex"]
+        ext = ExternalInterface("fpudhg0", index, IPv4Address("192.168.78.1"), IPv4Address("192.168.78.1"), 1500)
+        nl = NetlinkThread(netns=ns)
+        hg = HostGwBackend(ext, CONFIG, nl, check_interval=30)
+        # Left from an earlier run (ours: proto 70) and made by others (proto boot/static, or outside Network).
+        sh("ip", "-n", ns, "route", "add", "10.60.5.0/24", "via", "192.168.78.5", "proto", "70")
+        sh("ip", "-n", ns, "route", "add", "10.60.6.0/24", "via", "192.168.78.6")
+        sh("ip", "-n", ns, "route", "add", "10.60.8.0/24", "via", "192.168.78.8", "proto", "static")
+        sh("ip", "-n", ns, "route", "add", "172.29.0.0/24", "via", "192.168.78.9", "proto", "70")
+        await hg.apply([LeaseEvent(EventKind.ADDED, _lease(N1, GW1))])
+        before = await hg.reconcile_once()  # not synced yet: nothing is removed
+        assert before.removed == [] and "10.60.5.0/24" in _routes(ns)
+        hg.peers_synced()
+        report = await hg.reconcile_once()
+        assert report.removed == ["route 10.60.5.0/24 via 192.168.78.5"]
+        routes = _routes(ns)
+        assert {"10.60.6.0/24", "10.60.8.0/24", "172.29.0.0/24", str(N1)} <= set(routes)
+        assert "10.60.5.0/24" not in routes
+        assert (await hg.reconcile_once()).changed is False
+        assert hg.repair_counters() == {"route_removed": 1}
     finally:
         if nl is not None:
             nl.stop()

@@ -1,10 +1,14 @@
-"""Pure vxlan planning: entry shapes, device compatibility, MACs (no root needed)."""
+"""Pure planning of the kernel backends: vxlan entry shapes, device compatibility, MACs, and the
+reconciliation diffs of vxlan and host-gw; the monitor's message decoding (no root needed)."""
 
 import random
+import socket
+import struct
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from flannelpy.backends.hostgw import plan as hgplan
 from flannelpy.backends.vxlan.plan import (
     Fdb,
     Neigh,
@@ -13,13 +17,18 @@ from flannelpy.backends.vxlan.plan import (
     VxlanDeviceFacts,
     VxlanDeviceSpec,
     addresses_to_remove,
+    change_matters,
     device_name,
+    device_repair,
+    entry_diff,
     incompatibilities,
     is_on_link,
     peer_plan,
     random_vtep_mac,
     stale_entries,
 )
+from flannelpy.hostnet.monitor import OVERFLOW, KernelChange, parse_changes
+from flannelpy.hostnet.netlink import FLANNEL_RTPROT, KernelFdb, KernelNeigh, KernelRoute
 from flannelpy.subnet.lease import Lease, LeaseAttrs
 
 A = IPv4Address
@@ -131,3 +140,179 @@ def test_addresses_to_remove_keeps_base_32_and_outside_addresses():
     net = IPv4Network("10.5.0.0/16")
     have = [(A("10.5.7.0"), 32), (A("10.5.3.0"), 32), (A("10.5.7.0"), 16), (A("172.16.0.1"), 24)]
     assert addresses_to_remove(have, A("10.5.7.0"), net) == [(A("10.5.3.0"), 32), (A("10.5.7.0"), 16)]
+
+
+# --- reconciliation diffs (issue #12): what should be there vs what is there ----------------
+
+NET = IPv4Network("10.5.0.0/16")
+DEV, UL = 7, 3  # flannel.1's and the underlay's ifindex
+N2 = IPv4Network("10.5.2.0/24")
+
+
+def vx_wanted(*specs):
+    """(subnet, plan) pairs for vxlan peers "10.5.N.0/24" at 192.168.1.N with MAC 0a::0N."""
+    out = []
+    for n in specs:
+        out.append((IPv4Network(f"10.5.{n}.0/24"),
+                    peer_plan(vx_lease(f"10.5.{n}.0/24", f"192.168.1.{n}", f"0a:00:00:00:00:0{n}"), False)))
+    return out
+
+
+def vx_present(*specs):
+    """The kernel entries exactly as our programming leaves them for those peers."""
+    routes, neighs, fdbs = [], [], []
+    for n in specs:
+        routes.append(KernelRoute(IPv4Network(f"10.5.{n}.0/24"), A(f"10.5.{n}.0"), DEV, FLANNEL_RTPROT, onlink=True))
+        neighs.append(KernelNeigh(A(f"10.5.{n}.0"), f"0a:00:00:00:00:0{n}", True))
+        fdbs.append(KernelFdb(f"0a:00:00:00:00:0{n}", A(f"192.168.1.{n}"), True))
+    return routes, neighs, fdbs
+
+
+def diff(wanted, routes, neighs, fdbs, remove=True):
+    return entry_diff(wanted, routes, neighs, fdbs, device_index=DEV, underlay_index=UL, network=NET,
+                      remove_unexplained=remove)
+
+
+def test_vxlan_diff_nothing_to_do_when_kernel_matches():
+    assert diff(vx_wanted(2, 3), *vx_present(2, 3)).empty
+
+
+def test_vxlan_diff_restores_missing_entries_per_peer():
+    routes, neighs, fdbs = vx_present(2, 3)
+    d = diff(vx_wanted(2, 3), routes[1:], neighs[:1], [])
+    assert [s for s, _ in d.add_routes] == [N2]
+    assert [s for s, _ in d.add_neighs] == [IPv4Network("10.5.3.0/24")]
+    assert [f.mac for _, f in d.add_fdbs] == ["0a:00:00:00:00:02", "0a:00:00:00:00:03"]
+    assert not (d.remove_routes or d.remove_neighs or d.remove_fdbs)
+
+
+def test_vxlan_diff_wrong_entries_are_replaced_not_deleted():
+    routes, neighs, fdbs = vx_present(2)
+    wrong_route = KernelRoute(N2, A("10.5.2.0"), DEV, 3, onlink=True)  # proto boot: an older run or flanneld
+    wrong_neigh = KernelNeigh(A("10.5.2.0"), "0a:00:00:00:00:99", True)
+    moved_fdb = KernelFdb("0a:00:00:00:00:02", A("192.168.1.99"), True)
+    d = diff(vx_wanted(2), [wrong_route], [wrong_neigh], [moved_fdb])
+    assert len(d.add_routes) == len(d.add_neighs) == len(d.add_fdbs) == 1
+    assert not (d.remove_routes or d.remove_neighs or d.remove_fdbs)  # "replace" overwrites each
+
+
+def test_vxlan_diff_removes_only_our_unexplained_entries():
+    routes, neighs, fdbs = vx_present(2, 9)
+    others = [
+        KernelRoute(IPv4Network("10.5.1.0/24"), None, 12, 2),  # docker0's connected route (proto kernel)
+        KernelRoute(IPv4Network("10.5.8.0/24"), A("192.168.1.8"), UL, 3),  # someone's route in Network
+        KernelRoute(IPv4Network("192.168.77.0/24"), A("192.168.1.1"), UL, FLANNEL_RTPROT),  # ours? not in Network
+        KernelRoute(IPv4Network("10.5.9.0/24"), A("192.168.1.9"), 12, FLANNEL_RTPROT),  # our proto, other device
+    ]
+    ours_direct = KernelRoute(IPv4Network("10.5.10.0/24"), A("192.168.1.10"), UL, FLANNEL_RTPROT)
+    bogus_on_dev = KernelRoute(IPv4Network("172.20.0.0/16"), None, DEV, 3)
+    arp_cache = KernelNeigh(A("10.5.44.0"), "0a:00:00:00:00:44", False)
+    learned = KernelFdb("0a:00:00:00:00:45", A("192.168.1.45"), False)
+    d = diff(vx_wanted(2), routes + others + [ours_direct, bogus_on_dev], neighs + [arp_cache], fdbs + [learned])
+    assert d.remove_routes == [routes[1], ours_direct, bogus_on_dev]
+    assert d.remove_neighs == [neighs[1]] and d.remove_fdbs == [fdbs[1]]
+    assert not (d.add_routes or d.add_neighs or d.add_fdbs)
+    # Before the agent has the whole peer set, nothing is removed.
+    kept = diff(vx_wanted(2), routes + [ours_direct], neighs, fdbs, remove=False)
+    assert kept.empty
+
+
+def test_vxlan_diff_second_remote_for_a_mac_is_removed():
+    routes, neighs, fdbs = vx_present(2)
+    extra = KernelFdb("0a:00:00:00:00:02", A("192.168.1.99"), True)
+    d = diff(vx_wanted(2), routes, neighs, fdbs + [extra])
+    assert d.remove_fdbs == [extra] and not d.add_fdbs
+
+
+def test_vxlan_diff_direct_route_is_matched_on_the_underlay():
+    plan = peer_plan(vx_lease("10.5.2.0/24", "192.168.1.2"), True)
+    have = KernelRoute(N2, A("192.168.1.2"), UL, FLANNEL_RTPROT)
+    assert diff([(N2, plan)], [have], [], []).empty
+    on_dev = KernelRoute(N2, A("192.168.1.2"), DEV, FLANNEL_RTPROT)
+    assert [s for s, _ in diff([(N2, plan)], [on_dev], [], []).add_routes] == [N2]
+
+
+def test_device_repair_decisions():
+    mac = "0a:00:00:00:00:01"
+    assert device_repair(SPEC, mac, None).recreate == "it was missing"
+    assert "vni" in device_repair(SPEC, mac, facts(vni=9)).recreate
+    assert not device_repair(SPEC, mac, facts(mtu=1450)).needed
+    r = device_repair(SPEC, mac, facts(mac="0a:00:00:00:00:99", mtu=1300, up=False))
+    assert (r.recreate, r.set_mac, r.set_mtu, r.set_up) == (None, True, True, True)
+    assert r.describe(SPEC, facts(mac="0a:00:00:00:00:99", mtu=1300), mac) == \
+        "flannel.1: MAC 0a:00:00:00:00:99 -> 0a:00:00:00:00:01, MTU 1300 -> 1450, was down, set up"
+
+
+def test_which_kernel_changes_wake_the_vxlan_repair():
+    def m(change):
+        return change_matters(change, device_index=DEV, device="flannel.1", underlay_index=UL, network=NET)
+
+    assert m(OVERFLOW)
+    assert m(KernelChange("link", True, 0, ifindex=DEV))
+    assert m(KernelChange("link", False, 0, ifindex=99, ifname="flannel.1"))  # someone made one by our name
+    assert not m(KernelChange("link", False, 0, ifindex=42, ifname="eth9"))
+    assert m(KernelChange("addr", True, 5, family=2, ifindex=DEV))
+    assert not m(KernelChange("addr", False, 5, family=10, ifindex=DEV))  # IPv6 link-local
+    assert m(KernelChange("route", True, 5, family=2, ifindex=DEV, table=254, dst=IPv4Network("1.2.3.0/24")))
+    assert m(KernelChange("route", False, 5, family=2, ifindex=12, table=254, dst=IPv4Network("10.5.7.0/24")))
+    assert not m(KernelChange("route", False, 5, family=2, ifindex=12, table=254, dst=IPv4Network("172.16.0.0/12")))
+    assert not m(KernelChange("route", False, 5, family=2, ifindex=DEV, table=255, dst=IPv4Network("10.5.1.0/32")))
+    assert m(KernelChange("neigh", True, 123, family=7, ifindex=DEV, state=0x80))  # bridge fdb del
+    assert m(KernelChange("neigh", True, 0, family=2, ifindex=DEV, state=0x80))
+    assert not m(KernelChange("neigh", False, 0, family=2, ifindex=DEV, state=0x02))  # the kernel's ARP churn
+    assert not m(KernelChange("neigh", True, 123, family=2, ifindex=UL, state=0x80))
+
+
+def test_hostgw_diff():
+    gw = A("192.168.1.2")
+    want = [(N2, hgplan.Route(N2, gw, UL))]
+    exact = KernelRoute(N2, gw, UL, FLANNEL_RTPROT)
+    kw = dict(underlay_index=UL, network=NET, remove_unexplained=True)
+    assert hgplan.route_diff(want, [exact], **kw).empty
+    assert hgplan.route_diff(want, [], **kw).add == want
+    users = KernelRoute(N2, A("192.168.1.77"), UL, 3)  # someone else's route to the peer's subnet: replaced
+    d = hgplan.route_diff(want, [users], **kw)
+    assert d.add == want and d.remove == []
+    stale = KernelRoute(IPv4Network("10.5.3.0/24"), A("192.168.1.3"), UL, FLANNEL_RTPROT)
+    metric = KernelRoute(N2, gw, UL, FLANNEL_RTPROT, priority=100)  # ours, but not what we make
+    not_ours = [KernelRoute(IPv4Network("10.5.4.0/24"), A("192.168.1.4"), UL, 4),
+                KernelRoute(IPv4Network("0.0.0.0/0"), A("192.168.1.1"), UL, FLANNEL_RTPROT),
+                KernelRoute(IPv4Network("10.5.5.0/24"), A("192.168.1.5"), 9, FLANNEL_RTPROT)]
+    d = hgplan.route_diff(want, [exact, stale, metric] + not_ours, **kw)
+    assert d.add == [] and d.remove == [stale, metric]
+    assert hgplan.route_diff(want, [exact, stale], underlay_index=UL, network=NET, remove_unexplained=False).empty
+
+
+def test_which_kernel_changes_wake_the_hostgw_repair():
+    def m(change):
+        return hgplan.change_matters(change, underlay_index=UL, network=NET)
+
+    assert m(OVERFLOW) and m(KernelChange("link", False, 0, ifindex=UL))
+    assert m(KernelChange("route", True, 77, family=2, table=254, dst=IPv4Network("10.5.2.0/24")))
+    assert not m(KernelChange("route", True, 77, family=2, table=254, dst=IPv4Network("192.168.9.0/24")))
+    assert not m(KernelChange("neigh", True, 77, family=2, ifindex=UL, state=0x80))
+
+
+def _nlmsg(mtype: int, sender: int, body: bytes, attrs: list[tuple[int, bytes]] = ()) -> bytes:
+    payload = body
+    for kind, value in attrs:
+        rta = struct.pack("=HH", 4 + len(value), kind) + value
+        payload += rta + b"\0" * (-len(rta) % 4)
+    return struct.pack("=IHHII", 16 + len(payload), mtype, 0, 0, sender) + payload
+
+
+def test_monitor_parses_the_fields_a_backend_needs():
+    route = _nlmsg(25, 4242, struct.pack("=BBBBBBBBI", 2, 24, 0, 0, 254, 70, 0, 1, 0),
+                   [(1, bytes([10, 5, 2, 0])), (4, struct.pack("=I", DEV))])
+    link = _nlmsg(17, 0, struct.pack("=BBHiII", 0, 0, 1, DEV, 0, 0), [(3, b"flannel.1\0")])
+    neigh = _nlmsg(29, 99, struct.pack("=BBHiHBB", socket.AF_BRIDGE, 0, 0, DEV, 0x80, 2, 0))
+    addr = _nlmsg(21, 5, struct.pack("=BBBBI", 2, 32, 0, 0, DEV))
+    junk = _nlmsg(3, 0, b"") + _nlmsg(24, 1, b"\x02")  # NLMSG_DONE, and a route too short to decode
+    changes = parse_changes(route + link + neigh + addr + junk)
+    assert changes == [
+        KernelChange("route", True, 4242, 2, DEV, None, 254, IPv4Network("10.5.2.0/24"), 70),
+        KernelChange("link", True, 0, 0, DEV, "flannel.1"),
+        KernelChange("neigh", True, 99, socket.AF_BRIDGE, DEV, state=0x80),
+        KernelChange("addr", True, 5, 2, DEV),
+    ]
+    assert parse_changes(b"\x01\x02") == []  # a truncated datagram is skipped, never raised

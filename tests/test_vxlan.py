@@ -150,8 +150,8 @@ async def test_two_hosts_entries_like_flanneld_and_ping_crosses(root):
         assert neighs(a.ns) == [("10.55.2.0", mac_b, ["PERMANENT"])]
         assert (mac_b, UNDERLAY["b"], ["self"], "permanent") in fdbs(a.ns)
         assert [f for f in fdbs(a.ns) if f[1] is not None] == [(mac_b, UNDERLAY["b"], ["self"], "permanent")]
-        assert routes_text(a.ns, "10.55.2.0/24") == "10.55.2.0/24 via 10.55.2.0 dev flannel.1 onlink"
-        assert routes_text(b.ns, "10.55.1.0/24") == "10.55.1.0/24 via 10.55.1.0 dev flannel.1 onlink"
+        assert routes_text(a.ns, "10.55.2.0/24") == "10.55.2.0/24 via 10.55.2.0 dev flannel.1 proto 70 onlink"
+        assert routes_text(b.ns, "10.55.1.0/24") == "10.55.1.0/24 via 10.55.1.0 dev flannel.1 proto 70 onlink"
         assert be_a.programmed_peers == 1
 
         # container a -> container b, across the VXLAN (the only path between the subnets)
@@ -177,7 +177,7 @@ async def test_changed_mac_replaces_entries_and_drops_old_fdb(root):
         await be.apply(added(lease_of("b", "0a:00:00:00:00:02")))
         assert neighs(a.ns) == [("10.55.2.0", "0a:00:00:00:00:02", ["PERMANENT"])]
         assert [f[0] for f in fdbs(a.ns) if f[1]] == ["0a:00:00:00:00:02"]
-        assert routes_text(a.ns, "10.55.2.0/24") == "10.55.2.0/24 via 10.55.2.0 dev flannel.1 onlink"
+        assert routes_text(a.ns, "10.55.2.0/24") == "10.55.2.0/24 via 10.55.2.0 dev flannel.1 proto 70 onlink"
         assert be.programmed_peers == 1
 
 
@@ -238,13 +238,13 @@ async def test_direct_routing_on_same_segment_and_vxlan_beyond(root):
         sh("ip", "-n", a.ns, "route", "add", "192.168.200.0/24", "via", "192.168.100.254")
         be, _mac = await up(a, "a", DirectRouting=True)
         await be.apply(added(lease_of("b", "0a:00:00:00:00:01")))
-        assert routes_text(a.ns, "10.55.2.0/24") == "10.55.2.0/24 via 192.168.100.2 dev ua"
+        assert routes_text(a.ns, "10.55.2.0/24") == "10.55.2.0/24 via 192.168.100.2 dev ua proto 70"
         assert neighs(a.ns) == [] and [f for f in fdbs(a.ns) if f[1]] == []
 
         far = Lease(IPv4Network("10.55.3.0/24"),
                     LeaseAttrs(A("192.168.200.5"), "vxlan", {"VNI": 1, "VtepMAC": "0a:00:00:00:00:03"}))
         await be.apply(added(far))
-        assert routes_text(a.ns, "10.55.3.0/24") == "10.55.3.0/24 via 10.55.3.0 dev flannel.1 onlink"
+        assert routes_text(a.ns, "10.55.3.0/24") == "10.55.3.0/24 via 10.55.3.0 dev flannel.1 proto 70 onlink"
         assert (("0a:00:00:00:00:03", "192.168.200.5", ["self"], "permanent")) in fdbs(a.ns)
         assert be.programmed_peers == 2
 
@@ -262,8 +262,51 @@ async def test_failed_step_rolls_back_earlier_ones(root, caplog):
         sh("ip", "-n", a.ns, "link", "set", "flannel.1", "down")
         with caplog.at_level(logging.ERROR, logger="flannelpy.backends.vxlan.backend"):
             await be.apply(added(lease_of("b", "0a:00:00:00:00:01")))
-        assert "rolled back" in caplog.text
+        assert "not programmed: Network is down" in caplog.text
         assert neighs(a.ns) == []
         assert [f for f in fdbs(a.ns) if f[1]] == []
         assert routes_text(a.ns, "10.55.2.0/24") == ""
         assert be.programmed_peers == 0
+        assert be.data_plane_problems() == ["1 peer failed: 10.55.2.0/24: via 192.168.100.2: Network is down"]
+        # The next pass brings the device up and programs the peer.
+        report = await be.reconcile_once()
+        assert report.device == "flannel.1: was down, set up" and report.failures == {}
+        assert routes_text(a.ns, "10.55.2.0/24") == "10.55.2.0/24 via 10.55.2.0 dev flannel.1 proto 70 onlink"
+        assert be.programmed_peers == 1 and be.data_plane_problems() == []
+
+
+async def test_reconcile_recreates_device_restores_entries_removes_unexplained(root):
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        be, mac = await up(a, "a")
+        await be.apply(added(lease_of("b", "0a:00:00:00:00:01")))
+        assert (await be.reconcile_once()).changed is False  # nothing to do is a quiet pass
+        sh("ip", "-n", a.ns, "link", "del", "flannel.1")
+        report = await be.reconcile_once()
+        assert report.device == f"re-created flannel.1 with MAC {mac} (it was missing)"
+        assert sorted(report.added) == ["fdb 0a:00:00:00:00:01", "neigh 10.55.2.0", "route 10.55.2.0/24"]
+        assert device(a.ns)["address"] == mac and device(a.ns)["mtu"] == 1450
+        assert [(x["local"], x["prefixlen"]) for x in ip_json(a.ns, "-4", "addr", "show", "dev", "flannel.1")[0]["addr_info"]] == [("10.55.1.0", 32)]
+        assert neighs(a.ns) == [("10.55.2.0", "0a:00:00:00:00:01", ["PERMANENT"])]
+        assert routes_text(a.ns, "10.55.2.0/24") == "10.55.2.0/24 via 10.55.2.0 dev flannel.1 proto 70 onlink"
+        # Entries no lease explains: removed only once the agent says the peer set is complete.
+        sh("ip", "-n", a.ns, "neigh", "add", "10.55.9.0", "lladdr", "0a:00:00:00:00:09", "dev", "flannel.1", "nud", "permanent")
+        sh("bridge", "-n", a.ns, "fdb", "append", "0a:00:00:00:00:09", "dev", "flannel.1", "dst", "192.168.100.9")
+        sh("ip", "-n", a.ns, "route", "add", "10.55.9.0/24", "via", "10.55.9.0", "dev", "flannel.1", "onlink")
+        sh("ip", "-n", a.ns, "route", "add", "10.55.10.0/24", "via", "192.168.100.10", "proto", "70")  # direct, ours
+        sh("ip", "-n", a.ns, "route", "add", "10.55.11.0/24", "via", "192.168.100.11")  # not ours (proto boot)
+        assert (await be.reconcile_once()).removed == []
+        be.peers_synced()
+        report = await be.reconcile_once()
+        assert sorted(report.removed) == ["fdb 0a:00:00:00:00:09", "neigh 10.55.9.0", "route 10.55.10.0/24",
+                                          "route 10.55.9.0/24"]
+        assert neighs(a.ns) == [("10.55.2.0", "0a:00:00:00:00:01", ["PERMANENT"])]
+        assert [f[0] for f in fdbs(a.ns) if f[1]] == ["0a:00:00:00:00:01"]
+        assert routes_text(a.ns, "10.55.11.0/24") != ""
+        # A changed MAC (it flushes the device's neighbours) and MTU are put back.
+        sh("ip", "-n", a.ns, "link", "set", "flannel.1", "mtu", "1300", "address", "0a:00:00:00:00:77")
+        report = await be.reconcile_once()
+        assert report.device == f"flannel.1: MAC 0a:00:00:00:00:77 -> {mac}, MTU 1300 -> 1450"
+        assert report.added == ["neigh 10.55.2.0"]
+        assert device(a.ns)["address"] == mac and device(a.ns)["mtu"] == 1450
+        assert be.repair_counters()["device"] == 2 and be.programmed_peers == 1

@@ -9,9 +9,7 @@ and re-exported here.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from ipaddress import IPv4Address
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import trio
 
@@ -50,9 +48,27 @@ class Backend(ABC):
         return lease.attrs.backend_type == self.name
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Long-running work (udp forwarder, host-gw route check); default: none."""
+        """Long-running work (udp forwarder, vxlan/host-gw kernel reconciliation); default: none."""
         task_status.started()
         await trio.sleep_forever()
+
+    def peers_synced(self) -> None:
+        """The agent has applied the whole peer set (the initial list).  From now on kernel
+        entries that no accepted lease explains are stale and may be removed; before it, a
+        restarted agent would remove the entries of peers it simply has not been told about yet."""
+
+    def programmed_count(self) -> int | None:
+        """Accepted peers whose programming succeeded; None: every accepted peer counts."""
+        return None
+
+    def data_plane_problems(self) -> list[str]:
+        """Why the data plane is broken right now, one line each (empty: it is fine).
+        /readyz answers 503 with these lines while there are any."""
+        return []
+
+    def repair_counters(self) -> Mapping[str, int]:
+        """Kernel entries repaired so far, by kind ("route_restored", "device", ...)."""
+        return {}
 
     async def abandon(self) -> None:
         """Start-up failed before the agent was running: undo what prepare()/start() created

@@ -1,88 +1,82 @@
 """host-gw backend: a kernel route per peer subnet via the peer's PublicIP (pkg/backend/hostgw).
 
-Needs every host on one L2 segment and no NAT.  A checker re-adds routes someone deleted
-(flanneld: every 10 s).  Deciding (what is missing, add or replace) is pure; the netlink
-calls are thin.
+Needs every host on one L2 segment and no NAT.  Each lease event is one `route replace` (or
+delete); a route the kernel refuses (a PublicIP off our segment: "Network is unreachable") is
+logged once, counted as not programmed, shown by /readyz and retried by the next pass, and
+never stops the agent.  run() reconciles every 10 s (flanneld's route checker period) and
+within a fraction of a second of the kernel reporting a route change inside Network: missing
+routes are restored, and routes of ours (protocol FLANNEL_RTPROT, inside Network, via the
+underlay) that no accepted lease explains are removed.  Deciding is in plan.py.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import socket
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Iterable, Sequence
+import os
+from ipaddress import IPv4Network
+from typing import Any, Mapping, Sequence
 
 import trio
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from flannelpy.backends.base import Backend, LeaseData
+from flannelpy.backends.repair import RESYNC_INTERVAL, RepairLoop, RepairReport, describe_failures
 from flannelpy.errors import FlannelError
+from flannelpy.hostnet.monitor import KernelChange
+from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, delete_route, dump_main_routes
 from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
+
+from .plan import Route, change_matters, missing_routes, route_diff
 
 log = logging.getLogger(__name__)
 
-CHECK_INTERVAL = 10.0  # flanneld's route checker period, seconds
-MAIN_TABLE = 254
+CHECK_INTERVAL = RESYNC_INTERVAL  # flanneld's route checker period, seconds
+
+__all__ = ["HostGwBackend", "Route", "missing_routes", "CHECK_INTERVAL"]
 
 
-@dataclass(frozen=True)
-class Route:
-    dst: IPv4Network
-    gw: IPv4Address | None
-    oif: int | None
+def _replace(ipr: Any, route: Route) -> None:
+    # "replace" swaps a conflicting route to the same dst atomically (flanneld deletes, then adds).
+    ipr.route("replace", dst=str(route.dst), gateway=str(route.gw), oif=route.oif, table=MAIN_TABLE,
+              proto=FLANNEL_RTPROT)
 
 
-def missing_routes(desired: Iterable[Route], present: Iterable[Route]) -> list[Route]:
-    """Desired routes the kernel does not hold exactly (same dst, gateway and device)."""
-    have = set(present)
-    return [r for r in desired if r not in have]
-
-
-def route_action(want: Route, present: Iterable[Route]) -> str | None:
-    """'add', 'replace' (a different route to the same dst exists) or None (already there)."""
-    same_dst = [r for r in present if r.dst == want.dst]
-    if want in same_dst:
-        return None
-    return "replace" if same_dst else "add"
-
-
-def _read_routes(ipr: IPRoute) -> list[Route]:
-    routes = []
-    for msg in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
-        if msg.get_attr("RTA_TABLE", msg["table"]) != MAIN_TABLE:
-            continue
-        dst = msg.get_attr("RTA_DST") or "0.0.0.0"
-        gw = msg.get_attr("RTA_GATEWAY")
-        routes.append(
-            Route(IPv4Network(f"{dst}/{msg['dst_len']}", strict=False), IPv4Address(gw) if gw else None, msg.get_attr("RTA_OIF"))
-        )
-    return routes
-
-
-def _program(ipr: IPRoute, want: Route) -> str | None:
-    action = route_action(want, [r for r in _read_routes(ipr) if r.dst == want.dst])
-    if action is not None:
-        # "replace" swaps a conflicting route atomically (flanneld deletes, then adds).
-        ipr.route(action, dst=str(want.dst), gateway=str(want.gw), oif=want.oif, table=MAIN_TABLE)
-    return action
-
-
-def _delete(ipr: IPRoute, route: Route) -> None:
+def _delete(ipr: Any, route: Route) -> None:
     try:
-        ipr.route("del", dst=str(route.dst), gateway=str(route.gw), oif=route.oif, table=MAIN_TABLE)
+        # proto: only our route; someone else's route to the same subnet stays.
+        ipr.route("del", dst=str(route.dst), gateway=str(route.gw), oif=route.oif, table=MAIN_TABLE,
+                  proto=FLANNEL_RTPROT)
     except NetlinkError as exc:
         if exc.code != errno.ESRCH:  # already gone is what we wanted
             raise
 
 
-def _add_missing(ipr: IPRoute, desired: list[Route]) -> list[Route]:
-    missing = missing_routes(desired, _read_routes(ipr))
-    for route in missing:
-        _program(ipr, route)
-    return missing
+def _reconcile(ipr: Any, wanted: list[tuple[IPv4Network, Route]], underlay_index: int, network: IPv4Network,
+               remove_unexplained: bool) -> RepairReport:
+    """One pass: one route dump, the pure diff, one netlink call per difference; each call's
+    failure is recorded, never raised."""
+    report = RepairReport()
+    diff = route_diff(wanted, dump_main_routes(ipr), underlay_index=underlay_index, network=network,
+                      remove_unexplained=remove_unexplained)
+    for have in diff.remove:
+        try:
+            delete_route(ipr, have)
+            report.removed.append(f"route {have.dst} via {have.gateway}")
+        except NetlinkError as exc:
+            if exc.code != errno.ESRCH:
+                report.errors.append(f"route {have.dst}: {_reason(exc)}")
+    for subnet, route in diff.add:
+        try:
+            _replace(ipr, route)
+            report.added.append(f"route {route.dst} via {route.gw}")
+        except NetlinkError as exc:
+            report.failures[subnet] = _reason(exc)
+    return report
+
+
+def _reason(exc: NetlinkError) -> str:
+    return os.strerror(exc.code) if exc.code else str(exc)
 
 
 class HostGwBackend(Backend):
@@ -90,8 +84,16 @@ class HostGwBackend(Backend):
 
     def __init__(self, *args: Any, check_interval: float = CHECK_INTERVAL, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.check_interval = check_interval
-        self.routes: dict[IPv4Network, Route] = {}
+        self.routes: dict[IPv4Network, Route] = {}  # accepted peers' routes, programmed or not
+        self._failed: dict[IPv4Network, str] = {}  # peers whose route the kernel refused -> why
+        self._synced = False
+        self._lock = trio.Lock()
+        self.repairs: dict[str, int] = {}
+        self.loop = RepairLoop("host-gw", self.netlink, self.reconcile_once, self._notice, interval=check_interval)
+
+    @property
+    def check_interval(self) -> float:
+        return self.loop.interval
 
     def mtu(self) -> int:
         return self.ext.mtu
@@ -106,35 +108,85 @@ class HostGwBackend(Backend):
                 f"address {self.ext.ip}; host-gw cannot work through NAT (peers route to the public IP directly)"
             )
 
-    async def apply(self, events: Sequence[LeaseEvent]) -> None:
-        for event in events:
-            lease = event.lease
-            if not self.accepts(lease):
-                log.info("ignoring non-host-gw subnet %s: type %r", lease.subnet, lease.attrs.backend_type)
-                continue
-            route = Route(lease.subnet, lease.attrs.public_ip, self.ext.index)
-            if event.kind is EventKind.ADDED:
-                self.routes[lease.subnet] = route
-                await self.netlink.call(_program, route)
-            else:
-                self.routes.pop(lease.subnet, None)
-                await self.netlink.call(_delete, route)
+    # --- counts and health ---------------------------------------------------------------
 
-    async def check_once(self) -> list[Route]:
-        """Re-add desired routes that vanished; returns what was re-added."""
-        missing = await self.netlink.call(_add_missing, list(self.routes.values()))
-        for route in missing:
-            log.info("route to %s via %s was missing; re-added", route.dst, route.gw)
-        return missing
+    def programmed_count(self) -> int | None:
+        return len(self.routes) - len(self._failed)
+
+    def data_plane_problems(self) -> list[str]:
+        line = describe_failures({s: f"via {self.routes[s].gw}: {why}" for s, why in self._failed.items()
+                                  if s in self.routes}, what="peer route")
+        return [line] if line else []
+
+    def repair_counters(self) -> Mapping[str, int]:
+        return dict(self.repairs)
+
+    def _mark_failed(self, subnet: IPv4Network, reason: str) -> None:
+        if self._failed.get(subnet) != reason:  # once per peer and reason, not once per pass
+            log.error("route to %s via %s not programmed: %s; retrying every %gs",
+                      subnet, self.routes[subnet].gw, reason, self.check_interval)
+        self._failed[subnet] = reason
+
+    def _mark_ok(self, subnet: IPv4Network) -> None:
+        if self._failed.pop(subnet, None) is not None:
+            log.info("route to %s via %s programmed after earlier failure", subnet, self.routes[subnet].gw)
+
+    # --- per event: one netlink call each ------------------------------------------------
+
+    async def apply(self, events: Sequence[LeaseEvent]) -> None:
+        async with self._lock:
+            for event in events:
+                lease = event.lease
+                if not self.accepts(lease):
+                    log.info("ignoring non-host-gw subnet %s: type %r", lease.subnet, lease.attrs.backend_type)
+                    continue
+                route = Route(lease.subnet, lease.attrs.public_ip, self.ext.index)
+                if event.kind is EventKind.ADDED:
+                    self.routes[lease.subnet] = route
+                    try:
+                        await self.netlink.call(_replace, route)
+                    except NetlinkError as exc:
+                        self._mark_failed(lease.subnet, _reason(exc))
+                    else:
+                        self._mark_ok(lease.subnet)
+                else:
+                    self.routes.pop(lease.subnet, None)
+                    self._failed.pop(lease.subnet, None)
+                    try:
+                        await self.netlink.call(_delete, route)
+                    except NetlinkError as exc:
+                        log.warning("removing route to %s via %s: %s", route.dst, route.gw, _reason(exc))
+
+    # --- reconciliation ------------------------------------------------------------------
+
+    def peers_synced(self) -> None:
+        self._synced = True
+        self.loop.wake()
+
+    def _notice(self, change: KernelChange) -> bool:
+        return change_matters(change, underlay_index=self.ext.index, network=self.config.network)
+
+    async def reconcile_once(self) -> RepairReport:
+        """Make the routes match the accepted leases now."""
+        async with self._lock:
+            wanted = list(self.routes.items())
+            report = await self.netlink.call(_reconcile, wanted, self.ext.index, self.config.network, self._synced)
+            for subnet, _route in wanted:
+                if subnet in report.failures:
+                    self._mark_failed(subnet, report.failures[subnet])
+                else:
+                    self._mark_ok(subnet)
+        for key, items in (("route_restored", report.added), ("route_removed", report.removed)):
+            if items:
+                self.repairs[key] = self.repairs.get(key, 0) + len(items)
+        if report.changed:
+            log.warning("kernel repair (host-gw): %s", report.summary())
+        for err in report.errors:
+            log.warning("kernel repair: could not remove %s", err)
+        return report
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            await trio.sleep(self.check_interval)
-            try:
-                await self.check_once()
-            except NetlinkError as exc:
-                log.warning("route check failed: %s", exc)
+        await self.loop.run(task_status=task_status)
 
 
 BACKEND = HostGwBackend

@@ -4,22 +4,44 @@ clusters of flanneld and flannelpy nodes interoperate).
 
 What to program is decided in flannelpy.backends.vxlan.plan; this module only performs it, on the
 netlink thread.  Kernel state is kept on shutdown so a restart does not cut traffic.
+
+The per-event path (apply) touches only the event's own entries.  run() reconciles: every
+10 s, and within a fraction of a second of the kernel reporting a change to our device or
+entries, one dump of routes, neighbours and FDB is compared with the accepted leases; a
+missing device is re-created with the same MAC, missing entries restored, and entries of ours
+that no lease explains removed.  Ours means: on flannel.<VNI> (the device is ours), or a
+route with protocol FLANNEL_RTPROT (DirectRouting).  A peer whose programming fails is logged
+once, counted as not programmed, shown by /readyz, and retried by the next pass.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
 from flannelpy.backends.base import Backend, ExternalInterface, LeaseData
+from flannelpy.backends.repair import RESYNC_INTERVAL, RepairLoop, RepairReport, describe_failures
 from flannelpy.config.network import NetworkConfig
 from flannelpy.errors import ConfigError, FlannelError
 from flannelpy.hostnet.interface import route_get_hops
-from flannelpy.hostnet.netlink import NetlinkThread
+from flannelpy.hostnet.monitor import KernelChange
+from flannelpy.hostnet.netlink import (
+    FLANNEL_RTPROT,
+    MAIN_TABLE,
+    NUD_PERMANENT,
+    RTNH_F_ONLINK,
+    NetlinkThread,
+    delete_route,
+    dump_fdb,
+    dump_main_routes,
+    dump_neighbours,
+)
 from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
 
 from .plan import (
@@ -32,7 +54,10 @@ from .plan import (
     VxlanDeviceFacts,
     VxlanDeviceSpec,
     addresses_to_remove,
+    change_matters,
     device_name,
+    device_repair,
+    entry_diff,
     incompatibilities,
     is_on_link,
     peer_plan,
@@ -42,12 +67,8 @@ from .plan import (
 
 log = logging.getLogger(__name__)
 
-NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
-RTNH_F_ONLINK = 0x04
-# vishvananda/netlink's default route protocol; `ip route` hides "proto boot", so our
-# routes print exactly like flanneld's.
-RTPROT_BOOT = 3
+IFF_UP = 0x1
 MIN_DEVICE_MTU = 68
 
 
@@ -71,8 +92,9 @@ def _read_device(ipr: Any, name: str) -> tuple[int, VxlanDeviceFacts] | None:
     kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
     data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
     mac = msg.get_attr("IFLA_ADDRESS")
+    mtu, up = msg.get_attr("IFLA_MTU"), bool(msg["flags"] & IFF_UP)
     if kind != "vxlan" or data is None:
-        return found[0], VxlanDeviceFacts(kind or "", None, None, None, None, False, False, mac)
+        return found[0], VxlanDeviceFacts(kind or "", None, None, None, None, False, False, mac, mtu, up)
     local = data.get_attr("IFLA_VXLAN_LOCAL")
     return found[0], VxlanDeviceFacts(
         kind="vxlan",
@@ -83,6 +105,8 @@ def _read_device(ipr: Any, name: str) -> tuple[int, VxlanDeviceFacts] | None:
         gbp=bool(data.get_attr("IFLA_VXLAN_GBP")),
         learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
         mac=mac.lower() if mac else None,
+        mtu=mtu,
+        up=up,
     )
 
 
@@ -103,6 +127,11 @@ def _ensure_device(ipr: Any, spec: VxlanDeviceSpec, new_mac: str) -> tuple[int, 
             return index, _link_mac(ipr, index), False
         log.warning("%s exists but is incompatible (%s); recreating it", spec.name, "; ".join(reasons))
         ipr.link("del", index=index)
+    return _create_device(ipr, spec, new_mac), new_mac, True
+
+
+def _create_device(ipr: Any, spec: VxlanDeviceSpec, new_mac: str) -> int:
+    """Create the device with exactly `new_mac`, up; never leaves a half-made one behind."""
     kwargs: dict[str, Any] = dict(
         ifname=spec.name,
         kind="vxlan",
@@ -137,20 +166,25 @@ def _ensure_device(ipr: Any, spec: VxlanDeviceSpec, new_mac: str) -> tuple[int, 
         # Never leave a half-configured device behind.
         _ignore((errno.ENODEV,), lambda: ipr.link("del", index=index))
         raise
-    return index, mac, True
+    return index
 
 
-def _configure_address(ipr: Any, index: int, base: IPv4Address, network: IPv4Network) -> None:
+def _configure_address(ipr: Any, index: int, base: IPv4Address, network: IPv4Network) -> list[str]:
+    """Exactly `<base>/32` inside Network on the device; returns what was changed."""
     have = [
         (IPv4Address(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")), m["prefixlen"])
         for m in ipr.get_addr(index=index, family=2)
     ]
+    changes = []
     for ip, plen in addresses_to_remove(have, base, network):
         log.info("removing stale address %s/%d from vxlan device", ip, plen)
         _ignore((errno.EADDRNOTAVAIL,), lambda: ipr.addr("del", index=index, address=str(ip), prefixlen=plen))
+        changes.append(f"address {ip}/{plen} removed")
     if (base, 32) not in have:
         _ignore((errno.EEXIST,), lambda: ipr.addr("add", index=index, address=str(base), prefixlen=32))
+        changes.append(f"address {base}/32 restored")
     ipr.link("set", index=index, state="up")
+    return changes
 
 
 def _neigh(ipr: Any, cmd: str, index: int, n: Neigh) -> None:
@@ -162,11 +196,15 @@ def _fdb(ipr: Any, cmd: str, index: int, f: Fdb) -> None:
 
 
 def _route(ipr: Any, cmd: str, index: int, r: Route) -> None:
+    # Our protocol marks the route as ours (see FLANNEL_RTPROT).  A delete names it too, so
+    # that a DirectRouting route someone else made to the same subnet is never taken away.
     if r.on_vxlan:
+        # ...except on our own device, where every route is ours whoever marked it.
+        mark = {} if cmd == "del" else {"proto": FLANNEL_RTPROT}
         ipr.route(cmd, dst=str(r.dst), gateway=str(r.gateway), oif=index,
-                  flags=RTNH_F_ONLINK, proto=RTPROT_BOOT)
+                  flags=RTNH_F_ONLINK, table=MAIN_TABLE, **mark)
     else:
-        ipr.route(cmd, dst=str(r.dst), gateway=str(r.gateway), proto=RTPROT_BOOT)
+        ipr.route(cmd, dst=str(r.dst), gateway=str(r.gateway), proto=FLANNEL_RTPROT, table=MAIN_TABLE)
 
 
 _GONE = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV)
@@ -218,6 +256,95 @@ def _unprogram(ipr: Any, index: int, plan: PeerPlan, with_route: bool = True) ->
     return errors
 
 
+def _reconcile(ipr: Any, spec: VxlanDeviceSpec, mac: str, base: IPv4Address, network: IPv4Network,
+               wanted: list[tuple[IPv4Network, PeerPlan]], remove_unexplained: bool) -> tuple[int | None, RepairReport]:
+    """One pass: the device first (re-created with our MAC if gone), then one dump each of
+    routes, neighbours and FDB, the pure diff, and the netlink calls that close it.  Every
+    call's failure is recorded, never raised, so one bad entry cannot stop the others."""
+    report = RepairReport()
+    found = _read_device(ipr, spec.name)
+    index, facts = found if found is not None else (None, None)
+    repair = device_repair(spec, mac, facts)
+    if repair.needed:
+        try:
+            if repair.recreate:
+                if index is not None:
+                    ipr.link("del", index=index)
+                index = _create_device(ipr, spec, mac)
+            else:
+                assert index is not None
+                if repair.set_mac:
+                    ipr.link("set", index=index, address=mac)
+                if repair.set_mtu:
+                    ipr.link("set", index=index, mtu=spec.mtu)
+                if repair.set_up:
+                    ipr.link("set", index=index, state="up")
+        except (NetlinkError, FlannelError) as exc:
+            report.device_error = f"{spec.name} broken ({repair.recreate or 'settings'}), repair failed: {_reason(exc)}"
+            report.checked = False
+            return (index if not repair.recreate else None), report
+        report.device = repair.describe(spec, facts, mac)
+    assert index is not None
+    try:
+        address_changes = _configure_address(ipr, index, base, network)
+    except NetlinkError as exc:
+        report.device_error = f"{spec.name}: cannot set address {base}/32: {_reason(exc)}"
+        report.checked = False
+        return index, report
+    if address_changes and not repair.recreate:  # a new device's address goes without saying
+        report.device = "; ".join(filter(None, [report.device, f"{spec.name}: " + ", ".join(address_changes)]))
+
+    diff = entry_diff(wanted, dump_main_routes(ipr), dump_neighbours(ipr, index), dump_fdb(ipr, index),
+                      device_index=index, underlay_index=spec.vtep_index, network=network,
+                      remove_unexplained=remove_unexplained)
+    if diff.empty:
+        return index, report
+
+    def attempt(what: str, action: Callable[[], None]) -> str | None:
+        try:
+            action()
+        except NetlinkError as exc:
+            if exc.code in _GONE and what.startswith("-"):
+                return None  # already gone is what a removal wanted
+            return _reason(exc)
+        return None
+
+    for r in diff.remove_routes:
+        err = attempt("-route", lambda: delete_route(ipr, r))
+        (report.errors.append(f"route {r.dst}: {err}") if err else report.removed.append(f"route {r.dst}"))
+    for n in diff.remove_neighs:
+        err = attempt("-neigh", lambda: ipr.neigh("del", dst=str(n.ip), ifindex=index))
+        (report.errors.append(f"neigh {n.ip}: {err}") if err else report.removed.append(f"neigh {n.ip}"))
+    for f in diff.remove_fdbs:
+        err = attempt("-fdb", lambda: _fdb(ipr, "del", index, Fdb(f.mac, f.dst)))
+        (report.errors.append(f"fdb {f.mac} dst {f.dst}: {err}") if err else report.removed.append(f"fdb {f.mac}"))
+    # flanneld's order per peer: neighbour, FDB, route (an onlink route wants the rest first).
+    for subnet, n in diff.add_neighs:
+        err = attempt("neigh", lambda: _neigh(ipr, "replace", index, n))
+        _record_add(report, subnet, f"neigh {n.ip}", err)
+    for subnet, f in diff.add_fdbs:
+        err = attempt("fdb", lambda: _fdb(ipr, "replace", index, f))
+        _record_add(report, subnet, f"fdb {f.mac}", err)
+    for subnet, r in diff.add_routes:
+        err = attempt("route", lambda: _route(ipr, "replace", index, r))
+        _record_add(report, subnet, f"route {r.dst}", err)
+    return index, report
+
+
+def _record_add(report: RepairReport, subnet: IPv4Network, what: str, err: str | None) -> None:
+    if err is None:
+        report.added.append(what)
+    else:
+        report.failures.setdefault(subnet, f"{what}: {err}")
+
+
+def _reason(exc: BaseException) -> str:
+    """A netlink error as the operator reads it: "Network is unreachable", not "(101, ...)"."""
+    if isinstance(exc, NetlinkError):
+        return os.strerror(exc.code) if exc.code else str(exc)
+    return str(exc)
+
+
 def _set_accept_ra_off(name: str) -> None:
     # flanneld sets accept_ra=0 so the overlay device never configures itself from RAs.
     try:
@@ -233,7 +360,8 @@ def _set_accept_ra_off(name: str) -> None:
 class VxlanBackend(Backend):
     name = "vxlan"
 
-    def __init__(self, ext: ExternalInterface, config: NetworkConfig, netlink: NetlinkThread) -> None:
+    def __init__(self, ext: ExternalInterface, config: NetworkConfig, netlink: NetlinkThread,
+                 *, resync_interval: float = RESYNC_INTERVAL) -> None:
         super().__init__(ext, config, netlink)
         vni = config.backend_option("VNI", int, 1)
         if not 0 <= vni < (1 << 24):
@@ -259,11 +387,44 @@ class VxlanBackend(Backend):
         )
         self.index: int | None = None
         self.mac: str | None = None
-        self._programmed: dict[IPv4Network, PeerPlan] = {}
+        self._own_base: IPv4Address | None = None
+        # Accepted peers and the entries they need (whether or not programming worked), the
+        # ones whose programming failed (-> why), and who holds each VTEP MAC, so removing a
+        # lease never deletes an FDB entry another accepted lease still needs.
+        self._wanted: dict[IPv4Network, PeerPlan] = {}
+        self._failed: dict[IPv4Network, str] = {}
+        self._mac_holders: dict[str, set[IPv4Network]] = {}
+        self._synced = False  # the agent applied the whole peer set: unexplained entries may go
+        self._device_problem: str | None = None
+        self._lock = trio.Lock()  # a pass's snapshot, dump and fixes never interleave with apply
+        self.repairs: dict[str, int] = {}
+        self.loop = RepairLoop(f"vxlan {self.spec.name}", netlink, self.reconcile_once, self._notice,
+                               interval=resync_interval)
+
+    # --- counts and health ---------------------------------------------------------------
 
     @property
     def programmed_peers(self) -> int:
-        return len(self._programmed)
+        return len(self._wanted) - len(self._failed)
+
+    def programmed_count(self) -> int | None:
+        return self.programmed_peers
+
+    def data_plane_problems(self) -> list[str]:
+        problems = [self._device_problem] if self._device_problem else []
+        failed = describe_failures({s: f"via {self._public_of(s)}: {why}" for s, why in self._failed.items()})
+        if failed:
+            problems.append(failed)
+        return problems
+
+    def repair_counters(self) -> Mapping[str, int]:
+        return dict(self.repairs)
+
+    def _public_of(self, subnet: IPv4Network) -> str:
+        plan = self._wanted.get(subnet)
+        if plan is None:
+            return "?"
+        return str(plan.fdb.dst if plan.fdb is not None else plan.route.gateway)
 
     def mtu(self) -> int:
         return self.spec.mtu
@@ -272,7 +433,7 @@ class VxlanBackend(Backend):
         index, mac, created = await self.netlink.call(_ensure_device, self.spec, random_vtep_mac())
         self.index, self.mac = index, mac
         self._created_now = created
-        if getattr(self.netlink, "_netns", None) is None:
+        if self.netlink.netns is None:
             _set_accept_ra_off(self.spec.name)
         log.info("%s device %s (vni %d, port %d, mtu %d, mac %s)",
                  "created" if created else "reusing", self.spec.name, self.spec.vni,
@@ -293,67 +454,158 @@ class VxlanBackend(Backend):
         return self.index
 
     async def start(self, lease: Lease) -> None:
+        self._own_base = lease.subnet.network_address
         await self.netlink.call(_configure_address, self._need_device(),
                                 lease.subnet.network_address, self.config.network)
 
     async def _is_direct(self, lease: Lease) -> bool:
         if not self.direct_routing:
             return False
-        hops = await self.netlink.call(route_get_hops, lease.attrs.public_ip)
+        try:
+            hops = await self.netlink.call(route_get_hops, lease.attrs.public_ip)
+        except NetlinkError as exc:
+            log.warning("peer %s: no route to %s (%s); using vxlan, not a direct route",
+                        lease.subnet, lease.attrs.public_ip, _reason(exc))
+            return False
         return is_on_link([gw for _oif, gw in hops])
 
-    async def apply(self, events: Sequence[LeaseEvent]) -> None:
-        index = self._need_device()
-        for event in events:
-            lease = event.lease
-            if not self.accepts(lease):
-                log.info("ignoring lease %s: backend type %r is not vxlan",
-                         lease.subnet, lease.attrs.backend_type)
-                continue
-            if event.kind is EventKind.ADDED:
-                await self._add(index, lease)
-            else:
-                await self._remove(index, lease)
+    # --- per event: O(1) each ------------------------------------------------------------
 
-    async def _add(self, index: int, lease: Lease) -> None:
+    async def apply(self, events: Sequence[LeaseEvent]) -> None:
+        self._need_device()
+        async with self._lock:
+            for event in events:
+                lease = event.lease
+                if not self.accepts(lease):
+                    log.info("ignoring lease %s: backend type %r is not vxlan",
+                             lease.subnet, lease.attrs.backend_type)
+                    continue
+                if event.kind is EventKind.ADDED:
+                    await self._add(lease)
+                else:
+                    await self._remove(lease)
+
+    def _hold(self, subnet: IPv4Network, plan: PeerPlan | None) -> PeerPlan | None:
+        """Record `plan` (None: forget) as the subnet's wanted entries; returns the old plan."""
+        old = self._wanted.pop(subnet, None)
+        if old is not None and old.fdb is not None:
+            holders = self._mac_holders.get(old.fdb.mac, set())
+            holders.discard(subnet)
+            if not holders:
+                self._mac_holders.pop(old.fdb.mac, None)
+        if plan is not None:
+            self._wanted[subnet] = plan
+            if plan.fdb is not None:
+                self._mac_holders.setdefault(plan.fdb.mac, set()).add(subnet)
+        else:
+            self._failed.pop(subnet, None)
+        return old
+
+    def _mark_failed(self, subnet: IPv4Network, reason: str) -> None:
+        if self._failed.get(subnet) != reason:  # once per peer and reason, not once per pass
+            log.error("peer %s (%s) not programmed: %s; retrying every %gs",
+                      subnet, self._public_of(subnet), reason, self.loop.interval)
+        self._failed[subnet] = reason
+
+    def _mark_ok(self, subnet: IPv4Network) -> None:
+        if self._failed.pop(subnet, None) is not None:
+            log.info("peer %s (%s) programmed after earlier failure", subnet, self._public_of(subnet))
+
+    async def _add(self, lease: Lease) -> None:
+        index = self._need_device()
         try:
             plan = peer_plan(lease, await self._is_direct(lease))
-        except (ValueError, FlannelError, NetlinkError) as exc:
+        except ValueError as exc:
             log.error("ignoring lease %s: %s", lease.subnet, exc)
+            await self._remove(lease)
             return
-        old = self._programmed.get(lease.subnet)
+        old = self._hold(lease.subnet, plan)
         try:
             await self.netlink.call(_program, index, plan)
         except NetlinkError as exc:
-            log.error("programming peer %s (%s) failed, rolled back: %s",
-                      lease.subnet, lease.attrs.public_ip, exc)
-            # Rollback deleted entries this lease shared with the old plan; forget it so a
-            # later REMOVED does not chase them.
-            self._programmed.pop(lease.subnet, None)
+            self._mark_failed(lease.subnet, _reason(exc))
             return
-        self._programmed[lease.subnet] = plan
+        self._mark_ok(lease.subnet)
         if old is not None:
             stale = stale_entries(old, plan)
-            if stale is not None:
+            if stale is not None and stale.fdb is not None and stale.fdb.mac in self._mac_holders:
+                stale = PeerPlan(stale.route, stale.neigh, None)  # another accepted lease uses that MAC
+            if stale is not None and (stale.fdb is not None or stale.neigh is not None):
                 errors = await self.netlink.call(_unprogram, index, stale, False)
                 for err in errors:
                     log.warning("removing stale entry for %s: %s", lease.subnet, err)
         log.info("peer %s: %s", lease.subnet, _describe(plan))
 
-    async def _remove(self, index: int, lease: Lease) -> None:
-        plan = self._programmed.pop(lease.subnet, None)
+    async def _remove(self, lease: Lease) -> None:
+        index = self._need_device()
+        plan = self._hold(lease.subnet, None)
         if plan is None:
             # Not programmed by this process (e.g. learned before a restart): remove what
             # flanneld would have installed for it.
             try:
                 plan = peer_plan(lease, await self._is_direct(lease))
-            except (ValueError, FlannelError, NetlinkError) as exc:
+            except ValueError as exc:
                 log.error("cannot work out entries of removed lease %s: %s", lease.subnet, exc)
                 return
+        if plan.fdb is not None and plan.fdb.mac in self._mac_holders:
+            plan = PeerPlan(plan.route, plan.neigh, None)  # another accepted lease uses that MAC
         errors = await self.netlink.call(_unprogram, index, plan, True)
         for err in errors:
             log.warning("removing peer %s: %s", lease.subnet, err)
         log.info("peer %s removed", lease.subnet)
+
+    # --- reconciliation ------------------------------------------------------------------
+
+    def peers_synced(self) -> None:
+        self._synced = True
+        self.loop.wake()
+
+    def _notice(self, change: KernelChange) -> bool:
+        matters = change_matters(change, device_index=self.index, device=self.spec.name,
+                                 underlay_index=self.ext.index, network=self.config.network)
+        if matters and change.kind == "link" and change.deleted and change.ifindex == self.index:
+            self._device_problem = f"{self.spec.name} missing, re-creating"
+        return matters
+
+    async def reconcile_once(self) -> RepairReport:
+        """Make the kernel match the accepted leases now (see the module docstring)."""
+        if self.mac is None or self._own_base is None:
+            return RepairReport(checked=False)  # before start(): nothing is ours yet
+        async with self._lock:
+            wanted = list(self._wanted.items())
+            index, report = await self.netlink.call(
+                _reconcile, self.spec, self.mac, self._own_base, self.config.network, wanted, self._synced)
+            if index is not None:
+                self.index = index
+            self._device_problem = report.device_error
+            if report.checked:
+                for subnet, _plan in wanted:
+                    if subnet not in self._wanted:
+                        continue  # removed meanwhile (cannot happen under the lock; cheap to check)
+                    if subnet in report.failures:
+                        self._mark_failed(subnet, report.failures[subnet])
+                    else:
+                        self._mark_ok(subnet)
+        self._count(report)
+        if report.device_error:
+            log.error("%s", report.device_error)
+        if report.changed:
+            log.warning("kernel repair on %s: %s", self.spec.name, report.summary())
+        for err in report.errors:
+            log.warning("kernel repair: could not remove %s", err)
+        return report
+
+    def _count(self, report: RepairReport) -> None:
+        def bump(key: str, n: int) -> None:
+            if n:
+                self.repairs[key] = self.repairs.get(key, 0) + n
+        bump("device", 1 if report.device else 0)
+        for verb, items in (("restored", report.added), ("removed", report.removed)):
+            for item in items:
+                bump(f"{item.split(' ', 1)[0]}_{verb}", 1)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.loop.run(task_status=task_status)
 
 
 def _describe(plan: PeerPlan) -> str:

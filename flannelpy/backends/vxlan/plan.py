@@ -8,10 +8,13 @@ testable without root.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable
 
+from flannelpy.hostnet.monitor import KernelChange
+from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, NUD_PERMANENT, RTPROT_KERNEL, KernelFdb, KernelNeigh, KernelRoute
 from flannelpy.subnet.lease import Lease
 
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8
@@ -57,6 +60,8 @@ class VxlanDeviceFacts:
     gbp: bool
     learning: bool
     mac: str | None
+    mtu: int | None = None
+    up: bool = True
 
 
 def incompatibilities(spec: VxlanDeviceSpec, have: VxlanDeviceFacts) -> list[str]:
@@ -168,3 +173,178 @@ def addresses_to_remove(
         for ip, plen in have
         if ip in network and not (ip == keep and plen == 32)
     ]
+
+
+# --- reconciliation: what the kernel should hold vs what it holds ---------------------------
+
+
+@dataclass(frozen=True)
+class DeviceRepair:
+    """What to do to the device: recreate it (reason given), or fix some of its settings."""
+
+    recreate: str | None = None
+    set_mac: bool = False
+    set_mtu: bool = False
+    set_up: bool = False
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.recreate or self.set_mac or self.set_mtu or self.set_up)
+
+    def describe(self, spec: VxlanDeviceSpec, have: VxlanDeviceFacts | None, mac: str) -> str:
+        if self.recreate:
+            return f"re-created {spec.name} with MAC {mac} ({self.recreate})"
+        fixes = []
+        if self.set_mac and have is not None:
+            fixes.append(f"MAC {have.mac} -> {mac}")
+        if self.set_mtu and have is not None:
+            fixes.append(f"MTU {have.mtu} -> {spec.mtu}")
+        if self.set_up:
+            fixes.append("was down, set up")
+        return f"{spec.name}: " + ", ".join(fixes)
+
+
+def device_repair(spec: VxlanDeviceSpec, mac: str, have: VxlanDeviceFacts | None) -> DeviceRepair:
+    """The device must exist, be compatible, carry the MAC our lease advertises (peers' FDB
+    entries point at it), have our MTU and be up."""
+    if have is None:
+        return DeviceRepair(recreate="it was missing")
+    reasons = incompatibilities(spec, have)
+    if reasons:
+        return DeviceRepair(recreate="; ".join(reasons))
+    return DeviceRepair(
+        set_mac=(have.mac or "").lower() != mac.lower(),
+        set_mtu=have.mtu is not None and have.mtu != spec.mtu,
+        set_up=not have.up,
+    )
+
+
+def route_is_ours(route: KernelRoute, device_index: int | None, underlay_index: int, network: IPv4Network) -> bool:
+    """Everything on the vxlan device is ours (but the kernel's own address routes), and so
+    is a route marked with our protocol inside Network via the underlay (DirectRouting)."""
+    if device_index is not None and route.oif == device_index:
+        return route.proto != RTPROT_KERNEL
+    return route.proto == FLANNEL_RTPROT and route.oif == underlay_index and route.dst.subnet_of(network)
+
+
+def route_matches(want: Route, have: KernelRoute, device_index: int | None) -> bool:
+    if (have.dst, have.gateway, have.proto, have.priority, have.tos) != (want.dst, want.gateway, FLANNEL_RTPROT, 0, 0):
+        return False
+    if want.on_vxlan:
+        return have.oif == device_index and have.onlink
+    return have.oif != device_index or device_index is None
+
+
+@dataclass
+class EntryDiff:
+    """Entries to add (with the peer that needs them) and entries to delete."""
+
+    add_neighs: list[tuple[IPv4Network, Neigh]] = field(default_factory=list)
+    add_fdbs: list[tuple[IPv4Network, Fdb]] = field(default_factory=list)
+    add_routes: list[tuple[IPv4Network, Route]] = field(default_factory=list)
+    remove_routes: list[KernelRoute] = field(default_factory=list)
+    remove_neighs: list[KernelNeigh] = field(default_factory=list)
+    remove_fdbs: list[KernelFdb] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.add_neighs or self.add_fdbs or self.add_routes
+                    or self.remove_routes or self.remove_neighs or self.remove_fdbs)
+
+
+def entry_diff(
+    wanted: Iterable[tuple[IPv4Network, PeerPlan]],
+    routes: Iterable[KernelRoute],
+    neighs: Iterable[KernelNeigh],
+    fdbs: Iterable[KernelFdb],
+    *,
+    device_index: int | None,
+    underlay_index: int,
+    network: IPv4Network,
+    remove_unexplained: bool,
+) -> EntryDiff:
+    """What to add so every wanted peer's entries are there exactly, and (remove_unexplained)
+    which of our entries no wanted peer explains.
+
+    Additions use "replace", which overwrites an entry with the same key (a route's dst and
+    metric 0, a neighbour's IP, a unicast FDB entry's MAC), so an entry that is about to be
+    overwritten is not also deleted.  Nobody else's entries are ever in the removals."""
+    routes, neighs, fdbs = list(routes), list(neighs), list(fdbs)
+    want_routes: dict[IPv4Network, tuple[IPv4Network, Route]] = {}
+    want_neighs: dict[IPv4Address, tuple[IPv4Network, Neigh]] = {}
+    want_fdbs: dict[tuple[str, IPv4Address], tuple[IPv4Network, Fdb]] = {}
+    for subnet, plan in wanted:
+        want_routes[plan.route.dst] = (subnet, plan.route)
+        if plan.neigh is not None:
+            want_neighs[plan.neigh.ip] = (subnet, plan.neigh)
+        if plan.fdb is not None:
+            want_fdbs[(plan.fdb.mac.lower(), plan.fdb.dst)] = (subnet, plan.fdb)
+
+    diff = EntryDiff()
+    routes_at: dict[IPv4Network, list[KernelRoute]] = {}
+    for r in routes:
+        routes_at.setdefault(r.dst, []).append(r)
+    for dst, (subnet, want) in want_routes.items():
+        if not any(route_matches(want, have, device_index) for have in routes_at.get(dst, ())):
+            diff.add_routes.append((subnet, want))
+    neigh_at = {n.ip: n for n in neighs}
+    for ip, (subnet, want) in want_neighs.items():
+        have = neigh_at.get(ip)
+        if have is None or not have.permanent or (have.mac or "") != want.mac.lower():
+            diff.add_neighs.append((subnet, want))
+    have_fdbs = {(f.mac, f.dst) for f in fdbs if f.permanent}
+    for key, (subnet, want) in want_fdbs.items():
+        if key not in have_fdbs:
+            diff.add_fdbs.append((subnet, want))
+    if not remove_unexplained:
+        return diff
+
+    replaced_routes = {want.dst for _s, want in diff.add_routes}
+    for r in routes:
+        if not route_is_ours(r, device_index, underlay_index, network):
+            continue
+        wanted_here = want_routes.get(r.dst)
+        if wanted_here is not None and route_matches(wanted_here[1], r, device_index):
+            continue
+        if r.dst in replaced_routes and r.priority == 0 and r.tos == 0:
+            continue  # the "replace" overwrites it
+        diff.remove_routes.append(r)
+    replaced_neighs = {want.ip for _s, want in diff.add_neighs}
+    for n in neighs:
+        if not n.permanent or n.ip in replaced_neighs:
+            continue  # the kernel's own ARP cache entries are not ours
+        wanted_n = want_neighs.get(n.ip)
+        if wanted_n is None or (n.mac or "") != wanted_n[1].mac.lower():
+            diff.remove_neighs.append(n)
+    ours_fdb = [f for f in fdbs if f.permanent]
+    per_mac: dict[str, int] = {}
+    for f in ours_fdb:
+        per_mac[f.mac] = per_mac.get(f.mac, 0) + 1
+    replaced_macs = {want.mac.lower() for _s, want in diff.add_fdbs}
+    for f in ours_fdb:
+        if (f.mac, f.dst) in want_fdbs:
+            continue
+        if f.mac in replaced_macs and per_mac[f.mac] == 1:
+            continue  # the only entry for this MAC: the "replace" re-points it
+        diff.remove_fdbs.append(f)
+    return diff
+
+
+def change_matters(change: KernelChange, *, device_index: int | None, device: str, underlay_index: int,
+                   network: IPv4Network) -> bool:
+    """Whether a kernel notification (not caused by us) may have touched our entries."""
+    if change.kind == "overflow":
+        return True
+    if change.kind == "link":
+        return change.ifindex in (device_index, underlay_index) or change.ifname == device
+    if change.kind == "addr":
+        return change.family == socket.AF_INET and change.ifindex == device_index
+    if change.kind == "route":
+        if change.family != socket.AF_INET or change.table != MAIN_TABLE:
+            return False
+        return change.ifindex == device_index or (change.dst is not None and change.dst.subnet_of(network))
+    if change.kind == "neigh":
+        # Someone else's change, or the kernel dropping a permanent entry; not the kernel's
+        # own ARP/learning churn.
+        return change.ifindex == device_index and (change.sender != 0 or bool((change.state or 0) & NUD_PERMANENT))
+    return False

@@ -1,0 +1,137 @@
+"""The reconciliation loop of the kernel backends (vxlan, host-gw): make the kernel match the
+accepted leases, every `interval` seconds and within a fraction of a second of the kernel
+reporting a change to one of our entries.
+
+The backend supplies `repair()` (one pass: one dump of each table, the pure diff, the few
+netlink calls that close it) and `notice(change)` (does this notification concern us?); this
+module only decides *when* a pass runs and keeps a failing pass from ever ending the agent.
+Notifications of changes our own netlink socket made are skipped, so programming a thousand
+peers does not trigger a thousand passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from typing import Awaitable, Callable
+
+import trio
+
+from flannelpy.hostnet.monitor import KernelChange, KernelMonitor
+from flannelpy.hostnet.netlink import NetlinkThread
+
+log = logging.getLogger(__name__)
+
+RESYNC_INTERVAL = 10.0  # flanneld's host-gw route check period; ours for both backends
+SETTLE = 0.05  # after a notification, let the rest of a burst (a deleted device's entries) arrive
+MIN_GAP = 0.25  # at most four event-driven passes a second, whatever fights us
+
+
+@dataclass
+class RepairReport:
+    """What one pass found and did."""
+
+    device: str | None = None  # what was wrong with the device and has been repaired
+    device_error: str | None = None  # the device is broken and could not be repaired
+    added: list[str] = field(default_factory=list)  # entries restored, e.g. "route 10.5.2.0/24"
+    removed: list[str] = field(default_factory=list)  # entries no accepted lease explains, removed
+    failures: dict[IPv4Network, str] = field(default_factory=dict)  # peer -> why it is not programmed
+    errors: list[str] = field(default_factory=list)  # removals that failed
+    checked: bool = True  # False: the entries were not looked at (device broken, no lease yet)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.device or self.added or self.removed)
+
+    def summary(self, limit: int = 6) -> str:
+        parts = []
+        if self.device:
+            parts.append(self.device)
+        for verb, items in (("restored", self.added), ("removed", self.removed)):
+            if items:
+                shown = ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+                parts.append(f"{verb} {len(items)}: {shown}")
+        return "; ".join(parts)
+
+
+def describe_failures(failures: dict[IPv4Network, str], what: str = "peer", limit: int = 3) -> str | None:
+    """One readable line for /readyz: "2 peers failed: 10.5.3.0/24: Network is unreachable; ..."."""
+    if not failures:
+        return None
+    items = [f"{subnet}: {reason}" for subnet, reason in sorted(failures.items(), key=lambda kv: kv[0])[:limit]]
+    more = f"; and {len(failures) - limit} more" if len(failures) > limit else ""
+    plural = "s" if len(failures) != 1 else ""
+    return f"{len(failures)} {what}{plural} failed: " + "; ".join(items) + more
+
+
+class RepairLoop:
+    """Runs `repair()` periodically and soon after a relevant kernel notification."""
+
+    def __init__(self, what: str, netlink: NetlinkThread, repair: Callable[[], Awaitable[object]],
+                 notice: Callable[[KernelChange], bool], interval: float = RESYNC_INTERVAL) -> None:
+        self.what = what
+        self.netlink = netlink
+        self.repair = repair
+        self.notice = notice
+        self.interval = interval
+        self.passes = 0
+        self.monitoring = False  # True while the kernel's notifications are being read
+        self._wake = trio.Event()
+        self._last_error: str | None = None
+
+    def wake(self) -> None:
+        """Ask for a pass now (after the settle delay) instead of at the next interval."""
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            monitor = self._open_monitor()
+            if monitor is not None:
+                nursery.start_soon(self._watch, monitor)
+            task_status.started()
+            while True:
+                with trio.move_on_after(self.interval):
+                    await self._wake.wait()
+                if self._wake.is_set():
+                    self._wake = trio.Event()
+                    await trio.sleep(SETTLE)
+                await self._pass()
+                await trio.sleep(MIN_GAP)
+
+    async def _pass(self) -> None:
+        self.passes += 1
+        try:
+            await self.repair()
+        except Exception as exc:  # never end the agent: say it once, try again next time
+            text = f"{type(exc).__name__}: {exc}"
+            if text != self._last_error:
+                log.warning("%s: kernel check failed (will retry every %gs): %s", self.what, self.interval, text)
+            self._last_error = text
+        else:
+            if self._last_error is not None:
+                log.info("%s: kernel check works again", self.what)
+            self._last_error = None
+
+    def _open_monitor(self) -> KernelMonitor | None:
+        try:
+            return KernelMonitor(self.netlink.netns)
+        except OSError as exc:
+            log.warning("%s: cannot listen to kernel notifications (%s); checking every %gs only",
+                        self.what, exc, self.interval)
+            return None
+
+    async def _watch(self, monitor: KernelMonitor) -> None:
+        own = await trio.to_thread.run_sync(lambda: self.netlink.port_id)
+        self.monitoring = True
+        try:
+            while True:
+                changes = await monitor.changes()
+                # notice() is called for every foreign change (it may record what broke), not
+                # just until the first relevant one.
+                relevant = [c for c in changes if (own is None or c.sender != own) and self.notice(c)]
+                if relevant:
+                    self.wake()
+        finally:
+            self.monitoring = False
+            monitor.close()
