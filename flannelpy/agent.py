@@ -167,9 +167,12 @@ async def run_agent(opts: AgentOptions) -> None:
                 state.record_events(events, backend)
 
             await nursery.start(leases.watch_peers, apply_peer_events)
+            # The whole peer set is applied: kernel entries no lease explains are stale now.
+            backend.peers_synced()
             await nursery.start(leases.keep_lease)
 
             state.set_lease(config, ext, lease, backend.mtu(), config.backend_type)
+            state.backend = backend  # /readyz and /status ask it about its data plane
             state.ready = True
             running = True
             sdnotify.notify("READY=1", f"STATUS=leased {lease.subnet}, backend {config.backend_type}")

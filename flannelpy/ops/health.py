@@ -55,9 +55,14 @@ def route(path: str, state: AgentState, metrics: Metrics) -> tuple[int, bytes, b
     if path == "/healthz":
         return 200, _TEXT, b"flanneld is running"
     if path == "/readyz":
-        if state.ready:
-            return 200, _TEXT, b"flanneld is ready"
-        return 503, _TEXT, b"flanneld is not ready yet"
+        if not state.ready:
+            return 503, _TEXT, b"flanneld is not ready yet"
+        # flannelpy: also 503 while the backend reports its data plane broken, saying why
+        # (e.g. "flannel.1 missing, re-creating"), and 200 again once it is repaired.
+        problems = state.data_plane_problems()
+        if problems:
+            return 503, _TEXT, ("flanneld is not ready: data plane broken: " + "; ".join(problems)).encode()
+        return 200, _TEXT, b"flanneld is ready"
     if path == "/metrics":
         return 200, METRICS_CONTENT_TYPE.encode(), metrics.render()
     if path == "/status":

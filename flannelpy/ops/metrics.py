@@ -74,6 +74,16 @@ class _StateCollector:
             prog = GaugeMetricFamily("flannel_peers_programmed", "Peer leases programmed by the backend")
             prog.add_metric([], float(state.peers_programmed))
             yield prog
+            if state.backend is not None:  # kernel reconciliation (vxlan, host-gw)
+                broken = GaugeMetricFamily("flannel_data_plane_problems",
+                                           "Problems the backend sees in its data plane now (0 = healthy)")
+                broken.add_metric([], float(len(state.data_plane_problems())))
+                yield broken
+                repairs = CounterMetricFamily("flannel_kernel_repairs", "Kernel entries the backend repaired",
+                                              labels=["what"])
+                for what, count in sorted(state.backend.repair_counters().items()):
+                    repairs.add_metric([what], float(count))
+                yield repairs
         yield from self._backend_counters()
 
     def _backend_counters(self) -> Iterable[Metric]:

@@ -38,6 +38,9 @@ class AgentState:
     last_event_at: float | None = None
     # peer subnet -> True when the backend programmed it, False when it ignores it
     _peers: dict[IPv4Network, bool] = field(default_factory=dict, repr=False)
+    # The running backend: asked (at read time, so never stale) how many peers it really
+    # programmed and whether its data plane is broken (backends.base.Backend).
+    backend: Any = field(default=None, repr=False)
 
     @property
     def leases_seen(self) -> int:
@@ -46,8 +49,15 @@ class AgentState:
 
     @property
     def peers_programmed(self) -> int:
-        """Peer leases the backend accepted and has programmed."""
+        """Peer leases the backend accepted and has programmed (failed ones do not count)."""
+        counted = self.backend.programmed_count() if self.backend is not None else None
+        if counted is not None:
+            return counted
         return sum(1 for programmed in self._peers.values() if programmed)
+
+    def data_plane_problems(self) -> list[str]:
+        """Why the backend's data plane is broken right now (empty: it is not)."""
+        return list(self.backend.data_plane_problems()) if self.backend is not None else []
 
     def note(self, text: str, when: float | None = None) -> None:
         """Remember the last noteworthy thing that happened (shown by `flannelctl status`)."""
@@ -71,6 +81,8 @@ class AgentState:
 
     def record_events(self, events: Iterable[LeaseEvent], backend: _Accepts) -> None:
         """Call after backend.apply(events) succeeded: the accepted peers are now programmed."""
+        if self.backend is None and hasattr(backend, "programmed_count"):
+            self.backend = backend
         last = None
         for ev in events:
             subnet = ev.lease.subnet
@@ -103,6 +115,7 @@ class AgentState:
             "lease_expires_in": None if self.lease_expiration is None else round(self.lease_expiration - now, 1),
             "leases_seen": self.leases_seen,
             "peers_programmed": self.peers_programmed,
+            "data_plane_problems": self.data_plane_problems(),
             "last_event": self.last_event,
             "last_event_at": self.last_event_at,
             "started_at": self.started_at,
