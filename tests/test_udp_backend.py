@@ -135,6 +135,70 @@ def test_flanneld_wire_format_from_peer_arrives_non_peer_dropped(lab) -> None:
         sink.close()
 
 
+def _drops(driver) -> dict[str, int]:
+    return {k: v for k, v in driver.stats().items() if k.startswith("rx_dropped")}
+
+
+def test_spoofed_inner_sources_from_a_real_holder_are_dropped_and_counted(lab) -> None:
+    """A datagram from a lease holder's own address (192.168.77.2 holds 10.50.2.0/24) whose
+    inner source is 8.8.8.8, or lies in another peer's subnet, or is junk, never reaches the
+    container; each is counted under its own reason, and legitimate traffic keeps flowing."""
+    d1 = lab.drivers[0]
+    sh("ip", "-n", lab.h[1], "addr", "add", "192.168.77.3/24", "dev", "fpudu", check=False)
+    assert d1.command(f"add 10.50.3.0/24 192.168.77.3") == "ok"  # another peer, so 10.50.3.x is leased
+    with in_netns(lab.c[0]):
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind((CONTAINERS[0], 7778))
+    sink.settimeout(10)
+    try:
+        def inner(src: str, text: bytes) -> bytes:
+            return bytes(IP(src=src, dst=CONTAINERS[0], ttl=10) / UDP(sport=5555, dport=7778) / text)
+
+        before = _drops(d1)
+        for src in ("8.8.8.8", "10.50.3.9", "10.50.1.7"):  # internet, another peer's subnet, our own
+            _send_from(lab.h[1], UNDERLAY[1], inner(src, b"forged " + src.encode()), (UNDERLAY[0], 8285))
+        _send_from(lab.h[1], UNDERLAY[1], b"\x60" + bytes(47), (UNDERLAY[0], 8285))  # IPv6: not ours
+        _send_from(lab.h[1], UNDERLAY[1], b"", (UNDERLAY[0], 8285))
+        # Legitimate: a container behind the sender, the sender's flannel0 address, the sender itself.
+        for src in ("10.50.2.9", "10.50.2.0", UNDERLAY[1]):
+            _send_from(lab.h[1], UNDERLAY[1], inner(src, b"legit " + src.encode()), (UNDERLAY[0], 8285))
+        got = []
+        for _ in range(3):
+            data, addr = sink.recvfrom(100)
+            got.append((data, addr[0]))
+        assert got == [(b"legit 10.50.2.9", "10.50.2.9"), (b"legit 10.50.2.0", "10.50.2.0"),
+                       (b"legit " + UNDERLAY[1].encode(), UNDERLAY[1])]
+        assert _wait_stat(d1, "rx_dropped_malformed", before["rx_dropped_malformed"] + 1) \
+            == before["rx_dropped_malformed"] + 2
+        after = _drops(d1)
+        assert after["rx_dropped_spoofed_source"] == before["rx_dropped_spoofed_source"] + 3
+        assert after["rx_dropped_unknown_source"] == before["rx_dropped_unknown_source"]
+        assert after["rx_dropped"] == before["rx_dropped"]
+        # Nothing forged was queued behind the legitimate datagrams.
+        sink.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sink.recvfrom(100)
+    finally:
+        sink.close()
+        assert d1.command("del 10.50.3.0/24") == "ok"
+
+
+def test_host_to_remote_container_ping_passes_the_source_check(lab) -> None:
+    """Packets a host sends itself carry its flannel0 address (inside its subnet), or the
+    address a service bound to (its PublicIP): both pass the peer's check."""
+    d2 = lab.drivers[1]
+    before = _drops(d2)
+    for i, j in ((0, 1), (1, 0)):
+        r = sh("ip", "netns", "exec", lab.h[i], "busybox", "ping", "-c", "2", "-W", "3", CONTAINERS[j], check=False)
+        assert "2 packets received" in r.stdout, r.stdout + r.stderr
+        r = sh("ip", "netns", "exec", lab.h[i], "busybox", "ping", "-c", "2", "-W", "3", "-I", UNDERLAY[i],
+               CONTAINERS[j], check=False)
+        assert "2 packets received" in r.stdout, r.stdout + r.stderr
+    route = sh("ip", "-n", lab.h[1], "route", "get", CONTAINERS[0]).stdout
+    assert "dev flannel0 src 10.50.2.0" in route, route  # what the first ping's source was
+    assert _drops(d2) == before
+
+
 def _captured_until_udp_unreachable(cap: socket.socket) -> list[IP]:
     """Packets the forwarder wrote into flannel0 (PACKET_HOST), up to the first one that
     quotes a UDP datagram (the ICMP quotes only 8 payload bytes: the UDP header)."""

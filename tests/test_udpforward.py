@@ -146,6 +146,63 @@ def test_peer_table_agrees_with_linear_scan(leases: list[tuple[int, int]], dst: 
     assert t.entries() == ref
 
 
+def test_peer_table_allowed_sources_follow_the_leases() -> None:
+    t = PeerTable(8285)
+    t.set(IPv4Network("10.5.3.0/24"), "192.168.0.3")
+    t.set(IPv4Network("10.5.4.0/24"), "192.168.0.4")
+    # The subnet first (the one compare of the fast path), then the sender's own PublicIP.
+    assert t.allowed("192.168.0.3") == (_dst("10.5.3.0"), 0xFFFFFF00, ((_dst("192.168.0.3"), 0xFFFFFFFF),))
+    assert t.allowed("192.168.0.9") is None
+    own = t.allowed("192.168.0.3")
+    assert source_allowed(_dst("10.5.3.0"), own)  # the holder's flannel0 address (its subnet base)
+    assert source_allowed(_dst("10.5.3.255"), own)
+    assert source_allowed(_dst("192.168.0.3"), own)  # a host service bound to the holder's PublicIP
+    assert not source_allowed(_dst("192.168.0.4"), own)  # ...but not another peer's PublicIP
+    assert not source_allowed(_dst("10.5.4.2"), own)  # another peer's subnet
+    assert not source_allowed(_dst("8.8.8.8"), own)
+    # A second subnet of the same PublicIP is allowed too; removing either keeps the other.
+    t.set(IPv4Network("10.5.9.0/24"), "192.168.0.3")
+    both = t.allowed("192.168.0.3")
+    assert source_allowed(_dst("10.5.9.7"), both) and source_allowed(_dst("10.5.3.7"), both)
+    t.remove(IPv4Network("10.5.3.0/24"))
+    assert t.allowed("192.168.0.3")[:2] == (_dst("10.5.9.0"), 0xFFFFFF00)
+    assert not source_allowed(_dst("10.5.3.7"), t.allowed("192.168.0.3"))
+    # A subnet that changes owner moves its sources with it.
+    t.set(IPv4Network("10.5.4.0/24"), "192.168.0.3")
+    assert t.allowed("192.168.0.4") is None
+    assert source_allowed(_dst("10.5.4.2"), t.allowed("192.168.0.3"))
+    # The forwarder's live view is the same dict object throughout.
+    assert t.sources is t.sources and t.sources["192.168.0.3"] == t.allowed("192.168.0.3")
+
+
+def test_receive_verdict_drops_spoofed_inner_sources() -> None:
+    sender = PeerTable(8285)
+    sender.set(IPv4Network("10.50.2.0/24"), "192.168.77.2")
+    sender = sender.allowed("192.168.77.2")
+    def verdict(**kw) -> str:
+        pkt = bytes(IP(dst="10.50.1.2", **kw) / ICMP())
+        return receive_verdict(pkt, len(pkt), sender)
+    assert verdict(src="10.50.2.2") == "deliver"  # a container behind the sender
+    assert verdict(src="10.50.2.0") == "deliver"  # the sender host's own flannel0 address
+    assert verdict(src="192.168.77.2") == "deliver"  # the sender host itself (a service bound to it)
+    assert verdict(src="192.168.77.3") == "spoofed_source"
+    assert verdict(src="8.8.8.8") == "spoofed_source"
+    assert verdict(src="10.50.3.2") == "spoofed_source"  # another peer's subnet
+    assert verdict(src="10.50.1.2") == "spoofed_source"  # our own subnet, reflected back at us
+    assert verdict(src="10.50.2.2", ttl=1) == "expired"
+    assert verdict(src="8.8.8.8", ttl=1) == "spoofed_source"
+    assert receive_verdict(b"\x60" + bytes(39), 40, sender) == "malformed"
+    assert receive_verdict(bytes(IP(src="10.50.2.2")), 19, sender) == "malformed"
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(8, 30), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_source_allowed_is_subnet_membership(net: int, prefix: int, src: int, public: int) -> None:
+    subnet = IPv4Network((net, prefix), strict=False)
+    t = PeerTable(8285)
+    t.set(subnet, IPv4Address(public))
+    assert source_allowed(src, t.allowed(str(IPv4Address(public)))) == (IPv4Address(src) in subnet or src == public)
+
+
 # --- Offload helpers: TSO coalescing of received runs, column-wise TTL patch on send ----------
 
 import random
@@ -158,8 +215,15 @@ from flannelpy.backends.udp.forwarder import (
     _first_diff,
     coalesce,
     complete_checksum,
+    receive_verdict,
     run_length,
 )
+from flannelpy.backends.udp.peertable import source_allowed
+
+# The sender of the packets _seg() builds holds 10.50.1.0/24 (PublicIP 192.168.77.1).
+_senders = PeerTable(8285)
+_senders.set(IPv4Network("10.50.1.0/24"), "192.168.77.1")
+SENDER = _senders.allowed("192.168.77.1")
 
 
 def _seg(seq: int, payload: bytes, *, ts: int = 1, flags: str = "A", sport: int = 5201, ttl: int = 63, ident: int = 0) -> bytes:
@@ -199,7 +263,7 @@ def test_coalesce_merges_one_run_into_a_tso_write() -> None:
     buf, mv, n = _gro(pkts, len(pkts[0]))
     assert run_length(buf, 0, n, len(pkts[0])) == 10
     out: list = []
-    assert coalesce(buf, mv, n, len(pkts[0]), out) == (10, n, 0)
+    assert coalesce(buf, mv, n, len(pkts[0]), out, SENDER) == (10, n, 0, 0, 0)
     assert [count for count, _ in out] == [10]
     vnet, pkt = _written(out[0][1])
     flags, gso_type, hdr_len, gso_size, start, offset = vnet
@@ -220,7 +284,7 @@ def test_coalesce_splits_where_linux_gro_would() -> None:
     seg = len(pkts[0])
     buf, mv, n = _gro(pkts, seg)
     out: list = []
-    assert coalesce(buf, mv, n, seg, out) == (8, n, 0)
+    assert coalesce(buf, mv, n, seg, out, SENDER) == (8, n, 0, 0, 0)
     # ts change | other flow | seq gap | FIN never merges
     assert [count for count, _ in out] == [2, 2, 1, 2, 1]
     for count, iov in out:
@@ -237,7 +301,7 @@ def test_coalesce_drops_expired_and_junk_and_passes_the_rest_alone() -> None:
     pkts = [udp, bytes(IP(src="10.50.1.2", dst="10.50.2.2", ttl=1) / UDP() / (b"t" * 60)), b"\x60" + bytes(87), udp]
     buf, mv, n = _gro(pkts, len(udp))
     out: list = []
-    assert coalesce(buf, mv, n, len(udp), out) == (2, 2 * len(udp), 2)
+    assert coalesce(buf, mv, n, len(udp), out, SENDER) == (2, 2 * len(udp), 1, 1, 0)
     for count, iov in out:
         vnet, pkt = _written(iov)
         assert count == 1 and vnet == (0, 0, 0, 0, 0, 0)
@@ -260,7 +324,7 @@ def test_coalesce_random_mix_keeps_every_byte_in_order() -> None:
             sent[flow] += payload
         buf, mv, n = _gro(pkts, len(pkts[0]))
         out: list = []
-        assert coalesce(buf, mv, n, len(pkts[0]), out) == (count, n, 0)
+        assert coalesce(buf, mv, n, len(pkts[0]), out, SENDER) == (count, n, 0, 0, 0)
         got = {1: b"", 2: b""}
         for c, iov in out:
             vnet, pkt = _written(iov)
@@ -321,3 +385,65 @@ def test_flush_patches_ttl_column_wise_and_falls_back_per_packet() -> None:
     finally:
         rx.close()
         tx.close()
+
+
+def test_coalesce_drops_spoofed_runs_and_packets_and_keeps_the_rest() -> None:
+    mss = 1000
+    legit = [_seg(i * mss, bytes([i]) * mss) for i in range(3)]
+    # The same flow's next segments, but from 8.8.8.8 and from another peer's subnet: a GRO
+    # batch may mix them; none may reach the TUN, and they must not merge with legit ones.
+    forged = [bytes(IP(src=src, dst="10.50.2.2", ttl=63, flags="DF") / IP(p)[TCP]) for src, p in
+              (("8.8.8.8", _seg(3 * mss, b"x" * mss)), ("8.8.8.8", _seg(4 * mss, b"x" * mss)),
+               ("10.50.3.2", _seg(5 * mss, b"y" * mss)))]
+    tail = [_seg(3 * mss, bytes([3]) * mss)]
+    pkts = legit + forged + tail
+    seg = len(pkts[0])
+    assert all(len(p) == seg for p in pkts)
+    buf, mv, n = _gro(pkts, seg)
+    out: list = []
+    assert coalesce(buf, mv, n, seg, out, SENDER) == (4, 4 * seg, 0, 0, 3)
+    written = [IP(_as_kernel_would(*_written(iov))) for _, iov in out]
+    assert {ip.src for ip in written} == {"10.50.1.2"}
+    assert b"".join(bytes(ip[TCP].payload) for ip in written) == b"".join(bytes([i]) * mss for i in range(4))
+    # A whole run from a forged source goes in one piece.
+    buf, mv, n = _gro(forged[:2], seg)
+    out.clear()
+    assert coalesce(buf, mv, n, seg, out, SENDER) == (0, 0, 0, 0, 2) and out == []
+    assert coalesce(bytearray(10), memoryview(bytearray(10)), 0, 1, out, SENDER) == (0, 0, 0, 1, 0)
+
+
+@given(st.lists(st.sampled_from(["10.50.1.2", "10.50.1.0", "192.168.77.1", "8.8.8.8", "10.50.3.9", "junk", "ttl1"]),
+                min_size=1, max_size=12), st.booleans())
+def test_coalesce_agrees_with_receive_verdict(kinds: list[str], tcp: bool) -> None:
+    """Whatever the mix, coalesce drops exactly what receive_verdict drops, by reason."""
+    pkts = []
+    for i, kind in enumerate(kinds):
+        if kind == "junk":
+            pkt = b"\x60" + bytes(99 if tcp else 59)  # as long as the others
+        else:
+            src, ttl = ("10.50.1.2", 1) if kind == "ttl1" else (kind, 63)
+            layer = TCP(sport=5201, dport=40000, seq=i * 48, flags="A", options=[("NOP", None)] * 12) if tcp else UDP()
+            pkt = bytes(IP(src=src, dst="10.50.2.2", ttl=ttl, flags="DF") / layer / (b"z" * (48 if tcp else 32)))
+        pkts.append(pkt)
+    seg = len(pkts[0])
+    assert all(len(p) == seg for p in pkts)
+    want = {"deliver": 0, "expired": 0, "malformed": 0, "spoofed_source": 0}
+    for p in pkts:
+        want[receive_verdict(p, len(p), SENDER)] += 1
+    buf, mv, n = _gro(pkts, seg)
+    out: list = []
+    got = coalesce(buf, mv, n, seg, out, SENDER)
+    assert got == (want["deliver"], want["deliver"] * seg, want["expired"], want["malformed"], want["spoofed_source"])
+    assert sum(count for count, _ in out) == want["deliver"]
+
+
+def test_drop_counters_reach_metrics_by_reason() -> None:
+    from flannelpy.backends.udp.forwarder import Counters
+    from flannelpy.ops.metrics import Metrics
+
+    counters = Counters(rx_dropped_unknown_source=1, rx_dropped_spoofed_source=2, rx_dropped_malformed=3, rx_dropped=4)
+    metrics = Metrics()
+    metrics.register_counters("udp", counters.as_dict)
+    text = metrics.render().decode()
+    for reason, value in (("unknown_source", 1), ("spoofed_source", 2), ("malformed", 3), ("other", 4)):
+        assert f'flannel_backend_drops_total{{backend="udp",direction="rx",reason="{reason}"}} {value}.0' in text

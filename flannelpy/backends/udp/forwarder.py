@@ -20,9 +20,10 @@ from ipaddress import IPv4Address
 
 import trio
 
-from .peertable import PeerTable
+from .peertable import Allowed, PeerTable, source_allowed
 
 IPPROTO_ICMP = 1
+_U32 = struct.Struct("!I").unpack_from
 ICMP_DEST_UNREACH = 3
 ICMP_NET_UNREACH = 0
 UNREACHABLE_TTL = 8  # flanneld's value
@@ -64,6 +65,20 @@ def decrement_ttl(pkt: bytearray | memoryview) -> bool:
 def is_ipv4(pkt: bytes | bytearray | memoryview, length: int) -> bool:
     """A packet long enough to hold its IPv4 header."""
     return length >= 20 and pkt[0] >> 4 == 4 and (pkt[0] & 0x0F) * 4 <= length
+
+
+def receive_verdict(pkt: bytes | bytearray | memoryview, length: int, allowed: Allowed) -> str:
+    """What the receive path does with one inner packet from a lease holder: "deliver", or
+    the drop reason "malformed" (not IPv4), "spoofed_source" (its inner source is not in the
+    sender's subnet) or "expired" (TTL would reach 0).  The reference for the inlined checks
+    in coalesce() and Forwarder._udp_to_tun, in that order."""
+    if not is_ipv4(pkt, length):
+        return "malformed"
+    if not source_allowed(_U32(pkt, 12)[0], allowed):
+        return "spoofed_source"
+    if pkt[8] <= 1:
+        return "expired"
+    return "deliver"
 
 
 def wants_unreachable(pkt: bytes | bytearray | memoryview) -> bool:
@@ -118,7 +133,6 @@ VNET_GSO_TCPV4 = 1
 IPPROTO_TCP = 6
 MAX_IP_LEN = 65535
 _VNET = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
-_U32 = struct.Struct("!I").unpack_from
 _IPH = struct.Struct("!10H").unpack_from
 _ADDRS = struct.Struct("!4H").unpack_from
 _INT = struct.Struct("=i").unpack_from
@@ -232,15 +246,24 @@ def run_length(buf: bytearray, off: int, n: int, seg: int) -> int:
     return k
 
 
-def coalesce(buf: bytearray, mv: memoryview, n: int, seg: int, out: list) -> tuple[int, int, int]:
+def coalesce(buf: bytearray, mv: memoryview, n: int, seg: int, out: list, allowed: Allowed) -> tuple[int, int, int, int, int]:
     """Cut buf[:n] into inner packets every `seg` bytes (UDP GRO layout; the last may be
     shorter), decrement their TTLs and append (packets, iovecs) per TUN write to `out`.
 
     Runs of one TCP flow (run_length) become one vnet_hdr TSO write (PSH if any segment had
-    it); everything else is written alone behind a plain vnet header.
-    Returns (packets, bytes, dropped); dropped are malformed or TTL-expired packets.
+    it); everything else is written alone behind a plain vnet header.  Only packets whose
+    inner source is in `allowed` (the sender's subnets) are kept; the segments of a run share
+    their source (run_length compares it), so a run is checked once.
+    Returns (packets, bytes, expired, malformed, spoofed): what is written, and the drops.
     """
-    pkts = nbytes = dropped = 0
+    if n <= 0:
+        return 0, 0, 0, 1, 0  # an empty datagram
+    pkts = nbytes = expired = malformed = spoofed = 0
+    net, mask, more = allowed
+    # Runs are tested once each.  For packets written alone, when the rest of the buffer
+    # all have one allowed source (usually one container talks to us), one column-wise test
+    # replaces a test per packet; None: not looked at yet.
+    check = None
     off = 0
     while off < n:
         k = run_length(buf, off, n, seg) if n - off > seg else 0
@@ -248,6 +271,11 @@ def coalesce(buf: bytearray, mv: memoryview, n: int, seg: int, out: list) -> tup
             end = off + k * seg
             if end > n:
                 end = n
+            src = _U32(buf, off + 12)[0]
+            if src & mask != net and not (more and source_allowed(src, allowed)):
+                spoofed += k
+                off = end
+                continue
             hl = 20 + (buf[off + 32] >> 4) * 4
             psh = 0x08 if b"\x18" in buf[off + 33 : end : seg] else 0
             out.append((k, _merged(buf, mv, off, k, seg, hl, seg - hl, end - off - k * hl, psh)))
@@ -260,14 +288,31 @@ def coalesce(buf: bytearray, mv: memoryview, n: int, seg: int, out: list) -> tup
             end = n
         ln = end - off
         b0 = buf[off]
-        if ln < 20 or b0 >> 4 != 4 or (b0 & 0x0F) * 4 > ln or buf[off + 8] <= 1:
-            dropped += 1
+        if check is None:
+            check = not (n - off >= 4 * seg and _one_source(buf, off, n, seg)
+                         and source_allowed(_U32(buf, off + 12)[0], allowed))
+        if ln < 20 or b0 >> 4 != 4 or (b0 & 0x0F) * 4 > ln:
+            malformed += 1
+        elif check and (src := _U32(buf, off + 12)[0]) & mask != net and not (more and source_allowed(src, allowed)):
+            spoofed += 1
+        elif buf[off + 8] <= 1:
+            expired += 1
         else:
             pkts += 1
             nbytes += ln
             out.append((1, _single(buf, mv, off, ln)))
         off = end
-    return pkts, nbytes, dropped
+    return pkts, nbytes, expired, malformed, spoofed
+
+
+def _one_source(buf: bytearray, off: int, n: int, seg: int) -> bool:
+    """Whether every packet laid out every `seg` bytes in buf[off:n] has the first one's IPv4
+    source (bytes 12-15; a last packet too short to hold them is malformed anyway)."""
+    for p in range(off + 12, off + 16):
+        c = buf[p:n:seg]
+        if c.lstrip(c[:1]):
+            return False
+    return True
 
 
 def _single(buf: bytearray, mv: memoryview, off: int, ln: int) -> list:
@@ -291,8 +336,10 @@ class Counters:
     tx_dropped: int = 0  # TTL expired, malformed, socket buffer full
     rx_packets: int = 0  # UDP -> TUN (inner packets, also when UDP GRO delivered several at once)
     rx_bytes: int = 0
-    rx_dropped_unknown_source: int = 0
-    rx_dropped: int = 0  # TTL expired, malformed, TUN write failed
+    rx_dropped_unknown_source: int = 0  # outer source holds no lease
+    rx_dropped_spoofed_source: int = 0  # inner source outside the sender's subnet
+    rx_dropped_malformed: int = 0  # not IPv4, shorter than its header, truncated datagram
+    rx_dropped: int = 0  # TTL expired, TUN write failed
     tx_wakeups: int = 0  # packets per wakeup = batching achieved
     rx_wakeups: int = 0
     tx_sends: int = 0  # sendto/sendmsg calls: tx_packets / tx_sends = UDP GSO batching
@@ -318,17 +365,22 @@ class Forwarder:
     `vnet_hdr`: the TUN was opened with IFF_VNET_HDR (open_tun(vnet_hdr=True)); then
     received TCP runs are written as one TSO packet.  UDP GSO on send and UDP GRO on receive
     are used when the kernel allows (they fall back to one datagram per call).
+    `counters`: shared with an earlier forwarder of the same backend (a re-opened TUN), so
+    the figures in /metrics keep counting up.
     """
 
     def __init__(self, tun_fd: int, sock: socket.socket, peers: PeerTable, tun_address: IPv4Address,
-                 *, vnet_hdr: bool = False, gso: bool = True, gro: bool = True) -> None:
+                 *, vnet_hdr: bool = False, gso: bool = True, gro: bool = True,
+                 counters: Counters | None = None) -> None:
         self.tun_fd = tun_fd
         self.sock = sock
         self.peers = peers
         self.tun_address = tun_address
         self.vnet_hdr = vnet_hdr
         self.gso = gso
-        self.counters = Counters()
+        self.counters = counters if counters is not None else Counters()
+        # Why the TUN stopped working (its fd read an error), once run() has returned.
+        self.tun_error: OSError | None = None
         self._seg_cmsg: dict[int, list] = {}
         if gro:
             try:
@@ -337,8 +389,11 @@ class Forwarder:
                 pass
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Forward until cancelled, or until the TUN device is gone: a deleted TUN detaches
+        its fd, which then polls as an error and reads EBADFD.  Then both directions stop,
+        `tun_error` says why, and run() returns so that the backend can open a new TUN."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._tun_to_udp)
+            nursery.start_soon(self._tun_to_udp, nursery.cancel_scope)
             nursery.start_soon(self._udp_to_tun)
             task_status.started()
 
@@ -401,7 +456,7 @@ class Forwarder:
         buf[gs + 11] = s & 0xFF
         return self._send(mv[gs:end], 1, size, peer)
 
-    async def _tun_to_udp(self) -> None:
+    async def _tun_to_udp(self, stop: trio.CancelScope) -> None:
         fd = self.tun_fd
         vnet = self.vnet_hdr
         buf = bytearray(TX_BUF)
@@ -446,6 +501,11 @@ class Forwarder:
                     else:
                         n = readv(fd, [mv[off : off + MAX_READ]])
                 except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    self.tun_error = exc  # EBADFD: the device was deleted under us
                     break
                 # Fast path: same size and inner destination as the group (checked at flush).
                 # (vnet flags: NEEDS_CSUM and a GSO type need work; DATA_VALID alone does not.)
@@ -499,6 +559,9 @@ class Forwarder:
             c.tx_bytes += nbytes
             c.tx_no_route += no_route
             c.tx_dropped += dropped
+            if self.tun_error is not None:
+                stop.cancel()
+                return
 
     @staticmethod
     def _finish_partial(hdr: bytearray, pkt: memoryview) -> bool:
@@ -539,7 +602,7 @@ class Forwarder:
         while True:
             await wait_readable(sock)
             c.rx_wakeups += 1
-            pkts = nbytes = unknown = dropped = writes = 0
+            pkts = nbytes = unknown = spoofed = malformed = dropped = writes = 0
             while True:
                 for _ in range(RX_BATCH):
                     try:
@@ -557,17 +620,20 @@ class Forwarder:
                             seg = _INT(data)[0]
                     if seg <= 0:
                         seg = n if n > 0 else 1
-                    if addr[0] not in sources:
+                    allowed = sources.get(addr[0])
+                    if allowed is None:
                         unknown += (n + seg - 1) // seg if n else 1
                         continue
                     if mflags & socket.MSG_TRUNC:
-                        dropped += 1
+                        malformed += 1
                         continue
                     if vnet:
-                        p, b, d = coalesce(buf, mv, n, seg, out)
+                        p, b, d, m, f = coalesce(buf, mv, n, seg, out, allowed)
                         pkts += p
                         nbytes += b
                         dropped += d
+                        malformed += m
+                        spoofed += f
                         for count, iov in out:
                             try:
                                 writev(fd, iov)
@@ -578,11 +644,16 @@ class Forwarder:
                         writes += len(out)
                         out.clear()
                         continue
+                    net, mask, more = allowed
                     for o in range(0, n, seg) if n else (0,):
                         e = o + seg if o + seg < n else n
                         ln = e - o
-                        if ln < 20 or buf[o] >> 4 != 4:
-                            dropped += 1
+                        if ln < 20 or buf[o] >> 4 != 4 or (buf[o] & 0x0F) * 4 > ln:
+                            malformed += 1
+                            continue
+                        src = _U32(buf, o + 12)[0]
+                        if src & mask != net and not (more and source_allowed(src, allowed)):
+                            spoofed += 1
                             continue
                         ttl = buf[o + 8]
                         if ttl <= 1:
@@ -614,4 +685,6 @@ class Forwarder:
             c.rx_bytes += nbytes
             c.rx_writes += writes
             c.rx_dropped_unknown_source += unknown
+            c.rx_dropped_spoofed_source += spoofed
+            c.rx_dropped_malformed += malformed
             c.rx_dropped += dropped
