@@ -594,6 +594,9 @@ def snapshot_flannelpy(into: str) -> str:
     os.makedirs(tree)
     archive = subprocess.run(["git", "-C", REPO, "archive", "HEAD", "flannelpy"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+    # Byte-compiled as an installed package is (pip compiles on install): the first start must
+    # not pay for compiling every module.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", tree], check=True)
     return tree
 
 
