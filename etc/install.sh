@@ -123,6 +123,11 @@ if [ -n "$units" ]; then
     if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
         systemd-tmpfiles --create /usr/lib/tmpfiles.d/flannel.conf || true
         systemctl daemon-reload
+        # Enabled by an older unit (RequiredBy=docker.service): re-enable, so the Requires= link that restarted
+        # Docker and its containers with every flanneld restart becomes the unit's Wants= link.
+        if [ -L /etc/systemd/system/docker.service.requires/flanneld.service ]; then
+            systemctl reenable flanneld.service
+        fi
     fi
 fi
 echo "install.sh: flannelpy $("$prefix/bin/python" -c 'import flannelpy; print(flannelpy.__version__)' 2>/dev/null || echo '?') in $prefix; commands in $bindir${units:+; units in $unit_dir (systemctl enable --now flanneld)}"

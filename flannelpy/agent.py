@@ -4,16 +4,23 @@ Start-up follows flanneld's order: config from etcd, external interface, backend
 lease, iptables, subnet.env, data plane, READY=1, then the renewal/watch loops.  SIGTERM and
 SIGINT cancel the nursery and the process exits 0, keeping the lease and (except for udp,
 whose TUN goes with the process) the data plane, so a restart is seamless.
+
+Whatever can be checked is checked before the lease is taken (the files to write, the tools,
+the status socket, whether the backend can work with this interface), so a refused start leaves
+nothing in etcd.  When a step after the lease still fails, what this run made is undone (the
+lease if this run created it, subnet.env, daemon.json, the device) before the one-line error.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 import trio
 
@@ -23,13 +30,23 @@ from flannelpy.config.network import NetworkConfig, parse_config
 from flannelpy.errors import FlannelError, UsageError, first_flannel_error
 from flannelpy.etcd.select import wait_for_config
 from flannelpy.etcd.store import EtcdOptions
-from flannelpy.hostnet.interface import select_interface
+from flannelpy.fileutil import atomic_write
+from flannelpy.hostnet.interface import ExternalInterface, select_interface
 from flannelpy.hostnet.netlink import NetlinkThread
-from flannelpy.subnet.envfile import SubnetEnv, read_previous, write_subnet_env
+from flannelpy.subnet.envfile import (
+    SubnetEnv,
+    check_subnet_file,
+    read_previous,
+    subnet_env_matches,
+    write_subnet_env,
+)
 from flannelpy.subnet.lease import Lease, LeaseEvent
 from flannelpy.subnet.manager import LeaseManager
 
 log = logging.getLogger("flanneld")
+
+SUBNET_ENV_CHECK_S = 2.0  # how often a removed or altered subnet.env is noticed and rewritten
+UNDO_STEP_TIMEOUT_S = 5.0  # one undo step (e.g. deleting the lease while etcd is away) gives up after this
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,9 @@ class AgentOptions:
     iptables_forward_rules: bool
     docker_daemon_json: str
     docker_restart: bool
+    # -status-socket was not given: if another flanneld on this machine serves the default path,
+    # run without it (flanneld has no such socket, so a second instance must not fail over it)
+    status_socket_optional: bool = False
 
     @classmethod
     def from_flags(cls, flags: ParsedFlags) -> "AgentOptions":
@@ -95,6 +115,7 @@ class AgentOptions:
             iptables_forward_rules=flags["iptables-forward-rules"],
             docker_daemon_json=flags["docker-daemon-json"],
             docker_restart=flags["docker-restart"],
+            status_socket_optional="status-socket" not in flags.given,
         )
 
 
@@ -106,6 +127,57 @@ async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:
             return
 
 
+def check_before_lease(opts: AgentOptions) -> None:
+    """Everything about the local files and tools that a start needs, checked before etcd is
+    touched: a refused start must not leave a lease behind (FlannelError names what is wrong)."""
+    if opts.docker_daemon_json:
+        from flannelpy.docker import daemon_json
+
+        try:
+            daemon_json.check_daemon_json(opts.docker_daemon_json)
+        except FlannelError as err:
+            raise FlannelError(f"-docker-daemon-json={err}") from None
+    check_subnet_file(opts.subnet_file)
+    if opts.ip_masq or opts.iptables_forward_rules:
+        from flannelpy.hostnet.iptables import check_tools
+
+        check_tools()
+
+
+def backend_refusal(backend_type: str, ext: ExternalInterface) -> str | None:
+    """Why the backend cannot run with this external interface, or None; decided before the
+    lease (flanneld's hostgw.New refuses at the same point, before RegisterNetwork)."""
+    if backend_type == "host-gw" and ext.public_ip != ext.ip:
+        return (f"host-gw backend: public IP {ext.public_ip} differs from interface {ext.name} "
+                f"address {ext.ip}; host-gw cannot work through NAT (peers route to the public IP directly)")
+    return None
+
+
+class StartupUndo:
+    """What this start-up made, undone in reverse order if start-up fails before running."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+
+    def push(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
+        self._steps.append((what, step))
+
+    def clear(self) -> None:
+        self._steps.clear()
+
+    async def run(self) -> None:
+        """Best effort: a step that fails or hangs is logged and the next one still runs."""
+        while self._steps:
+            what, step = self._steps.pop()
+            try:
+                with trio.move_on_after(UNDO_STEP_TIMEOUT_S) as scope:
+                    await step()
+                if scope.cancelled_caught:
+                    log.warning("start-up failed; could not %s within %gs", what, UNDO_STEP_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - undo must go on whatever one step raises
+                log.warning("start-up failed; could not %s: %s", what, exc)
+
+
 async def run_agent(opts: AgentOptions) -> None:
     """Run until a signal (returns) or a fatal error (raises FlannelError)."""
     from flannelpy.ops import sdnotify
@@ -114,15 +186,20 @@ async def run_agent(opts: AgentOptions) -> None:
     from flannelpy.ops.state import AgentState
 
     previous_network, previous_subnet = read_previous(opts.subnet_file)
+    check_before_lease(opts)
     state = AgentState()
     metrics = Metrics()
     netlink = NetlinkThread()
     backend = None
     running = False
+    failed = True  # until the nursery ends without an error (a signal ends it cleanly)
+    undo = StartupUndo()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            await nursery.start(serve_health, state, metrics, opts.healthz_ip, opts.healthz_port, opts.status_socket or None)
+            await nursery.start(functools.partial(
+                serve_health, state, metrics, opts.healthz_ip, opts.healthz_port, opts.status_socket or None,
+                unix_socket_optional=opts.status_socket_optional))
 
             store, raw_config = await wait_for_config(opts.etcd, opts.etcd_api, log=log)
             store.on_watch_reconnect = metrics.watch_reconnects.inc
@@ -133,6 +210,9 @@ async def run_agent(opts: AgentOptions) -> None:
 
             ext = await select_interface(netlink, list(opts.ifaces), list(opts.iface_regexes),
                                          opts.iface_can_reach, opts.public_ip)
+            refusal = backend_refusal(config.backend_type, ext)
+            if refusal is not None:
+                raise FlannelError(refusal)
             backend = backend_class(config.backend_type)(ext, config, netlink)
             lease_data = await backend.prepare()
 
@@ -140,10 +220,18 @@ async def run_agent(opts: AgentOptions) -> None:
                 if state.subnet is not None:
                     state.lease_renewed(new)
 
+            # Lease admission: the host's own networks, which no peer lease may claim (read once).
+            from flannelpy.hostnet.underlay import read_host_underlay
+            from flannelpy.subnet.admission import underlay_warnings
+            underlay = await read_host_underlay(netlink)
+            for warning in underlay_warnings(config.network, underlay, ext.name, ext.public_ip):
+                log.warning("%s", warning)
             leases = LeaseManager(store, config, ext.public_ip, lease_data, previous_subnet,
-                                  opts.renew_margin_min * 60, on_change=lease_changed, on_renewal=metrics.renewal)
+                                  opts.renew_margin_min * 60, on_change=lease_changed, on_renewal=metrics.renewal,
+                                  underlay=underlay, on_admission=state.record_admission)
             leases.on_resync = metrics.watch_resyncs.inc
             lease = await leases.acquire()
+            undo.push(f"delete lease {lease.subnet}", leases.release)
             log.info("acquired lease %s (expires %s)", lease.subnet, _when(lease))
             await backend.start(lease)
             metrics.attach_backend(backend)
@@ -152,11 +240,11 @@ async def run_agent(opts: AgentOptions) -> None:
                 await nursery.start(_run_iptables, opts, config, lease, previous_network, previous_subnet)
 
             env = SubnetEnv(network=config.network, subnet=lease.subnet, mtu=backend.mtu(), ipmasq=opts.ip_masq)
-            write_subnet_env(opts.subnet_file, env)
+            _write_subnet_env(opts.subnet_file, env, undo)
             log.info("wrote %s (FLANNEL_SUBNET=%s, FLANNEL_MTU=%d)", opts.subnet_file,
                      IPv4Interface((int(lease.subnet.network_address) + 1, lease.subnet.prefixlen)), env.mtu)
             if opts.docker_daemon_json:
-                _update_docker(opts, env)
+                _update_docker(opts, env, undo)
 
             await nursery.start(backend.run)
 
@@ -170,13 +258,16 @@ async def run_agent(opts: AgentOptions) -> None:
             # The whole peer set is applied: kernel entries no lease explains are stale now.
             backend.peers_synced()
             await nursery.start(leases.keep_lease)
+            nursery.start_soon(keep_subnet_env, opts.subnet_file, env)
 
             state.set_lease(config, ext, lease, backend.mtu(), config.backend_type)
             state.backend = backend  # /readyz and /status ask it about its data plane
             state.ready = True
             running = True
+            undo.clear()
             sdnotify.notify("READY=1", f"STATUS=leased {lease.subnet}, backend {config.backend_type}")
             log.info("running: subnet %s, backend %s", lease.subnet, config.backend_type)
+        failed = False
     except BaseExceptionGroup as group:
         # Tasks fail inside the nursery; callers (and the exit code) want the plain error.
         fatal = first_flannel_error(group)
@@ -185,12 +276,52 @@ async def run_agent(opts: AgentOptions) -> None:
         raise
     finally:
         sdnotify.notify("STOPPING=1")
-        if backend is not None:
-            with trio.CancelScope(shield=True):
-                if not running:
+        with trio.CancelScope(shield=True):
+            # Only a failure undoes; a signal during start-up keeps what is made, as after start-up.
+            if failed and not running:
+                await undo.run()
+            if backend is not None:
+                if failed and not running:
                     await backend.abandon()
                 await backend.close()
         netlink.stop()
+
+
+def _write_subnet_env(path: str, env: SubnetEnv, undo: StartupUndo) -> None:
+    try:
+        with open(path, "rb") as fh:
+            previous: bytes | None = fh.read()
+    except OSError:
+        previous = None
+    write_subnet_env(path, env)
+
+    async def put_back() -> None:
+        if previous is None:
+            os.unlink(path)
+        else:
+            atomic_write(path, previous, mode=0o644)
+
+    undo.push(f"{'restore' if previous is not None else 'remove'} {path}", put_back)
+
+
+async def keep_subnet_env(path: str, env: SubnetEnv, period: float = SUBNET_ENV_CHECK_S) -> None:
+    """Rewrite subnet.env (same bytes, atomically) whenever it is removed or altered: Docker units
+    and mk-docker-opts.sh read it at their own start, possibly long after ours."""
+    failing = False
+    while True:
+        await trio.sleep(period)
+        if subnet_env_matches(path, env):
+            failing = False
+            continue
+        try:
+            write_subnet_env(path, env)
+        except FlannelError as err:
+            if not failing:  # once per outage, not every period
+                log.error("%s; retrying every %gs", err, period)
+            failing = True
+            continue
+        failing = False
+        log.warning("%s was removed or altered; rewrote it", path)
 
 
 async def _run_iptables(opts: AgentOptions, config: NetworkConfig, lease: Lease, previous_network, previous_subnet,
@@ -206,11 +337,19 @@ async def _run_iptables(opts: AgentOptions, config: NetworkConfig, lease: Lease,
     await manager.run(task_status=task_status)
 
 
-def _update_docker(opts: AgentOptions, env: SubnetEnv) -> None:
+def _update_docker(opts: AgentOptions, env: SubnetEnv, undo: StartupUndo) -> None:
     from flannelpy.docker import daemon_json
 
     bip = str(IPv4Interface((int(env.subnet.network_address) + 1, env.subnet.prefixlen)))
-    change = daemon_json.update_daemon_json(opts.docker_daemon_json, bip, env.mtu)
+    try:
+        change = daemon_json.update_daemon_json(opts.docker_daemon_json, bip, env.mtu)
+    except FlannelError as err:
+        raise FlannelError(f"-docker-daemon-json={err}") from None
+    if change.written:
+        async def put_back() -> None:
+            daemon_json.restore_daemon_json(change)
+
+        undo.push(f"restore {opts.docker_daemon_json}", put_back)
     for conflict in daemon_json.detect_conflicts():
         log.warning("%s", conflict)
     if change.changed:

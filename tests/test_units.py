@@ -25,7 +25,7 @@ def _fake_root(tmp_path: Path) -> Path:
     (unitdir / "docker.service").write_text("[Service]\nType=notify\nExecStart=/usr/bin/dockerd\n")
     (root / "etc/sysconfig").mkdir(parents=True)
     shutil.copy(REPO / "etc/sysconfig/flanneld", root / "etc/sysconfig/flanneld")
-    for exe in ("usr/bin/flanneld-start", "usr/bin/flannelctl", "usr/bin/dockerd"):
+    for exe in ("usr/bin/flanneld-start", "usr/bin/flannelctl", "usr/bin/dockerd", "bin/sh"):
         path = root / exe
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#!/bin/sh\n")

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--etcd-prefix", default="/coreos.com/network", help="etcd prefix (e.g. /atomic.io/network)")
     up.add_argument("--docker", action="store_true",
                     help="run a real dockerd per host (bip/mtu from -docker-daemon-json) and busybox containers")
+    up.add_argument("--machines", action="store_true",
+                    help="booted systemd machines instead of namespaces: an etcd machine and --hosts Docker hosts "
+                         "provisioned by vagrant/'s scripts (flanneld.service, docker.io); see flannelpy.lab.machines")
     up.add_argument("--json", action="store_true", help="print the lab status and ping results as JSON")
     up.set_defaults(func=_up)
 
@@ -58,6 +61,8 @@ def _pings_json(results: dict[tuple[int, int], bool]) -> list[dict]:
 
 def _up(args: argparse.Namespace) -> int:
     _require_root()
+    if args.machines:
+        return _up_machines(args)
     if args.docker:
         from flannelpy.lab.docker_lab import DockerLab
 
@@ -85,7 +90,39 @@ def _up(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _up_machines(args: argparse.Namespace) -> int:
+    from flannelpy.lab.machines import MachineLab, print_status as print_machines
+
+    if args.docker or args.backend != "vxlan" or args.etcd_api != "v3" or args.etcd_prefix != "/coreos.com/network" \
+            or args.network != "10.5.0.0/16":
+        raise LabError("--machines runs vagrant/'s provisioning unchanged (vxlan, /atomic.io/network, written with "
+                       "ETCDCTL_API=2 etcdctl mk; Docker on every host): it takes only --hosts and --json")
+    lab = MachineLab(prefix=args.prefix, hosts=args.hosts, workdir=args.workdir)
+    if not args.json:
+        print(f"starting lab {args.prefix}: an etcd machine + {args.hosts} Docker host machines (systemd-nspawn) ...",
+              flush=True)
+    lab.up()
+    results = lab.wait_all_pings()
+    ok = all(results.values())
+    pings = [{"from": a, "to": b, "ok": v} for (a, b), v in sorted(results.items())]
+    if args.json:
+        json.dump({**lab.status(), "pings": pings}, sys.stdout, indent=2)
+        print()
+    else:
+        print_machines(lab)
+        print("cross-host pings (container fping on each host):")
+        for p in pings:
+            print(f"  {p['from']} -> {p['to']}: {'ok' if p['ok'] else 'FAILED'}")
+        print(f"{'all pings answered' if ok else 'SOME PINGS FAILED'}; `flannelctl lab status --ping` to re-test, "
+              f"`flannelctl lab down` to power the machines off and remove the lab")
+    return 0 if ok else 1
+
+
 def _load(args: argparse.Namespace) -> Lab:
+    from flannelpy.lab.machines import MachineLab
+
+    if MachineLab.exists(args.prefix, args.workdir):
+        return MachineLab.load(args.prefix, args.workdir)  # type: ignore[return-value]  # same verbs
     # Decide before loading: Lab(**doc) would reject a DockerLab's extra fields in lab.json.
     workdir = args.workdir or os.path.join(DEFAULT_WORKDIR, args.prefix)
     if os.path.exists(os.path.join(workdir, "docker")):
@@ -113,7 +150,12 @@ def _status(args: argparse.Namespace) -> int:
         json.dump(doc, sys.stdout, indent=2)
         print()
     else:
-        print_status(lab)
+        if isinstance(lab, Lab):
+            print_status(lab)
+        else:
+            from flannelpy.lab.machines import print_status as print_machines
+
+            print_machines(lab)
         if args.ping:
             _print_pings(results)
     return 0 if all(results.values()) else 1
