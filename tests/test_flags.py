@@ -147,3 +147,13 @@ def test_main_exit_codes(capsys):
     assert flanneld_main(["-version"]) == 0
     assert capsys.readouterr().err.strip()  # version on stderr, as flanneld
     assert flanneld_main(["-subnet-lease-renew-margin=5000"]) == 1
+
+
+def test_unexpected_errors_are_described_in_one_line_from_inside_groups():
+    from flannelpy.cli.flanneld import describe_unexpected
+
+    inner = OSError(30, "Read-only file system")
+    group = BaseExceptionGroup("tasks", [ExceptionGroup("nested", [inner])])
+    assert describe_unexpected(group) == "OSError: [Errno 30] Read-only file system"
+    assert describe_unexpected(ValueError("two\nlines")) == "ValueError: two lines"
+    assert describe_unexpected(RuntimeError()) == "RuntimeError"

@@ -49,7 +49,19 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 0
+    except Exception as err:  # anything unforeseen still ends in one line
+        log.error("unexpected error: %s (run with -v=1 for the traceback)", describe_unexpected(err))
+        log.debug("traceback of the unexpected error", exc_info=err)
+        return 1
     return 0
+
+
+def describe_unexpected(err: BaseException) -> str:
+    """`Type: message` of the first real error, looking inside (nested) exception groups."""
+    while isinstance(err, BaseExceptionGroup) and err.exceptions:
+        err = err.exceptions[0]
+    text = str(err).replace("\n", " ")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 if __name__ == "__main__":

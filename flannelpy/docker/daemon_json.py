@@ -311,6 +311,7 @@ def restart_docker_if_changed(change: Change, systemd_dir: str = "/run/systemd/s
     if os.path.isdir(systemd_dir):
         proc = subprocess.run(["systemctl", "try-restart", "docker.service"], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise FlannelError(f"systemctl try-restart docker.service failed: {proc.stderr.strip()}")
+            why = "; ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
+            raise FlannelError(f"systemctl try-restart docker.service failed (exit {proc.returncode}): {why}")
         return None
     return f"restart dockerd so it reads bip/mtu from {change.path} (e.g. 'service docker restart')"

@@ -8,6 +8,7 @@ iptables-restore reads, so "is this rule present?" is a string comparison agains
 
 from __future__ import annotations
 
+import itertools
 import shlex
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
@@ -173,7 +174,7 @@ def rule_networks(spec: str) -> list[IPv4Network]:
     except ValueError:
         return []
     found = []
-    for opt, value in zip(toks, toks[1:]):
+    for opt, value in itertools.pairwise(toks):
         if opt in _ADDRESS_OPTIONS:
             try:
                 found.append(IPv4Network(value, strict=False))
