@@ -98,6 +98,7 @@ class AgentOptions:
                 cafile=flags["etcd-cafile"],
                 username=flags["etcd-username"],
                 password=flags["etcd-password"],
+                transport=flags["etcd-transport"],
             ),
             etcd_api=api,
             ifaces=tuple(flags["iface"]),

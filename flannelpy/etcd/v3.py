@@ -1,4 +1,9 @@
-"""The Store over etcd's v3 JSON gateway (etcd >= 3.4: /v3/kv/*, /v3/lease/*, /v3/watch).
+"""The Store over etcd's v3 API, through its JSON gateway (httpx) or its gRPC API (grpcio).
+
+Everything here is written in the gateway's terms (POST /v3/kv/*, /v3/lease/*, /v3/watch and
+its JSON documents); a transport (gateway.py, grpc_transport.py) carries them, and with
+-etcd-transport=auto the store moves from the gateway to gRPC once, on the one answer that
+means the gateway cannot serve this cluster (transport_choice.py).
 
 Leases are written exactly as flanneld v0.20+ writes them: create = grant(ttl) then a txn
 `version(key)==0 -> put(key, value, lease)` (the granted lease is revoked when the txn
@@ -9,14 +14,14 @@ and int64s arrive as strings, which is why every number below goes through int()
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import posixpath
 import time
+from contextlib import aclosing
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, AsyncIterator, Callable
+from urllib.parse import urlsplit
 
-import httpx
 import trio
 
 from flannelpy.errors import FlannelError, LeaseValueError
@@ -32,30 +37,18 @@ from flannelpy.subnet.lease import (
     subnet_key,
 )
 
-from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, tls_context
+from .diagnose import ConnectFailure, advice_for_etcd_error
+from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, unavailable
+from .transport_choice import GATEWAY, GRPC, after_gateway_failure, gateway_cannot_serve, initial_transport
+from .v3transport import EndpointFailed, EtcdError, V3Transport, WatchBroken
+
+__all__ = ["V3Store", "EtcdError", "prefix_range_end"]
 
 log = logging.getLogger("flanneld.etcd")
 
 BACKOFF_MIN_S = 0.1  # flanneld's watch reconnect backoff: 100 ms doubling to 5 s
 BACKOFF_MAX_S = 5.0
-# etcd sends progress notifications every 10 min by default; a silent stream for longer
-# than this means a dead peer that TCP has not noticed yet.
-WATCH_IDLE_TIMEOUT_S = 15 * 60
 _TTL_CONCURRENCY = 16
-
-# Errors that mean "this endpoint did not answer": try the next one.
-_UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout,
-                httpx.PoolTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-
-
-class EtcdError(FlannelError):
-    """etcd answered with an error (bad request, permission denied, ...)."""
-
-    def __init__(self, path: str, status: int, message: str, code: int | None = None) -> None:
-        super().__init__(f"etcd {path}: {message} (HTTP {status}{f', gRPC code {code}' if code is not None else ''})")
-        self.status = status
-        self.code = code
-        self.etcd_message = message
 
 
 class _Compacted(Exception):
@@ -63,8 +56,34 @@ class _Compacted(Exception):
         self.revision = revision
 
 
-class _WatchBroken(Exception):
-    pass
+class GatewayCannotServe(EtcdError):
+    """The JSON gateway cannot serve this cluster and gRPC is not an option (the message says why)."""
+
+    def __init__(self, err: EtcdError, message: str) -> None:
+        super().__init__(err.path, err.status, err.etcd_message, err.code)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def make_transport(name: str, options: EtcdOptions) -> V3Transport:
+    if name == GRPC:
+        from .grpc_transport import GrpcTransport  # grpcio is loaded only where it is used
+
+        return GrpcTransport(options)
+    from .gateway import GatewayTransport
+
+    return GatewayTransport(options)
+
+
+def grpc_importable() -> bool | str:
+    """True, or why grpcio cannot be imported."""
+    try:
+        from . import grpc_transport  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return True
 
 
 def _b64(text: str | bytes) -> str:
@@ -94,7 +113,7 @@ def _join(*parts: str) -> str:
 
 
 class V3Store:
-    """A flannel subnet registry in etcd, v3 API, over httpx.  Use `async with` or aclose()."""
+    """A flannel subnet registry in etcd, v3 API.  Use `async with` or aclose()."""
 
     def __init__(self, options: EtcdOptions, *, backoff_min_s: float = BACKOFF_MIN_S,
                  backoff_max_s: float = BACKOFF_MAX_S) -> None:
@@ -111,10 +130,15 @@ class V3Store:
         self.on_watch_reconnect: Callable[[], None] | None = None
         self.config_key = _join(options.prefix, "config")
         self.subnets_prefix = _join(options.prefix, "subnets") + "/"
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(options.request_timeout),
-            verify=tls_context(options),
-        )
+        start = initial_transport(options.transport)
+        self._transport: V3Transport = make_transport(start.transport or GATEWAY, options)
+        self._choice_to_log: str | None = start.message  # logged once the transport has answered
+        self._switch_lock = trio.Lock()
+
+    @property
+    def transport(self) -> str:
+        """The transport in use: "gateway" or "grpc"."""
+        return self._transport.name
 
     # --- connection ---------------------------------------------------------------------
 
@@ -126,7 +150,7 @@ class V3Store:
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
-            await self._client.aclose()
+            await self._transport.aclose()
 
     def _order(self) -> list[int]:
         n = len(self._endpoints)
@@ -141,49 +165,85 @@ class V3Store:
                                    {"name": self.options.username, "password": self.options.password}, auth=False)
             self._token = doc["token"]
 
+    async def _token_for(self, auth: bool) -> str | None:
+        if not (auth and self.options.username):
+            return None
+        if self._token is None:
+            await self._authenticate(None)
+        return self._token or ""
+
+    async def _call(self, path: str, body: dict[str, Any], token: str | None) -> dict[str, Any]:
+        """One request on the first endpoint that can be used; StoreUnavailable when none can."""
+        transport = self._transport
+        failures: list[ConnectFailure] = []
+        for idx in self._order():
+            endpoint = self._endpoints[idx]
+            try:
+                doc = await transport.call(endpoint, path, body, token)
+            except EndpointFailed as exc:
+                log.debug("etcd endpoint %s: %s", endpoint, exc)
+                failures.append(exc.failure)
+                continue
+            except EtcdError as err:
+                self._good = idx
+                err.endpoint = endpoint  # type: ignore[attr-defined]
+                raise
+            self._good = idx
+            self._log_choice()
+            return doc
+        raise unavailable(failures)
+
     async def _post(self, path: str, body: dict[str, Any], *, auth: bool = True) -> dict[str, Any]:
         """POST to the first endpoint that answers; raise StoreUnavailable when none does."""
-        for attempt in range(2):
-            headers = {}
-            if auth and self.options.username:
-                if self._token is None:
-                    await self._authenticate(None)
-                headers["Authorization"] = self._token or ""
-            token = headers.get("Authorization")
-            last_exc: Exception | None = None
-            for idx in self._order():
-                try:
-                    r = await self._client.post(self._endpoints[idx] + path, json=body, headers=headers)
-                except _UNREACHABLE as exc:
-                    last_exc = exc
-                    log.debug("etcd endpoint %s: %s", self._endpoints[idx], exc)
+        reauthenticated = switched = False
+        while True:
+            token = await self._token_for(auth)
+            try:
+                return await self._call(path, body, token)
+            except EtcdError as err:
+                if not switched and await self._switch_if_gateway_cannot_serve(err):
+                    switched = True
                     continue
-                self._good = idx
-                break
-            else:
-                raise StoreUnavailable(
-                    f"no etcd endpoint answered ({', '.join(self._endpoints)}): {last_exc!r}")
-            if r.status_code == 200:
-                try:
-                    return r.json()
-                except ValueError:
-                    raise EtcdError(path, 200, f"not an etcd v3 gateway answer: {r.text[:200]!r}") from None
-            err = self._error(path, r)
-            if auth and self.options.username and attempt == 0 and _token_rejected(err):
-                log.info("etcd rejected the auth token; authenticating again")
-                await self._authenticate(token)
-                continue
-            raise err
-        raise AssertionError("unreachable")
+                if token is not None and not reauthenticated and _token_rejected(err):
+                    log.info("etcd rejected the auth token; authenticating again")
+                    await self._authenticate(token)
+                    reauthenticated = True
+                    continue
+                raise self._with_advice(err) from None
 
-    @staticmethod
-    def _error(path: str, r: httpx.Response) -> EtcdError:
-        try:
-            doc = r.json()
-            msg, code = doc.get("message") or doc.get("error") or r.text, doc.get("code")
-        except ValueError:
-            msg, code = r.text.strip() or r.reason_phrase, None
-        return EtcdError(path, r.status_code, msg, code)
+    def _with_advice(self, err: EtcdError) -> EtcdError:
+        advice = advice_for_etcd_error(err.etcd_message, prefix=self.options.prefix, username=self.options.username)
+        if not advice or isinstance(err, GatewayCannotServe):
+            return err
+        return EtcdError(err.path, err.status, err.etcd_message, err.code, advice=advice)
+
+    def _log_choice(self) -> None:
+        if self._choice_to_log is not None:
+            log.info("%s", self._choice_to_log)
+            self._choice_to_log = None
+
+    async def _switch_if_gateway_cannot_serve(self, err: EtcdError) -> bool:
+        """Move to gRPC when the gateway answered that it cannot serve; True when the caller should retry.
+
+        Raises GatewayCannotServe when it cannot serve and gRPC is not allowed or not installed.
+        """
+        transport = self._transport
+        endpoint = getattr(err, "endpoint", "")
+        if transport.name != GATEWAY or not gateway_cannot_serve(
+                urlsplit(endpoint).scheme, err.status, err.code, err.etcd_message):
+            return False
+        async with self._switch_lock:
+            if self._transport is not transport:
+                return True  # another task switched already
+            decision = after_gateway_failure(self.options.transport, endpoint, err.etcd_message, grpc_importable())
+            if decision.transport is None:
+                raise GatewayCannotServe(err, decision.message)
+            self._transport = make_transport(decision.transport, self.options)
+            self._choice_to_log = None
+            log.info("%s", decision.message)
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+        return True
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -338,7 +398,7 @@ class V3Store:
                 delay = self._backoff[0]
                 yield WatchBatch(snapshot=tuple(leases), revision=rev, skipped=tuple(skipped))
                 continue
-            except (StoreUnavailable, EtcdError, _WatchBroken, *_UNREACHABLE) as exc:
+            except (StoreUnavailable, EtcdError, WatchBroken) as exc:
                 log.warning("watch on %s interrupted (%s); reconnecting in %.1fs from revision %d",
                             self.subnets_prefix, exc, delay, last + 1)
                 if self.on_watch_reconnect is not None:
@@ -354,41 +414,37 @@ class V3Store:
             "start_revision": str(start_revision),
             "progress_notify": True,
         }}
-        headers = {}
-        if self.options.username:
-            if self._token is None:
-                await self._authenticate(None)
-            headers["Authorization"] = self._token or ""
-        timeout = httpx.Timeout(self.options.request_timeout, read=WATCH_IDLE_TIMEOUT_S)
-        last_exc: Exception | None = None
-        for idx in self._order():
-            url = self._endpoints[idx] + "/v3/watch"
-            try:
-                async with self._client.stream("POST", url, json=body, headers=headers, timeout=timeout) as r:
-                    self._good = idx
-                    if r.status_code != 200:
-                        await r.aread()
-                        err = self._error("/v3/watch", r)
-                        if _token_rejected(err):
-                            await self._authenticate(headers.get("Authorization"))
-                        raise err
-                    async for line in r.aiter_lines():
-                        if not line.strip():
-                            continue
-                        batch = await self._watch_line(line)
-                        if batch is not None:
-                            yield batch
-                raise _WatchBroken(f"etcd {self._endpoints[idx]} closed the watch stream")
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                last_exc = exc
-                continue
-        raise StoreUnavailable(f"no etcd endpoint answered the watch ({', '.join(self._endpoints)}): {last_exc!r}")
+        switched = False
+        while True:
+            token = await self._token_for(True)
+            transport = self._transport
+            failures: list[ConnectFailure] = []
+            for idx in self._order():
+                endpoint = self._endpoints[idx]
+                try:
+                    async with transport.watch(endpoint, body, token) as messages, aclosing(messages):
+                        self._good = idx
+                        self._log_choice()
+                        async for doc in messages:
+                            batch = await self._watch_message(doc)
+                            if batch is not None:
+                                yield batch
+                    raise WatchBroken(f"etcd {endpoint} closed the watch stream")
+                except EndpointFailed as exc:
+                    failures.append(exc.failure)
+                    continue
+                except EtcdError as err:
+                    err.endpoint = endpoint  # type: ignore[attr-defined]
+                    if not switched and await self._switch_if_gateway_cannot_serve(err):
+                        switched = True
+                        break  # open it again on the new transport
+                    if token is not None and _token_rejected(err):
+                        await self._authenticate(token)
+                    raise self._with_advice(err) from None
+            else:
+                raise unavailable(failures)
 
-    async def _watch_line(self, line: str) -> WatchBatch | None:
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            raise _WatchBroken(f"undecodable watch message {line[:200]!r}") from None
+    async def _watch_message(self, doc: dict[str, Any]) -> WatchBatch | None:
         if "error" in doc:
             err = doc["error"]
             msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
@@ -396,13 +452,13 @@ class V3Store:
                 raise _Compacted(0)
             if isinstance(err, dict) and _token_rejected(EtcdError("/v3/watch", 401, msg, err.get("code"))):
                 self._token = None
-            raise _WatchBroken(f"watch error: {msg}")
+            raise WatchBroken(f"watch error: {msg}")
         res = doc.get("result") or {}
         compact = int(res.get("compact_revision", 0))
         if compact:
             raise _Compacted(compact)
         if res.get("canceled"):
-            raise _WatchBroken(f"etcd cancelled the watch: {res.get('cancel_reason', '')}")
+            raise WatchBroken(f"etcd cancelled the watch: {res.get('cancel_reason', '')}")
         events = res.get("events") or []
         if not events:
             if res.get("created"):

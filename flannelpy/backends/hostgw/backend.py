@@ -24,7 +24,7 @@ from flannelpy.backends.base import Backend, LeaseData
 from flannelpy.backends.repair import RESYNC_INTERVAL, RepairLoop, RepairReport, describe_failures
 from flannelpy.errors import FlannelError
 from flannelpy.hostnet.monitor import KernelChange
-from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, delete_route, dump_main_routes
+from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, KernelDumps, delete_route
 from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
 
 from .plan import Route, change_matters, missing_routes, route_diff
@@ -52,12 +52,12 @@ def _delete(ipr: Any, route: Route) -> None:
             raise
 
 
-def _reconcile(ipr: Any, wanted: list[tuple[IPv4Network, Route]], underlay_index: int, network: IPv4Network,
-               remove_unexplained: bool) -> RepairReport:
+def _reconcile(ipr: Any, dumps: KernelDumps, wanted: list[tuple[IPv4Network, Route]], underlay_index: int,
+               network: IPv4Network, remove_unexplained: bool) -> RepairReport:
     """One pass: one route dump, the pure diff, one netlink call per difference; each call's
     failure is recorded, never raised."""
     report = RepairReport()
-    diff = route_diff(wanted, dump_main_routes(ipr), underlay_index=underlay_index, network=network,
+    diff = route_diff(wanted, dumps.routes(), underlay_index=underlay_index, network=network,
                       remove_unexplained=remove_unexplained)
     for have in diff.remove:
         try:
@@ -170,7 +170,8 @@ class HostGwBackend(Backend):
         """Make the routes match the accepted leases now."""
         async with self._lock:
             wanted = list(self.routes.items())
-            report = await self.netlink.call(_reconcile, wanted, self.ext.index, self.config.network, self._synced)
+            report = await self.netlink.call(_reconcile, self.netlink.dumps, wanted, self.ext.index,
+                                             self.config.network, self._synced)
             for subnet, _route in wanted:
                 if subnet in report.failures:
                     self._mark_failed(subnet, report.failures[subnet])

@@ -36,11 +36,9 @@ from flannelpy.hostnet.netlink import (
     MAIN_TABLE,
     NUD_PERMANENT,
     RTNH_F_ONLINK,
+    KernelDumps,
     NetlinkThread,
     delete_route,
-    dump_fdb,
-    dump_main_routes,
-    dump_neighbours,
 )
 from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
 
@@ -256,8 +254,9 @@ def _unprogram(ipr: Any, index: int, plan: PeerPlan, with_route: bool = True) ->
     return errors
 
 
-def _reconcile(ipr: Any, spec: VxlanDeviceSpec, mac: str, base: IPv4Address, network: IPv4Network,
-               wanted: list[tuple[IPv4Network, PeerPlan]], remove_unexplained: bool) -> tuple[int | None, RepairReport]:
+def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, base: IPv4Address,
+               network: IPv4Network, wanted: list[tuple[IPv4Network, PeerPlan]],
+               remove_unexplained: bool) -> tuple[int | None, RepairReport]:
     """One pass: the device first (re-created with our MAC if gone), then one dump each of
     routes, neighbours and FDB, the pure diff, and the netlink calls that close it.  Every
     call's failure is recorded, never raised, so one bad entry cannot stop the others."""
@@ -294,7 +293,7 @@ def _reconcile(ipr: Any, spec: VxlanDeviceSpec, mac: str, base: IPv4Address, net
     if address_changes and not repair.recreate:  # a new device's address goes without saying
         report.device = "; ".join(filter(None, [report.device, f"{spec.name}: " + ", ".join(address_changes)]))
 
-    diff = entry_diff(wanted, dump_main_routes(ipr), dump_neighbours(ipr, index), dump_fdb(ipr, index),
+    diff = entry_diff(wanted, dumps.routes(), dumps.neighbours(index), dumps.fdb(index),
                       device_index=index, underlay_index=spec.vtep_index, network=network,
                       remove_unexplained=remove_unexplained)
     if diff.empty:
@@ -574,7 +573,8 @@ class VxlanBackend(Backend):
         async with self._lock:
             wanted = list(self._wanted.items())
             index, report = await self.netlink.call(
-                _reconcile, self.spec, self.mac, self._own_base, self.config.network, wanted, self._synced)
+                _reconcile, self.netlink.dumps, self.spec, self.mac, self._own_base, self.config.network, wanted,
+                self._synced)
             if index is not None:
                 self.index = index
             self._device_problem = report.device_error
