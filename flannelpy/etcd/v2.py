@@ -33,7 +33,8 @@ from flannelpy.subnet.lease import (
     subnet_key,
 )
 
-from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, tls_context
+from .diagnose import UNREACHABLE, ConnectFailure, describe_connect_failure, error_text
+from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, tls_context, tls_setup, unavailable
 
 log = logging.getLogger("flannelpy.etcd.v2")
 
@@ -139,6 +140,7 @@ class V2Store:
         self._endpoints = [e.rstrip("/") for e in options.endpoints]
         self._current = 0  # the endpoint that answered last; tried first
         self._skip_log = SkipLog(log)
+        self._tls = tls_setup(options)  # to name a refused TLS handshake
         auth = (options.username, options.password) if options.username else None
         self._client = httpx.AsyncClient(
             verify=tls_context(options),
@@ -168,7 +170,7 @@ class V2Store:
 
         Errors documents raise V2Error; no endpoint answering raises StoreUnavailable.
         """
-        failures: list[str] = []
+        failures: list[ConnectFailure] = []
         n = len(self._endpoints)
         for i in range(n):
             idx = (self._current + i) % n
@@ -179,14 +181,15 @@ class V2Store:
                     timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
                 )
             except httpx.TransportError as exc:
-                failures.append(f"{self._endpoints[idx]}: {exc!r}")
+                failures.append(describe_connect_failure(self._endpoints[idx], error_text(exc), self._tls))
                 continue
             if resp.status_code >= 500:
-                failures.append(f"{self._endpoints[idx]}: HTTP {resp.status_code} {resp.text.strip()[:200]}")
+                failures.append(ConnectFailure(UNREACHABLE, f"{self._endpoints[idx]}: HTTP {resp.status_code} "
+                                                            f"{resp.text.strip()[:200]}"))
                 continue
             self._current = idx
             return self._decode(resp)
-        raise StoreUnavailable("no etcd endpoint answered: " + "; ".join(failures))
+        raise unavailable(failures)
 
     def _decode(self, resp: httpx.Response) -> tuple[int, dict[str, Any], int]:
         index = _int(resp.headers.get("X-Etcd-Index"))
@@ -353,7 +356,7 @@ class V2Store:
     async def _watch_once(self, wait_index: int, timeout: httpx.Timeout) -> tuple[dict[str, Any], int]:
         """One long poll: (event doc or {} when idle/closed, X-Etcd-Index at poll start)."""
         n = len(self._endpoints)
-        failures: list[str] = []
+        failures: list[ConnectFailure] = []
         params = {"wait": "true", "recursive": "true", "waitIndex": str(wait_index)}
         for i in range(n):
             idx = (self._current + i) % n
@@ -370,14 +373,14 @@ class V2Store:
                     except httpx.RemoteProtocolError:
                         return {}, 0  # server went away mid-poll: same index again
                     if resp.status_code >= 500:
-                        failures.append(f"{self._endpoints[idx]}: HTTP {resp.status_code}")
+                        failures.append(ConnectFailure(UNREACHABLE, f"{self._endpoints[idx]}: HTTP {resp.status_code}"))
                         continue
                     _, doc, _ = self._decode(resp)
                     return doc, header_index
             except httpx.TransportError as exc:
-                failures.append(f"{self._endpoints[idx]}: {_short(exc)}")
+                failures.append(describe_connect_failure(self._endpoints[idx], error_text(exc), self._tls))
                 continue
-        raise StoreUnavailable("no etcd endpoint answered: " + "; ".join(failures))
+        raise unavailable(failures)
 
     async def aclose(self) -> None:
         await self._client.aclose()
