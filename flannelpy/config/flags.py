@@ -35,6 +35,7 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("etcd-username", str, "", "username for BasicAuth to etcd"),
     FlagSpec("etcd-password", str, "", "password for BasicAuth to etcd"),
     FlagSpec("etcd-api", str, "auto", "etcd API to use: v3, v2 or auto (v3 when the config is there, else v2)"),
+    FlagSpec("etcd-transport", str, "auto", "etcd v3 transport: gateway (JSON), grpc, or auto (the gateway; etcd's gRPC API where the gateway cannot serve)"),
     FlagSpec("iface", list, [], "interface to use (IP or name) for inter-host communication; may be repeated"),
     FlagSpec("iface-regex", list, [], "regex expression to match the first interface to use (IP or name); may be repeated"),
     FlagSpec("iface-can-reach", str, "", "detect the interface to use from the route to this IP address"),

@@ -3,7 +3,13 @@
 flanneld <= 0.17 reads the config through the v2 keys API, >= 0.18 through v3, and the two
 keyspaces are separate (reference §3.6, §9 item 4): a config written with the "other"
 etcdctl is invisible.  With api="auto" we probe both and say exactly what we found and
-which command would create the key, once, instead of failing silently in a loop.
+which command would create the key, once, instead of failing silently in a loop.  An etcd
+that refuses us (TLS, auth, permissions) or answers with an error is reported as exactly that,
+with what to do, and never as a missing key.
+
+The v3 transport (-etcd-transport: the JSON gateway, or etcd's gRPC API where the gateway
+cannot serve) is chosen inside the v3 store, so the agent and every flannelctl command that
+opens a store here get the same choice (transport_choice.py).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import trio
 
 from flannelpy.errors import FlannelError, UsageError
 
+from .diagnose import TLS, UNREACHABLE
 from .store import EtcdOptions, Store, StoreUnavailable
 from .v2 import V2APIDisabled, V2Error, V2Store
 
@@ -60,7 +67,7 @@ class Probe:
 
     api: str
     config: str | None
-    state: str  # found | missing | disabled | unreachable | error
+    state: str  # found | missing | disabled | unreachable | tls | error
     detail: str
 
     def describe(self) -> str:
@@ -75,7 +82,9 @@ async def probe(store: Store, api: str) -> Probe:
     except V2APIDisabled:
         return Probe(api, None, "disabled", "API disabled (start etcd with --enable-v2=true)")
     except StoreUnavailable as exc:
-        return Probe(api, None, "unreachable", f"unreachable ({exc})")
+        if exc.kind == TLS:
+            return Probe(api, None, TLS, str(exc))
+        return Probe(api, None, UNREACHABLE, f"unreachable ({exc})")
     except (FlannelError, V2Error, httpx.HTTPError) as exc:
         return Probe(api, None, "error", f"error reading {key}: {exc}")
     if config is None:
@@ -97,12 +106,31 @@ def choose(probes: list[Probe]) -> Probe | None:
     return None
 
 
+def _describe_all(probes: list[Probe]) -> str:
+    """"v3: ...; v2: ..." with one entry for APIs that failed the same way (a refused certificate)."""
+    by_detail: dict[str, list[str]] = {}
+    for p in probes:
+        by_detail.setdefault(p.detail, []).append(p.api)
+    return "; ".join(f"{', '.join(apis)}: {detail}" for detail, apis in by_detail.items())
+
+
+def failure_message(options: EtcdOptions, probes: list[Probe]) -> str | None:
+    """Why the config could not be read when etcd failed or refused us; None when every probe
+    got a real answer (the key is there, missing, or the API is disabled)."""
+    if all(p.state in ("found", "missing", "disabled") for p in probes):
+        return None
+    if all(p.state == UNREACHABLE for p in probes):
+        return f"cannot reach etcd at {','.join(options.endpoints)} ({_describe_all(probes)})"
+    failed = [p for p in probes if p.state not in ("found", "missing", "disabled")]
+    return f"cannot read {config_key(options)} from etcd: {_describe_all(failed)}"
+
+
 def waiting_message(options: EtcdOptions, probes: list[Probe], retry_interval: float) -> str:
     """One log line (plus commands) saying why we are still waiting."""
     found = "; ".join(p.describe() for p in probes)
-    if all(p.state == "unreachable" for p in probes):
-        return (f"cannot reach etcd at {','.join(options.endpoints)} ({found}); "
-                f"retrying every {retry_interval:g}s")
+    failure = failure_message(options, probes)
+    if failure is not None:
+        return f"{failure}; retrying every {retry_interval:g}s"
     lines = [f"flannel network config not found in etcd (probed {found}); waiting for it, "
              f"retrying every {retry_interval:g}s. Create it with:"]
     lines += [f"  {create_command(options, p.api)}" for p in probes]
@@ -147,7 +175,8 @@ async def wait_for_config(options: EtcdOptions, api: str, *, log: logging.Logger
                 await _close_all([s for a, s in stores.items() if a != chosen.api])
                 log.info("using etcd %s API: network config at %s", chosen.api, config_key(options))
                 return stores[chosen.api], chosen.config
-            situation = tuple((p.api, p.state) for p in probes)
+            situation = tuple((p.api, p.state, p.detail if p.state == TLS or p.state == "error" else "")
+                              for p in probes)
             if situation != last_situation:
                 log.warning("%s", waiting_message(options, probes, retry_interval))
                 last_situation = situation

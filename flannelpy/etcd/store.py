@@ -1,7 +1,7 @@
 """The interface the agent needs from etcd, whatever the API version.
 
-Both implementations (v3 over the JSON gateway, v2 over the keys API) speak httpx and
-return the shared types from flannelpy.subnet.lease, so the lease logic above them is the same.
+Both implementations (v3, over the JSON gateway or gRPC, and v2 over the keys API) return the
+shared types from flannelpy.subnet.lease, so the lease logic above them is the same.
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ from typing import AsyncIterator, Protocol
 
 from flannelpy.errors import FlannelError
 from flannelpy.subnet.lease import Lease, LeaseAttrs, LeaseEvent
+
+from .certfacts import CertificateFormatError, parse_pem
+from .diagnose import TLS, UNREACHABLE, ConnectFailure, TLSSetup
+from .transport_choice import check_transport
 
 log = logging.getLogger("flanneld.etcd")
 
@@ -30,6 +34,12 @@ class EtcdOptions:
     username: str = ""
     password: str = ""
     request_timeout: float = 5.0
+    # v3 only: "auto" (the JSON gateway; etcd's gRPC API where the gateway cannot serve),
+    # "gateway" or "grpc" (transport_choice.py says why).
+    transport: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_transport(self.transport)  # a bad -etcd-transport fails at start, naming the flag
 
 
 def tls_context(options: EtcdOptions) -> ssl.SSLContext | bool:
@@ -57,8 +67,36 @@ def tls_context(options: EtcdOptions) -> ssl.SSLContext | bool:
     return ctx
 
 
-class StoreUnavailable(Exception):
-    """No endpoint answered; the caller retries."""
+def tls_setup(options: EtcdOptions) -> TLSSetup:
+    """The TLS flags and what the client certificate says, to name a refused handshake later."""
+    facts = None
+    if options.certfile:
+        try:
+            with open(options.certfile, "rb") as fh:
+                facts = parse_pem(fh.read())
+        except (OSError, CertificateFormatError):
+            pass  # tls_context (or gRPC) reports an unreadable file itself
+    return TLSSetup(cafile=options.cafile, certfile=options.certfile if options.keyfile else "", client_cert=facts)
+
+
+class StoreUnavailable(FlannelError):
+    """No endpoint could be used; the caller retries.
+
+    `kind` is diagnose.UNREACHABLE, or diagnose.TLS when an endpoint refused the TLS handshake
+    (the message then says which certificate is wrong and what to do).
+    """
+
+    def __init__(self, message: str, kind: str = UNREACHABLE) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def unavailable(failures: list[ConnectFailure]) -> StoreUnavailable:
+    """The error after every endpoint failed: each distinct failure once, TLS ones named as such."""
+    texts = list(dict.fromkeys(f.text for f in failures))
+    if any(f.kind == TLS for f in failures):
+        return StoreUnavailable("; ".join(texts), kind=TLS)
+    return StoreUnavailable("no etcd endpoint answered: " + "; ".join(texts), kind=UNREACHABLE)
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,20 @@ from typing import Any, TextIO
 
 import trio
 
+from flannelpy.backends import backend_class
 from flannelpy.config.network import NetworkConfig, check_config
 from flannelpy.errors import FlannelError
-from flannelpy.etcd.select import API_CHOICES, check_api, config_key, create_command, make_store, probe
+from flannelpy.etcd.select import (
+    API_CHOICES,
+    check_api,
+    config_key,
+    create_command,
+    failure_message,
+    make_store,
+    probe,
+)
 from flannelpy.etcd.store import EtcdOptions, Store
+from flannelpy.etcd.transport_choice import TRANSPORT_CHOICES
 
 
 def add_etcd_options(p: argparse.ArgumentParser) -> None:
@@ -31,6 +41,8 @@ def add_etcd_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--etcd-cafile", default="", help="TLS CA bundle")
     p.add_argument("--etcd-username", default="", help="etcd basic auth user")
     p.add_argument("--etcd-password", default="", help="etcd basic auth password")
+    p.add_argument("--etcd-transport", default="auto", choices=TRANSPORT_CHOICES,
+                   help="etcd v3 transport: gateway (JSON), grpc, or auto (the gateway; gRPC where it cannot serve)")
 
 
 def options_from_args(args: argparse.Namespace) -> EtcdOptions:
@@ -39,7 +51,7 @@ def options_from_args(args: argparse.Namespace) -> EtcdOptions:
         raise FlannelError("--etcd-endpoints: empty; give at least one http(s)://host:port")
     return EtcdOptions(endpoints=endpoints, prefix=args.etcd_prefix, keyfile=args.etcd_keyfile,
                        certfile=args.etcd_certfile, cafile=args.etcd_cafile,
-                       username=args.etcd_username, password=args.etcd_password)
+                       username=args.etcd_username, password=args.etcd_password, transport=args.etcd_transport)
 
 
 # --- pure helpers ---------------------------------------------------------------------------
@@ -69,10 +81,16 @@ def effective(cfg: NetworkConfig) -> dict[str, Any]:
 
 
 def check(text: str) -> tuple[NetworkConfig | None, list[str]]:
+    """The agent's own checks, in its order: the config (check_config), then the backend type it
+    looks up (backend_class), so `validate` refuses exactly what flanneld would."""
     result = check_config(text, collect=True)
-    if isinstance(result, NetworkConfig):
-        return result, []
-    return None, [str(e) for e in result]
+    if not isinstance(result, NetworkConfig):
+        return None, [str(e) for e in result]
+    try:
+        backend_class(result.backend_type)
+    except FlannelError as err:
+        return None, [str(err)]
+    return result, []
 
 
 def report_problems(where: str, problems: list[str], out: TextIO) -> None:
@@ -98,6 +116,9 @@ async def _read(options: EtcdOptions, api: str) -> tuple[str, str]:
         probes.append(p)
         if p.state not in ("missing", "disabled"):
             break  # v3 unreachable or failing: do not fall back to a possibly stale v2 config
+    failure = failure_message(options, probes)
+    if failure is not None:
+        raise FlannelError(failure)  # etcd failed or refused us: not a missing key
     found = "; ".join(p.describe() for p in probes)
     hint = "; create it with: " + " or ".join(create_command(options, p.api) for p in probes) \
         if all(p.state in ("missing", "disabled") for p in probes) else ""

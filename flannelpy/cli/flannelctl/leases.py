@@ -1,15 +1,25 @@
-"""flannelctl leases: every lease under <prefix>/subnets/, as a table or JSON."""
+"""flannelctl leases: every lease under <prefix>/subnets/, as a table or JSON.
+
+The REFUSED column says why an agent would refuse a lease (subnet/admission.py), judged against the
+network config in etcd in the order etcd lists the leases.  The checks that need a host (its own
+subnet, addresses and routes) are left out here: an agent may refuse more.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
 import trio
 
+from flannelpy.config.network import NetworkConfig, check_config
 from flannelpy.etcd.store import EtcdOptions
+from flannelpy.subnet.admission import AdmissionRules, Refusal, judge_listing
 from flannelpy.subnet.lease import Lease
+
+from .config import add_etcd_options, options_from_args
 
 
 def _expires_in(lease: Lease, now: float) -> str:
@@ -23,10 +33,19 @@ def _expires_in(lease: Lease, now: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s"
 
 
-def lease_rows(leases: list[Lease], now: float) -> list[dict[str, Any]]:
+def refusals(leases: list[Lease], config: NetworkConfig | None) -> dict[Any, Refusal]:
+    """Pure: why each lease would be refused, in listing order (none judged without a valid config)."""
+    if config is None:
+        return {}
+    return judge_listing(AdmissionRules(network=config.network), leases)
+
+
+def lease_rows(leases: list[Lease], now: float, refused: dict[Any, Refusal] | None = None) -> list[dict[str, Any]]:
     """Pure: one dict per lease, sorted by subnet."""
+    refused = refused or {}
     rows = []
     for lease in sorted(leases, key=lambda l: l.subnet):
+        refusal = refused.get(lease.subnet)
         rows.append({
             "subnet": str(lease.subnet),
             "public_ip": str(lease.attrs.public_ip),
@@ -35,41 +54,54 @@ def lease_rows(leases: list[Lease], now: float) -> list[dict[str, Any]]:
             "vni": lease.attrs.vni,
             "expiration": lease.expiration,
             "expires_in": _expires_in(lease, now),
+            "refused": refusal.reason if refusal is not None else None,
+            "refused_code": refusal.code if refusal is not None else None,
         })
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("SUBNET", "PUBLIC IP", "BACKEND", "VTEP MAC", "EXPIRES IN")
-    body = [(r["subnet"], r["public_ip"], r["backend"], r["vtep_mac"] or "-", r["expires_in"]) for r in rows]
+    head = ("SUBNET", "PUBLIC IP", "BACKEND", "VTEP MAC", "EXPIRES IN", "REFUSED")
+    body = [(r["subnet"], r["public_ip"], r["backend"], r["vtep_mac"] or "-", r["expires_in"], r["refused"] or "-")
+            for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body)) + "\n"
 
 
-async def _fetch(options: EtcdOptions, api: str) -> list[Lease]:
+async def _fetch(options: EtcdOptions, api: str) -> tuple[list[Lease], str | None]:
     from flannelpy.etcd.select import open_store
 
     store = await open_store(options, api)
     try:
         leases, _rev = await store.list_leases()
+        config = await store.get_config()
     finally:
         await store.aclose()
-    return leases
+    return leases, config
+
+
+def _config(text: str | None) -> NetworkConfig | None:
+    """The config the agents run with, or None (said on stderr) when there is none to judge by."""
+    if text is None:
+        print("no network config in etcd: the REFUSED column is not filled", file=sys.stderr)
+        return None
+    result = check_config(text, collect=True)
+    if isinstance(result, NetworkConfig):
+        return result
+    print(f"the network config in etcd is invalid ({result[0]}): the REFUSED column is not filled", file=sys.stderr)
+    return None
 
 
 def run(args) -> int:
-    endpoints = tuple(e.strip() for e in args.etcd_endpoints.split(",") if e.strip())
-    options = EtcdOptions(endpoints=endpoints, prefix=args.etcd_prefix)
-    leases = trio.run(_fetch, options, args.etcd_api)
-    rows = lease_rows(leases, time.time())
+    options = options_from_args(args)
+    leases, config_text = trio.run(_fetch, options, args.etcd_api)
+    rows = lease_rows(leases, time.time(), refusals(leases, _config(config_text)))
     print(json.dumps(rows, indent=2) if args.json else format_table(rows), end="" if not args.json else "\n")
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("leases", help="list every subnet lease in etcd")
-    p.add_argument("--etcd-endpoints", default="http://127.0.0.1:4001,http://127.0.0.1:2379")
-    p.add_argument("--etcd-prefix", default="/coreos.com/network")
-    p.add_argument("--etcd-api", choices=("v3", "v2", "auto"), default="auto")
+    add_etcd_options(p)  # the same connection options (TLS, auth, API, transport) as `config`
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
