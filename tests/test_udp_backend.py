@@ -145,7 +145,7 @@ def test_spoofed_inner_sources_from_a_real_holder_are_dropped_and_counted(lab) -
     container; each is counted under its own reason, and legitimate traffic keeps flowing."""
     d1 = lab.drivers[0]
     sh("ip", "-n", lab.h[1], "addr", "add", "192.168.77.3/24", "dev", "fpudu", check=False)
-    assert d1.command(f"add 10.50.3.0/24 192.168.77.3") == "ok"  # another peer, so 10.50.3.x is leased
+    assert d1.command("add 10.50.3.0/24 192.168.77.3") == "ok"  # another peer, so 10.50.3.x is leased
     with in_netns(lab.c[0]):
         sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind((CONTAINERS[0], 7778))

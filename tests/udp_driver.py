@@ -4,7 +4,8 @@
         --network 10.5.0.0/16 [--port 8285] [--peer 10.5.2.0/24=192.168.9.2 ...]
 
 Prints `ready <tun> <mtu>` once the forwarder runs.  Commands, one per line:
-`add SUBNET IP`, `del SUBNET`, `stats` (prints one JSON line of counters), `quit`.
+`add SUBNET IP`, `del SUBNET`, `stats` (prints one JSON line of counters), `health` (one JSON
+line: data_plane_problems, repair_counters, the TUN's name and index), `quit`.
 A subprocess, because the TUN device and the socket belong to the namespace of the thread
 that creates them.
 """
@@ -48,12 +49,13 @@ async def main() -> None:
     p.add_argument("--network", required=True)
     p.add_argument("--port", type=int, default=8285)
     p.add_argument("--peer", action="append", default=[])
+    p.add_argument("--resync", type=float, default=10.0, help="the repair loop's period, seconds")
     args = p.parse_args()
 
     ext = external(args.iface)
     config = parse_config(json.dumps({"Network": args.network, "Backend": {"Type": "udp", "Port": args.port}}))
     nl = NetlinkThread()
-    backend = UdpBackend(ext, config, nl)
+    backend = UdpBackend(ext, config, nl, resync_interval=args.resync)
     await backend.prepare()
     await backend.start(lease(args.lease, str(ext.ip)))
     subnets: dict[str, Lease] = {}
@@ -91,6 +93,10 @@ async def main() -> None:
                         say("ok")
                     elif cmd[0] == "stats":
                         say(json.dumps(backend.counters()))
+                    elif cmd[0] == "health":
+                        say(json.dumps({"problems": backend.data_plane_problems(),
+                                        "repairs": dict(backend.repair_counters()),
+                                        "tun": backend.tun_name, "index": backend.tun_index}))
                     elif cmd[0] == "quit":
                         nursery.cancel_scope.cancel()
                         break
@@ -173,6 +179,9 @@ class Driver:
     def stats(self) -> dict[str, int]:
         return json.loads(self.command("stats"))
 
+    def health(self) -> dict:
+        return json.loads(self.command("health"))
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             try:
@@ -215,12 +224,12 @@ class UdpLab:
             sh("ip", "-n", c[i], "route", "add", "default", "via", gw)
             sh("ip", "netns", "exec", h[i], "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
-    def start(self, port: int = 8285) -> tuple[Driver, Driver]:
+    def start(self, port: int = 8285, resync: float = 10.0) -> tuple[Driver, Driver]:
         for i in (0, 1):
             j = 1 - i
             self.drivers.append(Driver(
                 self.h[i], "--iface", "fpudu", "--lease", LEASES[i], "--network", NETWORK,
-                "--port", str(port), "--peer", f"{LEASES[j]}={UNDERLAY[j]}",
+                "--port", str(port), "--peer", f"{LEASES[j]}={UNDERLAY[j]}", "--resync", str(resync),
             ))
         return self.drivers[0], self.drivers[1]
 
