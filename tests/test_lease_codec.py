@@ -1,5 +1,6 @@
 """lease.py: keys and values exactly as flanneld writes and reads them (pure)."""
 
+import json
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -15,10 +16,26 @@ HEAD_VXLAN = '{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan"
 def test_keys():
     assert subnet_key(IPv4Network("10.5.52.0/24")) == "10.5.52.0-24"
     assert parse_subnet_key("/coreos.com/network/subnets/10.5.52.0-24") == IPv4Network("10.5.52.0/24")
-    assert parse_subnet_key("10.5.52.0-24&fc00::-64") == IPv4Network("10.5.52.0/24")  # dual stack
-    for bad in ("10.5.52.0", "10.5.52.1-24", "10.5.52.0-33", "x-24", "10.5.52.0-24&FC00::-64"):
+    assert parse_subnet_key("/p/subnets/10.5.52.0-24", "/p/subnets/") == IPv4Network("10.5.52.0/24")
+    for bad in ("10.5.52.0", "10.5.52.1-24", "10.5.52.0-33", "x-24", "10.5.52.0-24&FC00::-64",
+                "10.5.52.0-24 ", "10.5.52.0-24\n", "010.5.52.0-24", "10.5.52.0-024", "\u0661\u0660.5.52.0-24"):
         with pytest.raises(LeaseValueError):
             parse_subnet_key(bad)
+
+
+@pytest.mark.parametrize("key, what", [
+    # Two keys naming one subnet would take turns replacing a peer's routes: only the canonical one counts.
+    ("/p/subnets/evil/10.5.52.0-24", "not directly under"),
+    ("/p/subnets/subnets/10.5.52.0-24", "not directly under"),
+    ("/q/subnets/10.5.52.0-24", "not directly under"),
+    ("/p/subnets/10.5.52.0-24&fc00::-64", "dual-stack"),
+    ("/p/subnets/10.5.052.0-24", "Leading zeros"),
+    ("/p/subnets/10.5.52.0-024", "not of the form|not spelt"),
+    ("/p/subnets/" + "1" * 600, "bytes long"),
+])
+def test_only_one_key_names_a_subnet(key, what):
+    with pytest.raises(LeaseValueError, match=what):
+        parse_subnet_key(key, "/p/subnets/")
 
 
 @pytest.mark.parametrize("raw", [
@@ -67,7 +84,7 @@ macs = st.lists(st.integers(0, 255), min_size=6, max_size=6).map(lambda b: ":".j
 @given(
     ip=st.integers(0, 2**32 - 1).map(IPv4Address),
     btype=st.sampled_from(["", "vxlan", "host-gw"]),
-    vni=st.one_of(st.none(), st.integers(0, 2**24)),
+    vni=st.one_of(st.none(), st.integers(0, 2**24 - 1)),
     mac=st.one_of(st.none(), macs),
     style=st.sampled_from(list(ValueStyle)),
 )
@@ -79,3 +96,43 @@ def test_round_trip(ip, btype, vni, mac, style):
         data["VtepMAC"] = mac
     attrs = LeaseAttrs(ip, btype, data or None)
     assert decode_attrs(encode_attrs(attrs, style)) == attrs
+
+
+HOSTILE_VALUES = [
+    ("[" * 100_000 + "]" * 100_000, "200000 bytes long"),
+    ('{"PublicIP":"10.0.0.1","x":' + "[" * 5000 + "]" * 5000 + "}", "nests 5001 levels"),
+    ('{"PublicIP":"10.0.0.1","BackendData":{"VNI":1e400}}', "beyond any field's range"),
+    ('{"PublicIP":"10.0.0.1","BackendData":{"VNI":' + "9" * 5000 + "}}", "beyond any field's range"),
+    ('{"PublicIP":"10.0.0.1","BackendData":{"VNI":16777216}}', "not a VNI"),
+    ('{"PublicIP":"10.0.0.1","BackendData":{"VNI":1.5}}', "not a VNI"),
+    ('{"PublicIP":"10.0.0.1","BackendData":{"VNI":NaN}}', "NaN is not a JSON number"),
+    ('{"PublicIP":"10.0.0.1","x":-Infinity}', "Infinity is not a JSON number"),
+    ('{"PublicIP":"' + "A" * 100_000 + '"}', "bytes long"),
+    ('{"PublicIP":"' + "A" * 10_000 + '"}', "is not an IPv4 address"),
+    ('{"PublicIP":"10.0.0.1","BackendData":{"VtepMAC":"' + "f" * 10_000 + '"}}', "is not a MAC"),
+    ("1e400", "JSON object"),
+    ('"just a string"', "JSON object"),
+    ("null", "JSON object"),
+    ("", "not valid JSON"),
+    (b"\xc3\x28", "not UTF-8"),
+    ('{"PublicIP":"\u0661.0.0.1"}', "not an IPv4"),
+]
+
+
+@pytest.mark.parametrize("raw, what", HOSTILE_VALUES, ids=range(len(HOSTILE_VALUES)))
+def test_hostile_values_are_refused_with_a_named_error(raw, what):
+    with pytest.raises(LeaseValueError, match=what) as info:
+        decode_attrs(raw, key="/x/subnets/10.5.1.0-24")
+    assert len(str(info.value)) < 300  # one readable line, not the value echoed back
+
+
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=300),
+                 st.recursive(st.one_of(st.none(), st.booleans(), st.floats(), st.integers(), st.text(max_size=20)),
+                              lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                      st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+                              max_leaves=30).map(lambda v: json.dumps(v))))
+def test_no_value_raises_anything_but_lease_value_error(raw):
+    try:
+        decode_attrs(raw)
+    except LeaseValueError:
+        pass

@@ -90,10 +90,12 @@ def parse_expiration(text: str | None) -> float | None:
     return base + frac - offset
 
 
-def node_to_lease(node: dict[str, Any]) -> Lease:
-    """A lease from a v2 node; LeaseValueError when its key or value cannot be decoded."""
+def node_to_lease(node: dict[str, Any], prefix: str | None = None) -> Lease:
+    """A lease from a v2 node; LeaseValueError when its key or value cannot be decoded.
+
+    `prefix` (`/<etcd-prefix>/subnets/`): the key must sit directly under it (lease.parse_subnet_key)."""
     key = node.get("key", "")
-    subnet = parse_subnet_key(key)
+    subnet = parse_subnet_key(key, prefix)
     value = node.get("value")
     if value is None:
         raise LeaseValueError(f"lease key {key!r} has no value")
@@ -106,17 +108,17 @@ def node_to_lease(node: dict[str, Any]) -> Lease:
     )
 
 
-def event_from_response(doc: dict[str, Any]) -> LeaseEvent:
+def event_from_response(doc: dict[str, Any], prefix: str | None = None) -> LeaseEvent:
     """One watch response as a LeaseEvent; LeaseValueError when it is not about a lease."""
     action = doc.get("action", "")
     node = doc.get("node") or {}
     if node.get("dir"):
         raise LeaseValueError(f"{node.get('key')!r} is a directory, not a lease")
     if action in _ADDED_ACTIONS:
-        return LeaseEvent(EventKind.ADDED, node_to_lease(node))
+        return LeaseEvent(EventKind.ADDED, node_to_lease(node, prefix))
     if action in _REMOVED_ACTIONS:
         key = node.get("key", "")
-        subnet = parse_subnet_key(key)
+        subnet = parse_subnet_key(key, prefix)
         attrs = UNKNOWN_ATTRS
         prev = doc.get("prevNode") or {}
         if prev.get("value") is not None:
@@ -158,6 +160,11 @@ class V2Store:
     @property
     def subnets_key(self) -> str:
         return self.options.prefix.rstrip("/") + "/subnets"
+
+    @property
+    def _lease_key_prefix(self) -> str:
+        """What every lease key etcd returns starts with: `/<prefix>/subnets/`, slashes collapsed as etcd does."""
+        return re.sub(r"/+", "/", f"/{self.subnets_key}/")
 
     @property
     def config_key(self) -> str:
@@ -242,7 +249,7 @@ class V2Store:
             if node.get("dir"):
                 continue
             try:
-                leases.append(node_to_lease(node))
+                leases.append(node_to_lease(node, self._lease_key_prefix))
             except LeaseValueError as exc:
                 self._skip_log.skipped(exc)
                 skipped.append(node.get("key", ""))
@@ -257,7 +264,7 @@ class V2Store:
                 return None
             raise
         try:
-            return node_to_lease(doc.get("node", {}))
+            return node_to_lease(doc.get("node", {}), self._lease_key_prefix)
         except LeaseValueError as exc:
             log.warning("lease for %s: %s", subnet, exc)
             return None
@@ -346,7 +353,7 @@ class V2Store:
             index = _int(node.get("modifiedIndex")) or header_index
             wait_index = max(wait_index, index + 1)
             try:
-                event = event_from_response(doc)
+                event = event_from_response(doc, self._lease_key_prefix)
             except LeaseValueError as exc:
                 log.warning("skipping watch event: %s", exc)
                 yield WatchBatch(revision=index, skipped=(node.get("key", ""),))

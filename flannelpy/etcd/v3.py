@@ -267,7 +267,7 @@ class V3Store:
 
     async def _kv_to_lease(self, kv: dict[str, Any]) -> Lease:
         key = _unb64(kv.get("key", "")).decode(errors="replace")
-        subnet = parse_subnet_key(key)
+        subnet = parse_subnet_key(key, self.subnets_prefix)
         attrs = decode_attrs(_unb64(kv.get("value", "")), key)
         lease_id = int(kv.get("lease", 0))
         return Lease(subnet=subnet, attrs=attrs, expiration=await self._expiration(lease_id),
@@ -475,7 +475,7 @@ class V3Store:
             try:
                 if ev.get("type") == "DELETE":
                     # Only the subnet is known; the tracker fills in the last-known attrs.
-                    subnet = parse_subnet_key(key)
+                    subnet = parse_subnet_key(key, self.subnets_prefix)
                     out.append(LeaseEvent(EventKind.REMOVED, Lease(subnet=subnet, attrs=REMOVED_ATTRS)))
                 else:
                     out.append(LeaseEvent(EventKind.ADDED, await self._kv_to_lease(kv)))
