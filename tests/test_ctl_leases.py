@@ -18,11 +18,46 @@ def test_leases_table_and_json(etcd, capsys):
     base = ["leases", "--etcd-endpoints", etcd.endpoint, "--etcd-prefix", PREFIX, "--etcd-api", "v3"]
     assert main(base) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["SUBNET", "PUBLIC", "IP", "BACKEND", "VTEP", "MAC", "EXPIRES", "IN"]
+    assert lines[0].split() == ["SUBNET", "PUBLIC", "IP", "BACKEND", "VTEP", "MAC", "EXPIRES", "IN", "REFUSED"]
     assert lines[1].split()[:4] == ["10.5.1.0/24", "192.0.2.1", "vxlan", "c6:d2:32:6f:8f:44"]
-    assert lines[1].split()[4].startswith(("23h", "24h"))
+    assert lines[1].split()[4].startswith(("23h", "24h")) and lines[1].split()[5] == "-"
     assert "never (reservation)" in lines[2]
     assert main(base + ["--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["subnet"] for r in rows] == ["10.5.1.0/24", "10.5.2.0/24"]
     assert rows[0]["vni"] == 1 and rows[1]["expiration"] is None
+    assert rows[0]["refused"] is None and rows[1]["refused_code"] is None
+
+
+HOSTILE = {
+    "10.5.3.0-24": '{"PublicIP":"127.0.0.1","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:03"}}',
+    "192.168.77.0-24": '{"PublicIP":"192.0.2.7","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:04"}}',
+    "10.5.4.0-24": '{"PublicIP":"192.0.2.8","BackendType":"vxlan","BackendData":{"VtepMAC":"C6:D2:32:6F:8F:44"}}',
+    "10.5.1.128-25": '{"PublicIP":"192.0.2.9","BackendType":"vxlan","BackendData":{"VtepMAC":"02:00:00:00:00:05"}}',
+}
+
+
+def test_leases_say_why_an_agent_would_refuse_them(etcd, capsys):
+    """The same admission rules as the agent, judged against the config in etcd."""
+    etcd.etcdctl("put", f"{PREFIX}/config", CONFIG)
+    etcd.etcdctl("put", f"{PREFIX}/subnets/10.5.1.0-24", V1)
+    for key, value in HOSTILE.items():
+        etcd.etcdctl("put", f"{PREFIX}/subnets/{key}", value)
+    base = ["leases", "--etcd-endpoints", etcd.endpoint, "--etcd-prefix", PREFIX, "--etcd-api", "v3"]
+    assert main(base + ["--json"]) == 0
+    rows = {r["subnet"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["10.5.1.0/24"]["refused"] is None
+    assert rows["10.5.3.0/24"]["refused_code"] == "public_ip" and "loopback" in rows["10.5.3.0/24"]["refused"]
+    assert rows["192.168.77.0/24"]["refused_code"] == "outside_network"
+    assert rows["10.5.4.0/24"]["refused_code"] == "duplicate_vtep_mac"
+    assert rows["10.5.1.128/25"]["refused_code"] == "overlap"
+    assert main(base) == 0
+    out = capsys.readouterr()
+    line = next(x for x in out.out.splitlines() if x.startswith("192.168.77.0/24"))
+    assert line.endswith("subnet 192.168.77.0/24 is outside Network 10.5.0.0/16")
+    # Without a valid config there is nothing to judge by: said once, on stderr.
+    etcd.etcdctl("put", f"{PREFIX}/config", '{"Network":"127.0.0.0/16"}')
+    assert main(base + ["--json"]) == 0
+    out = capsys.readouterr()
+    assert all(r["refused"] is None for r in json.loads(out.out))
+    assert "the network config in etcd is invalid (Network: 127.0.0.0/16 overlaps loopback" in out.err

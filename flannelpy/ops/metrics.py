@@ -74,6 +74,14 @@ class _StateCollector:
             prog = GaugeMetricFamily("flannel_peers_programmed", "Peer leases programmed by the backend")
             prog.add_metric([], float(state.peers_programmed))
             yield prog
+            refused = GaugeMetricFamily("flannel_peers_refused", "Peer leases refused by admission now")
+            refused.add_metric([], float(len(state.refused)))
+            yield refused
+            refusals = CounterMetricFamily("flannel_leases_refused", "Lease refusals (once per lease value), "
+                                           "by reason", labels=["reason"])
+            for code, count in sorted(state.refusals_total.items()):
+                refusals.add_metric([code], float(count))
+            yield refusals
             if state.backend is not None:  # kernel reconciliation (vxlan, host-gw)
                 broken = GaugeMetricFamily("flannel_data_plane_problems",
                                            "Problems the backend sees in its data plane now (0 = healthy)")

@@ -21,6 +21,9 @@ class _Accepts(Protocol):
     def accepts(self, lease: Lease) -> bool: ...
 
 
+_SHOW_REFUSED = 20
+
+
 @dataclass
 class AgentState:
     started_at: float = field(default_factory=time.time)
@@ -41,11 +44,23 @@ class AgentState:
     # The running backend: asked (at read time, so never stale) how many peers it really
     # programmed and whether its data plane is broken (backends.base.Backend).
     backend: Any = field(default=None, repr=False)
+    # Peer leases admission refuses now (subnet -> reason), and refusals made so far per reason code.
+    refused: dict[IPv4Network, str] = field(default_factory=dict, repr=False)
+    refusals_total: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def leases_seen(self) -> int:
-        """Peer leases currently in etcd (our own excluded), whatever their backend."""
-        return len(self._peers)
+        """Peer leases currently in etcd (our own excluded), whatever their backend, refused ones too."""
+        return len(self._peers) + len(self.refused)
+
+    def record_admission(self, step: Any) -> None:
+        """An admission step (subnet/admission.AdmissionStep): refused leases come and go."""
+        for subnet in step.cleared:
+            self.refused.pop(subnet, None)
+        for refusal in step.refused:
+            self.refused[refusal.subnet] = refusal.reason
+            self.refusals_total[refusal.code] = self.refusals_total.get(refusal.code, 0) + 1
+            self.note(f"refused lease {refusal.subnet}: {refusal.reason}")
 
     @property
     def peers_programmed(self) -> int:
@@ -115,6 +130,9 @@ class AgentState:
             "lease_expires_in": None if self.lease_expiration is None else round(self.lease_expiration - now, 1),
             "leases_seen": self.leases_seen,
             "peers_programmed": self.peers_programmed,
+            "leases_refused": len(self.refused),
+            # The first few, so that /status stays small whatever is written to etcd.
+            "refused": {str(subnet): reason for subnet, reason in list(self.refused.items())[:_SHOW_REFUSED]},
             "data_plane_problems": self.data_plane_problems(),
             "last_event": self.last_event,
             "last_event_at": self.last_event_at,

@@ -22,7 +22,9 @@ import trio
 from flannelpy.config.network import NetworkConfig
 from flannelpy.errors import FlannelError, first_flannel_error
 from flannelpy.etcd.store import Store, StoreUnavailable, WatchBatch
+from flannelpy.hostnet.underlay import Underlay
 
+from .admission import Admission, AdmissionRules, AdmissionStep
 from .allocation import plan_acquisition
 from .lease import SUBNET_TTL, EventKind, Lease, LeaseAttrs, LeaseData, LeaseEvent
 from .tracker import LeaseTracker
@@ -55,6 +57,8 @@ class LeaseManager:
         ttl: int = SUBNET_TTL,
         on_change: Callable[[Lease], None] | None = None,
         on_renewal: Callable[[bool], None] | None = None,
+        underlay: Underlay | None = None,
+        on_admission: Callable[[AdmissionStep], None] | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -70,6 +74,10 @@ class LeaseManager:
         self.on_change = on_change
         self.on_resync: Callable[[], None] | None = None  # a full re-list replaced the watch (metrics)
         self.on_renewal = on_renewal  # called with True/False per renewal attempt (metrics)
+        # The host's own networks (read at start), which peer leases must not claim (admission).
+        self.underlay = underlay or Underlay()
+        self.on_admission = on_admission  # every admission step (refusals: metrics, /status)
+        self.admission: Admission | None = None
         self._current: Lease | None = None
         # Set (then replaced) whenever `current` changes: `await mgr.changed.wait()`.
         self.changed = trio.Event()
@@ -251,20 +259,50 @@ class LeaseManager:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Apply every peer lease now (started() after that), then every change, forever."""
+        """Apply every peer lease now (started() after that), then every change, forever.
+
+        Only admitted leases reach `apply` (subnet/admission.py); refusals are logged here."""
         tracker = LeaseTracker(self.current.subnet)
         self.tracker = tracker
+        admission = Admission(self.admission_rules())
+        self.admission = admission
         leases, rev = await _retry_unavailable(self.store.list_leases)
-        events = tracker.reset(leases)
+        events = self._admit(admission, tracker.reset(leases))
         if events:
             await apply(events)
         task_status.started()
         async for batch in self.store.watch_leases(rev):
             if batch.snapshot is not None and self.on_resync is not None:
                 self.on_resync()
-            events = tracker.update(batch)
+            events = self._admit(admission, tracker.update(batch))
             if events:
                 await apply(events)
+
+    def admission_rules(self) -> AdmissionRules:
+        """What peer leases are judged against: the Network, our own lease, this host's networks."""
+        return AdmissionRules(
+            network=self.config.network,
+            own_subnet=self.current.subnet,
+            own_public_ip=self.public_ip,
+            own_vtep_mac=self.attrs.vtep_mac,
+            underlay=self.underlay,
+            # host-gw routes go straight to the peer's PublicIP: only a peer on our link can be one.
+            onlink_backend="host-gw" if self.config.backend_type == "host-gw" else None,
+        )
+
+    def _admit(self, admission: Admission, events: list[LeaseEvent]) -> list[LeaseEvent]:
+        if not events:
+            return []
+        step = admission.apply(events)
+        for refusal in step.refused:  # once per lease value: a re-put of the same value is quiet
+            log.warning("refusing lease %s (PublicIP %s): %s", refusal.subnet, refusal.lease.attrs.public_ip,
+                        refusal.reason)
+        for lease in step.readmitted:
+            log.info("accepting lease %s (PublicIP %s), refused until now: what it conflicted with is gone",
+                     lease.subnet, lease.attrs.public_ip)
+        if self.on_admission is not None and (step.refused or step.cleared):
+            self.on_admission(step)
+        return step.events
 
     # --- undo -----------------------------------------------------------------------------
 

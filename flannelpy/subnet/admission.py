@@ -1,0 +1,437 @@
+"""Lease admission: which peer leases the backend may program, and why the others are refused (pure).
+
+Anyone who can write to etcd writes leases, and every agent programs what it reads into its
+kernel.  flanneld trusts all of it: a lease at the underlay's subnet replaces the host's connected
+route, `0.0.0.0-0` its default route, a copied VtepMAC re-points a real peer's FDB entry.  Here
+each peer lease is judged before the backend sees it.  Refused, whatever the backend:
+
+- subnet: outside Network, or shorter than any SubnetLen flanneld allows for it (Network + 2);
+  overlapping our own subnet or an accepted lease; overlapping a network this host is connected
+  to, or containing one of its addresses or route gateways (the underlay);
+- PublicIP: unspecified (0.0.0.0/8), loopback, link-local, multicast, reserved or a broadcast
+  address (255.255.255.255, or that of a connected network); an address of this host; inside
+  its own subnet, our subnet or an accepted lease (the tunnel would loop); a subnet containing
+  an accepted peer's PublicIP is refused for the same reason;
+- VtepMAC (when present; a vxlan lease must have one): zero, multicast or broadcast, our own, or
+  already owned by another accepted lease (the first holder keeps it);
+- host-gw only: a host-gw peer whose PublicIP is on no connected network (no route can reach it).
+
+A lease refused because of another accepted lease (overlap, MAC, PublicIP) is judged again when
+that lease goes away or changes; the others stay refused until their value changes.  A refused
+lease never reaches the backend, so removing it removes nothing.  Every check is a few dict
+look-ups per prefix length (at most 33), never a walk over the peers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Generic, Hashable, Iterable, Sequence, TypeVar
+
+from flannelpy.hostnet.underlay import Underlay
+
+from .lease import EventKind, Lease, LeaseEvent
+
+# Refusal codes: the `reason` label of flannel_leases_refused_total (few values on purpose).
+OUTSIDE_NETWORK = "outside_network"
+PREFIX_LENGTH = "prefix_length"
+OWN_SUBNET = "own_subnet"
+UNDERLAY = "underlay"
+OVERLAP = "overlap"
+PUBLIC_IP = "public_ip"
+OWN_ADDRESS = "own_address"
+UNREACHABLE = "unreachable"
+VTEP_MAC = "vtep_mac"
+DUPLICATE_VTEP_MAC = "duplicate_vtep_mac"
+
+_SPECIAL_PUBLIC_IPS = (
+    (IPv4Network("0.0.0.0/8"), "unspecified (0.0.0.0/8)"),
+    (IPv4Network("127.0.0.0/8"), "loopback"),
+    (IPv4Network("169.254.0.0/16"), "link-local"),
+    (IPv4Network("224.0.0.0/4"), "multicast"),
+    (IPv4Network("255.255.255.255/32"), "the broadcast address"),
+    (IPv4Network("240.0.0.0/4"), "reserved (240.0.0.0/4)"),
+)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why one lease is refused."""
+
+    lease: Lease
+    code: str  # one of the constants above
+    reason: str  # one line for the log, /status and `flannelctl leases`
+    # The accepted lease this one conflicts with: it is judged again when that one goes.
+    blocker: IPv4Network | None = None
+
+    @property
+    def subnet(self) -> IPv4Network:
+        return self.lease.subnet
+
+
+@dataclass(frozen=True)
+class AdmissionRules:
+    """What a lease is judged against; without own_* (flannelctl) those checks are skipped."""
+
+    network: IPv4Network
+    own_subnet: IPv4Network | None = None
+    own_public_ip: IPv4Address | None = None
+    own_vtep_mac: str | None = None
+    underlay: Underlay = field(default_factory=Underlay)
+    # Peers of this backend type must be on a connected network ("host-gw": routes via PublicIP).
+    onlink_backend: str | None = None
+
+    @property
+    def min_prefixlen(self) -> int:
+        return min(self.network.prefixlen + 2, 32)
+
+
+@dataclass
+class AdmissionStep:
+    """What one batch of tracker events turned into."""
+
+    events: list[LeaseEvent] = field(default_factory=list)  # for the backend, in order
+    refused: list[Refusal] = field(default_factory=list)  # new refusals (or a new reason): log these
+    readmitted: list[Lease] = field(default_factory=list)  # refused before, accepted now
+    cleared: list[IPv4Network] = field(default_factory=list)  # no longer refused (gone or accepted)
+
+
+# --- prefix index ---------------------------------------------------------------------------
+
+O = TypeVar("O", bound=Hashable)
+_Key = tuple[int, int]  # (prefix length, network address as an int)
+
+
+def _key(net: IPv4Network) -> _Key:
+    return net.prefixlen, int(net.network_address)
+
+
+def _mask(length: int) -> int:
+    return (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF
+
+
+class PrefixIndex(Generic[O]):
+    """Prefixes, each with the owners that put it there, answering "which entry overlaps this
+    prefix" in at most 33 dict look-ups: one per shorter prefix (an entry containing it) and one
+    for the entries below it (each entry is also counted under all its supernets)."""
+
+    def __init__(self) -> None:
+        self._exact: dict[_Key, dict[O, None]] = {}
+        self._below: dict[_Key, dict[O, None]] = {}  # strict supernet -> owners of entries under it
+
+    def __len__(self) -> int:
+        return len(self._exact)
+
+    def add(self, net: IPv4Network, owner: O) -> None:
+        length, addr = _key(net)
+        self._exact.setdefault((length, addr), {})[owner] = None
+        for shorter in range(length):
+            self._below.setdefault((shorter, addr & _mask(shorter)), {})[owner] = None
+
+    def remove(self, net: IPv4Network, owner: O) -> None:
+        length, addr = _key(net)
+        self._discard(self._exact, (length, addr), owner)
+        for shorter in range(length):
+            self._discard(self._below, (shorter, addr & _mask(shorter)), owner)
+
+    @staticmethod
+    def _discard(table: dict[_Key, dict[O, None]], key: _Key, owner: O) -> None:
+        owners = table.get(key)
+        if owners is not None:
+            owners.pop(owner, None)
+            if not owners:
+                del table[key]
+
+    def containing(self, net: IPv4Network) -> O | None:
+        """An owner of an entry equal to `net` or containing it."""
+        length, addr = _key(net)
+        for shorter in range(length, -1, -1):
+            owners = self._exact.get((shorter, addr & _mask(shorter)))
+            if owners:
+                return next(iter(owners))
+        return None
+
+    def inside(self, net: IPv4Network) -> O | None:
+        """An owner of an entry strictly inside `net`."""
+        owners = self._below.get(_key(net))
+        return next(iter(owners)) if owners else None
+
+    def overlapping(self, net: IPv4Network) -> O | None:
+        owner = self.containing(net)
+        return owner if owner is not None else self.inside(net)
+
+
+# --- the host's own ranges --------------------------------------------------------------------
+
+
+def protected_ranges(network: IPv4Network, underlay: Underlay) -> list[tuple[IPv4Network, str]]:
+    """The parts of the host's underlay inside `network`, each described, that no lease may overlap.
+
+    A connected network that contains the whole Network is left out: the operator carved the
+    Network out of it on purpose (e.g. Network 10.244.0.0/16 on a flat 10.0.0.0/8), and the
+    host's own addresses and gateways in it are still protected one by one."""
+    ranges: list[tuple[IPv4Network, str]] = []
+    for net, dev in underlay.connected:
+        if net.overlaps(network) and not network.subnet_of(net):
+            ranges.append((net, f"the network {net} connected on {dev}"))
+    for ip, dev in underlay.addresses:
+        if ip in network:
+            ranges.append((IPv4Network(ip), f"this host's address {ip} on {dev}"))
+    for gateway, dst in underlay.gateways:
+        if gateway in network:
+            what = "the default route" if dst.prefixlen == 0 else f"the route to {dst}"
+            ranges.append((IPv4Network(gateway), f"the gateway {gateway} of {what}"))
+    return ranges
+
+
+def underlay_warnings(network: IPv4Network, underlay: Underlay, interface: str | None = None,
+                      public_ip: IPv4Address | None = None) -> list[str]:
+    """Warnings (not errors) when the Network contains this host's underlay: its address on the
+    external `interface`, its `public_ip`, a network connected on that interface, or a route's
+    gateway.  Leases there will be refused, and the config is probably not what was meant.
+
+    A network inside the Network on another device is not warned about: that is a container
+    bridge (docker0, cbr0) holding a flannel subnet, the normal case."""
+    found: list[str] = []
+    for net, dev in underlay.connected:
+        if dev == interface and net.subnet_of(network):
+            found.append(f"the network {net} connected on {dev}")
+    for ip, dev in underlay.addresses:
+        if dev == interface and ip in network:
+            found.append(f"this host's address {ip} on {dev}")
+    if public_ip is not None and public_ip in network and not any(public_ip == ip for ip, _ in underlay.addresses):
+        found.append(f"this host's public IP {public_ip}")
+    for gateway, dst in underlay.gateways:
+        if gateway in network:
+            what = "the default route" if dst.prefixlen == 0 else f"the route to {dst}"
+            found.append(f"the gateway {gateway} of {what}")
+    return [f"Network {network} contains {what}; leases overlapping it will be refused" for what in found]
+
+
+# --- admission --------------------------------------------------------------------------------
+
+
+class Admission:
+    """The accepted and refused peer leases; turns the tracker's events into the backend's."""
+
+    def __init__(self, rules: AdmissionRules) -> None:
+        self.rules = rules
+        self.accepted: dict[IPv4Network, Lease] = {}
+        self.refused: dict[IPv4Network, Refusal] = {}
+        self._subnets: PrefixIndex[IPv4Network] = PrefixIndex()  # accepted subnets
+        self._public_ips: PrefixIndex[IPv4Network] = PrefixIndex()  # accepted PublicIPs -> their subnets
+        self._macs: dict[str, IPv4Network] = {}  # VtepMAC -> the accepted lease holding it
+        self._waiting: dict[IPv4Network, dict[IPv4Network, None]] = {}  # blocker -> refused leases
+        self._protected: PrefixIndex[str] = PrefixIndex()
+        for net, what in protected_ranges(rules.network, rules.underlay):
+            self._protected.add(net, what)
+        self._connected: PrefixIndex[tuple[IPv4Network, str]] = PrefixIndex()
+        for net, dev in rules.underlay.connected:
+            self._connected.add(net, (net, dev))
+        self._own_addresses = {ip for ip, _dev in rules.underlay.addresses}
+        if rules.own_public_ip is not None:
+            self._own_addresses.add(rules.own_public_ip)
+
+    # --- judging ----------------------------------------------------------------------------
+
+    def judge(self, lease: Lease) -> Refusal | None:
+        """Why `lease` would be refused now (None: accepted); changes nothing."""
+        return self._judge_static(lease) or self._judge_against_peers(lease)
+
+    def _judge_static(self, lease: Lease) -> Refusal | None:
+        """What depends on the lease and this host only, never on other peers."""
+        rules, net, attrs = self.rules, lease.subnet, lease.attrs
+        ip = attrs.public_ip
+
+        def refuse(code: str, reason: str) -> Refusal:
+            return Refusal(lease, code, reason)
+
+        if not net.subnet_of(rules.network):
+            return refuse(OUTSIDE_NETWORK, f"subnet {net} is outside Network {rules.network}")
+        if net.prefixlen < rules.min_prefixlen:
+            return refuse(PREFIX_LENGTH, f"subnet {net} is larger than any SubnetLen Network {rules.network} "
+                                         f"allows (/{rules.min_prefixlen} or longer)")
+        if rules.own_subnet is not None and net.overlaps(rules.own_subnet):
+            return refuse(OWN_SUBNET, f"subnet {net} overlaps our own subnet {rules.own_subnet}")
+        protected = self._protected.overlapping(net)
+        if protected is not None:
+            return refuse(UNDERLAY, f"subnet {net} overlaps {protected}")
+        for special, what in _SPECIAL_PUBLIC_IPS:
+            if ip in special:
+                return refuse(PUBLIC_IP, f"PublicIP {ip} is {what}")
+        if ip in self._own_addresses:
+            return refuse(OWN_ADDRESS, f"PublicIP {ip} is an address of this host")
+        on_link = self._connected.containing(IPv4Network(ip))
+        if on_link is not None:
+            link, dev = on_link
+            if link.prefixlen <= 30 and ip in (link.network_address, link.broadcast_address):
+                return refuse(PUBLIC_IP, f"PublicIP {ip} is the network or broadcast address of {link} on {dev}")
+        if ip in net:
+            return refuse(PUBLIC_IP, f"PublicIP {ip} is inside the lease's own subnet {net}")
+        if rules.own_subnet is not None and ip in rules.own_subnet:
+            return refuse(PUBLIC_IP, f"PublicIP {ip} is inside our own subnet {rules.own_subnet}")
+        if rules.onlink_backend and attrs.backend_type == rules.onlink_backend and on_link is None:
+            return refuse(UNREACHABLE, f"PublicIP {ip} is on no network this host is connected to; "
+                                       f"{rules.onlink_backend} needs its peers on the same link")
+        mac = _vtep_mac(lease)
+        if mac is None and attrs.backend_type == "vxlan":
+            return refuse(VTEP_MAC, "vxlan lease without a VtepMAC")
+        if mac is not None:
+            first = int(mac[:2], 16)
+            if mac == "00:00:00:00:00:00":
+                return refuse(VTEP_MAC, f"VtepMAC {mac} is the zero address")
+            if first & 1:
+                return refuse(VTEP_MAC, f"VtepMAC {mac} is a multicast or broadcast address")
+            if rules.own_vtep_mac is not None and mac == rules.own_vtep_mac.lower():
+                return refuse(VTEP_MAC, f"VtepMAC {mac} is our own device's")
+        return None
+
+    def _judge_against_peers(self, lease: Lease) -> Refusal | None:
+        net, ip = lease.subnet, lease.attrs.public_ip
+        other = self._subnets.overlapping(net)
+        if other is not None:
+            return Refusal(lease, OVERLAP, f"subnet {net} overlaps the accepted lease {other} "
+                                           f"(PublicIP {self.accepted[other].attrs.public_ip})", other)
+        other = self._subnets.containing(IPv4Network(ip))
+        if other is not None:
+            return Refusal(lease, PUBLIC_IP, f"PublicIP {ip} is inside the accepted lease {other}", other)
+        other = self._public_ips.inside(net)
+        if other is None:
+            other = self._public_ips.containing(net)  # a /32 lease at an accepted PublicIP
+        if other is not None:
+            return Refusal(lease, OVERLAP, f"subnet {net} contains PublicIP {self.accepted[other].attrs.public_ip} "
+                                           f"of the accepted lease {other}", other)
+        mac = _vtep_mac(lease)
+        if mac is not None:
+            other = self._macs.get(mac)
+            if other is not None and other != net:
+                return Refusal(lease, DUPLICATE_VTEP_MAC, f"VtepMAC {mac} belongs to the accepted lease {other} "
+                                                          f"(PublicIP {self.accepted[other].attrs.public_ip})", other)
+        return None
+
+    # --- state ------------------------------------------------------------------------------
+
+    def apply(self, events: Iterable[LeaseEvent]) -> AdmissionStep:
+        """The tracker's events (REMOVED carry the last-known lease) -> what the backend applies."""
+        step = AdmissionStep()
+        pending = list(events)
+        i = 0
+        while i < len(pending):
+            event = pending[i]
+            subnet = event.lease.subnet
+            if event.kind is EventKind.REMOVED:
+                following = pending[i + 1] if i + 1 < len(pending) else None
+                if (following is not None and following.kind is EventKind.ADDED
+                        and following.lease.subnet == subnet and subnet in self.accepted):
+                    # The tracker's "changed value": replace in one step, so no other lease can
+                    # slip into the subnet or its MAC in between.
+                    self._replace(self.accepted[subnet], following.lease, step)
+                    i += 2
+                    continue
+                self._remove(subnet, step)
+            else:
+                self._add(event.lease, step)
+            i += 1
+        return step
+
+    def _add(self, lease: Lease, step: AdmissionStep) -> None:
+        current = self.accepted.get(lease.subnet)
+        if current is not None:
+            if current.attrs == lease.attrs:
+                self.accepted[lease.subnet] = lease  # a renewal: re-applied, as flanneld does
+                step.events.append(LeaseEvent(EventKind.ADDED, lease))
+            else:
+                self._replace(current, lease, step)
+            return
+        before = self.refused.pop(lease.subnet, None)
+        if before is not None:
+            self._unwait(before)
+        refusal = self.judge(lease)
+        if refusal is None:
+            self._accept(lease, step)
+            if before is not None:
+                step.readmitted.append(lease)
+                step.cleared.append(lease.subnet)
+        else:
+            self._refuse(refusal, before, step)
+
+    def _remove(self, subnet: IPv4Network, step: AdmissionStep) -> None:
+        lease = self.accepted.pop(subnet, None)
+        if lease is not None:
+            self._unindex(lease)
+            step.events.append(LeaseEvent(EventKind.REMOVED, lease))
+            self._rejudge_waiting(subnet, step)
+            return
+        refusal = self.refused.pop(subnet, None)
+        if refusal is not None:  # never programmed: nothing for the backend to undo
+            self._unwait(refusal)
+            step.cleared.append(subnet)
+
+    def _replace(self, old: Lease, new: Lease, step: AdmissionStep) -> None:
+        del self.accepted[old.subnet]
+        self._unindex(old)
+        step.events.append(LeaseEvent(EventKind.REMOVED, old))
+        refusal = self.judge(new)
+        if refusal is None:
+            self._accept(new, step)
+        else:
+            self._refuse(refusal, None, step)
+        self._rejudge_waiting(old.subnet, step)
+
+    def _accept(self, lease: Lease, step: AdmissionStep) -> None:
+        self.accepted[lease.subnet] = lease
+        self._subnets.add(lease.subnet, lease.subnet)
+        self._public_ips.add(IPv4Network(lease.attrs.public_ip), lease.subnet)
+        mac = _vtep_mac(lease)
+        if mac is not None:
+            self._macs.setdefault(mac, lease.subnet)
+        step.events.append(LeaseEvent(EventKind.ADDED, lease))
+
+    def _unindex(self, lease: Lease) -> None:
+        self._subnets.remove(lease.subnet, lease.subnet)
+        self._public_ips.remove(IPv4Network(lease.attrs.public_ip), lease.subnet)
+        mac = _vtep_mac(lease)
+        if mac is not None and self._macs.get(mac) == lease.subnet:
+            del self._macs[mac]
+
+    def _refuse(self, refusal: Refusal, before: Refusal | None, step: AdmissionStep) -> None:
+        self.refused[refusal.subnet] = refusal
+        if refusal.blocker is not None:
+            self._waiting.setdefault(refusal.blocker, {})[refusal.subnet] = None
+        # Logged once per lease value and reason: a re-put of the same refused value is quiet.
+        if before is None or before.lease.attrs != refusal.lease.attrs or before.reason != refusal.reason:
+            step.refused.append(refusal)
+
+    def _unwait(self, refusal: Refusal) -> None:
+        if refusal.blocker is not None:
+            waiting = self._waiting.get(refusal.blocker)
+            if waiting is not None:
+                waiting.pop(refusal.subnet, None)
+                if not waiting:
+                    del self._waiting[refusal.blocker]
+
+    def _rejudge_waiting(self, blocker: IPv4Network, step: AdmissionStep) -> None:
+        """Leases refused because of `blocker`, which just went or changed: judge them again."""
+        for subnet in list(self._waiting.pop(blocker, {})):
+            before = self.refused.pop(subnet)
+            refusal = self.judge(before.lease)
+            if refusal is None:
+                self._accept(before.lease, step)
+                step.readmitted.append(before.lease)
+                step.cleared.append(subnet)
+            else:
+                self._refuse(refusal, before, step)
+
+
+def _vtep_mac(lease: Lease) -> str | None:
+    data = lease.attrs.backend_data
+    mac = data.get("VtepMAC") if data else None
+    return mac if isinstance(mac, str) else None  # the codec has normalised it (lower case, colons)
+
+
+def judge_listing(rules: AdmissionRules, leases: Sequence[Lease]) -> dict[IPv4Network, Refusal]:
+    """The refusals an agent would make reading `leases` in this order (flannelctl leases)."""
+    admission = Admission(rules)
+    admission.apply([LeaseEvent(EventKind.ADDED, lease) for lease in leases
+                     if lease.subnet != rules.own_subnet])
+    return dict(admission.refused)
