@@ -99,3 +99,21 @@ def test_unknown_backend_type_is_named():
 @pytest.mark.parametrize("name", ["vxlan", "udp", "host-gw", "alloc"])
 def test_known_backends_are_registered(name):
     assert backend_class(name).name == name
+
+
+def test_validate_refuses_what_the_agent_refuses():
+    """`flannelctl config validate` runs the agent's own checks: the config, then the backend type."""
+    from flannelpy.cli.flannelctl.config import check
+
+    for text, message in [
+        ('{"Network":"10.5.0.0/16","Backend":{"Type":"geneve"}}', "Backend.Type: unknown backend type: 'geneve'"),
+        ('{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","VNI":1e400}}', "Backend.VNI: expected an integer, got 1e400"),
+        ('{"Network":"10.5.0.0/16","SubnetLen":1e400}', "SubnetLen: expected a non-negative integer, got 1e400"),
+        ('{"Network":"127.0.0.0/16"}', "Network: 127.0.0.0/16 overlaps loopback"),
+    ]:
+        cfg, problems = check(text)
+        assert cfg is None and any(message in p for p in problems), (text, problems)
+        with pytest.raises(FlannelError, match=message.replace(".", r"\.").replace("(", r"\(")):
+            backend_class(parse_config(text).backend_type)
+    cfg, problems = check('{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","VNI":4096,"MTU":9000}}')
+    assert problems == [] and cfg.backend_option("VNI", int, 1) == 4096

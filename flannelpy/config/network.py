@@ -7,12 +7,44 @@ rely on both (e.g. Magnum writes "Subnetlen").  Every error names the field and 
 from __future__ import annotations
 
 import ipaddress
-import json
+import math
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from flannelpy.errors import ConfigError
+from flannelpy.jsonlimits import JsonLimitError, load_json, show_value, shown
+
+# The config is a few hundred bytes; these refuse only what no one writes by hand.
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_CONFIG_DEPTH = 32
+
+# Ranges no overlay Network may touch: routing any part of them through flannel breaks the host
+# itself (loopback, "this network"), its neighbours (link-local) or multicast/broadcast delivery.
+_FORBIDDEN_RANGES = (
+    (IPv4Network("0.0.0.0/8"), "\"this network\" (0.0.0.0/8)"),
+    (IPv4Network("127.0.0.0/8"), "loopback (127.0.0.0/8)"),
+    (IPv4Network("169.254.0.0/16"), "link-local (169.254.0.0/16)"),
+    (IPv4Network("224.0.0.0/4"), "multicast (224.0.0.0/4)"),
+    (IPv4Network("240.0.0.0/4"), "reserved, with the broadcast address (240.0.0.0/4)"),
+)
+
+# Backend options with a fixed type and range, checked with the config so that `flannelctl config
+# validate` reports what the agent refuses.  name -> (kind, lowest, highest); bools have no range.
+_BACKEND_OPTIONS: dict[str, dict[str, tuple[type, int, int]]] = {
+    "vxlan": {
+        "VNI": (int, 0, (1 << 24) - 1),
+        "Port": (int, 0, 65535),  # 0: the kernel's default, 8472
+        # The outer packet size; 0 means the interface's MTU.  The device gets MTU - 50, which must
+        # stay an IPv4 MTU (>= 68); whether the interface can carry it is checked against the host.
+        "MTU": (int, 0, 65535),
+        "GBP": (bool, 0, 0),
+        "Learning": (bool, 0, 0),
+        "DirectRouting": (bool, 0, 0),
+    },
+    "udp": {"Port": (int, 1, 65535)},
+}
+_VXLAN_MIN_MTU = 68 + 50
 
 # Field name -> canonical spelling, for case-insensitive lookup.
 _FIELDS = {
@@ -89,19 +121,26 @@ def backend_option(backend: dict[str, Any], name: str, kind: type, default: Any)
         if value is None:
             return default
         if kind is int:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-                raise ConfigError(f"Backend.{name}: expected an integer, got {json.dumps(value)}")
+            if not _is_integer(value):
+                raise ConfigError(f"Backend.{name}: expected an integer, got {show_value(value)}")
             return int(value)
         if kind is bool:
             if not isinstance(value, bool):
-                raise ConfigError(f"Backend.{name}: expected true or false, got {json.dumps(value)}")
+                raise ConfigError(f"Backend.{name}: expected true or false, got {show_value(value)}")
             return value
         if kind is str:
             if not isinstance(value, str):
-                raise ConfigError(f"Backend.{name}: expected a string, got {json.dumps(value)}")
+                raise ConfigError(f"Backend.{name}: expected a string, got {show_value(value)}")
             return value
         raise TypeError(kind)
     return default
+
+
+def _is_integer(value: Any) -> bool:
+    """A JSON number with an integral, finite value (Go unmarshals 24.0 into an int, not 1e400 or NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or (math.isfinite(value) and value == int(value))
 
 
 def _fold_keys(obj: dict[str, Any], where: str) -> dict[str, Any]:
@@ -119,18 +158,16 @@ def _want(folded: dict[str, Any], name: str, pytype: type | tuple[type, ...]) ->
     if value is None:
         return None
     if pytype is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
-            raise ConfigError(
-                f"{name}: expected a non-negative integer, got {json.dumps(value)}"
-            )
+        if not _is_integer(value) or value < 0:
+            raise ConfigError(f"{name}: expected a non-negative integer, got {show_value(value)}")
         return int(value)
     if pytype is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {json.dumps(value)}")
+            raise ConfigError(f"{name}: expected true or false, got {show_value(value)}")
         return value
     if not isinstance(value, pytype):
         raise ConfigError(
-            f"{name}: expected a {_go_type_name(pytype())}, got {_go_type_name(value)} {json.dumps(value)}"
+            f"{name}: expected a {_go_type_name(pytype())}, got {_go_type_name(value)} {show_value(value)}"
         )
     return value
 
@@ -139,7 +176,7 @@ def _parse_ipv4(name: str, text: str) -> IPv4Address:
     try:
         return IPv4Address(text)
     except ValueError:
-        raise ConfigError(f"{name}: {text!r} is not an IPv4 address") from None
+        raise ConfigError(f"{name}: {shown(text)!r} is not an IPv4 address") from None
 
 
 def parse_config(text: str | bytes) -> NetworkConfig:
@@ -168,9 +205,9 @@ def check_config(text: str | bytes, collect: bool = False) -> NetworkConfig | li
         errors.append(err)
 
     try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        fail(ConfigError(f"config is not valid JSON: {exc}"))
+        obj = load_json(text, max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH)
+    except JsonLimitError as exc:
+        fail(ConfigError(f"config {exc}"))
         return errors
     if not isinstance(obj, dict):
         fail(ConfigError(f"config must be a JSON object, got {_go_type_name(obj)}"))
@@ -201,12 +238,15 @@ def check_config(text: str | bytes, collect: bool = False) -> NetworkConfig | li
         try:
             iface = ipaddress.ip_interface(raw_network)
         except ValueError:
-            fail(ConfigError(f"Network: {raw_network!r} is not a CIDR such as \"10.5.0.0/16\""))
+            fail(ConfigError(f"Network: {shown(raw_network)!r} is not a CIDR such as \"10.5.0.0/16\""))
         else:
             if iface.version != 4:
                 fail(ConfigError(f"Network: {raw_network!r} is not IPv4; put IPv6 ranges in IPv6Network"))
             elif "/" not in raw_network:
                 fail(ConfigError(f"Network: {raw_network!r} has no prefix length, e.g. \"10.5.0.0/16\""))
+            elif (clash := forbidden_overlap(iface.network)) is not None:
+                fail(ConfigError(f"Network: {iface.network} overlaps {clash}; "
+                                 "choose a private range such as \"10.5.0.0/16\""))
             else:
                 network = iface.network  # masked, as net.ParseCIDR does
 
@@ -221,7 +261,7 @@ def check_config(text: str | bytes, collect: bool = False) -> NetworkConfig | li
     if raw_backend is None:
         backend_defaulted = True
     elif not isinstance(raw_backend, dict):
-        fail(ConfigError(f"Backend: expected an object such as {{\"Type\": \"vxlan\"}}, got {json.dumps(raw_backend)}"))
+        fail(ConfigError(f"Backend: expected an object such as {{\"Type\": \"vxlan\"}}, got {show_value(raw_backend)}"))
     else:
         backend = raw_backend
         try:
@@ -233,6 +273,8 @@ def check_config(text: str | bytes, collect: bool = False) -> NetworkConfig | li
             backend_type = raw_type.lower()
             if not backend_type:
                 fail(ConfigError("Backend.Type: missing; unknown backend type: \"\" (e.g. \"vxlan\", \"udp\", \"host-gw\")"))
+            for err in backend_option_errors(backend_type, backend):
+                fail(err)
 
     subnet_min = subnet_max = None
     if network is not None:
@@ -277,6 +319,33 @@ def check_config(text: str | bytes, collect: bool = False) -> NetworkConfig | li
         enable_nftables=enable_nft,
         backend_defaulted=backend_defaulted,
     )
+
+
+def forbidden_overlap(network: IPv4Network) -> str | None:
+    """The special range `network` overlaps (described), or None for a usable overlay Network."""
+    for special, what in _FORBIDDEN_RANGES:
+        if network.overlaps(special):
+            return what
+    return None
+
+
+def backend_option_errors(backend_type: str, backend: dict[str, Any]) -> list[ConfigError]:
+    """Every Backend.* option of a known backend with a wrong type or out of its range."""
+    errors: list[ConfigError] = []
+    for name, (kind, low, high) in _BACKEND_OPTIONS.get(backend_type, {}).items():
+        try:
+            value = backend_option(backend, name, kind, None)
+        except ConfigError as err:
+            errors.append(err)
+            continue
+        if value is None or kind is bool:
+            continue
+        if not low <= value <= high:
+            errors.append(ConfigError(f"Backend.{name}: {value} is out of range ({low}..{high})"))
+        elif backend_type == "vxlan" and name == "MTU" and 0 < value < _VXLAN_MIN_MTU:
+            errors.append(ConfigError(f"Backend.MTU: {value} leaves {value - 50} for the vxlan device; "
+                                      f"need at least {_VXLAN_MIN_MTU} (or 0 for the interface's MTU)"))
+    return errors
 
 
 def _bound(name, raw, default, network, subnet_len, fail) -> IPv4Address | None:
