@@ -163,6 +163,9 @@ BAD_KEYS = [
     "not-a-subnet", "", "10.5.1.0", "10.5.1.0-", "10.5.1.0-24-1", "10.5.1.0_24", "10.5.1.0/24",
     "10.5.1.1-24",  # host bits set
     "10.5.1.0-33", "300.5.1.0-24", "10.5.1.0-24&FC00::-64", " 10.5.1.0-24", "10.5.1.0-024x",
+    # Issue 12: other spellings of a real subnet, which could replace or remove its peer's routes
+    "10.5.1.0-24&fc00::-64", "010.5.1.0-24", "10.5.1.0-024", "10.5.1.0-24\n", "\u0661\u0660.5.1.0-24",
+    "x" * 1000,
 ]
 
 # Values at a well-formed key that are not lease values: (value, what the error says).
@@ -182,6 +185,12 @@ BAD_VALUES = [
     ('{"PublicIP":"10.0.0.1","BackendType":7}', "BackendType must be a string"),
     ('{"PublicIP":"10.0.0.1","BackendData":"VNI=1"}', "BackendData must be an object"),
     ('{"PublicIP":"10.0.0.1","BackendData":{"VNI":"1"}}', "BackendData.VNI '1' is not a VNI"),
+    # Issue 12: values that used to escape as RecursionError, ValueError or an infinite float
+    ('{"PublicIP":"10.0.0.1","x":' + "[" * 5000 + "]" * 5000 + "}", "nests 5001 levels deep"),
+    ('{"PublicIP":"10.0.0.1","BackendData":{"VNI":1e400}}', "holds a number beyond any field's range"),
+    ('{"PublicIP":"10.0.0.1","BackendData":{"VNI":' + "1" * 5000 + "}}", "holds a number beyond any field's range"),
+    ('{"PublicIP":"10.0.0.1","BackendData":{"VNI":NaN}}', "NaN is not a JSON number"),
+    ('{"PublicIP":"10.0.0.1","Pad":"' + "x" * 20000 + '"}', "bytes long, more than the limit"),
     ('{"PublicIP":"10.0.0.1","BackendData":{"VNI":true}}', "BackendData.VNI True is not a VNI"),
     ('{"PublicIP":"10.0.0.1","BackendData":{"VtepMAC":"c6:d2:32:6f:8f"}}', "VtepMAC 'c6:d2:32:6f:8f' is not a MAC"),
     ('{"PublicIP":"10.0.0.1","BackendData":{"VtepMAC":7}}', "VtepMAC 7 is not a MAC"),
@@ -216,8 +225,10 @@ async def test_store_listing_skips_every_garbage_lease_with_a_log_line(etcd, api
         if isinstance(raw, bytes) or raw == "":
             continue  # etcdctl cannot pass these on a command line
         garbage[f"10.5.{i + 1}.0-24"] = raw
-    for key in ("not-a-subnet", "10.5.1.1-24", "10.5.1.0-33"):
+    for key in ("not-a-subnet", "10.5.1.1-24", "10.5.1.0-33", "10.5.201.0-24&fc00::-64", "010.5.202.0-24"):
         garbage[key] = '{"PublicIP":"10.0.0.9"}'
+    if api == "v3":  # a v2 listing does not descend into directories at all
+        garbage["evil/10.5.200.0-24"] = '{"PublicIP":"10.0.0.66"}'  # would replace the good lease below
     good = {"10.5.200.0-24": '{"PublicIP":"10.0.0.1","PublicIPv6":null,"BackendType":"vxlan",'
                              '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}'}
     for key, value in {**garbage, **good}.items():
