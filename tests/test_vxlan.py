@@ -18,6 +18,7 @@ from flannelpy.backends.base import ExternalInterface
 from flannelpy.backends.vxlan.backend import VxlanBackend
 from flannelpy.config.network import parse_config
 from flannelpy.errors import ConfigError
+from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import NetlinkThread
 from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
@@ -281,8 +282,13 @@ async def test_reconcile_recreates_device_restores_entries_removes_unexplained(r
         be, mac = await up(a, "a")
         await be.apply(added(lease_of("b", "0a:00:00:00:00:01")))
         assert (await be.reconcile_once()).changed is False  # nothing to do is a quiet pass
+        old_index = be.index
         sh("ip", "-n", a.ns, "link", "del", "flannel.1")
+        # What the kernel monitor reports makes /readyz say so until the pass has repaired it.
+        assert be._notice(KernelChange("link", True, 0, ifindex=old_index))
+        assert be.data_plane_problems() == ["flannel.1 missing, re-creating"]
         report = await be.reconcile_once()
+        assert be.data_plane_problems() == [] and be.index != old_index
         assert report.device == f"re-created flannel.1 with MAC {mac} (it was missing)"
         assert sorted(report.added) == ["fdb 0a:00:00:00:00:01", "neigh 10.55.2.0", "route 10.55.2.0/24"]
         assert device(a.ns)["address"] == mac and device(a.ns)["mtu"] == 1450
