@@ -70,6 +70,13 @@ def test_checks_before_the_lease_name_the_flag_and_the_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["daemon.json", "file"]  # checking made nothing
 
 
+def test_missing_iptables_is_refused_before_the_lease_unless_no_rules_are_wanted(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(FlannelError, match="^iptables not found in PATH"):
+        check_before_lease(_opts(tmp_path))
+    check_before_lease(_opts(tmp_path, "-iptables-forward-rules=false"))
+
+
 def test_status_socket_is_optional_only_when_not_given():
     assert AgentOptions.from_flags(parse_flags([], {})).status_socket_optional
     assert not AgentOptions.from_flags(parse_flags(["-status-socket=/run/x.sock"], {})).status_socket_optional
