@@ -148,3 +148,36 @@ async def test_unreachable_logged_once_then_recovers(caplog, monkeypatch):
         server.close()
     assert msg.startswith(f"cannot reach etcd at {server.endpoint}")
     assert result == {"kind": "v3", "text": V3_CFG}
+
+
+# --- an etcd that fails or refuses us is never "config not found" ----------------------------------
+
+def test_failure_message_names_the_failure_not_a_missing_key():
+    o = EtcdOptions(endpoints=("https://10.0.0.10:2379",), prefix=PREFIX)
+    tls = select.Probe("v3", None, "tls", "TLS handshake with https://10.0.0.10:2379 failed: x")
+    err = select.Probe("v3", None, "error", "error reading /atomic.io/network/config: etcdserver: permission denied")
+    missing = select.Probe("v2", None, "missing", "no key /atomic.io/network/config")
+    down = select.Probe("v3", None, "unreachable", "unreachable (no etcd endpoint answered: refused)")
+    same_tls = select.Probe("v2", None, "tls", tls.detail)
+    for probes in ([tls, missing], [err, missing], [down, missing], [tls, same_tls]):
+        text = select.waiting_message(o, probes, 1.0)
+        assert "not found" not in text and "etcdctl" not in text, text
+    assert select.failure_message(o, [tls, same_tls]) == \
+        f"cannot read {PREFIX}/config from etcd: v3, v2: TLS handshake with https://10.0.0.10:2379 failed: x"
+    assert select.failure_message(o, [err, missing]).endswith("v3: " + err.detail)
+    assert select.failure_message(o, [down, down]).startswith("cannot reach etcd at https://10.0.0.10:2379")
+    assert select.failure_message(o, [missing]) is None
+    assert "Create it with" in select.waiting_message(o, [missing], 1.0)
+
+
+async def test_wrong_password_is_reported_as_such(etcd, caplog):
+    etcd.etcdctl("user", "add", "root:s3cret")
+    etcd.etcdctl("auth", "enable")
+    options = EtcdOptions(endpoints=(etcd.endpoint,), prefix=PREFIX, username="root", password="wrong")
+    with caplog.at_level(logging.WARNING, logger="test.select"), trio.move_on_after(1.5):
+        await wait_for_config(options, "auto", log=LOG, retry_interval=0.05)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "test.select"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"cannot read {PREFIX}/config from etcd: v3: ")
+    assert "authentication failed" in warnings[0] and "check -etcd-username and -etcd-password" in warnings[0]
+    assert "not found" not in warnings[0]

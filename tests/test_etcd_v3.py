@@ -1,4 +1,7 @@
-"""V3Store against a real etcd: the exact keys/values/leases flanneld writes, and the watch."""
+"""V3Store against a real etcd: the exact keys/values/leases flanneld writes, and the watch.
+
+Every test runs over both v3 transports: etcd's JSON gateway and its gRPC API.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import trio
 from etcd_server import free_port
 
 from flannelpy.etcd.store import EtcdOptions, StoreUnavailable
-from flannelpy.etcd.v3 import V3Store, prefix_range_end
+from flannelpy.etcd.v3 import EtcdError, V3Store, prefix_range_end
 from flannelpy.subnet.lease import EventKind, LeaseAttrs
 from flannelpy.subnet.tracker import LeaseTracker
 
@@ -24,8 +27,13 @@ NET = IPv4Network("10.5.52.0/24")
 KEY = f"{PREFIX}/subnets/10.5.52.0-24"
 
 
-def opts(etcd, **kw) -> EtcdOptions:
-    return EtcdOptions(endpoints=(etcd.endpoint,), prefix=PREFIX, **kw)
+@pytest.fixture(params=["gateway", "grpc"])
+def transport(request) -> str:
+    return request.param
+
+
+def opts(etcd, transport: str, **kw) -> EtcdOptions:
+    return EtcdOptions(endpoints=(etcd.endpoint,), prefix=PREFIX, transport=transport, **kw)
 
 
 def get_value(etcd, key: str) -> str | None:
@@ -49,10 +57,11 @@ def test_prefix_range_end():
     assert prefix_range_end(b"\xff\xff") == b"\0"  # etcd's "to the end of the keyspace"
 
 
-async def test_create_shape_and_lease(etcd):
-    async with V3Store(opts(etcd)) as store:
+async def test_create_shape_and_lease(etcd, transport):
+    async with V3Store(opts(etcd, transport)) as store:
         lease = await store.create_lease(NET, VX, 86400)
         assert lease is not None and lease.subnet == NET and lease.store_ref
+        assert store.transport == transport
         assert get_value(etcd, KEY) == VX_JSON
         assert key_lease(etcd, KEY) == lease.store_ref
         ttl, granted = lease_ttl(etcd, lease.store_ref)
@@ -66,16 +75,16 @@ async def test_create_shape_and_lease(etcd):
         assert "found 1 leases" in leases
 
 
-async def test_create_again_with_same_value_is_a_win(etcd):
+async def test_create_again_with_same_value_is_a_win(etcd, transport):
     # A retried create (request timed out after etcd applied it) must not look like a lost race.
-    async with V3Store(opts(etcd)) as store:
+    async with V3Store(opts(etcd, transport)) as store:
         first = await store.create_lease(NET, VX, 86400)
         again = await store.create_lease(NET, VX, 86400)
         assert again is not None and again.store_ref == first.store_ref
 
 
-async def test_renew_grants_new_lease_and_ttl0_has_none(etcd):
-    async with V3Store(opts(etcd)) as store:
+async def test_renew_grants_new_lease_and_ttl0_has_none(etcd, transport):
+    async with V3Store(opts(etcd, transport)) as store:
         first = await store.create_lease(NET, VX, 86400)
         renewed = await store.renew_lease(NET, VX, 86400)
         assert renewed.store_ref != first.store_ref
@@ -87,7 +96,7 @@ async def test_renew_grants_new_lease_and_ttl0_has_none(etcd):
         assert get_value(etcd, KEY) == VX_JSON
 
 
-async def test_list_decodes_old_shapes_and_skips_garbage(etcd):
+async def test_list_decodes_old_shapes_and_skips_garbage(etcd, transport):
     etcd.etcdctl("put", f"{PREFIX}/subnets/10.5.1.0-24",
                  '{"PublicIP":"10.240.0.2","BackendType":"vxlan","BackendData":{"VtepMAC":"EE:84:9F:F3:57:3E"}}')
     etcd.etcdctl("put", f"{PREFIX}/subnets/10.5.2.0-24", '{"PublicIP":"10.10.10.15"}')
@@ -95,7 +104,7 @@ async def test_list_decodes_old_shapes_and_skips_garbage(etcd):
     etcd.etcdctl("put", f"{PREFIX}/subnets/bogus-key", '{"PublicIP":"10.10.10.16"}')
     etcd.etcdctl("put", f"{PREFIX}/config", '{"Network":"10.5.0.0/16"}')
     etcd.etcdctl("put", f"{PREFIX}/subnetsX/10.5.4.0-24", '{"PublicIP":"10.10.10.17"}')  # outside the prefix
-    async with V3Store(opts(etcd)) as store:
+    async with V3Store(opts(etcd, transport)) as store:
         created = await store.create_lease(NET, VX, 86400)
         leases, rev = await store.list_leases()
         assert rev > 0
@@ -111,8 +120,8 @@ async def test_list_decodes_old_shapes_and_skips_garbage(etcd):
         assert abs(mine.expiration - (time.time() + 86400)) < 5
 
 
-async def test_delete_and_config(etcd):
-    async with V3Store(opts(etcd)) as store:
+async def test_delete_and_config(etcd, transport):
+    async with V3Store(opts(etcd, transport)) as store:
         assert await store.get_config() is None
         await store.put_config('{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}')
         assert await store.get_config() == '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}'
@@ -122,32 +131,32 @@ async def test_delete_and_config(etcd):
         assert get_value(etcd, KEY) is None
 
 
-async def test_prefix_without_leading_slash(etcd):
-    async with V3Store(EtcdOptions(endpoints=(etcd.endpoint,), prefix="atomic.io/network/")) as store:
+async def test_prefix_without_leading_slash(etcd, transport):
+    async with V3Store(EtcdOptions(endpoints=(etcd.endpoint,), prefix="atomic.io/network/", transport=transport)) as store:
         await store.create_lease(NET, VX, 0)
     assert get_value(etcd, "atomic.io/network/subnets/10.5.52.0-24") == VX_JSON
 
 
-async def test_failover_dead_endpoint_first(etcd):
+async def test_failover_dead_endpoint_first(etcd, transport):
     dead = f"http://127.0.0.1:{free_port()}"
-    async with V3Store(EtcdOptions(endpoints=(dead, etcd.endpoint), prefix=PREFIX)) as store:
+    async with V3Store(EtcdOptions(endpoints=(dead, etcd.endpoint), prefix=PREFIX, transport=transport)) as store:
         assert await store.create_lease(NET, VX, 86400) is not None
         assert store._good == 1  # remembered, so the dead one is not tried first again
         leases, _ = await store.list_leases()
         assert [lease.subnet for lease in leases] == [NET]
 
 
-async def test_no_endpoint_answers():
+async def test_no_endpoint_answers(transport):
     dead = tuple(f"http://127.0.0.1:{free_port()}" for _ in range(2))
-    async with V3Store(EtcdOptions(endpoints=dead, prefix=PREFIX, request_timeout=1)) as store:
+    async with V3Store(EtcdOptions(endpoints=dead, prefix=PREFIX, request_timeout=1, transport=transport)) as store:
         with pytest.raises(StoreUnavailable):
             await store.list_leases()
 
 
-async def test_auth_token_and_reauth_after_restart(etcd):
+async def test_auth_token_and_reauth_after_restart(etcd, transport):
     etcd.etcdctl("user", "add", "root:s3cret")
     etcd.etcdctl("auth", "enable")
-    async with V3Store(opts(etcd, username="root", password="s3cret")) as store:
+    async with V3Store(opts(etcd, transport, username="root", password="s3cret")) as store:
         assert await store.create_lease(NET, VX, 86400) is not None
         token = store._token
         # Simple tokens do not survive a restart: the next request is rejected and re-authenticated.
@@ -155,9 +164,20 @@ async def test_auth_token_and_reauth_after_restart(etcd):
         leases, _ = await store.list_leases()
         assert [lease.subnet for lease in leases] == [NET]
         assert store._token and store._token != token
-    async with V3Store(opts(etcd, username="root", password="wrong")) as store:
-        with pytest.raises(Exception, match="authentication failed"):
+    async with V3Store(opts(etcd, transport, username="root", password="wrong")) as store:
+        with pytest.raises(EtcdError, match="authentication failed.*; check -etcd-username and -etcd-password"):
             await store.list_leases()
+
+
+async def test_permission_denied_says_what_to_grant(etcd, transport):
+    etcd.etcdctl("user", "add", "root:s3cret")
+    etcd.etcdctl("user", "add", "fl:pw")  # no role: may read nothing
+    etcd.etcdctl("auth", "enable")
+    async with V3Store(opts(etcd, transport, username="fl", password="pw")) as store:
+        with pytest.raises(EtcdError) as info:
+            await store.get_config()
+    assert "permission denied" in str(info.value)
+    assert f"readwrite {PREFIX}/" in str(info.value) and "user grant-role fl" in str(info.value)
 
 
 class Collector:
@@ -176,8 +196,8 @@ class Collector:
             return await self._recv.receive()
 
 
-async def test_watch_events(etcd):
-    async with V3Store(opts(etcd)) as store:
+async def test_watch_events(etcd, transport):
+    async with V3Store(opts(etcd, transport)) as store:
         _, rev = await store.list_leases()
         c = Collector()
         async with trio.open_nursery() as nursery:
@@ -195,8 +215,8 @@ async def test_watch_events(etcd):
             nursery.cancel_scope.cancel()
 
 
-async def test_watch_resumes_across_restart(etcd):
-    async with V3Store(opts(etcd), backoff_min_s=0.05) as store:
+async def test_watch_resumes_across_restart(etcd, transport):
+    async with V3Store(opts(etcd, transport), backoff_min_s=0.05) as store:
         _, rev = await store.list_leases()
         c = Collector()
         async with trio.open_nursery() as nursery:
@@ -215,11 +235,11 @@ async def test_watch_resumes_across_restart(etcd):
             nursery.cancel_scope.cancel()
 
 
-async def test_watch_relists_after_compaction(etcd):
+async def test_watch_relists_after_compaction(etcd, transport):
     peer_a = f"{PREFIX}/subnets/10.5.1.0-24"
     peer_b = f"{PREFIX}/subnets/10.5.2.0-24"
     etcd.etcdctl("put", peer_a, '{"PublicIP":"10.0.0.1","PublicIPv6":null,"BackendType":"host-gw"}')
-    async with V3Store(opts(etcd), backoff_min_s=0.05) as store:
+    async with V3Store(opts(etcd, transport), backoff_min_s=0.05) as store:
         leases, rev = await store.list_leases()
         tracker = LeaseTracker(own_subnet=None)
         assert [e.kind for e in tracker.reset(leases)] == [EventKind.ADDED]

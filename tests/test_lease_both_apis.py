@@ -1,4 +1,5 @@
-"""The LeaseManager behaviours users depend on, run the same way over the v3 and the v2 store.
+"""The LeaseManager behaviours users depend on, run the same way over every store the agent can
+use: v3 over etcd's JSON gateway, v3 over etcd's gRPC API, and v2.
 
 Each test writes and deletes keys with etcdctl of the matching API, as an operator (or an old
 flanneld node) would.
@@ -19,7 +20,7 @@ from flannelpy.etcd.store import EtcdOptions
 from flannelpy.subnet.lease import EventKind
 from flannelpy.subnet.manager import LeaseManager
 
-pytestmark = [pytest.mark.etcd, pytest.mark.parametrize("api", ["v3", "v2"])]
+pytestmark = [pytest.mark.etcd, pytest.mark.parametrize("api", ["v3", "v3-grpc", "v2"])]
 
 PREFIX = "/atomic.io/network"
 CONFIG = parse_config('{"Network":"172.18.0.0/16","Backend":{"Type":"vxlan"}}')
@@ -27,7 +28,11 @@ DATA = LeaseData("vxlan", {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"})
 
 
 def store(etcd, api):
-    return make_store(EtcdOptions(endpoints=(etcd.endpoint,), prefix=PREFIX), api)
+    """api: "v3" (transport auto: the gateway, on this plain cluster), "v3-grpc", or "v2"."""
+    name, _, transport = api.partition("-")
+    s = make_store(EtcdOptions(endpoints=(etcd.endpoint,), prefix=PREFIX, transport=transport or "auto"), name)
+    assert getattr(s, "transport", None) in (None, transport or "gateway")
+    return s
 
 
 def key(subnet: str) -> str:
@@ -35,11 +40,11 @@ def key(subnet: str) -> str:
 
 
 def ctl_put(etcd, api, k, v):
-    etcd.etcdctl("put", k, v) if api == "v3" else etcd.etcdctl("set", k, v, api=2)
+    etcd.etcdctl("put", k, v) if api.startswith("v3") else etcd.etcdctl("set", k, v, api=2)
 
 
 def ctl_del(etcd, api, k):
-    etcd.etcdctl("del", k) if api == "v3" else etcd.etcdctl("rm", k, api=2)
+    etcd.etcdctl("del", k) if api.startswith("v3") else etcd.etcdctl("rm", k, api=2)
 
 
 def manager(s, ip="192.168.64.3", previous=None, **kw) -> LeaseManager:
