@@ -348,3 +348,86 @@ def test_grpcio_is_not_imported_by_the_agent_modules():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ)).stdout.split()
     assert out == ["False", "False"]
+
+
+# --- real flanneld agents on the namespace lab ------------------------------------------------------
+
+def _maps_grpc(pid: int) -> bool:
+    """Whether grpcio's extension module is mapped into the process."""
+    with open(f"/proc/{pid}/maps") as f:
+        return "cygrpc" in f.read()
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.root
+@pytest.mark.etcd
+def test_agents_on_the_lab_with_tls_etcd(tmp_path_factory):
+    """Two flanneld on the serverAuth-only cluster (gRPC) see each other; one on the both-usages
+    cluster stays on the gateway and never maps grpcio."""
+    import secrets
+
+    from flannelpy.lab.netns_lab import ETCD_IP, Lab
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    lab = Lab(prefix=f"fpgr{secrets.token_hex(2)}", hosts=2, backend="vxlan", with_containers=False)
+    lab.workdir = f"/tmp/{lab.prefix}"
+    servers: list[TLSEtcd] = []
+    try:
+        lab.build()
+        for usage, port in ((SERVER_ONLY, 2479), (BOTH_USAGES, 2579)):
+            d = str(tmp_path_factory.mktemp("labpki"))
+            make_pki(d, server_ip=ETCD_IP, server_usage=usage)
+            servers.append(TLSEtcd(d, ip=ETCD_IP, netns=lab.underlay_ns, port=port).start())
+            servers[-1].etcdctl("put", "/coreos.com/network/config", CONFIG)
+        server_only, both = servers
+
+        lab.agent_flags = [f"-etcd-endpoints={server_only.endpoint}", *client_flags(server_only.d)]
+        for i in (1, 2):
+            lab.start_agent(i)
+        envs = {i: lab.wait_subnet_env(i, timeout=60) for i in (1, 2)}
+        assert envs[1]["FLANNEL_SUBNET"] != envs[2]["FLANNEL_SUBNET"]
+        keys = server_only.etcdctl("get", "--prefix", "/coreos.com/network/subnets/", "--keys-only").stdout.split()
+        assert len(keys) == 2, keys
+        # Each agent programmed the other's subnet (the watch over gRPC works).
+        deadline = time.monotonic() + 30
+        for me, peer in ((1, 2), (2, 1)):
+            peer_net = str(lab.host(peer).subnet).replace(".1/", ".0/")
+            while not any(r.get("dst") == peer_net and r.get("dev") == "flannel.1" for r in lab.ip_json(me, "route")):
+                assert time.monotonic() < deadline, (lab.ip_json(me, "route"), lab.tail_log(me))
+                time.sleep(0.1)
+        log1 = open(lab.host(1).log_file).read()
+        assert log1.count("etcd v3 transport: gRPC, because etcd's JSON gateway at") == 1, log1
+        assert _maps_grpc(lab.host(1).pid)
+        grpc_rss = _rss_mib(lab.host(1).pid)
+        # flannelctl through the same selection code reads what the agents wrote.
+        r = subprocess.run(["nsenter", f"--net=/var/run/netns/{lab.underlay_ns}", sys.executable, "-m",
+                            "flannelpy.cli.flannelctl", "leases", "--json", f"--etcd-endpoints={server_only.endpoint}",
+                            *client_flags(server_only.d, dash="--")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert sorted(row["subnet"] for row in json.loads(r.stdout)) == sorted(
+            str(lab.host(i).subnet).replace(".1/", ".0/") for i in (1, 2))
+        for i in (1, 2):
+            assert lab.stop_agent(i) == 0
+
+        # The both-usages cluster: the gateway serves, grpcio is never loaded.
+        os.remove(lab.host(1).subnet_file)
+        lab.agent_flags = [f"-etcd-endpoints={both.endpoint}", *client_flags(both.d)]
+        lab.start_agent(1)
+        lab.wait_subnet_env(1, timeout=60)
+        assert both.etcdctl("get", "--prefix", "/coreos.com/network/subnets/", "--keys-only").stdout.split()
+        time.sleep(1)  # past start-up: the watch runs
+        assert not _maps_grpc(lab.host(1).pid)
+        gateway_rss = _rss_mib(lab.host(1).pid)
+        log1 = open(lab.host(1).log_file).read().split("etcd v3 transport: gRPC")[-1]
+        assert "etcd v3 transport: JSON gateway (-etcd-transport=auto" in log1
+        print(f"agent RSS: {grpc_rss:.1f} MiB over gRPC, {gateway_rss:.1f} MiB over the gateway")
+        assert lab.stop_agent(1) == 0
+    finally:
+        for server in servers:
+            server.stop()
+        lab.down()

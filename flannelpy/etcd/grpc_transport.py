@@ -16,6 +16,8 @@ names is exactly what etcd's gateway sends), so the store is the same for both t
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
@@ -25,7 +27,7 @@ import trio
 from flannelpy.errors import FlannelError
 
 from .diagnose import describe_connect_failure
-from .store import EtcdOptions, tls_setup
+from .store import EtcdOptions, tls_context, tls_setup
 from .transport_choice import GRPC
 from .v3transport import EndpointFailed, EtcdError, WatchBroken
 
@@ -63,6 +65,19 @@ def _read(flag: str, path: str) -> bytes:
         raise FlannelError(f"-{flag}={path}: cannot read it: {exc.strerror}") from None
 
 
+def _tls_probe(endpoint: str, ctx: ssl.SSLContext, timeout: float) -> str:
+    """One TLS handshake and read with Python's ssl and the same files: the error text, or ""."""
+    parts = urlsplit(endpoint)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 2379), timeout=timeout) as sock:
+            with ctx.wrap_socket(sock, server_hostname=parts.hostname) as tls:
+                tls.sendall(b"GET /version HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n")
+                tls.recv(1)
+    except (ssl.SSLError, OSError) as exc:
+        return str(exc) or type(exc).__name__
+    return ""
+
+
 def _target(endpoint: str) -> tuple[str, bool]:
     """("host:port", secure) for an -etcd-endpoints URL."""
     parts = urlsplit(endpoint)
@@ -78,6 +93,8 @@ class GrpcTransport:
     def __init__(self, options: EtcdOptions) -> None:
         self._tls = tls_setup(options)
         self._timeout = options.request_timeout
+        verify = tls_context(options)
+        self._ssl = verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
         creds = None
         if any(urlsplit(e).scheme == "https" for e in options.endpoints):
             ca = _read("etcd-cafile", options.cafile) if options.cafile else None
@@ -107,12 +124,21 @@ class GrpcTransport:
                                       response_deserializer=response.FromString)
         return self._methods[key], MESSAGES[request_type]
 
-    def _error(self, endpoint: str, path: str, exc: grpc.RpcError) -> Exception:
+    async def _error(self, endpoint: str, path: str, exc: grpc.RpcError) -> Exception:
         code, details = exc.code(), exc.details() or ""
         # etcd's own refusals ("etcdserver: no leader", "etcdserver: request timed out") come from a
         # working endpoint; anything else unavailable is the connection (refused, TLS, reset, timeout).
         if code in _ENDPOINT_CODES and not details.startswith("etcdserver:"):
-            return EndpointFailed(describe_connect_failure(endpoint, f"{code.name}: {details}", self._tls))
+            failure = describe_connect_failure(endpoint, f"{code.name}: {details}", self._tls)
+            if (code == grpc.StatusCode.UNAVAILABLE and urlsplit(endpoint).scheme == "https"
+                    and "refused" not in details.lower()):
+                # gRPC core words a failed handshake differently from run to run ("handshaker
+                # shutdown", "Unwrap failed", the verify error); a handshake of our own with the
+                # same files names the cause exactly, and only costs anything on this failure path.
+                probed = await trio.to_thread.run_sync(_tls_probe, endpoint, self._ssl, self._timeout)
+                if probed:
+                    failure = describe_connect_failure(endpoint, probed, self._tls)
+            return EndpointFailed(failure)
         number = code.value[0]
         err = EtcdError(path, _HTTP_STATUS.get(number, 500), details, number)
         err.endpoint = endpoint  # type: ignore[attr-defined]
@@ -144,7 +170,7 @@ class GrpcTransport:
         try:
             response = future.result()
         except grpc.RpcError as exc:
-            raise self._error(endpoint, path, exc) from None
+            raise await self._error(endpoint, path, exc) from None
         return json_format.MessageToDict(response, preserving_proto_field_name=True)
 
     @asynccontextmanager
@@ -164,7 +190,7 @@ class GrpcTransport:
         try:
             return await trio.to_thread.run_sync(next, call, _DONE, abandon_on_cancel=True)
         except grpc.RpcError as exc:
-            err = self._error(endpoint, "/v3/watch", exc)
+            err = await self._error(endpoint, "/v3/watch", exc)
             if opening:
                 raise err from None
             raise WatchBroken(str(err)) from None
