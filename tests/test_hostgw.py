@@ -185,3 +185,40 @@ async def test_reconcile_removes_only_our_unexplained_routes(root) -> None:
         if nl is not None:
             nl.stop()
         sh("ip", "netns", "del", ns, check=False)
+
+
+async def test_event_path_repairs_foreign_changes_and_ignores_our_own(root) -> None:
+    ns = f"fpud-{os.urandom(3).hex()}-he"
+    nl = None
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "add", "fpudhg0", "type", "veth", "peer", "name", "fpudhg1")
+        sh("ip", "-n", ns, "addr", "add", "192.168.78.1/24", "dev", "fpudhg0")
+        for dev in ("fpudhg0", "fpudhg1", "lo"):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        index = json.loads(sh("ip", "-n", ns, "-j", "link", "show", "fpudhg0").stdout)[0]["ifindex"]
+        ext = ExternalInterface("fpudhg0", index, IPv4Address("192.168.78.1"), IPv4Address("192.168.78.1"), 1500)
+        nl = NetlinkThread(netns=ns)
+        hg = HostGwBackend(ext, CONFIG, nl, check_interval=3600)  # only the event path can repair
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hg.run)
+            with trio.fail_after(5):
+                while not hg.loop.monitoring:
+                    await trio.sleep(0.01)
+            await hg.apply([LeaseEvent(EventKind.ADDED, _lease(IPv4Network(f"10.60.{n}.0/24"),
+                                                               IPv4Address(f"192.168.78.{n}")))
+                            for n in range(10, 60)])
+            await hg.apply([LeaseEvent(EventKind.REMOVED, _lease(IPv4Network("10.60.59.0/24"),
+                                                                 IPv4Address("192.168.78.59")))])
+            await trio.sleep(0.5)
+            assert hg.loop.passes == 0, "our own programming woke the repair loop"
+            sh("ip", "-n", ns, "route", "del", "10.60.20.0/24")
+            with trio.fail_after(2):
+                while "10.60.20.0/24" not in _routes(ns):
+                    await trio.sleep(0.01)
+            assert hg.loop.passes >= 1 and hg.programmed_count() == 49
+            nursery.cancel_scope.cancel()
+    finally:
+        if nl is not None:
+            nl.stop()
+        sh("ip", "netns", "del", ns, check=False)

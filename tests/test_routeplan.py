@@ -316,3 +316,25 @@ def test_monitor_parses_the_fields_a_backend_needs():
         KernelChange("addr", True, 5, 2, DEV),
     ]
     assert parse_changes(b"\x01\x02") == []  # a truncated datagram is skipped, never raised
+
+
+def test_monitor_reads_the_mac_of_an_fdb_notification():
+    neigh = _nlmsg(28, 0, struct.pack("=BBHiHBB", socket.AF_BRIDGE, 0, 0, DEV, 0x80, 2, 0),
+                   [(2, bytes.fromhex("0a0000000102")), (1, bytes([192, 168, 1, 2]))])
+    assert parse_changes(neigh)[0].lladdr == "0a:00:00:00:01:02"
+
+
+def test_echo_filter_drops_our_own_announcement_once_and_only_while_fresh():
+    from flannelpy.backends.repair import EchoFilter
+
+    now = [100.0]
+    echoes = EchoFilter(ttl=2.0, clock=lambda: now[0])
+    echoes.expect(("0a:00:00:00:00:01", False))
+    assert echoes.consume(("0a:00:00:00:00:01", False))
+    assert not echoes.consume(("0a:00:00:00:00:01", False))  # a second one is someone else's
+    echoes.expect(("0a:00:00:00:00:02", True))
+    assert not echoes.consume(("0a:00:00:00:00:02", False))  # an addition is not our deletion
+    now[0] += 2.5
+    echoes.expect(("0a:00:00:00:00:03", False))
+    now[0] += 2.5
+    assert not echoes.consume(("0a:00:00:00:00:03", False))  # expired: the kernel never announced it

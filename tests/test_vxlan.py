@@ -316,3 +316,33 @@ async def test_reconcile_recreates_device_restores_entries_removes_unexplained(r
         assert report.added == ["neigh 10.55.2.0"]
         assert device(a.ns)["address"] == mac and device(a.ns)["mtu"] == 1450
         assert be.repair_counters()["device"] == 2 and be.programmed_peers == 1
+
+
+async def test_event_path_repairs_foreign_changes_and_ignores_our_own(root):
+    """The monitor wakes the repair for someone else's change within a fraction of a second,
+    while our own programming (its notifications carry our socket's port id) wakes nothing."""
+    import trio
+
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        be = VxlanBackend(a.ext, config(), a.nl, resync_interval=3600)  # only the event path can repair
+        data = await be.prepare()
+        await be.start(Lease(SUBNET["a"], LeaseAttrs(a.ext.public_ip, "vxlan", data.backend_data)))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(be.run)
+            with trio.fail_after(5):
+                while not be.loop.monitoring:
+                    await trio.sleep(0.01)
+            for n in range(3, 53):
+                await be.apply(added(Lease(IPv4Network(f"10.55.{n}.0/24"), LeaseAttrs(
+                    A(f"192.168.100.{n}"), "vxlan", {"VNI": 1, "VtepMAC": f"0a:00:00:00:01:{n:02x}"}))))
+            await trio.sleep(0.5)
+            assert be.loop.passes == 0, "our own programming woke the repair loop"
+            sh("ip", "-n", a.ns, "route", "del", "10.55.7.0/24")
+            started = trio.current_time()
+            with trio.fail_after(2):
+                while routes_text(a.ns, "10.55.7.0/24") == "":
+                    await trio.sleep(0.01)
+            print(f"FIGURE vxlan event-path route repair: {trio.current_time() - started:.3f}s")
+            assert be.loop.passes >= 1 and be.programmed_peers == 50
+            nursery.cancel_scope.cancel()

@@ -65,6 +65,35 @@ def describe_failures(failures: dict[IPv4Network, str], what: str = "peer", limi
     return f"{len(failures)} {what}{plural} failed: " + "; ".join(items) + more
 
 
+class EchoFilter:
+    """Changes we just made whose notifications cannot be told from anyone else's.
+
+    The vxlan driver announces every FDB change with port id 0, whoever made it, so the
+    sender cannot say it was us.  Before programming an FDB entry the backend expects its
+    echo (MAC, deleted?); the first matching notification within `ttl` seconds is ours and
+    is dropped.  An expected echo that never comes (the kernel does not announce a change
+    that changed nothing) expires, so it can hide at most one foreign change of that same
+    entry for `ttl` seconds, which the periodic pass then repairs."""
+
+    def __init__(self, ttl: float = 2.0, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.ttl = ttl
+        self.clock = clock or time.monotonic
+        self._expected: dict[object, float] = {}
+
+    def expect(self, key: object) -> None:
+        now = self.clock()
+        if len(self._expected) > 4096:  # amortised clean-up of echoes that never came
+            self._expected = {k: t for k, t in self._expected.items() if t >= now}
+        self._expected[key] = now + self.ttl
+
+    def consume(self, key: object) -> bool:
+        """True when `key` was expected (and still fresh): the notification is our echo."""
+        deadline = self._expected.pop(key, None)
+        return deadline is not None and deadline >= self.clock()
+
+
 class RepairLoop:
     """Runs `repair()` periodically and soon after a relevant kernel notification."""
 

@@ -29,6 +29,7 @@ _KINDS = {16: ("link", False), 17: ("link", True), 20: ("addr", False), 21: ("ad
           24: ("route", False), 25: ("route", True), 28: ("neigh", False), 29: ("neigh", True)}
 IFLA_IFNAME = 3
 RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
+NDA_LLADDR = 2
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class KernelChange:
     dst: IPv4Network | None = None  # route only (IPv4)
     proto: int | None = None  # route only
     state: int | None = None  # neigh only (NUD_* bits)
+    lladdr: str | None = None  # neigh only: the MAC (an FDB entry's key)
 
 
 OVERFLOW = KernelChange("overflow")
@@ -84,7 +86,9 @@ def _decode(name: str, deleted: bool, msg: Message) -> KernelChange:
         return KernelChange(name, deleted, msg.sender, family, u32(attrs.get(RTA_OIF)), None,
                             u32(attrs.get(RTA_TABLE)) or table, dst, proto)
     family, _p1, _p2, index, state, _fl, _type = NDMSG.unpack(msg.body)
-    return KernelChange(name, deleted, msg.sender, family, index, state=state)
+    mac = attrs.get(NDA_LLADDR)
+    return KernelChange(name, deleted, msg.sender, family, index, state=state,
+                        lladdr=mac.hex(":") if mac is not None and len(mac) == 6 else None)
 
 
 class KernelMonitor:

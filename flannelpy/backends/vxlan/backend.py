@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Callable, Mapping, Sequence
 
@@ -26,7 +27,7 @@ import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
 from flannelpy.backends.base import Backend, ExternalInterface, LeaseData
-from flannelpy.backends.repair import RESYNC_INTERVAL, RepairLoop, RepairReport, describe_failures
+from flannelpy.backends.repair import RESYNC_INTERVAL, EchoFilter, RepairLoop, RepairReport, describe_failures
 from flannelpy.config.network import NetworkConfig
 from flannelpy.errors import ConfigError, FlannelError
 from flannelpy.hostnet.interface import route_get_hops
@@ -397,6 +398,7 @@ class VxlanBackend(Backend):
         self._device_problem: str | None = None
         self._lock = trio.Lock()  # a pass's snapshot, dump and fixes never interleave with apply
         self.repairs: dict[str, int] = {}
+        self._echoes = EchoFilter()  # our FDB changes, which the kernel announces as nobody's
         self.loop = RepairLoop(f"vxlan {self.spec.name}", netlink, self.reconcile_once, self._notice,
                                interval=resync_interval)
 
@@ -519,6 +521,8 @@ class VxlanBackend(Backend):
             await self._remove(lease)
             return
         old = self._hold(lease.subnet, plan)
+        if plan.fdb is not None:
+            self._echoes.expect((plan.fdb.mac.lower(), False))
         try:
             await self.netlink.call(_program, index, plan)
         except NetlinkError as exc:
@@ -530,6 +534,8 @@ class VxlanBackend(Backend):
             if stale is not None and stale.fdb is not None and stale.fdb.mac in self._mac_holders:
                 stale = PeerPlan(stale.route, stale.neigh, None)  # another accepted lease uses that MAC
             if stale is not None and (stale.fdb is not None or stale.neigh is not None):
+                if stale.fdb is not None:
+                    self._echoes.expect((stale.fdb.mac.lower(), True))
                 errors = await self.netlink.call(_unprogram, index, stale, False)
                 for err in errors:
                     log.warning("removing stale entry for %s: %s", lease.subnet, err)
@@ -548,6 +554,8 @@ class VxlanBackend(Backend):
                 return
         if plan.fdb is not None and plan.fdb.mac in self._mac_holders:
             plan = PeerPlan(plan.route, plan.neigh, None)  # another accepted lease uses that MAC
+        if plan.fdb is not None:
+            self._echoes.expect((plan.fdb.mac.lower(), True))
         errors = await self.netlink.call(_unprogram, index, plan, True)
         for err in errors:
             log.warning("removing peer %s: %s", lease.subnet, err)
@@ -560,6 +568,10 @@ class VxlanBackend(Backend):
         self.loop.wake()
 
     def _notice(self, change: KernelChange) -> bool:
+        if (change.kind == "neigh" and change.family == socket.AF_BRIDGE and change.sender == 0
+                and change.ifindex == self.index and change.lladdr is not None
+                and self._echoes.consume((change.lladdr, change.deleted))):
+            return False  # the announcement of our own FDB change
         matters = change_matters(change, device_index=self.index, device=self.spec.name,
                                  underlay_index=self.ext.index, network=self.config.network)
         if matters and change.kind == "link" and change.deleted and change.ifindex == self.index:
