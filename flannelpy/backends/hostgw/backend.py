@@ -75,8 +75,15 @@ def _reconcile(ipr: Any, dumps: KernelDumps, wanted: list[tuple[IPv4Network, Rou
     return report
 
 
-def _reason(exc: NetlinkError) -> str:
-    return os.strerror(exc.code) if exc.code else str(exc)
+def _reason(exc: BaseException) -> str:
+    """A netlink error as the operator reads it: "Network is unreachable", not "(101, ...)"."""
+    if isinstance(exc, NetlinkError) and exc.code:
+        return os.strerror(exc.code)
+    return str(exc)
+
+
+# What a kernel request can raise: never allowed past one peer's route.
+_KERNEL_ERRORS = (NetlinkError, OSError, ValueError)
 
 
 class HostGwBackend(Backend):
@@ -145,7 +152,7 @@ class HostGwBackend(Backend):
                     self.routes[lease.subnet] = route
                     try:
                         await self.netlink.call(_replace, route)
-                    except NetlinkError as exc:
+                    except _KERNEL_ERRORS as exc:
                         self._mark_failed(lease.subnet, _reason(exc))
                     else:
                         self._mark_ok(lease.subnet)
@@ -154,7 +161,7 @@ class HostGwBackend(Backend):
                     self._failed.pop(lease.subnet, None)
                     try:
                         await self.netlink.call(_delete, route)
-                    except NetlinkError as exc:
+                    except _KERNEL_ERRORS as exc:
                         log.warning("removing route to %s via %s: %s", route.dst, route.gw, _reason(exc))
 
     # --- reconciliation ------------------------------------------------------------------

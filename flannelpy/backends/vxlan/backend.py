@@ -207,6 +207,8 @@ def _route(ipr: Any, cmd: str, index: int, r: Route) -> None:
 
 
 _GONE = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV)
+# What a kernel request can raise: never allowed past one peer's programming.
+_KERNEL_ERRORS = (NetlinkError, OSError, ValueError)
 
 
 def _program(ipr: Any, index: int, plan: PeerPlan) -> None:
@@ -249,9 +251,9 @@ def _unprogram(ipr: Any, index: int, plan: PeerPlan, with_route: bool = True) ->
     for what, action in actions:
         try:
             action()
-        except NetlinkError as exc:
-            if exc.code not in _GONE:
-                errors.append(f"{what}: {exc}")
+        except _KERNEL_ERRORS as exc:
+            if getattr(exc, "code", None) not in _GONE:
+                errors.append(f"{what}: {_reason(exc)}")
     return errors
 
 
@@ -525,7 +527,7 @@ class VxlanBackend(Backend):
             self._echoes.expect((plan.fdb.mac.lower(), False))
         try:
             await self.netlink.call(_program, index, plan)
-        except NetlinkError as exc:
+        except _KERNEL_ERRORS as exc:  # this peer alone: logged, counted, retried by the next pass
             self._mark_failed(lease.subnet, _reason(exc))
             return
         self._mark_ok(lease.subnet)
