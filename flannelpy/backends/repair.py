@@ -161,6 +161,8 @@ class RepairLoop:
                 relevant = [c for c in changes if (own is None or c.sender != own) and self.notice(c)]
                 if relevant:
                     self.wake()
+        except OSError as exc:  # the periodic pass still runs: degrade, never end the agent
+            log.warning("%s: kernel notifications failed (%s); checking every %gs only", self.what, exc, self.interval)
         finally:
             self.monitoring = False
             monitor.close()
