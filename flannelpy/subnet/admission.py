@@ -102,12 +102,19 @@ O = TypeVar("O", bound=Hashable)
 _Key = tuple[int, int]  # (prefix length, network address as an int)
 
 
-def _key(net: IPv4Network) -> _Key:
-    return net.prefixlen, int(net.network_address)
+def _key(net: IPv4Network | _Key) -> _Key:
+    return net if isinstance(net, tuple) else (net.prefixlen, int(net.network_address))
 
 
-def _mask(length: int) -> int:
-    return (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF
+def _host_key(ip: IPv4Address) -> _Key:
+    return 32, int(ip)
+
+
+def _net(key: _Key) -> IPv4Network:
+    return IPv4Network((key[1], key[0]))
+
+
+_MASKS = tuple((0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF for length in range(33))
 
 
 class PrefixIndex(Generic[O]):
@@ -118,21 +125,47 @@ class PrefixIndex(Generic[O]):
     def __init__(self) -> None:
         self._exact: dict[_Key, dict[O, None]] = {}
         self._below: dict[_Key, dict[O, None]] = {}  # strict supernet -> owners of entries under it
+        # How many entries of each prefix length: `containing` looks only at lengths in use
+        # (peers mostly share one SubnetLen, so that is one look-up instead of up to 33).
+        self._lengths: dict[int, int] = {}
+        self._lengths_longest_first: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self._exact)
 
-    def add(self, net: IPv4Network, owner: O) -> None:
+    # Prefixes are IPv4Networks or (length, address) keys; keys (and keys as owners) are cheaper to
+    # hash than IPv4Network objects, which matters at 33 entries per prefix.
+    def add(self, net: IPv4Network | _Key, owner: O) -> None:
         length, addr = _key(net)
-        self._exact.setdefault((length, addr), {})[owner] = None
+        owners = self._exact.setdefault((length, addr), {})
+        if owner not in owners:
+            owners[owner] = None
+            self._count_length(length, +1)
+        below = self._below
         for shorter in range(length):
-            self._below.setdefault((shorter, addr & _mask(shorter)), {})[owner] = None
+            key = (shorter, addr & _MASKS[shorter])
+            owners = below.get(key)
+            if owners is None:
+                below[key] = {owner: None}
+            else:
+                owners[owner] = None
 
-    def remove(self, net: IPv4Network, owner: O) -> None:
+    def remove(self, net: IPv4Network | _Key, owner: O) -> None:
         length, addr = _key(net)
+        if owner in self._exact.get((length, addr), ()):
+            self._count_length(length, -1)
         self._discard(self._exact, (length, addr), owner)
         for shorter in range(length):
-            self._discard(self._below, (shorter, addr & _mask(shorter)), owner)
+            self._discard(self._below, (shorter, addr & _MASKS[shorter]), owner)
+
+    def _count_length(self, length: int, delta: int) -> None:
+        count = self._lengths.get(length, 0) + delta
+        if count:
+            self._lengths[length] = count
+        else:
+            del self._lengths[length]
+        if (count == 0) != (count - delta == 0):  # a length came into use or went out of it
+            self._lengths_longest_first = tuple(sorted(self._lengths, reverse=True))
 
     @staticmethod
     def _discard(table: dict[_Key, dict[O, None]], key: _Key, owner: O) -> None:
@@ -142,21 +175,24 @@ class PrefixIndex(Generic[O]):
             if not owners:
                 del table[key]
 
-    def containing(self, net: IPv4Network) -> O | None:
+    def containing(self, net: IPv4Network | _Key) -> O | None:
         """An owner of an entry equal to `net` or containing it."""
         length, addr = _key(net)
-        for shorter in range(length, -1, -1):
-            owners = self._exact.get((shorter, addr & _mask(shorter)))
+        exact = self._exact
+        for shorter in self._lengths_longest_first:
+            if shorter > length:
+                continue
+            owners = exact.get((shorter, addr & _MASKS[shorter]))
             if owners:
                 return next(iter(owners))
         return None
 
-    def inside(self, net: IPv4Network) -> O | None:
+    def inside(self, net: IPv4Network | _Key) -> O | None:
         """An owner of an entry strictly inside `net`."""
         owners = self._below.get(_key(net))
         return next(iter(owners)) if owners else None
 
-    def overlapping(self, net: IPv4Network) -> O | None:
+    def overlapping(self, net: IPv4Network | _Key) -> O | None:
         owner = self.containing(net)
         return owner if owner is not None else self.inside(net)
 
@@ -218,8 +254,8 @@ class Admission:
         self.rules = rules
         self.accepted: dict[IPv4Network, Lease] = {}
         self.refused: dict[IPv4Network, Refusal] = {}
-        self._subnets: PrefixIndex[IPv4Network] = PrefixIndex()  # accepted subnets
-        self._public_ips: PrefixIndex[IPv4Network] = PrefixIndex()  # accepted PublicIPs -> their subnets
+        self._subnets: PrefixIndex[_Key] = PrefixIndex()  # accepted subnets (as keys)
+        self._public_ips: PrefixIndex[_Key] = PrefixIndex()  # accepted PublicIPs -> their subnets
         self._macs: dict[str, IPv4Network] = {}  # VtepMAC -> the accepted lease holding it
         self._waiting: dict[IPv4Network, dict[IPv4Network, None]] = {}  # blocker -> refused leases
         self._protected: PrefixIndex[str] = PrefixIndex()
@@ -261,7 +297,7 @@ class Admission:
                 return refuse(PUBLIC_IP, f"PublicIP {ip} is {what}")
         if ip in self._own_addresses:
             return refuse(OWN_ADDRESS, f"PublicIP {ip} is an address of this host")
-        on_link = self._connected.containing(IPv4Network(ip))
+        on_link = self._connected.containing(_host_key(ip))
         if on_link is not None:
             link, dev = on_link
             if link.prefixlen <= 30 and ip in (link.network_address, link.broadcast_address):
@@ -288,17 +324,21 @@ class Admission:
 
     def _judge_against_peers(self, lease: Lease) -> Refusal | None:
         net, ip = lease.subnet, lease.attrs.public_ip
-        other = self._subnets.overlapping(net)
-        if other is not None:
+        key = _key(net)
+        found = self._subnets.overlapping(key)
+        if found is not None:
+            other = _net(found)
             return Refusal(lease, OVERLAP, f"subnet {net} overlaps the accepted lease {other} "
                                            f"(PublicIP {self.accepted[other].attrs.public_ip})", other)
-        other = self._subnets.containing(IPv4Network(ip))
-        if other is not None:
+        found = self._subnets.containing(_host_key(ip))
+        if found is not None:
+            other = _net(found)
             return Refusal(lease, PUBLIC_IP, f"PublicIP {ip} is inside the accepted lease {other}", other)
-        other = self._public_ips.inside(net)
-        if other is None:
-            other = self._public_ips.containing(net)  # a /32 lease at an accepted PublicIP
-        if other is not None:
+        found = self._public_ips.inside(key)
+        if found is None:
+            found = self._public_ips.containing(key)  # a /32 lease at an accepted PublicIP
+        if found is not None:
+            other = _net(found)
             return Refusal(lease, OVERLAP, f"subnet {net} contains PublicIP {self.accepted[other].attrs.public_ip} "
                                            f"of the accepted lease {other}", other)
         mac = _vtep_mac(lease)
@@ -380,16 +420,18 @@ class Admission:
 
     def _accept(self, lease: Lease, step: AdmissionStep) -> None:
         self.accepted[lease.subnet] = lease
-        self._subnets.add(lease.subnet, lease.subnet)
-        self._public_ips.add(IPv4Network(lease.attrs.public_ip), lease.subnet)
+        key = _key(lease.subnet)
+        self._subnets.add(key, key)
+        self._public_ips.add(_host_key(lease.attrs.public_ip), key)
         mac = _vtep_mac(lease)
         if mac is not None:
             self._macs.setdefault(mac, lease.subnet)
         step.events.append(LeaseEvent(EventKind.ADDED, lease))
 
     def _unindex(self, lease: Lease) -> None:
-        self._subnets.remove(lease.subnet, lease.subnet)
-        self._public_ips.remove(IPv4Network(lease.attrs.public_ip), lease.subnet)
+        key = _key(lease.subnet)
+        self._subnets.remove(key, key)
+        self._public_ips.remove(_host_key(lease.attrs.public_ip), key)
         mac = _vtep_mac(lease)
         if mac is not None and self._macs.get(mac) == lease.subnet:
             del self._macs[mac]
