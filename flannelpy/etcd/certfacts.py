@@ -13,7 +13,7 @@ import calendar
 import re
 from dataclasses import dataclass
 
-_PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
+_PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.DOTALL)
 _EKU_OID = bytes.fromhex("551d25")  # 2.5.29.37 extKeyUsage
 _CLIENT_AUTH = bytes.fromhex("2b06010505070302")  # 1.3.6.1.5.5.7.3.2
 _SERVER_AUTH = bytes.fromhex("2b06010505070301")  # 1.3.6.1.5.5.7.3.1
@@ -78,7 +78,7 @@ def parse_der(der: bytes) -> CertFacts:
     """Facts from one DER certificate; CertificateFormatError when it is not one."""
     try:
         _tag, cs, ce = _tlv(der, 0)
-        tbs_tag, ts, te = _children(der, cs, ce)[0]
+        _tbs, ts, te = _children(der, cs, ce)[0]
         fields = _children(der, ts, te)
         if fields and fields[0][0] == 0xA0:  # [0] version
             fields = fields[1:]
@@ -94,7 +94,7 @@ def parse_der(der: bytes) -> CertFacts:
                 parts = _children(der, xs, xe)
                 if der[parts[0][1]:parts[0][2]] != _EKU_OID:
                     continue
-                _os, octs, octe = parts[-1]  # extnValue OCTET STRING holding SEQUENCE OF OID
+                _os, octs, _end = parts[-1]  # extnValue OCTET STRING holding SEQUENCE OF OID
                 _s, us, ue = _tlv(der, octs)
                 names = set()
                 for _ot, os_, oe in _children(der, us, ue):

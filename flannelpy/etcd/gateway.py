@@ -7,8 +7,8 @@ so this path costs no memory of its own. The token travels in the Authorization 
 from __future__ import annotations
 
 import json
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx

@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import trio
@@ -34,10 +35,10 @@ from .v3transport import EndpointFailed, EtcdError, WatchBroken
 # gRPC core logs TLS trouble to stderr in its own format; we report it ourselves, in one line.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-import grpc  # noqa: E402  (after the environment above: gRPC core reads it at import)
-from google.protobuf import json_format  # noqa: E402
+import grpc  # after the environment above: gRPC core reads it at import
+from google.protobuf import json_format
 
-from .grpc_schema import MESSAGES, METHODS  # noqa: E402
+from .grpc_schema import MESSAGES, METHODS
 
 # How grpc-gateway maps gRPC codes to HTTP statuses, so errors read the same on both transports.
 _HTTP_STATUS = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400, 10: 409, 11: 400,

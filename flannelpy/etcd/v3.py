@@ -17,9 +17,10 @@ import base64
 import logging
 import posixpath
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import trio
@@ -39,10 +40,16 @@ from flannelpy.subnet.lease import (
 
 from .diagnose import ConnectFailure, advice_for_etcd_error
 from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, unavailable
-from .transport_choice import GATEWAY, GRPC, after_gateway_failure, gateway_cannot_serve, initial_transport
+from .transport_choice import (
+    GATEWAY,
+    GRPC,
+    after_gateway_failure,
+    gateway_cannot_serve,
+    initial_transport,
+)
 from .v3transport import EndpointFailed, EtcdError, V3Transport, WatchBroken
 
-__all__ = ["V3Store", "EtcdError", "prefix_range_end"]
+__all__ = ["EtcdError", "V3Store", "prefix_range_end"]
 
 log = logging.getLogger("flanneld.etcd")
 
@@ -69,7 +76,8 @@ class GatewayCannotServe(EtcdError):
 
 def make_transport(name: str, options: EtcdOptions) -> V3Transport:
     if name == GRPC:
-        from .grpc_transport import GrpcTransport  # grpcio is loaded only where it is used
+        # grpcio is loaded only where it is used
+        from .grpc_transport import GrpcTransport
 
         return GrpcTransport(options)
     from .gateway import GatewayTransport
@@ -142,7 +150,7 @@ class V3Store:
 
     # --- connection ---------------------------------------------------------------------
 
-    async def __aenter__(self) -> "V3Store":
+    async def __aenter__(self) -> V3Store:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -7,7 +7,9 @@ strings, proto field names — so `v3.py` holds every rule about keys, leases an
 
 from __future__ import annotations
 
-from typing import Any, AsyncContextManager, AsyncIterator, Protocol
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 from flannelpy.errors import FlannelError
 
@@ -46,7 +48,7 @@ class V3Transport(Protocol):
         """One unary request, as the gateway's POST `path`; raises EndpointFailed or EtcdError."""
 
     def watch(self, endpoint: str, body: dict[str, Any], token: str | None
-              ) -> AsyncContextManager[AsyncIterator[dict[str, Any]]]:
+              ) -> AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]:
         """An open watch stream yielding the gateway's per-message documents ({"result": ...} or
         {"error": ...}); opening raises EndpointFailed or EtcdError, reading raises WatchBroken."""
 
