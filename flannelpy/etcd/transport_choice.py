@@ -72,6 +72,6 @@ def after_gateway_failure(setting: str, endpoint: str, failure: str, grpc_availa
     if grpc_available is not True:
         return TransportDecision(None, f"{seen}, and etcd's gRPC API needs grpcio, which cannot be imported "
                                        f"({grpc_available}); reinstall flannelpy (pip install flannelpy), or: {_FIX}")
-    return TransportDecision(GRPC, f"etcd v3 transport: gRPC, because {seen} (its server certificate is "
-                                   "not valid as a client certificate, as etcd's gateway needs under "
-                                   "--client-cert-auth)")
+    return TransportDecision(GRPC, f"etcd v3 transport: gRPC, because {seen} (the gateway presents etcd's "
+                                   "server certificate to etcd itself, which --client-cert-auth refuses without "
+                                   "clientAuth usage)")
