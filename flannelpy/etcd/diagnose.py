@@ -1,32 +1,31 @@
 """What an etcd failure means, in one line that says what to do.
 
 Pure: error texts and facts in, a sentence out. The stores call `describe_connect_failure` when
-an endpoint could not be used (TLS, refused, timed out) and `describe_etcd_error` when etcd
+an endpoint could not be used (TLS, refused, timed out) and `advice_for_etcd_error` when etcd
 answered with an error, so neither the agent nor flannelctl ever calls a refused certificate
-"config not found".
+"config not found". (Records are NamedTuples: this module is imported at every start.)
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit
 
-from .certfacts import CertFacts
+if TYPE_CHECKING:  # certfacts is imported only where a client certificate is given
+    from .certfacts import CertFacts
 
 # Failure kinds, as Probe states and in messages.
 UNREACHABLE = "unreachable"
 TLS = "tls"
 
 
-@dataclass(frozen=True)
-class ConnectFailure:
+class ConnectFailure(NamedTuple):
     kind: str  # UNREACHABLE | TLS
     text: str  # one line: what failed, and what to do
 
 
-@dataclass(frozen=True)
-class TLSSetup:
+class TLSSetup(NamedTuple):
     """The -etcd-* TLS flags as given, and what the client certificate says (None: none given or unreadable)."""
 
     cafile: str = ""

@@ -15,7 +15,6 @@ from typing import AsyncIterator, Protocol
 from flannelpy.errors import FlannelError
 from flannelpy.subnet.lease import Lease, LeaseAttrs, LeaseEvent
 
-from .certfacts import CertificateFormatError, parse_pem
 from .diagnose import TLS, UNREACHABLE, ConnectFailure, TLSSetup
 from .transport_choice import check_transport
 
@@ -71,6 +70,8 @@ def tls_setup(options: EtcdOptions) -> TLSSetup:
     """The TLS flags and what the client certificate says, to name a refused handshake later."""
     facts = None
     if options.certfile:
+        from .certfacts import CertificateFormatError, parse_pem  # only with a client certificate
+
         try:
             with open(options.certfile, "rb") as fh:
                 facts = parse_pem(fh.read())

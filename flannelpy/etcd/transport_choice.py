@@ -13,7 +13,7 @@ exactly that answer. Pure: the caller probes and acts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from flannelpy.errors import UsageError
 
@@ -46,8 +46,7 @@ def gateway_cannot_serve(scheme: str, status: int, code: int | None, message: st
     return not message.strip().lower().startswith("etcdserver:")
 
 
-@dataclass(frozen=True)
-class TransportDecision:
+class TransportDecision(NamedTuple):
     transport: str | None  # GATEWAY, GRPC, or None: neither can work (message says why)
     message: str  # the one log line (or the error) stating the choice and its reason
 
