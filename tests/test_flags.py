@@ -1,10 +1,12 @@
 """flanneld's command line: Go flag syntax, FLANNELD_* fallback, usage errors (no root)."""
 
+import re
+
 import pytest
 
 from flannelpy.agent import AgentOptions
 from flannelpy.cli.flanneld import main as flanneld_main
-from flannelpy.config.flags import FLAGS, HelpRequested, env_name, parse_flags
+from flannelpy.config.flags import FLAGS, HelpRequested, env_name, parse_flags, split_endpoints
 from flannelpy.errors import FlannelError, UsageError
 
 
@@ -143,7 +145,8 @@ def test_options_from_flags():
 def test_main_exit_codes(capsys):
     assert flanneld_main(["-no-such-flag"]) == 2
     err = capsys.readouterr().err
-    assert "flag provided but not defined: -no-such-flag" in err and "Usage: flanneld" in err
+    # one line naming the flag and where the list is, not 60 lines of usage
+    assert err == "flanneld: flag provided but not defined: -no-such-flag (flanneld -help lists every flag)\n"
     assert flanneld_main(["-version"]) == 0
     assert capsys.readouterr().err.strip()  # version on stderr, as flanneld
     assert flanneld_main(["-subnet-lease-renew-margin=5000"]) == 1
@@ -157,3 +160,56 @@ def test_unexpected_errors_are_described_in_one_line_from_inside_groups():
     assert describe_unexpected(group) == "OSError: [Errno 30] Read-only file system"
     assert describe_unexpected(ValueError("two\nlines")) == "ValueError: two lines"
     assert describe_unexpected(RuntimeError()) == "RuntimeError"
+
+
+@pytest.mark.parametrize("value,reason", [
+    ("notaurl", "'notaurl' has no scheme; write it as http://notaurl"),
+    ("127.0.0.1:2379", "write it as http://127.0.0.1:2379"),
+    ("unix:///run/etcd.sock", "unix socket endpoints are not supported"),
+    ("ftp://etcd:2379", "scheme 'ftp' is not supported"),
+    ("http://", "has no host"),
+    ("http://etcd:99999", "the port is not a number between 1 and 65535"),
+    ("http://etcd:x", "the port is not a number"),
+    ("http://good:2379,notaurl", "'notaurl' has no scheme"),
+    (" , ", "empty; give at least one"),
+])
+def test_bad_etcd_endpoints_are_refused_when_parsed(value, reason):
+    """flanneld -etcd-endpoints=notaurl used to retry forever; now the flag itself is refused."""
+    with pytest.raises(UsageError, match=f'invalid value ".*" for flag -etcd-endpoints: .*{re.escape(reason)}'):
+        parse(f"-etcd-endpoints={value}")
+    with pytest.raises(UsageError, match="for environment variable FLANNELD_ETCD_ENDPOINTS"):
+        parse(env={"FLANNELD_ETCD_ENDPOINTS": value})
+
+
+def test_good_etcd_endpoints():
+    f = parse("-etcd-endpoints=https://10.0.0.1:2379, http://[fd00::1]:2379,http://etcd.example")
+    assert split_endpoints(f["etcd-endpoints"]) == ("https://10.0.0.1:2379", "http://[fd00::1]:2379",
+                                                    "http://etcd.example")
+
+
+def test_etcd_api_and_log_format_are_checked_when_parsed():
+    with pytest.raises(UsageError, match='invalid value "v4" for flag -etcd-api: must be v3, v2 or auto'):
+        parse("-etcd-api=v4")
+    assert parse("-log-format=klog")["log-format"] == "klog"
+    assert parse(env={"FLANNELD_LOG_FORMAT": "json"})["log-format"] == "json"
+    assert parse()["log-format"] == "text"
+    with pytest.raises(UsageError, match="must be text, klog or json"):
+        parse("-log-format=xml")
+
+
+def test_kube_subnet_mgr_is_refused_once_without_a_warning_first(capsys):
+    f = parse("-kube-subnet-mgr", "-kube-api-url=https://k8s:6443")
+    assert len(f.refusals()) == 1 and "Kubernetes mode is not supported" in f.refusals()[0]
+    assert all("-kube-subnet-mgr" not in w for w in f.inactive_in_use())
+    assert flanneld_main(["-kube-subnet-mgr", "-kube-api-url=https://k8s:6443"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line: no "accepted but has no effect" warning before it
+    assert err.startswith("flanneld: -kube-subnet-mgr: Kubernetes mode is not supported")
+    assert "without -kube-subnet-mgr, with -etcd-endpoints" in err  # and the fix
+    assert parse("-kube-subnet-mgr=false").refusals() == []
+
+
+def test_main_refuses_a_bad_endpoint_in_one_line(capsys):
+    assert flanneld_main(["-etcd-endpoints=notaurl"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "write it as http://notaurl" in err

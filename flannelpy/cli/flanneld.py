@@ -1,12 +1,18 @@
-"""flanneld: the drop-in daemon's entry point."""
+"""flanneld: the drop-in daemon's entry point.
+
+Whatever happens, the process ends with one line saying why, never a Python traceback: a bad flag
+(usage, exit 2), a flag asking for a mode flannelpy lacks (exit 1), a start that cannot succeed
+(exit 1), and SIGINT/SIGTERM at any point of start-up (exit 0, as flanneld on a signal).  trio is
+imported only inside main(), after the signal handling is in place, so a signal during the
+imports (they take a few hundred milliseconds) is handled too.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
-
-import trio
 
 from flannelpy import __version__
 from flannelpy.config.flags import HelpRequested, parse_flags, usage
@@ -14,27 +20,86 @@ from flannelpy.errors import FlannelError, UsageError
 
 log = logging.getLogger("flanneld")
 
+_signal_seen: list[str] = []  # the name of the signal that interrupted us, for the last line
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM before the agent's own handler exists: end like SIGINT does.  Re-sending SIGINT (rather
+    than raising here) lets trio, if it is running, raise KeyboardInterrupt at a safe point."""
+    _signal_seen.append("SIGTERM")
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def install_interrupt_handling() -> dict[int, object]:
+    """SIGINT raises KeyboardInterrupt (Python's default); SIGTERM is routed to it.  Returns the
+    handlers it replaced."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    return previous
+
+
+def restore_signals(previous: dict[int, object] | None) -> None:
+    """As the process ends (previous=None), a signal simply ends it (the kernel's default): nothing is
+    left to clean up, and a KeyboardInterrupt during interpreter shutdown would print a traceback.
+    Called in-process (tests), the caller's handlers come back."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL if previous is None else previous[sig])  # type: ignore[arg-type]
+
+
+def is_interrupt(err: BaseException) -> bool:
+    """KeyboardInterrupt, alone or inside (nested) exception groups with nothing else."""
+    if isinstance(err, KeyboardInterrupt):
+        return True
+    if isinstance(err, BaseExceptionGroup):
+        return all(is_interrupt(e) for e in err.exceptions)
+    return False
+
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    previous = install_interrupt_handling()
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except BaseException as err:  # noqa: BLE001 - the last line of defence against a traceback
+        if isinstance(err, SystemExit):
+            raise
+        if is_interrupt(err):
+            which = _signal_seen[-1] if _signal_seen else "SIGINT"
+            print(f"flanneld: interrupted by {which} during start-up; exiting", file=sys.stderr)
+            return 0
+        print(f"flanneld: unexpected error: {describe_unexpected(err)}; please report it", file=sys.stderr)
+        return 1
+    finally:
+        restore_signals(None if argv is None else previous)
+
+
+def _main(argv: list[str]) -> int:
     try:
         flags = parse_flags(argv, os.environ)
     except HelpRequested:
         print(usage(), file=sys.stderr)
         return 0
     except UsageError as err:
-        print(f"flanneld: {err}", file=sys.stderr)
-        print(usage(), file=sys.stderr)
+        # One line, not Go's error-then-usage: the usage (60 lines) would bury the one line that matters.
+        print(f"flanneld: {err} (flanneld -help lists every flag)", file=sys.stderr)
         return 2
     if flags["version"]:
         print(__version__, file=sys.stderr)  # flanneld prints its version to stderr
         return 0
+    refusals = flags.refusals()
+    if refusals:
+        # Before any warning about the flags that merely have no effect: this start is over.
+        for line in refusals:
+            print(f"flanneld: {line}", file=sys.stderr)
+        return 1
 
     from flannelpy.ops.logsetup import setup_logging
 
-    setup_logging(flags["v"])
+    setup_logging(flags["v"], fmt=flags["log-format"])
     for warning in flags.inactive_in_use():
         log.warning("%s", warning)
+
+    import trio
 
     from flannelpy.agent import AgentOptions, run_agent
 
@@ -47,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     except FlannelError as err:
         log.error("%s", err)
         return err.exit_code
-    except KeyboardInterrupt:
-        return 0
     except Exception as err:  # anything unforeseen still ends in one line
         log.error("unexpected error: %s (run with -v=1 for the traceback)", describe_unexpected(err))
         log.debug("traceback of the unexpected error", exc_info=err)

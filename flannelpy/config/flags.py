@@ -9,7 +9,8 @@ with empty values ignored; `-version` is checked before the environment, as in f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import urlsplit
 
 from flannelpy.errors import UsageError
 
@@ -22,19 +23,66 @@ class FlagSpec:
     help: str
     # Accepted for compatibility but without effect here; the text says why.
     inactive: str = ""
+    # Refused when set (flanneld would run in a mode flannelpy does not have); the text says why and what to do.
+    refused: str = ""
+    # Checks a converted value at parse time: raises ValueError with the reason (the caller names the flag).
+    check: Callable[[Any], None] | None = None
 
 
 _KUBE = "Kubernetes mode is not supported: flannelpy runs in etcd mode only"
+_KUBE_REFUSED = (f"{_KUBE}; start it without -kube-subnet-mgr, with -etcd-endpoints naming your etcd "
+                 f"(the network config at <-etcd-prefix>/config)")
+
+ETCD_APIS = ("v3", "v2", "auto")
+LOG_FORMATS = ("text", "klog", "json")
+
+
+def split_endpoints(raw: str) -> tuple[str, ...]:
+    """-etcd-endpoints as a tuple of URLs; ValueError saying what is wrong with which one and the fix.
+
+    Checked when the flag is parsed: a bad endpoint would otherwise only show up as an endless
+    retry loop ("Request URL is missing an 'http://' or 'https://' protocol") long after start."""
+    endpoints = tuple(e.strip() for e in raw.split(",") if e.strip())
+    if not endpoints:
+        raise ValueError("empty; give at least one http(s)://host:port, e.g. http://127.0.0.1:2379")
+    for e in endpoints:
+        parts = urlsplit(e)
+        if "://" not in e:
+            raise ValueError(f"{e!r} has no scheme; write it as http://{e} (or https:// for TLS)")
+        if parts.scheme in ("unix", "unixs"):
+            raise ValueError(f"{e!r}: unix socket endpoints are not supported; give http(s)://host:port")
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"{e!r}: scheme {parts.scheme!r} is not supported; use http:// or https://")
+        if not parts.hostname:
+            raise ValueError(f"{e!r} has no host; give http(s)://host:port")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"{e!r}: the port is not a number between 1 and 65535") from None
+    return endpoints
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"must be {', '.join(choices[:-1])} or {choices[-1]}")
+    return check
+
+
+def _check_endpoints(value: Any) -> None:
+    split_endpoints(value)
 
 FLAGS: tuple[FlagSpec, ...] = (
-    FlagSpec("etcd-endpoints", str, "http://127.0.0.1:4001,http://127.0.0.1:2379", "a comma-delimited list of etcd endpoints"),
+    FlagSpec("etcd-endpoints", str, "http://127.0.0.1:4001,http://127.0.0.1:2379", "a comma-delimited list of etcd endpoints",
+             check=_check_endpoints),
     FlagSpec("etcd-prefix", str, "/coreos.com/network", "etcd prefix"),
     FlagSpec("etcd-keyfile", str, "", "SSL key file used to secure etcd communication"),
     FlagSpec("etcd-certfile", str, "", "SSL certification file used to secure etcd communication"),
     FlagSpec("etcd-cafile", str, "", "SSL Certificate Authority file used to secure etcd communication"),
     FlagSpec("etcd-username", str, "", "username for BasicAuth to etcd"),
     FlagSpec("etcd-password", str, "", "password for BasicAuth to etcd"),
-    FlagSpec("etcd-api", str, "auto", "etcd API to use: v3, v2 or auto (v3 when the config is there, else v2)"),
+    FlagSpec("etcd-api", str, "auto", "etcd API to use: v3, v2 or auto (v3 when the config is there, else v2)",
+             check=_one_of(ETCD_APIS)),
     FlagSpec("etcd-transport", str, "auto", "etcd v3 transport: gateway (JSON), grpc, or auto (the gateway; etcd's gRPC API where the gateway cannot serve)"),
     FlagSpec("iface", list, [], "interface to use (IP or name) for inter-host communication; may be repeated"),
     FlagSpec("iface-regex", list, [], "regex expression to match the first interface to use (IP or name); may be repeated"),
@@ -54,7 +102,7 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("docker-daemon-json", str, "", "set bip and mtu from the lease in this Docker daemon.json (empty: off)"),
     FlagSpec("docker-restart", bool, False, "restart Docker when bip or mtu in daemon.json changed"),
     FlagSpec("status-socket", str, "/run/flannel/flanneld.sock", "unix socket serving /status for flannelctl (empty: off)"),
-    FlagSpec("kube-subnet-mgr", bool, False, "contact the Kubernetes API for subnet assignment", inactive=_KUBE),
+    FlagSpec("kube-subnet-mgr", bool, False, "contact the Kubernetes API for subnet assignment", refused=_KUBE_REFUSED),
     FlagSpec("kube-api-url", str, "", "Kubernetes API server URL", inactive=_KUBE),
     FlagSpec("kubeconfig-file", str, "", "kubeconfig file location", inactive=_KUBE),
     FlagSpec("kube-annotation-prefix", str, "flannel.alpha.coreos.com", "Kubernetes annotation prefix", inactive=_KUBE),
@@ -62,6 +110,8 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("set-node-network-unavailable", bool, True, "set NodeNetworkUnavailable after ready", inactive=_KUBE),
     FlagSpec("version", bool, False, "print version and exit"),
     FlagSpec("v", int, 0, "log level for V logs"),
+    FlagSpec("log-format", str, "text", "log line format: text (ISO time, level letter, logger), klog (flanneld's "
+             "'I1130 20:46:00.385123 pid file:line] msg') or json (one object per line)", check=_one_of(LOG_FORMATS)),
     FlagSpec("vmodule", str, "", "comma-separated list of pattern=N settings (accepted, ignored)"),
     FlagSpec("log_backtrace_at", str, "", "when logging hits line file:N, emit a stack trace (accepted, ignored)"),
 )
@@ -94,8 +144,23 @@ class ParsedFlags:
                 out.append(f"-{name} is accepted but has no effect: {spec.inactive}")
         return out
 
+    def refusals(self) -> list[str]:
+        """One line per flag that asks for a mode flannelpy does not have (the agent must not start)."""
+        return [f"-{spec.name}: {spec.refused}" for spec in FLAGS
+                if spec.refused and spec.name in self.given and self.values[spec.name] != spec.default]
+
 
 def _convert(spec: FlagSpec, raw: str, source: str) -> Any:
+    value = _convert_kind(spec, raw, source)
+    if spec.check is not None:
+        try:
+            spec.check(value)
+        except ValueError as err:
+            raise UsageError(f'invalid value "{raw}" for {source}: {err}') from None
+    return value
+
+
+def _convert_kind(spec: FlagSpec, raw: str, source: str) -> Any:
     if spec.kind is bool:
         if raw in _TRUE:
             return True
@@ -118,7 +183,7 @@ def usage() -> str:
         if spec.kind is int or (spec.kind is not list and spec.default not in ("", False)):
             shown = f'"{spec.default}"' if spec.kind is str else str(spec.default).lower()
             default = f" (default {shown})"
-        extra = f" [{spec.inactive}]" if spec.inactive else ""
+        extra = f" [{spec.inactive or spec.refused.split(';')[0]}]" if spec.inactive or spec.refused else ""
         lines.append(f"  -{spec.name}{kind}")
         lines.append(f"    \t{spec.help}{default}{extra}")
     lines.append("")
