@@ -2,6 +2,7 @@
 
 import logging
 import secrets
+import shlex
 import subprocess
 from ipaddress import IPv4Network as N
 
@@ -128,22 +129,31 @@ async def test_previous_subnet_and_legacy_rules_removed(netns):
     assert chain(ns, "nat", "FLANNEL-POSTRTG") == want(R.masq_rules(NET, POD, random_fully=True), "FLANNEL-POSTRTG")
 
 
-async def test_docker_user_jump_inserted_first_and_idempotent(netns):
+async def test_docker_user_rule_inserted_once_and_administrators_rules_keep_precedence(netns):
     ns = netns()
     in_ns(ns, "iptables", "-N", "DOCKER-USER")
     in_ns(ns, "iptables", "-A", "DOCKER-USER", "-j", "RETURN")
     in_ns(ns, "iptables", "-A", "FORWARD", "-j", "DOCKER-USER")
     m = mgr(ns, masq=False)
     await m.ensure()
-    jump = R.DOCKER_USER_JUMP.spec_text
-    assert chain(ns, "filter", "DOCKER-USER") == [jump, "-j RETURN"]
-    # Docker re-creating its chain puts something in front of ours: resync puts ours back on top, once
-    in_ns(ns, "iptables", "-I", "DOCKER-USER", "1", "-s", "1.2.3.4", "-j", "DROP")
+    # what flannelpy put there before issue #15: an unconditional jump overriding Docker's decisions
+    in_ns(ns, "iptables", "-I", "DOCKER-USER", "1", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD")
+    assert await m.cleanup_previous() == [R.LEGACY_DOCKER_USER_JUMP]
+    ours = R.docker_user_rule(NET).spec_text
+    assert chain(ns, "filter", "DOCKER-USER") == [ours, "-j RETURN"]
+    # the administrator inserts a DROP above ours: it stays above, through resyncs and rebuilds
+    in_ns(ns, "iptables", "-I", "DOCKER-USER", "1", "-s", "10.5.9.7", "-j", "DROP")
+    assert await m.missing() == []
+    assert not await m.ensure()
+    in_ns(ns, "iptables", "-F", "FLANNEL-FWD")  # forces a rebuild
+    assert await m.ensure()
+    assert chain(ns, "filter", "DOCKER-USER") == ["-s 10.5.9.7/32 -j DROP", ours, "-j RETURN"]
+    # ours deleted: back in, once, before Docker's closing RETURN
+    in_ns(ns, "iptables", "-D", "DOCKER-USER", *shlex.split(ours))
     assert await m.missing() != []
     assert await m.ensure()
-    assert chain(ns, "filter", "DOCKER-USER") == [jump, "-s 1.2.3.4/32 -j DROP", "-j RETURN"]
-    assert not await m.ensure()  # nothing missing: nothing done
-    assert chain(ns, "filter", "DOCKER-USER") == [jump, "-s 1.2.3.4/32 -j DROP", "-j RETURN"]
+    assert chain(ns, "filter", "DOCKER-USER") == [ours, "-s 10.5.9.7/32 -j DROP", "-j RETURN"]
+    assert not await m.ensure()
 
 
 async def test_forward_policy_drop_still_forwards_overlay(netns):
@@ -174,7 +184,7 @@ async def test_missing_iptables_is_a_clear_error(netns, monkeypatch, tmp_path):
 
 @pytest.mark.docker
 @pytest.mark.slow
-async def test_with_real_dockerd_our_jump_is_first_in_docker_user(netns, tmp_path):
+async def test_with_real_dockerd_our_rule_is_in_docker_user_before_its_return(netns, tmp_path):
     from dockerd import Dockerd
 
     from flannelpy.docker.daemon_json import update_daemon_json
@@ -187,7 +197,7 @@ async def test_with_real_dockerd_our_jump_is_first_in_docker_user(netns, tmp_pat
         await m.ensure()
         forward = chain(ns, "filter", "FORWARD")
         assert forward[0] == "-j DOCKER-USER"  # Docker's jump first, so ours in DOCKER-USER runs first
-        assert chain(ns, "filter", "DOCKER-USER")[0] == R.DOCKER_USER_JUMP.spec_text
+        assert chain(ns, "filter", "DOCKER-USER") == [R.docker_user_rule(NET).spec_text, "-j RETURN"]
         assert await m.missing() == []
 
 

@@ -65,7 +65,17 @@ COMMIT
 """
 
 
-def test_payload_deletes_every_copy_of_jumps_and_inserts_first_in_docker_user():
+DOCKER_USER_RULE = '-s 10.5.0.0/16 -d 10.5.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT'
+
+
+def test_docker_user_rule_accepts_only_network_to_network():
+    """Published ports, user-defined bridges and outside traffic stay Docker's decision."""
+    assert R.docker_user_rule(NET).line() == f"-A DOCKER-USER {DOCKER_USER_RULE}"
+    assert R.desired_rules(NET, POD, masq=False, forward=True, random_fully=True).docker_user == R.docker_user_rule(NET)
+    assert R.desired_rules(NET, POD, masq=True, forward=False, random_fully=True).docker_user is None
+
+
+def test_payload_deletes_every_copy_of_jumps_and_inserts_into_docker_user():
     d = R.desired_rules(NET, POD, masq=False, forward=True, random_fully=True)
     saved = R.parse_save(SAVE_DOCKER)
     jump = '-m comment --comment "flanneld forward" -j FLANNEL-FWD'
@@ -73,7 +83,7 @@ def test_payload_deletes_every_copy_of_jumps_and_inserts_first_in_docker_user():
         "*filter\n:FLANNEL-FWD - [0:0]\n"
         f"-D FORWARD {jump}\n-D FORWARD {jump}\n"
         + FWD
-        + f"-I DOCKER-USER 1 {jump}\nCOMMIT\n"
+        + f"-I DOCKER-USER 1 {DOCKER_USER_RULE}\nCOMMIT\n"
     )
 
 
@@ -86,7 +96,7 @@ def test_parse_save_and_missing_detection():
     assert missing == [
         "chain nat/FLANNEL-POSTRTG",
         'filter: -A FLANNEL-FWD -d 10.5.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT',
-        'filter: -I DOCKER-USER 1 -m comment --comment "flanneld forward" -j FLANNEL-FWD (must be first)',
+        f"filter: -I DOCKER-USER 1 {DOCKER_USER_RULE} (absent, or after a rule that ends the chain)",
     ]
 
 
@@ -95,14 +105,52 @@ def test_nothing_missing_after_applying_payload_text():
     assert R.missing_rules(d, R.parse_save(R.restore_payload(d, R.SavedTables()))) == []
 
 
-def test_jump_not_first_in_docker_user_is_missing():
+def _du_missing(d: R.Desired, saved: R.SavedTables) -> list[str]:
+    return [m for m in R.missing_rules(d, saved) if "DOCKER-USER" in m]
+
+
+def _docker_user(*specs: str) -> R.SavedTables:
+    return R.parse_save("*filter\n:DOCKER-USER - [0:0]\n" + "".join(f"-A DOCKER-USER {s}\n" for s in specs) + "COMMIT\n")
+
+
+def test_docker_user_rule_after_the_closing_return_is_missing_and_moved():
     d = R.desired_rules(NET, POD, masq=False, forward=True, random_fully=False)
-    text = R.restore_payload(d, R.SavedTables()).replace(
-        "COMMIT", ':DOCKER-USER - [0:0]\n-A DOCKER-USER -j RETURN\n-A DOCKER-USER -m comment --comment "flanneld forward" -j FLANNEL-FWD\nCOMMIT'
-    )
-    assert R.missing_rules(d, R.parse_save(text)) == [
-        'filter: -I DOCKER-USER 1 -m comment --comment "flanneld forward" -j FLANNEL-FWD (must be first)'
-    ]
+    saved = _docker_user("-j RETURN", DOCKER_USER_RULE)
+    assert _du_missing(d, saved) == [
+        f"filter: -I DOCKER-USER 1 {DOCKER_USER_RULE} (absent, or after a rule that ends the chain)"]
+    after = _apply(R.restore_payload(d, saved), saved)
+    assert after.chain("filter", "DOCKER-USER") == [DOCKER_USER_RULE, "-j RETURN"]
+    # a comment on the closing rule does not hide that it ends the chain
+    assert _du_missing(d, _docker_user('-m comment --comment "x" -j RETURN', DOCKER_USER_RULE))
+
+
+def test_administrators_rules_above_ours_stay_above_it():
+    """DOCKER-USER is the administrator's: a DROP they inserted first keeps winning through rebuilds."""
+    d = R.desired_rules(NET, POD, masq=False, forward=True, random_fully=False)
+    theirs = "-s 10.5.9.7/32 -j DROP"
+    saved = _docker_user(theirs, DOCKER_USER_RULE, "-j RETURN")
+    assert _du_missing(d, saved) == []
+    after = _apply(R.restore_payload(d, saved), saved)
+    assert after.chain("filter", "DOCKER-USER") == [theirs, DOCKER_USER_RULE, "-j RETURN"]
+    # a conditional RETURN of theirs ends nothing for the packets it does not match
+    assert _du_missing(d, _docker_user("-i eth9 -j RETURN", DOCKER_USER_RULE, "-j RETURN")) == []
+
+
+def test_two_instances_each_keep_their_own_docker_user_rule_without_flapping():
+    a = R.desired_rules(NET, POD, masq=False, forward=True, random_fully=False)
+    b = R.desired_rules(NET_B, POD_B, masq=False, forward=True, random_fully=False)
+    state = _docker_user("-j RETURN")
+    state = _apply(R.restore_payload(a, state), state)
+    state = _apply(R.restore_payload(b, state), state)
+    assert R.missing_rules(a, state) == [] and R.missing_rules(b, state) == []
+    assert state.chain("filter", "DOCKER-USER") == [
+        R.docker_user_rule(NET_B).spec_text, DOCKER_USER_RULE, "-j RETURN"]
+
+
+def test_earlier_flannelpys_docker_user_jump_is_a_legacy_rule():
+    saved = _docker_user('-m comment --comment "flanneld forward" -j FLANNEL-FWD', "-j RETURN")
+    assert R.legacy_rules(saved, [(NET, POD)]) == [R.LEGACY_DOCKER_USER_JUMP]
+    assert R.legacy_rules(_docker_user("-j RETURN"), [(NET, POD)]) == []
 
 
 def test_no_docker_user_chain_means_no_docker_user_rule():

@@ -78,9 +78,41 @@ def forward_rules(network: IPv4Network) -> list[Rule]:
     ]
 
 
-# Docker >= 17.06 jumps to DOCKER-USER first in FORWARD; Docker's own rules (DROP policy, isolation,
-# Docker 28's stricter filtering) come after it, so our jump goes at the top of DOCKER-USER.
-DOCKER_USER_JUMP = Rule("filter", DOCKER_USER, (*_c(FWD_COMMENT), "-j", FWD_CHAIN))
+# Docker >= 17.06 jumps to DOCKER-USER first in FORWARD, before its own rules (isolation between its
+# bridges, published ports, and since Docker 28 a DROP of anything else entering a bridge), so the
+# FLANNEL-FWD jump appended to FORWARD, as flanneld does it, is never reached there by overlay traffic.
+# What flannel needs is only traffic from the Network to the Network; everything else (published ports,
+# user-defined bridges, traffic to and from outside) stays Docker's decision, so this rule accepts
+# exactly that and no more.  It goes before Docker's closing `-j RETURN` but never above rules the
+# administrator inserted later: DOCKER-USER is theirs, and what they put first must keep winning.
+def docker_user_rule(network: IPv4Network) -> Rule:
+    n = str(network)
+    return Rule("filter", DOCKER_USER, ("-s", n, "-d", n, *_c(FWD_COMMENT), "-j", "ACCEPT"))
+
+
+# What flannelpy inserted before: an unconditional jump into FLANNEL-FWD at the top of DOCKER-USER.
+# FLANNEL-FWD accepts anything *from* or *to* the Network, so it overrode Docker's isolation of
+# user-defined bridges and any DROP the administrator put in DOCKER-USER; removed at start-up.
+LEGACY_DOCKER_USER_JUMP = Rule("filter", DOCKER_USER, (*_c(FWD_COMMENT), "-j", FWD_CHAIN))
+
+# Targets that end a chain's evaluation for every packet when the rule has no match
+_TERMINAL = ("RETURN", "ACCEPT", "DROP", "REJECT")
+
+
+def _unconditional_end(spec: str) -> bool:
+    """A rule every packet that reaches it stops at (`-j RETURN`, Docker's last DOCKER-USER rule)."""
+    parsed = _strip_extras(spec)
+    return parsed is not None and len(parsed[0]) >= 2 and parsed[0][0] == "-j" and parsed[0][1] in _TERMINAL
+
+
+def rule_reachable(chain_specs: list[str], rule: Rule) -> bool:
+    """`rule` is in the chain before any rule that stops every packet (so packets can reach it)."""
+    for spec in chain_specs:
+        if spec == rule.spec_text:
+            return True
+        if _unconditional_end(spec):
+            return False
+    return False
 
 
 # --- reading iptables-save ---------------------------------------------------------------------
@@ -137,7 +169,7 @@ class Desired:
     """
 
     rules: tuple[Rule, ...]
-    docker_user: bool  # put our jump first in DOCKER-USER when that chain exists
+    docker_user: Rule | None  # our rule in DOCKER-USER, kept reachable when that chain exists
     own_networks: tuple[IPv4Network, ...] = ()
 
     @property
@@ -160,7 +192,7 @@ def desired_rules(
     if forward:
         rules += forward_rules(network)
     own = (network,) if previous_network in (None, network) else (network, previous_network)
-    return Desired(tuple(rules), docker_user=forward, own_networks=own)
+    return Desired(tuple(rules), docker_user=docker_user_rule(network) if forward else None, own_networks=own)
 
 
 _OUR_COMMENTS = (MASQ_COMMENT, FWD_COMMENT)
@@ -213,10 +245,11 @@ def missing_rules(desired: Desired, saved: SavedTables) -> list[str]:
     for rule in desired.rules:
         if saved.has_chain(rule.table, rule.chain) and saved.count(rule) == 0:
             missing.append(f"{rule.table}: {rule.line()}")
-    if desired.docker_user:
+    if desired.docker_user is not None:
         du = saved.chain("filter", DOCKER_USER)
-        if du is not None and (not du or du[0] != DOCKER_USER_JUMP.spec_text):
-            missing.append(f"filter: -I {DOCKER_USER} 1 {DOCKER_USER_JUMP.spec_text} (must be first)")
+        if du is not None and not rule_reachable(du, desired.docker_user):
+            missing.append(f"filter: -I {DOCKER_USER} 1 {desired.docker_user.spec_text} "
+                           f"(absent, or after a rule that ends the chain)")
     return missing
 
 
@@ -250,10 +283,13 @@ def restore_payload(desired: Desired, saved: SavedTables, cleanup: list[Rule] = 
         add(rule.table, rule.line("-A"))
     for table, chain, spec in foreign_rules(desired, saved):
         add(table, f"-A {chain} {spec}")
-    if desired.docker_user and saved.has_chain("filter", DOCKER_USER):
-        for _ in range(saved.count(DOCKER_USER_JUMP)):
-            add("filter", DOCKER_USER_JUMP.line("-D"))
-        add("filter", f"-I {DOCKER_USER} 1 {DOCKER_USER_JUMP.spec_text}")
+    du = saved.chain("filter", DOCKER_USER)
+    if desired.docker_user is not None and du is not None and not rule_reachable(du, desired.docker_user):
+        # Only when Docker's chain lacks it or it sits where no packet reaches it: a rule that is in
+        # place stays there, below whatever the administrator inserted above it since.
+        for _ in range(saved.count(desired.docker_user)):
+            add("filter", desired.docker_user.line("-D"))
+        add("filter", f"-I {DOCKER_USER} 1 {desired.docker_user.spec_text}")
     return "".join(f"*{t}\n" + "".join(f"{l}\n" for l in lines) + "COMMIT\n" for t, lines in by_table.items())
 
 
@@ -326,12 +362,15 @@ def _strip_extras(spec: str) -> tuple[tuple[str, ...], str | None] | None:
 
 
 def legacy_rules(saved: SavedTables, networks: list[tuple[IPv4Network, IPv4Network | None]]) -> list[Rule]:
-    """Rules left in POSTROUTING/FORWARD by pre-v0.20 flanneld for any of `networks`, as found.
+    """Rules left in POSTROUTING/FORWARD by pre-v0.20 flanneld for any of `networks`, as found, and
+    earlier flannelpy's unconditional jump in DOCKER-USER (LEGACY_DOCKER_USER_JUMP).
 
     Matches the old rule shapes with or without their comment and --random-fully; a rule carrying
     some other comment belongs to someone else and is left alone.
     """
     found: list[Rule] = []
+    if saved.count(LEGACY_DOCKER_USER_JUMP):
+        found.append(LEGACY_DOCKER_USER_JUMP)
     for network, subnet in networks:
         for chain, bodies in _legacy_bodies(network, subnet).items():
             table = "nat" if chain == "POSTROUTING" else "filter"
