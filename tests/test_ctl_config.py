@@ -123,3 +123,70 @@ def test_subprocess_entry_point(etcd):
     r = subprocess.run([sys.executable, "-m", "flannelpy.cli.flannelctl", "config", "get", "--etcd-api", "v4",
                         *ep(etcd)], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "v4" in r.stderr
+
+
+# --- issue 13: validation is the agent's, inline JSON, errors that say what is wrong ---------------------
+
+@pytest.mark.parametrize("config,problem", [
+    ('{"Network":"10.5.0.0/16","Backend":{"Type":"bogus"}}', "unknown backend type: 'bogus'"),
+    ('{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}', "unknown backend type: 'wireguard'"),
+    ('{"Network":"10.5.0.0/16","Backend":{"Type":"ipip"}}', "unknown backend type: 'ipip'"),
+    ('{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","VNI":"x"}}', 'Backend.VNI: expected an integer, got "x"'),
+    ('{"Network":"10.5.0.0/16","Backend":{"Type":"udp","Port":70000}}', "Backend.Port: 70000 is out of range"),
+    ('{"Network":"10.5.0.0/16","Backend":{"Type":"udp","Port":"x"}}', 'Backend.Port: expected an integer, got "x"'),
+])
+def test_validate_refuses_what_every_agent_refuses(capsys, config, problem):
+    """Inline JSON, as the README shows it; each of these was once reported `valid`."""
+    assert main(["config", "validate", config]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("argument: invalid config (1 problem):") and problem in out
+
+
+def test_validate_reports_every_problem_at_once_including_the_backend_type(capsys):
+    assert main(["config", "validate", '{"Network":"10.5.0.0/16","SubnetLen":33,"Backend":{"Type":"ipip"}}']) == 1
+    out = capsys.readouterr().out
+    assert "(2 problems)" in out and "SubnetLen: 33" in out and "unknown backend type: 'ipip'" in out
+
+
+def test_readme_validate_example_works(capsys):
+    assert main(["config", "validate", '{"Network":"10.5.0.0/16","SubnetLen":33}']) == 1
+    out = capsys.readouterr()
+    assert out.out.startswith("argument: invalid config (1 problem):") and "SubnetLen" in out.out
+    assert "No such file" not in out.err
+
+
+def test_set_refuses_a_bogus_backend_and_writes_nothing(etcd, capsys):
+    assert main(["config", "set", *ep(etcd), '{"Network":"10.5.0.0/16","Backend":{"Type":"bogus"}}']) == 1
+    assert "unknown backend type: 'bogus'" in capsys.readouterr().err
+    assert v3_get(etcd) == "" and v2_get(etcd) is None
+
+
+def test_v2_against_an_etcd_without_v2_says_so(capsys):
+    from etcd_server import EtcdServer
+
+    with EtcdServer(enable_v2=False) as etcd:
+        assert main(["config", "get", *ep(etcd, "--etcd-api", "v2")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "does not serve the v2 API" in err and "--enable-v2=true" in err
+        assert "no network config" not in err
+        assert main(["config", "set", *ep(etcd, "--etcd-api", "v2"), GOOD]) == 1
+        assert "--enable-v2=true" in capsys.readouterr().err
+        # auto: v3 has no key, v2 is off; the hint offers only the command that can work
+        assert main(["config", "get", *ep(etcd)]) == 1
+        err = capsys.readouterr().err
+        assert f"put {PREFIX}/config" in err and "ETCDCTL_API=2" not in err
+
+
+@pytest.mark.parametrize("argv", [["config", "get"], ["config", "validate"], ["config", "set", GOOD]])
+def test_unreachable_etcd_is_not_a_missing_config(capsys, argv):
+    assert main([*argv, "--etcd-endpoints", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "no network config" not in err
+    assert "127.0.0.1:9" in err and "is etcd running" in err and "--etcd-endpoints" in err
+
+
+def test_bad_endpoint_is_a_usage_error_naming_the_fix(capsys):
+    assert main(["config", "get", "--etcd-endpoints", "notaurl"]) == 2
+    assert capsys.readouterr().err == (
+        "flannelctl: --etcd-endpoints: 'notaurl' has no scheme; write it as http://notaurl (or https:// for TLS)\n")

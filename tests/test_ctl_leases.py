@@ -61,3 +61,38 @@ def test_leases_say_why_an_agent_would_refuse_them(etcd, capsys):
     out = capsys.readouterr()
     assert all(r["refused"] is None for r in json.loads(out.out))
     assert "the network config in etcd is invalid (Network: 127.0.0.0/16 overlaps loopback" in out.err
+
+
+def test_a_wrong_prefix_names_the_prefixes_that_hold_a_network(etcd, capsys):
+    """No config and no lease under the prefix: exit 1 and say where the network is."""
+    etcd.etcdctl("put", "/atomic.io/network/config", CONFIG)
+    etcd.etcdctl("put", "/atomic.io/network/subnets/10.5.1.0-24", V1)
+    assert main(["leases", "--etcd-endpoints", etcd.endpoint, "--etcd-prefix", "/coreos.com/network"]) == 1
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.count("\n") == 1
+    assert "nothing under /coreos.com/network/ (no config, no leases)" in out.err
+    assert "found /atomic.io/network (a config and 1 lease, etcd v3): use --etcd-prefix /atomic.io/network" in out.err
+    # nothing anywhere: says so, still exit 1
+    assert main(["leases", "--etcd-endpoints", etcd.endpoint, "--etcd-prefix", "/x", "--etcd-api", "v2"]) == 1
+    assert "no flannel network at the usual prefixes either" in capsys.readouterr().err
+
+
+def test_a_config_without_leases_is_an_empty_table(etcd, capsys):
+    etcd.etcdctl("put", f"{PREFIX}/config", CONFIG)
+    assert main(["leases", "--etcd-endpoints", etcd.endpoint, "--etcd-prefix", PREFIX]) == 0
+    out = capsys.readouterr()
+    assert out.out.split() == ["SUBNET", "PUBLIC", "IP", "BACKEND", "VTEP", "MAC", "EXPIRES", "IN", "REFUSED"]
+    assert "no leases under /fpop/network/subnets/ yet" in out.err
+
+
+def test_leases_has_the_tls_and_auth_options_of_config(capsys):
+    import pytest
+
+    for argv in (["leases"], ["config", "get"], ["config", "set"], ["config", "validate"]):
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        text = capsys.readouterr().out
+        for opt in ("--etcd-cafile", "--etcd-certfile", "--etcd-keyfile", "--etcd-username", "--etcd-password",
+                    "--etcd-api", "--etcd-transport", "/etc/sysconfig/flanneld"):
+            assert opt in text, (argv, opt)

@@ -13,11 +13,9 @@ from typing import Any, TextIO
 
 import trio
 
-from flannelpy.backends import backend_class
 from flannelpy.config.network import NetworkConfig, check_config
 from flannelpy.errors import FlannelError
 from flannelpy.etcd.select import (
-    API_CHOICES,
     check_api,
     config_key,
     create_command,
@@ -25,33 +23,11 @@ from flannelpy.etcd.select import (
     make_store,
     probe,
 )
-from flannelpy.etcd.store import EtcdOptions, Store
-from flannelpy.etcd.transport_choice import TRANSPORT_CHOICES
+from flannelpy.etcd.diagnose import UNREACHABLE
+from flannelpy.etcd.store import EtcdOptions, Store, StoreUnavailable
 
-
-def add_etcd_options(p: argparse.ArgumentParser) -> None:
-    """The connection options, named like flanneld's flags."""
-    d = EtcdOptions()
-    p.add_argument("--etcd-endpoints", default=",".join(d.endpoints), help="comma-separated etcd endpoints")
-    p.add_argument("--etcd-prefix", default=d.prefix, help="etcd prefix (default %(default)s)")
-    p.add_argument("--etcd-api", default="auto", choices=API_CHOICES,
-                   help="etcd API: v3, v2 or auto (the one holding the config; v3 first)")
-    p.add_argument("--etcd-keyfile", default="", help="TLS client key")
-    p.add_argument("--etcd-certfile", default="", help="TLS client certificate")
-    p.add_argument("--etcd-cafile", default="", help="TLS CA bundle")
-    p.add_argument("--etcd-username", default="", help="etcd basic auth user")
-    p.add_argument("--etcd-password", default="", help="etcd basic auth password")
-    p.add_argument("--etcd-transport", default="auto", choices=TRANSPORT_CHOICES,
-                   help="etcd v3 transport: gateway (JSON), grpc, or auto (the gateway; gRPC where it cannot serve)")
-
-
-def options_from_args(args: argparse.Namespace) -> EtcdOptions:
-    endpoints = tuple(e.strip() for e in args.etcd_endpoints.split(",") if e.strip())
-    if not endpoints:
-        raise FlannelError("--etcd-endpoints: empty; give at least one http(s)://host:port")
-    return EtcdOptions(endpoints=endpoints, prefix=args.etcd_prefix, keyfile=args.etcd_keyfile,
-                       certfile=args.etcd_certfile, cafile=args.etcd_cafile,
-                       username=args.etcd_username, password=args.etcd_password, transport=args.etcd_transport)
+# The connection options, whose defaults are flanneld's settings on this host, shared with `leases`.
+from ._etcd_args import add_etcd_options, options_from_args
 
 
 # --- pure helpers ---------------------------------------------------------------------------
@@ -81,16 +57,37 @@ def effective(cfg: NetworkConfig) -> dict[str, Any]:
 
 
 def check(text: str) -> tuple[NetworkConfig | None, list[str]]:
-    """The agent's own checks, in its order: the config (check_config), then the backend type it
-    looks up (backend_class), so `validate` refuses exactly what flanneld would."""
+    """The agent's own checks: the config (check_config), then the backend type it looks up
+    (backend_class), so `validate` refuses exactly what flanneld would.  Every problem at once:
+    an unknown Backend.Type is reported beside the config's other problems."""
+    from flannelpy.backends import backend_class  # here, not at the top: pyroute2 costs every command ~0.6 s
+
     result = check_config(text, collect=True)
-    if not isinstance(result, NetworkConfig):
-        return None, [str(e) for e in result]
-    try:
-        backend_class(result.backend_type)
-    except FlannelError as err:
-        return None, [str(err)]
+    backend_type = result.backend_type if isinstance(result, NetworkConfig) else _declared_backend_type(text)
+    problems = [] if isinstance(result, NetworkConfig) else [str(e) for e in result]
+    if backend_type:
+        try:
+            backend_class(backend_type)
+        except FlannelError as err:
+            if str(err) not in problems:
+                problems.append(str(err))
+    if problems or not isinstance(result, NetworkConfig):
+        return None, problems
     return result, []
+
+
+def _declared_backend_type(text: str) -> str:
+    """Backend.Type as the agent would read it, or "" when the text does not get that far."""
+    from flannelpy.config.network import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, backend_option
+    from flannelpy.jsonlimits import load_json
+
+    try:
+        doc = load_json(text, max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH)
+        backend = doc.get("Backend") if isinstance(doc, dict) else None
+        value = backend_option(backend, "Type", str, "") if isinstance(backend, dict) else ""
+    except (ValueError, FlannelError):
+        return ""
+    return value.lower() if isinstance(value, str) else ""
 
 
 def report_problems(where: str, problems: list[str], out: TextIO) -> None:
@@ -117,11 +114,17 @@ async def _read(options: EtcdOptions, api: str) -> tuple[str, str]:
         if p.state not in ("missing", "disabled"):
             break  # v3 unreachable or failing: do not fall back to a possibly stale v2 config
     failure = failure_message(options, probes)
-    if failure is not None:
-        raise FlannelError(failure)  # etcd failed or refused us: not a missing key
+    if failure is not None:  # etcd failed or refused us: not a missing key
+        if all(p.state == UNREACHABLE for p in probes):
+            raise StoreUnavailable(failure)  # flannelctl adds where the endpoints came from
+        raise FlannelError(failure)
+    if api == "v2" and probes[0].state == "disabled":
+        raise FlannelError(f"etcd at {','.join(options.endpoints)} does not serve the v2 API: start etcd with "
+                           f"--enable-v2=true, or use --etcd-api v3 (or auto)")
     found = "; ".join(p.describe() for p in probes)
-    hint = "; create it with: " + " or ".join(create_command(options, p.api) for p in probes) \
-        if all(p.state in ("missing", "disabled") for p in probes) else ""
+    usable = [p for p in probes if p.state == "missing"]  # no use suggesting a write to a disabled API
+    hint = "; create it with: " + " or ".join(create_command(options, p.api) for p in usable) \
+        if usable and all(p.state in ("missing", "disabled") for p in probes) else ""
     raise FlannelError(f"no network config at {config_key(options)} ({found}){hint}")
 
 
@@ -159,13 +162,18 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def _read_source(source: str) -> tuple[str, str]:
+    """(text, where): `-` is stdin, text starting with `{` is the config itself, anything else a file."""
     if source == "-":
         return sys.stdin.read(), "stdin"
+    if source.lstrip().startswith("{"):
+        return source, "argument"
     try:
         with open(source, encoding="utf-8") as fh:
             return fh.read(), source
     except OSError as exc:
-        raise FlannelError(f"{source}: {exc.strerror}") from None
+        raise FlannelError(f"{source}: {exc.strerror}; give a file, - for stdin, or the config JSON itself") from None
+    except UnicodeDecodeError:
+        raise FlannelError(f"{source}: not UTF-8 text; a config is JSON") from None
 
 
 def cmd_set(args: argparse.Namespace) -> int:
@@ -212,7 +220,8 @@ def register(subparsers) -> None:
     s.add_argument("value", help="the config JSON, or - to read it from stdin")
     s.set_defaults(func=cmd_set)
 
-    v = sub.add_parser("validate", help="check a config file, stdin (-) or, with no argument, the one in etcd")
+    v = sub.add_parser("validate", help="check a config (JSON, file, stdin) or, with no argument, the one in etcd")
     add_etcd_options(v)
-    v.add_argument("source", nargs="?", default=None, help="file, - for stdin, or nothing for etcd")
+    v.add_argument("source", nargs="?", default=None,
+                   help="the config JSON itself ('{...}'), a file, - for stdin, or nothing for the one in etcd")
     v.set_defaults(func=cmd_validate)

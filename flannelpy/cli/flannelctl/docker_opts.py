@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from flannelpy.docker.opts import DockerOptsError, parse_args, render, route_conflict
+from flannelpy.docker.opts import USAGE, DockerOptsError, parse_args, render, route_conflict
 from flannelpy.subnet.envfile import parse_env_file
 
 
@@ -41,6 +41,16 @@ def run(argv: list[str], environ: dict[str, str] | None = None, prog: str = "mk-
     return 0
 
 
+def _run_from_flannelctl(args: argparse.Namespace) -> int:
+    script = os.environ.get("MK_DOCKER_OPTS_NAME")
+    if script is None and args.argv in (["--help"], ["-h"], ["-help"]):
+        # Asked as flannelctl: help on stdout, exit 0.  As mk-docker-opts.sh (the wrapper sets
+        # MK_DOCKER_OPTS_NAME), -h keeps the script's usage on stderr and exit 1.
+        sys.stdout.write(USAGE.format(prog="flannelctl docker-opts"))
+        return 0
+    return run(args.argv, prog=script or "mk-docker-opts.sh")
+
+
 def register(subparsers) -> None:
     # "+" as prefix: every argument, -h included, goes to the getopts-style parser unchanged
     p = subparsers.add_parser(
@@ -50,4 +60,4 @@ def register(subparsers) -> None:
         add_help=False,
     )
     p.add_argument("argv", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda args: run(args.argv, prog=os.environ.get("MK_DOCKER_OPTS_NAME", "mk-docker-opts.sh")))
+    p.set_defaults(func=_run_from_flannelctl)

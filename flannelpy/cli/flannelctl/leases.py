@@ -3,6 +3,10 @@
 The REFUSED column says why an agent would refuse a lease (subnet/admission.py), judged against the
 network config in etcd in the order etcd lists the leases.  The checks that need a host (its own
 subnet, addresses and routes) are left out here: an agent may refuse more.
+
+Nothing at all under the prefix (no config, no lease) is almost always a wrong --etcd-prefix: that
+exits 1 and names the prefixes that do hold a network.  A config without leases (no agent started
+yet) is a normal, empty table, exit 0.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from typing import Any
 import trio
 
 from flannelpy.config.network import NetworkConfig, check_config
+from flannelpy.errors import FlannelError
 from flannelpy.etcd.store import EtcdOptions
 from flannelpy.subnet.admission import AdmissionRules, Refusal, judge_listing
 from flannelpy.subnet.lease import Lease
 
-from .config import add_etcd_options, options_from_args
+from ._etcd_args import add_etcd_options, host_settings, options_from_args
 
 
 def _expires_in(lease: Lease, now: float) -> str:
@@ -92,16 +97,32 @@ def _config(text: str | None) -> NetworkConfig | None:
     return None
 
 
+async def _nothing_here(options: EtcdOptions, api: str) -> FlannelError:
+    """The error for a prefix with no config and no lease, naming the prefixes that hold a network."""
+    from ._prefixes import find_networks, hint
+
+    found = await find_networks(options, api, extra=(host_settings().value("etcd-prefix"),))
+    return FlannelError(f"nothing under {options.prefix.rstrip('/')}/ (no config, no leases): {hint(options.prefix, found)}")
+
+
 def run(args) -> int:
     options = options_from_args(args)
     leases, config_text = trio.run(_fetch, options, args.etcd_api)
+    if not leases and config_text is None:
+        raise trio.run(_nothing_here, options, args.etcd_api)
     rows = lease_rows(leases, time.time(), refusals(leases, _config(config_text)))
     print(json.dumps(rows, indent=2) if args.json else format_table(rows), end="" if not args.json else "\n")
+    if not leases:
+        print(f"no leases under {options.prefix.rstrip('/')}/subnets/ yet: no agent has started with this prefix",
+              file=sys.stderr)
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("leases", help="list every subnet lease in etcd")
+    p = subparsers.add_parser("leases", help="list every subnet lease in etcd",
+                              description="Every lease under <prefix>/subnets/. Exit 0 with the table (empty when "
+                                          "the config is there but no agent has started); exit 1 when the prefix "
+                                          "holds neither a config nor a lease, naming the prefixes that do.")
     add_etcd_options(p)  # the same connection options (TLS, auth, API, transport) as `config`
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)

@@ -13,7 +13,10 @@ from typing import Any
 
 import httpx
 
-from flannelpy.ops.health import DEFAULT_SOCKET
+from flannelpy.config.flags import FLAGS
+
+# flanneld's -status-socket default (the flag's own, so the two cannot differ)
+DEFAULT_SOCKET = next(spec.default for spec in FLAGS if spec.name == "status-socket")
 
 
 def format_status(doc: dict[str, Any], now: float) -> str:
@@ -44,7 +47,10 @@ def run(args) -> int:
         doc = r.json()
     except (httpx.HTTPError, ValueError) as exc:
         where = args.url or args.socket
-        print(f"flannelctl: agent unreachable at {where}: {exc}", file=sys.stderr)
+        fix = ("is flanneld running with -healthz-port, and is this its address?" if args.url else
+               "is flanneld running (systemctl status flanneld)? One started with -status-socket=PATH is "
+               "reached with --socket PATH, one with -healthz-port with --url http://IP:PORT")
+        print(f"flannelctl: agent unreachable at {where}: {str(exc) or type(exc).__name__}; {fix}", file=sys.stderr)
         return 1
     print(json.dumps(doc, indent=2, sort_keys=True) if args.json else format_status(doc, time.time()), end="")
     if not doc.get("ready"):
