@@ -427,3 +427,77 @@ def test_cli_status_and_down(lab: MachineLab):
     assert not any(Path(r_).joinpath("flannelpy-lab", lab.etcd.name).exists() for r_ in ("/sys/fs/cgroup/unified",
                                                                                         "/sys/fs/cgroup/systemd",
                                                                                         "/sys/fs/cgroup"))
+
+
+# --- the Vagrantfile itself, with Vagrant's docker provider ------------------------------------------------
+
+VAGRANT_PING = """set -e
+d=$(mktemp -d); mkdir -p "$d/bin"; cp /bin/busybox "$d/bin/"
+for n in sh ping sleep; do ln -s busybox "$d/bin/$n"; done
+sudo tar -C "$d" -c . | sudo docker import -c "ENV PATH=/bin" - busybox >/dev/null
+"""
+
+
+@root
+@slow
+def test_vagrant_up_with_the_docker_provider():
+    """`vagrant up --provider=docker` from vagrant/Vagrantfile, unchanged: Vagrant's own SSH, rsync synced
+    folder and shell provisioners, against a dockerd of its own in a namespace (so is Vagrant, whose SSH
+    goes to the containers' addresses); then the README's cross-host ping."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces and dockerd")
+    for tool in ("vagrant", "dockerd", "mmdebstrap"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            pytest.fail(f"{tool} is not installed (.ci/setup installs vagrant, docker.io and mmdebstrap)")
+    from flannelpy.lab.dockerd import Dockerd
+    from flannelpy.lab.machines import project_dir
+
+    ns = "fpv" + secrets.token_hex(2)
+    work = f"/var/lib/flannelpy-lab/{ns}"
+    os.makedirs(work)
+    with open(f"{work}/daemon.json", "w") as f:
+        f.write("{}\n")
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    dockerd = Dockerd(ns, f"{work}/d", f"{work}/daemon.json", name=ns)
+    wheels = rootfs.ensure_wheelhouse(project_dir(), print)
+    env = {"PATH": os.environ["PATH"], "HOME": f"{work}/home", "VAGRANT_HOME": f"{work}/home/.vagrant.d",
+           "VAGRANT_DOTFILE_PATH": f"{work}/dot", "VAGRANT_CHECKPOINT_DISABLE": "1", "DOCKER_HOST": dockerd.host,
+           "FLANNELPY_WHEELHOUSE": wheels, "LANG": "C.UTF-8"}
+
+    def vagrant(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(["nsenter", f"--net=/var/run/netns/{ns}", "vagrant", *args], cwd=REPO / "vagrant",
+                              env=env, capture_output=True, text=True, timeout=timeout)
+
+    try:
+        dockerd.start()
+        start = time.monotonic()
+        image = subprocess.run(["sh", str(REPO / "vagrant/docker-image.sh")], env={**env, "HOME": "/root"},
+                               capture_output=True, text=True, timeout=1200)
+        assert image.returncode == 0, image.stdout[-2000:] + image.stderr[-2000:]
+        print(f"docker-image.sh: {time.monotonic() - start:.0f}s")
+        start = time.monotonic()
+        up = vagrant("up", "--provider=docker", "--no-parallel")
+        assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-2000:]
+        print(f"vagrant up --provider=docker: {time.monotonic() - start:.0f}s")
+        assert "etcd on 172.28.128.10:2379 (v2 enabled)" in up.stdout
+        assert "host1: flanneld on eth1: subnet 10.5." in up.stdout and "host2: flanneld on eth1" in up.stdout
+        state = vagrant("ssh", "host1", "-c", "systemctl is-active flanneld docker; cat /run/flannel/subnet.env")
+        assert state.stdout.split()[:2] == ["active", "active"], state.stdout + state.stderr
+        for host in ("host1", "host2"):
+            r = vagrant("ssh", host, "-c", VAGRANT_PING)
+            assert r.returncode == 0, r.stderr
+        # vagrant/README.md's recipe
+        r = vagrant("ssh", "host2", "-c", 'sudo docker run -d --rm --name fpop busybox sleep 3600 >/dev/null; '
+                                          'sudo docker inspect -f "{{.NetworkSettings.IPAddress}}" fpop')
+        h2 = r.stdout.strip()
+        assert h2.startswith("10.5."), r.stdout + r.stderr
+        r = vagrant("ssh", "host1", "-c", f"sudo docker run --rm busybox ping -c 3 {h2}")
+        assert "3 packets transmitted, 3 packets received" in r.stdout, r.stdout + r.stderr
+        destroy = vagrant("destroy", "-f")
+        assert destroy.returncode == 0, destroy.stderr
+    finally:
+        if dockerd.proc is not None:
+            vagrant("destroy", "-f")
+            dockerd.remove()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        subprocess.run(["rm", "-rf", "--one-file-system", work], check=False)

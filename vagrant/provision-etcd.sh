@@ -23,6 +23,7 @@ ETCD_LISTEN_CLIENT_URLS=http://${ETCD_IP}:2379,http://127.0.0.1:2379
 ETCD_ADVERTISE_CLIENT_URLS=http://${ETCD_IP}:2379
 ETCD_ENABLE_V2=true
 EOT
+systemctl enable etcd  # the package does on install; an image made with etcd disabled (docker-image.sh) too
 systemctl restart etcd
 tries=0
 until ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 endpoint health >/dev/null 2>&1; do

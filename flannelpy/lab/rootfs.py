@@ -74,6 +74,7 @@ ETCD_ROOT = RootSpec("etcd", ETCD_PACKAGES)
 HOST_ROOT = RootSpec("host", HOST_PACKAGES)
 
 
+
 def wheelhouse_requirements(pyproject_text: str) -> list[str]:
     """What the machines' pip needs offline: the project's dependencies and its build backend."""
     doc = tomllib.loads(pyproject_text)
@@ -111,12 +112,17 @@ def _stream(cmd: list[str], progress: Progress, label: str, timeout: float) -> N
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             text=True, errors="replace")
     assert proc.stdout is not None
-    for line in _lines(proc.stdout):
-        tail = (tail + [line])[-15:]
-        if line.startswith("I: ") or line.startswith("Saved ") or line.startswith("Successfully"):
-            progress(f"{label} [{time.monotonic() - start:4.0f}s] {line.removeprefix('I: ')}")
-        if time.monotonic() - start > timeout:
-            proc.kill()
+    try:
+        for line in _lines(proc.stdout):
+            tail = (tail + [line])[-15:]
+            if line.startswith("I: "):
+                progress(f"{label} [{time.monotonic() - start:4.0f}s] {line.removeprefix('I: ')}")
+            if time.monotonic() - start > timeout:
+                proc.terminate()
+    except BaseException:  # interrupted: mmdebstrap cleans up its mounts on SIGTERM; wait for it
+        proc.terminate()
+        proc.wait()
+        raise
     if proc.wait() != 0:
         raise RootfsError(f"{label}: {cmd[0]} failed ({proc.returncode}):\n" + "\n".join(tail))
 
