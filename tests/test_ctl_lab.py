@@ -68,13 +68,31 @@ def test_lab_up_status_down(lab_names: tuple[str, str]) -> None:
 
     text = flannelctl(*lab, "status")
     assert text.returncode == 0
-    assert f"lab {prefix}: backend vxlan" in text.stdout and "(running)" in text.stdout
+    assert f"lab {prefix}: backend vxlan, 2 hosts" in text.stdout and "running in netns" in text.stdout
 
-    # Break host 2's overlay device: status --ping must notice and exit 1.
-    subprocess.run(["ip", "-n", f"{prefix}-h2", "link", "set", "flannel.1", "down"], check=True)
+    # etcd is reachable from this shell, on loopback, with the command status prints; nothing offered
+    # for use from here names a lab address (10.250.0.1 would leave the machine through the default route).
+    endpoint = doc["etcd"]["endpoint"]
+    assert endpoint.startswith("http://127.0.0.1:")
+    offered = [line for line in text.stdout.splitlines() if line.startswith(("etcd:", "  flannelctl", "  etcdctl"))]
+    assert len(offered) == 3 and all("10.250." not in line for line in offered) and endpoint in offered[0]
+    leases = flannelctl("leases", "--etcd-endpoints", endpoint, "--json")
+    assert leases.returncode == 0, leases.stderr
+    assert sorted(r["public_ip"] for r in json.loads(leases.stdout)) == ["10.250.0.11", "10.250.0.12"]
+
+    # Break container 2's link (the agents repair their own devices within a second, so break what
+    # they do not own): status --ping must notice, exit 1, and say what it tried.
+    subprocess.run(["ip", "-n", f"{prefix}-c2", "link", "set", "eth0", "down"], check=True)
     broken = flannelctl(*lab, "status", "--ping", "--json")
     assert broken.returncode == 1
     assert [p["ok"] for p in json.loads(broken.stdout)["pings"]] == [False, False]
+    broken = flannelctl(*lab, "status", "--ping")
+    assert broken.returncode == 1
+    pings = broken.stdout.split("cross-host pings:\n", 1)[1].splitlines()
+    c2 = doc["hosts"][1]["container_ip"]
+    assert pings[0].startswith("  container on host 1 -> container on host 2: FAILED (tried `busybox ping -c 1 -W 2 "
+                               f"{c2} in netns {prefix}-c1`: ") and "100% packet loss" in pings[0], pings
+    assert "FAILED (tried" in pings[1] and "Network is unreachable" in pings[1], pings
 
     down = flannelctl(*lab, "down")
     assert down.returncode == 0, down.stderr
@@ -94,3 +112,36 @@ def test_lab_status_of_missing_lab_fails_clearly() -> None:
     assert proc.stderr.strip() == (f"flannelctl: no lab {prefix!r} ({workdir}/lab.json not found); "
                                    f"start one with `flannelctl lab up`")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.root
+@pytest.mark.etcd
+def test_one_host_lab_without_backend(lab_names: tuple[str, str]) -> None:
+    """--backend none is the udp the agents run; one host has nothing to ping; hints name the prefix."""
+    prefix, workdir = lab_names
+    up = flannelctl("lab", "--prefix", prefix, "--workdir", workdir, "up", "--hosts", "1", "--backend", "none")
+    assert up.returncode == 0, up.stderr
+    assert f"starting lab {prefix}: etcd + 1 hosts, backend udp (no Backend in config) ..." in up.stdout
+    assert f"lab {prefix}: backend udp (no Backend in config), 1 host" in up.stdout
+    assert "cross-host pings: none (a 1-host lab has no pair of hosts; use --hosts 2 or more)" in up.stdout
+    last = up.stdout.splitlines()[-1]
+    assert last == (f"no pairs to ping; `flannelctl lab --prefix {prefix} --workdir {workdir} status --ping` to "
+                    f"re-test, `flannelctl lab --prefix {prefix} --workdir {workdir} down` to remove the lab")
+    status = flannelctl("lab", "--prefix", prefix, "--workdir", workdir, "status", "--ping")
+    assert status.returncode == 0 and "cross-host pings: none" in status.stdout
+    down = flannelctl("lab", "--prefix", prefix, "--workdir", workdir, "down")
+    assert down.returncode == 0 and namespaces(prefix) == []
+
+
+def test_status_text_offers_only_loopback_or_nsenter():
+    """Pure: without the forwarder (the tests' labs) etcd is offered through nsenter, never bare."""
+    from flannelpy.lab.netns_lab import status_lines
+
+    st = {"prefix": "p", "backend": "vxlan", "backend_running": "vxlan", "etcd_prefix": "/coreos.com/network",
+          "etcd": {"endpoint": "", "endpoint_in_lab": "http://10.250.0.1:2379", "namespace": "p-ul", "pid": 1,
+                   "running": True},
+          "hosts": []}
+    lines = status_lines(st)
+    assert lines[1] == "etcd: running in netns p-ul, reached from this shell with"
+    assert lines[2] == "  nsenter --net=/var/run/netns/p-ul etcdctl --endpoints=http://10.250.0.1:2379 get --prefix " \
+                       "/coreos.com/network"

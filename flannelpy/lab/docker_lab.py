@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .dockerd import BUSYBOX, Dockerd, kill_leftovers, stop_dockerd, unmount_under
-from .netns_lab import Lab, LabError, LabHost, _pid_alive, run
+from .netns_lab import Lab, LabError, LabHost, PingResult, _last_line, _pid_alive, run
 
 # flanneld runs with -ip-masq, so Docker must not masquerade too (mk-docker-opts.sh turns
 # FLANNEL_IPMASQ=true into --ip-masq=false); otherwise container-to-container traffic leaves NATed.
@@ -131,7 +131,7 @@ class DockerLab(Lab):
             self.wait_daemon_json(host, wait)
         for host in self.host_list:
             self.dockerd_pids[str(host.index)] = self.dockerd(host).launch()
-        self.save()  # PIDs on disk before the slow part, so `lab down` finds them if we die now
+            self.save()  # each PID on disk before the slow part, so `lab down` finds it if we die now
         with ThreadPoolExecutor(max_workers=len(self.host_list)) as pool:
             for fut in [pool.submit(self._boot_host, host, wait) for host in self.host_list]:
                 try:
@@ -160,16 +160,20 @@ class DockerLab(Lab):
 
     # --- use -------------------------------------------------------------------------------
 
-    def ping(self, src: int, dst: int, count: int = 1, timeout_s: int = 2) -> bool:
+    def ping_report(self, src: int, dst: int, count: int = 1, timeout_s: int = 2) -> PingResult:
         """Ping from the Docker container on host src to the one on host dst (docker exec)."""
         a, b = self.host(src), self.host(dst)
+        cmd = ["ping", "-c", str(count), "-W", str(timeout_s), b.container_ip or "(no container IP)"]
+        d = self.dockerd(a)
+        tried = f"docker -H {d.host} exec {self.container_name(a)} {' '.join(cmd)}"
+        if not a.container_ip or not b.container_ip:
+            return PingResult(False, tried, "a container has no address (its dockerd did not start it?)")
         try:
-            proc = self.dockerd(a).exec(self.container_name(a),
-                                        ["ping", "-c", str(count), "-W", str(timeout_s), b.container_ip],
-                                        check=False)
+            proc = d.exec(self.container_name(a), cmd, check=False)
         except subprocess.TimeoutExpired:
-            return False
-        return proc.returncode == 0
+            return PingResult(False, tried, "docker exec did not finish")
+        output = (proc.stdout + proc.stderr).decode(errors="replace")
+        return PingResult(proc.returncode == 0, tried, _last_line(output))
 
     def dockerd_running(self, host: LabHost) -> bool:
         pid = self.dockerd_pids.get(str(host.index), 0)
@@ -181,8 +185,17 @@ class DockerLab(Lab):
             doc["container_namespace"] = ""  # none in Docker mode
             doc["docker"] = {"pid": self.dockerd_pids.get(str(h.index), 0), "running": self.dockerd_running(h),
                              "socket": self.dockerd(h).sock, "container": self.container_name(h),
-                             "daemon_json": self.daemon_json_path(h)}
+                             "daemon_json": self.daemon_json_path(h), **self._bip_mtu(h)}
         return st
+
+    def _bip_mtu(self, host: LabHost) -> dict[str, Any]:
+        """What flanneld wrote into the host's daemon.json (what dockerd gave docker0)."""
+        try:
+            with open(self.daemon_json_path(host)) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return {"bip": "", "mtu": 0}
+        return {"bip": doc.get("bip", ""), "mtu": doc.get("mtu", 0)} if isinstance(doc, dict) else {"bip": "", "mtu": 0}
 
     # --- tear down ---------------------------------------------------------------------------
 

@@ -113,8 +113,11 @@ class Dockerd:
             raise RuntimeError(f"docker {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")
         return proc
 
-    def import_busybox(self, tag: str = BUSYBOX_IMAGE) -> str:
-        """Build a one-file image from the host's static busybox (no registry needed)."""
+    def import_busybox(self, tag: str = BUSYBOX_IMAGE, also: tuple[str, ...] = ("busybox:latest",)) -> str:
+        """Build a one-file image from the host's static busybox (no registry needed).
+
+        It is also tagged `busybox:latest` (this daemon's own data-root: no other Docker sees it), so
+        that a user's `docker run busybox ...` against the lab's daemon finds it instead of pulling."""
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
             for d in ("bin", "tmp", "proc", "sys", "dev", "etc"):
@@ -127,6 +130,8 @@ class Dockerd:
                 info.type, info.linkname = tarfile.SYMTYPE, "busybox"
                 tar.addfile(info)
         self.docker("import", "-c", "ENV PATH=/bin", "-", tag, input=buf.getvalue())
+        for other in also:
+            self.docker("tag", tag, other)
         return tag
 
     def run(self, name: str, cmd: list[str], *, image: str = BUSYBOX_IMAGE, detach: bool = False,

@@ -48,6 +48,11 @@ class EtcdServer:
         return ["nsenter", f"--net=/var/run/netns/{self.netns}"] if self.netns else []
 
     def start(self, timeout: float = 20.0) -> None:
+        self.launch()
+        self.wait_healthy(timeout)
+
+    def launch(self) -> int:
+        """Start etcd without waiting for it (the lab records the PID before the wait); returns the PID."""
         binary = shutil.which("etcd") or "/usr/bin/etcd"
         peer = f"http://{self.listen_ip}:{self.peer_port}"
         cmd = [
@@ -65,8 +70,15 @@ class EtcdServer:
         ]
         log = open(os.path.join(self.data_dir, "etcd.log"), "ab")
         # Own session: a lab outlives `flannelctl lab up`, and ^C in a terminal must not reach etcd.
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            log.close()
+        return self.proc.pid
+
+    def wait_healthy(self, timeout: float = 20.0) -> None:
+        """Wait until etcd answers; RuntimeError naming its log if it exits or stays silent."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -8,8 +8,14 @@ Topology (every namespace name starts with the lab's prefix, so nothing else is 
 
 Each agent is started exactly as a user would run it (`flanneld -etcd-endpoints=... -iface=eth0`)
 through `nsenter --net=`, in its own session so the lab outlives `flannelctl lab up`.  The lab's
-state (names, PIDs, paths) is kept in `<workdir>/lab.json`, so `lab down` from another process
-removes exactly what `lab up` made, killing only the PIDs it started.
+state (names, PIDs, paths) is kept in `<workdir>/lab.json`, written before anything is made and
+updated as each process starts, so `lab down` from another process removes what `lab up` made even
+when `up` was interrupted half-way; whatever no state names (a process started a moment before a
+SIGKILL) is found by the lab's namespace names (flannelpy.lab.leftovers).
+
+From the host's own namespace the lab's addresses are not reachable (10.250.0.1 would follow the
+default route off the machine).  With `forward_etcd` (what `flannelctl lab up` uses) etcd is also
+served on 127.0.0.1:<port> in the host's namespace by flannelpy.lab.portforward.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from flannelpy.errors import FlannelError
 from flannelpy.subnet.envfile import parse_env_file
 
 from .etcd_server import EtcdServer
+from .leftovers import Leftovers, find_leftovers, lab_namespaces, list_namespaces, processes_in, stop_processes
 
 UNDERLAY_NET = IPv4Network("10.250.0.0/24")
 ETCD_IP = "10.250.0.1"
@@ -40,6 +47,20 @@ DEFAULT_PREFIX = "fplab"
 
 class LabError(FlannelError):
     pass
+
+
+def lab_command(prefix: str, workdir: str, action: str) -> str:
+    """`flannelctl lab [--prefix P] [--workdir W] ACTION`: the options only where they are not the defaults,
+    so the command printed is the one that works for this lab."""
+    default = os.path.join(DEFAULT_WORKDIR, prefix)
+    opts = "" if prefix == DEFAULT_PREFIX else f" --prefix {prefix}"
+    opts += f" --workdir {workdir}" if workdir and os.path.abspath(workdir) != default else ""
+    return f"flannelctl lab{opts} {action}"
+
+
+def down_command(prefix: str, workdir: str = "") -> str:
+    """The command that removes this lab (what to tell a user about leftovers)."""
+    return lab_command(prefix, workdir, "down")
 
 
 def host_ip(index: int) -> str:
@@ -101,6 +122,18 @@ def stop_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None
     os.kill(pid, signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class PingResult:
+    ok: bool
+    tried: str  # the command, and where it ran
+    output: str  # its last line: the packet loss summary, or the error
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 @dataclass
 class LabHost:
     index: int
@@ -140,6 +173,10 @@ class Lab:
     with_containers: bool = True
     host_list: list[LabHost] = field(default_factory=list)
     etcd_pid: int = 0
+    # etcd also on 127.0.0.1:<host_etcd_port> in the host's namespace (flannelpy.lab.portforward)
+    forward_etcd: bool = False
+    host_etcd_port: int = 0
+    forward_pid: int = 0
 
     def __post_init__(self) -> None:
         if not self.workdir:
@@ -152,6 +189,7 @@ class Lab:
         # Popen handles of agents started by this process: stop_agent reaps through them so the
         # exit status is not lost to subprocess's reaping of dropped Popen objects.
         self._agent_procs: dict[int, subprocess.Popen] = {}
+        self.last_pings: dict[tuple[int, int], PingResult] = {}  # what ping() tried, for the report
 
     # --- names -----------------------------------------------------------------------------
 
@@ -162,6 +200,11 @@ class Lab:
     @property
     def etcd_endpoint(self) -> str:
         return f"http://{ETCD_IP}:{ETCD_CLIENT_PORT}"
+
+    @property
+    def host_etcd_endpoint(self) -> str:
+        """etcd as reachable from the host's own namespace ("" without forward_etcd)."""
+        return f"http://127.0.0.1:{self.host_etcd_port}" if self.host_etcd_port else ""
 
     @property
     def state_file(self) -> str:
@@ -182,16 +225,23 @@ class Lab:
             json.dump(doc, f, indent=2)
         os.replace(tmp, self.state_file)
 
+    @staticmethod
+    def exists(prefix: str = DEFAULT_PREFIX, workdir: str = "") -> bool:
+        return os.path.exists(os.path.join(workdir or os.path.join(DEFAULT_WORKDIR, prefix), "lab.json"))
+
     @classmethod
     def load(cls, prefix: str = DEFAULT_PREFIX, workdir: str = "") -> "Lab":
         path = os.path.join(workdir or os.path.join(DEFAULT_WORKDIR, prefix), "lab.json")
         try:
             with open(path) as f:
                 doc = json.load(f)
+            hosts = [LabHost(**h) for h in doc.pop("host_list")]
+            lab = cls(**doc)
         except FileNotFoundError:
             raise LabError(f"no lab {prefix!r} ({path} not found); start one with `flannelctl lab up`") from None
-        hosts = [LabHost(**h) for h in doc.pop("host_list")]
-        lab = cls(**doc)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+            raise LabError(f"lab {prefix!r}: {path} is unreadable ({err}); `{down_command(prefix, workdir)}` "
+                           f"removes the lab by its names") from None
         lab.host_list = hosts
         return lab
 
@@ -215,18 +265,22 @@ class Lab:
     def build(self) -> None:
         """Everything up() makes except the agents: underlay, etcd, config, host namespaces."""
         if os.path.exists(self.state_file):
-            raise LabError(f"lab {self.prefix!r} already exists ({self.state_file}); run `flannelctl lab down` first")
-        existing = set(run("ip", "netns", "list").stdout.split())
-        clash = [n for n in self.all_namespaces() if n in existing]
-        if clash:
-            raise LabError(f"namespaces already exist: {', '.join(clash)}; remove them or use another --prefix")
+            raise LabError(f"lab {self.prefix!r} already exists ({self.state_file}); "
+                           f"run `{down_command(self.prefix, self.workdir)}` first")
+        left = find_leftovers(self.prefix)
+        if not left.empty():
+            raise LabError(f"lab {self.prefix!r} has leftovers of an earlier run ({left.describe()}); "
+                           f"remove them with `{down_command(self.prefix, self.workdir)}`, or use another --prefix")
         for tool in ("etcd", "etcdctl", "nsenter", "ip", "busybox"):
             if shutil.which(tool) is None:
                 raise LabError(f"{tool} not found: install it (see .ci/setup)")
         os.makedirs(self.workdir, exist_ok=True)
         try:
+            self.save()  # before anything exists: from here on `lab down` finds what this build makes
             self._build_underlay()
             self._start_etcd()
+            if self.forward_etcd:
+                self._start_forwarder()
             self.write_config()
             for i in range(1, self.hosts + 1):
                 self._build_host(i)
@@ -248,9 +302,51 @@ class Lab:
                           listen_ip=ETCD_IP, netns=self.underlay_ns,
                           client_port=ETCD_CLIENT_PORT, peer_port=ETCD_PEER_PORT)
         os.makedirs(etcd.data_dir, exist_ok=True)
-        etcd.start()
         self._etcd = etcd
-        self.etcd_pid = etcd.proc.pid if etcd.proc else 0
+        self.etcd_pid = etcd.launch()
+        self.save()  # the PID on disk before the wait: an interrupt now must not orphan etcd
+        try:
+            etcd.wait_healthy()
+        except RuntimeError as err:
+            raise LabError(str(err)) from None
+
+    def _start_forwarder(self, timeout: float = 15.0) -> None:
+        """etcd on 127.0.0.1:<port> of the host's namespace: a listening socket made here, handed to
+        flannelpy.lab.portforward running in the underlay namespace (see its docstring)."""
+        import socket
+
+        import httpx
+
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(64)
+            log = open(os.path.join(self.workdir, "etcd-forward.log"), "ab")
+            try:
+                proc = subprocess.Popen(
+                    ["nsenter", f"--net=/var/run/netns/{self.underlay_ns}", sys.executable, "-m",
+                     "flannelpy.lab.portforward", "--fd", str(listener.fileno()), "--to", f"{ETCD_IP}:{ETCD_CLIENT_PORT}",
+                     "--lab", self.prefix],
+                    stdout=log, stderr=log, stdin=subprocess.DEVNULL, pass_fds=(listener.fileno(),),
+                    start_new_session=True)
+            finally:
+                log.close()
+            self.forward_pid = proc.pid
+            self.host_etcd_port = listener.getsockname()[1]
+            self.save()
+        finally:
+            listener.close()  # the forwarder holds its own copy
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.host_etcd_endpoint}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"the etcd forwarder on {self.host_etcd_endpoint} does not answer; "
+                               f"see {self.workdir}/etcd-forward.log")
+            time.sleep(0.1)
 
     @property
     def etcd(self) -> EtcdServer:
@@ -392,10 +488,21 @@ class Lab:
 
     def ping(self, src: int, dst: int, count: int = 1, timeout_s: int = 2) -> bool:
         """One ping (or `count`) from container src to container dst; True when all replies came."""
+        result = self.ping_report(src, dst, count, timeout_s)
+        self.last_pings[(src, dst)] = result
+        return result.ok
+
+    def ping_report(self, src: int, dst: int, count: int = 1, timeout_s: int = 2) -> "PingResult":
         a, b = self.host(src), self.host(dst)
-        proc = run("busybox", "ping", "-c", str(count), "-W", str(timeout_s), b.container_ip,
-                   netns=a.container_ns, check=False, timeout=count * timeout_s + 10)
-        return proc.returncode == 0
+        cmd = ["busybox", "ping", "-c", str(count), "-W", str(timeout_s), b.container_ip or "(no container IP)"]
+        tried = f"{' '.join(cmd)} in netns {a.container_ns}"
+        if not a.container_ip or not b.container_ip:
+            return PingResult(False, tried, "a container has no address (its host has no subnet.env?)")
+        try:
+            proc = run(*cmd, netns=a.container_ns, check=False, timeout=count * timeout_s + 10)
+        except subprocess.TimeoutExpired:
+            return PingResult(False, tried, "ping did not finish")
+        return PingResult(proc.returncode == 0, tried, _last_line(proc.stdout + proc.stderr))
 
     def ping_matrix(self) -> dict[tuple[int, int], bool]:
         return {(a.index, b.index): self.ping(a.index, b.index)
@@ -460,12 +567,27 @@ class Lab:
             r.raise_for_status()
             return r.json()
 
+    def backend_shown(self) -> str:
+        """The backend the agents run: a config without Backend means udp, as in flanneld."""
+        try:
+            backend = json.loads(self.config).get("Backend")
+        except (ValueError, AttributeError):
+            return self.backend
+        if backend is None:
+            return "udp (no Backend in config)"
+        return str(backend.get("Type", self.backend)) if isinstance(backend, dict) else self.backend
+
     def status(self) -> dict[str, Any]:
         return {
             "prefix": self.prefix,
             "backend": self.backend,
-            "etcd": {"endpoint": self.etcd_endpoint, "namespace": self.underlay_ns, "pid": self.etcd_pid,
-                     "running": bool(self.etcd_pid) and _pid_alive(self.etcd_pid)},
+            "backend_running": self.backend_shown(),
+            "etcd": {"endpoint": self.host_etcd_endpoint, "endpoint_in_lab": self.etcd_endpoint,
+                     "namespace": self.underlay_ns, "pid": self.etcd_pid,
+                     "running": bool(self.etcd_pid) and _pid_alive(self.etcd_pid),
+                     "forwarder_pid": self.forward_pid,
+                     "forwarder_running": bool(self.forward_pid) and _pid_alive(self.forward_pid)},
+            "etcd_prefix": self.etcd_prefix,
             "config": self.config,
             "hosts": [
                 {"host": h.index, "namespace": h.netns, "ip": h.ip, "subnet": h.subnet, "mtu": h.mtu,
@@ -478,7 +600,8 @@ class Lab:
     # --- tear down ---------------------------------------------------------------------------
 
     def down(self) -> list[str]:
-        """Stop our processes by PID, delete our namespaces by name, remove the workdir."""
+        """Stop our processes by PID, then anything else in our namespaces, delete the namespaces by name
+        (those of hosts the state does not know too), remove the workdir (lab.json last of all)."""
         removed: list[str] = []
         for host in self.host_list:
             proc = self._agent_procs.pop(host.index, None)
@@ -493,23 +616,76 @@ class Lab:
         elif self.etcd_pid:
             stop_pid(self.etcd_pid)
         self.etcd_pid = 0
-        existing = set(run("ip", "netns", "list", check=False).stdout.split())
-        for name in self.all_namespaces():
-            if name in existing:
-                run("ip", "netns", "del", name, check=False)
-                removed.append(name)
+        if self.forward_pid:
+            stop_pid(self.forward_pid)
+            self.forward_pid = 0
+        existing = list_namespaces()
+        names = sorted(set(n for n in self.all_namespaces() if n in existing) | set(lab_namespaces(self.prefix, existing)))
+        # Whatever the state did not name: a process started just before an interrupt, a user's helper.
+        stop_processes(processes_in(names))
+        for name in names:
+            run("ip", "netns", "del", name, check=False)
+            removed.append(name)
         shutil.rmtree(self.workdir, ignore_errors=True)
         return removed
 
 
-def print_status(lab: Lab, out=sys.stdout) -> None:
-    st = lab.status()
+def status_lines(st: dict[str, Any]) -> list[str]:
+    """Pure: `lab status` as text, from Lab.status().  Every address printed for use from this shell is
+    127.0.0.1 or inside an `nsenter` command: the lab's own addresses would leave the machine from here."""
     etcd = st["etcd"]
-    print(f"lab {st['prefix']}: backend {st['backend']}, etcd {etcd['endpoint']} in netns {etcd['namespace']} "
-          f"({'running' if etcd['running'] else 'stopped'})", file=out)
-    print(f"{'HOST':<5} {'NETNS':<12} {'UNDERLAY IP':<13} {'SUBNET':<16} {'MTU':<5} {'CONTAINER IP':<14} AGENT",
-          file=out)
+    prefix = st.get("etcd_prefix", "/coreos.com/network")
+    lines = [f"lab {st['prefix']}: backend {st.get('backend_running') or st['backend']}, "
+             f"{len(st['hosts'])} host{'s' if len(st['hosts']) != 1 else ''}, etcd prefix {prefix}"]
+    state = f"{'running' if etcd['running'] else 'stopped'}"
+    if etcd.get("endpoint"):
+        forwarder = "" if etcd.get("forwarder_running", True) else ", forwarder stopped"
+        lines.append(f"etcd: {etcd['endpoint']} from this shell ({state} in netns {etcd['namespace']}{forwarder}), e.g.")
+        lines.append(f"  flannelctl leases --etcd-endpoints {etcd['endpoint']} --etcd-prefix {prefix}")
+        lines.append(f"  etcdctl --endpoints={etcd['endpoint']} get --prefix {prefix}")
+    else:
+        lines.append(f"etcd: {state} in netns {etcd['namespace']}, reached from this shell with")
+        lines.append(f"  nsenter --net=/var/run/netns/{etcd['namespace']} etcdctl --endpoints={etcd['endpoint_in_lab']} "
+                     f"get --prefix {prefix}")
+    lines.append(f"{'HOST':<5} {'NETNS':<12} {'UNDERLAY IP':<13} {'SUBNET':<16} {'MTU':<5} {'CONTAINER IP':<14} AGENT")
     for h in st["hosts"]:
         agent = f"pid {h['agent_pid']}" if h["agent_running"] else "stopped"
-        print(f"{h['host']:<5} {h['namespace']:<12} {h['ip']:<13} {h['subnet'] or '-':<16} {h['mtu'] or '-':<5} "
-              f"{h['container_ip'] or '-':<14} {agent}", file=out)
+        lines.append(f"{h['host']:<5} {h['namespace']:<12} {h['ip']:<13} {h['subnet'] or '-':<16} {h['mtu'] or '-':<5} "
+                     f"{h['container_ip'] or '-':<14} {agent}")
+    docker = [h for h in st["hosts"] if "docker" in h]
+    if docker:
+        lines.append("docker: one dockerd per host; flanneld writes bip and mtu into its daemon.json; image busybox "
+                     "(made from this machine's busybox, nothing is pulled)")
+        for h in docker:
+            d = h["docker"]
+            lines.append(f"  host {h['host']}: dockerd {'pid ' + str(d['pid']) if d['running'] else 'stopped'}, "
+                         f"docker0 bip {d.get('bip') or '-'} mtu {d.get('mtu') or '-'}, "
+                         f"container {d['container']} {h['container_ip'] or '-'}, socket unix://{d['socket']}")
+        if len(docker) > 1 and docker[1]["container_ip"]:
+            a, b = docker[0], docker[1]
+            lines.append(f"  try: docker -H unix://{a['docker']['socket']} exec {a['docker']['container']} "
+                         f"ping -c 1 {b['container_ip']}")
+            lines.append(f"       docker -H unix://{a['docker']['socket']} run --rm busybox ping -c 1 {b['container_ip']}")
+    lines.append("(underlay and container addresses exist only inside the lab's namespaces: "
+                 "use them through nsenter --net=/var/run/netns/NETNS)")
+    return lines
+
+
+def ping_lines(results: dict[tuple[int, int], bool], tried: dict[tuple[int, int], "PingResult"],
+               hosts: int) -> list[str]:
+    """Pure: the ping section; a failed pair says what was tried and what it answered."""
+    if hosts < 2:
+        return ["cross-host pings: none (a 1-host lab has no pair of hosts; use --hosts 2 or more)"]
+    lines = ["cross-host pings:"]
+    for (a, b), ok in sorted(results.items()):
+        line = f"  container on host {a} -> container on host {b}: {'ok' if ok else 'FAILED'}"
+        if not ok and (a, b) in tried:
+            r = tried[(a, b)]
+            line += f" (tried `{r.tried}`: {r.output or 'no answer'})"
+        lines.append(line)
+    return lines
+
+
+def print_status(lab: Lab, out=sys.stdout) -> None:
+    for line in status_lines(lab.status()):
+        print(line, file=out)

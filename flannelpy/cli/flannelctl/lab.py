@@ -7,7 +7,16 @@ import json
 import os
 import sys
 
-from flannelpy.lab.netns_lab import DEFAULT_PREFIX, DEFAULT_WORKDIR, Lab, LabError, default_config, print_status
+from flannelpy.lab.netns_lab import (
+    DEFAULT_PREFIX,
+    DEFAULT_WORKDIR,
+    Lab,
+    LabError,
+    default_config,
+    lab_command,
+    ping_lines,
+    print_status,
+)
 
 BACKENDS = ("vxlan", "udp", "host-gw", "none")
 
@@ -36,7 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--json", action="store_true", help="print the lab status and ping results as JSON")
     up.set_defaults(func=_up)
 
-    down = lab_sub.add_parser("down", help="stop the agents and etcd, delete the namespaces")
+    down = lab_sub.add_parser("down", help="stop the agents and etcd, delete the namespaces",
+                              description="Removes the lab named in <workdir>/lab.json, and also whatever an "
+                                          "interrupted `lab up` left without one: the namespaces named "
+                                          "PREFIX-ul/-hN/-cN and every process inside them.")
     down.set_defaults(func=_down)
 
     status = lab_sub.add_parser("status", help="hosts, subnets, agents; --ping to test every pair")
@@ -50,9 +62,9 @@ def _require_root() -> None:
         raise LabError("the lab creates network namespaces: run it as root")
 
 
-def _print_pings(results: dict[tuple[int, int], bool]) -> None:
-    for (a, b), ok in sorted(results.items()):
-        print(f"  container on host {a} -> container on host {b}: {'ok' if ok else 'FAILED'}")
+def _print_pings(lab: Lab, results: dict[tuple[int, int], bool]) -> None:
+    for line in ping_lines(results, getattr(lab, "last_pings", {}), len(lab.host_list)):
+        print(line)
 
 
 def _pings_json(results: dict[tuple[int, int], bool]) -> list[dict]:
@@ -73,20 +85,39 @@ def _up(args: argparse.Namespace) -> int:
         lab = Lab(prefix=args.prefix, hosts=args.hosts, backend=args.backend, etcd_api=args.etcd_api,
                   etcd_prefix=args.etcd_prefix, workdir=args.workdir,
                   config=default_config(args.backend, args.network))
+    lab.forward_etcd = True  # etcd on 127.0.0.1 of this namespace, where a user tries first
     if not args.json:
-        print(f"starting lab {args.prefix}: etcd + {args.hosts} hosts, backend {args.backend} ...", flush=True)
-    lab.up()
-    results = lab.wait_all_pings()
+        print(f"starting lab {args.prefix}: etcd + {args.hosts} hosts, backend {lab.backend_shown()} ...", flush=True)
+    from flannelpy.cli.flannelctl import interrupt_exit_code, interrupt_name
+
+    try:
+        lab.up()
+    except KeyboardInterrupt:
+        # Lab.up removed what it had made, unless a second signal cut that short: then say how to finish.
+        from flannelpy.lab.leftovers import find_leftovers
+
+        left = "" if find_leftovers(args.prefix).empty() and not os.path.exists(lab.state_file) else \
+            f"; not all of it could be removed: run `{lab_command(args.prefix, args.workdir, 'down')}`"
+        print(f"flannelctl: lab up interrupted ({interrupt_name()}); what it had made is removed{left}",
+              file=sys.stderr)
+        return interrupt_exit_code()
+    try:
+        results = lab.wait_all_pings()
+    except KeyboardInterrupt:
+        print(f"flannelctl: interrupted ({interrupt_name()}) while pinging; the lab is up: "
+              f"`{lab_command(args.prefix, args.workdir, 'status --ping')}` to test it, "
+              f"`{lab_command(args.prefix, args.workdir, 'down')}` to remove it", file=sys.stderr)
+        return interrupt_exit_code()
     ok = all(results.values())
     if args.json:
         json.dump({**lab.status(), "pings": _pings_json(results)}, sys.stdout, indent=2)
         print()
     else:
         print_status(lab)
-        print("cross-host pings:")
-        _print_pings(results)
-        print(f"{'all pings answered' if ok else 'SOME PINGS FAILED'}; "
-              f"`flannelctl lab status --ping` to re-test, `flannelctl lab down` to remove the lab")
+        _print_pings(lab, results)
+        verdict = "no pairs to ping" if not results else "all pings answered" if ok else "SOME PINGS FAILED"
+        print(f"{verdict}; `{lab_command(args.prefix, args.workdir, 'status --ping')}` to re-test, "
+              f"`{lab_command(args.prefix, args.workdir, 'down')}` to remove the lab")
     return 0 if ok else 1
 
 
@@ -118,10 +149,23 @@ def _up_machines(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _state_kind(args: argparse.Namespace) -> str:
+    from flannelpy.lab.machines import DEFAULT_WORKDIR as MACHINES_WORKDIR
+
+    path = os.path.join(args.workdir or os.path.join(MACHINES_WORKDIR, args.prefix), "lab.json")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return ""
+    return str(doc.get("kind", "")) if isinstance(doc, dict) else ""
+
+
 def _load(args: argparse.Namespace) -> Lab:
     from flannelpy.lab.machines import MachineLab
 
-    if MachineLab.exists(args.prefix, args.workdir):
+    # With --workdir both kinds keep their lab.json at the same path: only a machines lab's says "kind".
+    if MachineLab.exists(args.prefix, args.workdir) and _state_kind(args) == "machines":
         return MachineLab.load(args.prefix, args.workdir)  # type: ignore[return-value]  # same verbs
     # Decide before loading: Lab(**doc) would reject a DockerLab's extra fields in lab.json.
     workdir = args.workdir or os.path.join(DEFAULT_WORKDIR, args.prefix)
@@ -134,7 +178,18 @@ def _load(args: argparse.Namespace) -> Lab:
 
 def _down(args: argparse.Namespace) -> int:
     _require_root()
-    lab = _load(args)
+    try:
+        lab = _load(args)
+    except LabError as no_state:
+        # No (readable) lab.json: an interrupted `lab up`, or a crash.  Remove the lab by its names.
+        from flannelpy.lab.leftovers import remove_leftovers
+
+        workdir = args.workdir or os.path.join(DEFAULT_WORKDIR, args.prefix)
+        left = remove_leftovers(args.prefix, workdir)
+        if left.empty():
+            raise LabError(f"{no_state}; no namespace {args.prefix}-ul/-hN/-cN is left either") from None
+        print(f"lab {args.prefix}: no state file; removed what was left: {left.describe()}")
+        return 0
     removed = lab.down()
     print(f"lab {args.prefix} removed ({len(removed)} namespaces)")
     return 0
@@ -152,10 +207,13 @@ def _status(args: argparse.Namespace) -> int:
     else:
         if isinstance(lab, Lab):
             print_status(lab)
+            if args.ping:
+                _print_pings(lab, results)
         else:
             from flannelpy.lab.machines import print_status as print_machines
 
             print_machines(lab)
-        if args.ping:
-            _print_pings(results)
+            if args.ping:
+                for (a, b), ok in sorted(results.items()):
+                    print(f"  container on host {a} -> container on host {b}: {'ok' if ok else 'FAILED'}")
     return 0 if all(results.values()) else 1
