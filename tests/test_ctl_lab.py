@@ -145,3 +145,28 @@ def test_status_text_offers_only_loopback_or_nsenter():
     assert lines[1] == "etcd: running in netns p-ul, reached from this shell with"
     assert lines[2] == "  nsenter --net=/var/run/netns/p-ul etcdctl --endpoints=http://10.250.0.1:2379 get --prefix " \
                        "/coreos.com/network"
+
+
+@pytest.mark.root
+@pytest.mark.etcd
+@pytest.mark.docker
+@pytest.mark.slow
+def test_docker_lab_prints_docker_lines_and_its_commands_work_offline(lab_names: tuple[str, str]) -> None:
+    """`lab up --docker` says what Docker does here, and the `docker run busybox` it suggests runs the
+    lab's own image (tagged busybox:latest in each lab daemon) instead of trying to pull."""
+    prefix, workdir = lab_names
+    up = flannelctl("lab", "--prefix", prefix, "--workdir", workdir, "up", "--docker", timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    lines = up.stdout.splitlines()
+    assert any(line.startswith("docker: one dockerd per host; flanneld writes bip and mtu") for line in lines)
+    hosts = [line for line in lines if line.startswith("  host ")]
+    assert len(hosts) == 2 and all("docker0 bip 10.5." in h and "mtu 1450" in h for h in hosts)
+    run_line = next(line for line in lines if "run --rm busybox ping" in line).split()
+    exec_line = next(line for line in lines if line.startswith("  try: docker")).split()[1:]
+    for cmd in (run_line, exec_line):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "1 packets received" in r.stdout, (cmd, r.stdout, r.stderr)
+        assert "Unable to find image" not in r.stderr and "pull" not in r.stderr.lower()
+    down = flannelctl("lab", "--prefix", prefix, "--workdir", workdir, "down", timeout=300)
+    assert down.returncode == 0, down.stderr
+    assert namespaces(prefix) == []
