@@ -239,3 +239,12 @@ def test_flanneld_interrupted_at_every_point_of_a_real_start(root):
         assert "starting" in seen  # some signals did land during the start-up itself
     finally:
         lab.down()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["docker-opts", "--help"], ["config", "validate", '{"Network":"10.1.0.0/16"}']],
+                         ids=" ".join)
+def test_flannelctl_reader_gone_away(argv):
+    """`flannelctl ... | head -0`: the pipe is closed before we write; no error, no traceback."""
+    r = subprocess.run(f"flannelctl {' '.join(repr(a) for a in argv)} | true", shell=True, capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert r.stderr == "", r.stderr

@@ -95,11 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     args: argparse.Namespace | None = None
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            code = int(args.func(args) or 0)
+        finally:
+            sys.stdout.flush()  # here, so that a reader gone away (`| head`) is handled below
+        return code
     except SystemExit:
         raise  # argparse: usage error (2) or --help (0), already printed
+    except BrokenPipeError:
+        # The reader of our output went away (`flannelctl leases | head -1`): as a shell tool would, end
+        # quietly; stdout goes to /dev/null so the interpreter's last flush cannot complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except BaseException as exc:  # noqa: BLE001 - the one place every failure becomes one line
         if _is_interrupt(exc):
             print(f"flannelctl: interrupted ({interrupt_name()})", file=sys.stderr)
