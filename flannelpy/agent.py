@@ -68,6 +68,7 @@ class AgentOptions:
     iptables_forward_rules: bool
     docker_daemon_json: str
     docker_restart: bool
+    docker_fixed_cidr: bool
     # -status-socket was not given: if another flanneld on this machine serves the default path,
     # run without it (flanneld has no such socket, so a second instance must not fail over it)
     status_socket_optional: bool = False
@@ -81,6 +82,8 @@ class AgentOptions:
             raise FlannelError(f"-iptables-resync={flags['iptables-resync']}: must be at least 1 second")
         if not 0 <= flags["healthz-port"] <= 65535:
             raise FlannelError(f"-healthz-port={flags['healthz-port']}: not a TCP port")
+        if flags["docker-fixed-cidr"] and not flags["docker-daemon-json"]:
+            raise UsageError("-docker-fixed-cidr: only with -docker-daemon-json (it sets fixed-cidr there)")
         if flags["kube-subnet-mgr"]:
             raise FlannelError("-kube-subnet-mgr: Kubernetes mode is not supported; flannelpy runs in etcd mode")
         api = flags["etcd-api"]
@@ -116,6 +119,7 @@ class AgentOptions:
             iptables_forward_rules=flags["iptables-forward-rules"],
             docker_daemon_json=flags["docker-daemon-json"],
             docker_restart=flags["docker-restart"],
+            docker_fixed_cidr=flags["docker-fixed-cidr"],
             status_socket_optional="status-socket" not in flags.given,
         )
 
@@ -342,8 +346,12 @@ def _update_docker(opts: AgentOptions, env: SubnetEnv, undo: StartupUndo) -> Non
     from flannelpy.docker import daemon_json
 
     bip = str(IPv4Interface((int(env.subnet.network_address) + 1, env.subnet.prefixlen)))
+    fixed_cidr = daemon_json.fixed_cidr_for(bip) if opts.docker_fixed_cidr else None
     try:
-        change = daemon_json.update_daemon_json(opts.docker_daemon_json, bip, env.mtu)
+        change = daemon_json.update_daemon_json(
+            opts.docker_daemon_json, bip, env.mtu, fixed_cidr=fixed_cidr,
+            # flanneld masquerades: Docker's own rule, first in POSTROUTING, would NAT overlay traffic too
+            ip_masq=False if opts.ip_masq else None)
     except FlannelError as err:
         raise FlannelError(f"-docker-daemon-json={err}") from None
     if change.written:
@@ -353,8 +361,10 @@ def _update_docker(opts: AgentOptions, env: SubnetEnv, undo: StartupUndo) -> Non
         undo.push(f"restore {opts.docker_daemon_json}", put_back)
     for conflict in daemon_json.detect_conflicts():
         log.warning("%s", conflict)
+    if change.warning:
+        log.warning("%s: %s", opts.docker_daemon_json, change.warning)
     if change.changed:
-        log.info("updated %s: bip=%s mtu=%d", opts.docker_daemon_json, bip, env.mtu)
+        log.info("updated %s: %s", opts.docker_daemon_json, change.describe())
         if opts.docker_restart:
             message = daemon_json.restart_docker_if_changed(change)
             if message:

@@ -9,6 +9,7 @@ from flannelpy.docker.daemon_json import (
     BACKUP_SUFFIX,
     check_daemon_json,
     find_flag_conflicts,
+    fixed_cidr_for,
     restart_docker_if_changed,
     restore_daemon_json,
     unit_exec_starts,
@@ -235,6 +236,51 @@ def test_read_only_file_or_directory_fails_in_one_line_and_leaves_no_backup(root
 
 
 # --- a real dockerd in a namespace reads what update_daemon_json wrote ---------------------------------
+
+
+def test_fixed_cidr_is_the_lower_half_and_only_set_when_asked(tmp_path):
+    assert fixed_cidr_for("10.1.74.1/24") == "10.1.74.0/25"
+    assert fixed_cidr_for("10.1.64.1/20") == "10.1.64.0/21"
+    with pytest.raises(FlannelError, match=r"^-docker-fixed-cidr: subnet 10.1.74.0/29 is too small"):
+        fixed_cidr_for("10.1.74.1/29")
+    path = tmp_path / "daemon.json"
+    path.write_text('{"fixed-cidr": "10.9.9.0/25", "debug": true}')
+    change = update_daemon_json(str(path), "10.1.74.1/24", 1450)
+    assert json.loads(path.read_text())["fixed-cidr"] == "10.9.9.0/25"  # not managed: left alone...
+    assert "outside bip 10.1.74.1/24: Docker ignores it" in change.warning  # ...but named when it is stale
+    change = update_daemon_json(str(path), "10.1.74.1/24", 1450, fixed_cidr="10.1.74.0/25")
+    assert change.written and change.fixed_cidr_changed and change.changed and change.warning is None
+    assert list(json.loads(path.read_text())) == ["fixed-cidr", "debug", "bip", "mtu"]  # kept in its place
+    assert change.describe() == "bip=10.1.74.1/24 mtu=1450 fixed-cidr=10.1.74.0/25"
+    again = update_daemon_json(str(path), "10.1.74.1/24", 1450, fixed_cidr="10.1.74.0/25")
+    assert not again.written and not again.changed
+
+
+def test_docker_fixed_cidr_flag_needs_a_daemon_json():
+    from flannelpy.agent import AgentOptions
+    from flannelpy.config.flags import parse_flags
+
+    with pytest.raises(FlannelError, match=r"^-docker-fixed-cidr: only with -docker-daemon-json"):
+        AgentOptions.from_flags(parse_flags(["-docker-fixed-cidr"], {}))
+    opts = AgentOptions.from_flags(parse_flags([], {"FLANNELD_DOCKER_FIXED_CIDR": "true",
+                                                    "FLANNELD_DOCKER_DAEMON_JSON": "/etc/docker/daemon.json"}))
+    assert opts.docker_fixed_cidr
+    assert not AgentOptions.from_flags(parse_flags([], {})).docker_fixed_cidr
+
+
+def test_ip_masq_false_when_flanneld_masquerades(tmp_path):
+    path = tmp_path / "daemon.json"
+    path.write_text('{"ip-masq": true}')
+    change = update_daemon_json(str(path), "10.1.74.1/24", 1450, ip_masq=False)
+    assert change.ip_masq_changed and change.old_ip_masq is True
+    assert json.loads(path.read_text()) == {"ip-masq": False, "bip": "10.1.74.1/24", "mtu": 1450}
+    assert change.describe() == "bip=10.1.74.1/24 mtu=1450 ip-masq=false"
+    assert not update_daemon_json(str(path), "10.1.74.1/24", 1450, ip_masq=False).written
+    # without -ip-masq the key is the user's
+    assert not update_daemon_json(str(path), "10.1.74.1/24", 1450).changed
+    created = tmp_path / "new.json"
+    update_daemon_json(str(created), "10.1.74.1/24", 1450, ip_masq=False)
+    assert json.loads(created.read_text()) == {"bip": "10.1.74.1/24", "mtu": 1450, "ip-masq": False}
 
 
 @pytest.fixture

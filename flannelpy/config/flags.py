@@ -101,6 +101,8 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("iptables-forward-rules", bool, True, "add default accept rules to FORWARD chain in iptables"),
     FlagSpec("docker-daemon-json", str, "", "set bip and mtu from the lease in this Docker daemon.json (empty: off)"),
     FlagSpec("docker-restart", bool, False, "restart Docker when bip or mtu in daemon.json changed"),
+    FlagSpec("docker-fixed-cidr", bool, False, "also set fixed-cidr in -docker-daemon-json to the lower half of the "
+             "subnet, leaving the upper half to `flannelctl attach`"),
     FlagSpec("status-socket", str, "/run/flannel/flanneld.sock", "unix socket serving /status for flannelctl (empty: off)"),
     FlagSpec("kube-subnet-mgr", bool, False, "contact the Kubernetes API for subnet assignment", refused=_KUBE_REFUSED),
     FlagSpec("kube-api-url", str, "", "Kubernetes API server URL", inactive=_KUBE),

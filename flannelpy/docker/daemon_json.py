@@ -1,5 +1,11 @@
 """Docker's daemon.json: set "bip" and "mtu" from the lease, safely.
 
+Two more keys on request: "fixed-cidr" (the lower half of the subnet, with -docker-fixed-cidr, so that
+Docker's allocations never meet `flannelctl attach`'s, see flannelpy.docker.attach_plan) and
+"ip-masq": false (with -ip-masq, what mk-docker-opts.sh's --ip-masq=false does: flanneld masquerades,
+and Docker's own rule, which comes first in POSTROUTING, would also rewrite container-to-container
+traffic leaving for other hosts).
+
 Upstream flanneld never touches Docker (mk-docker-opts.sh writes flags instead), but Docker-CE's unit
 ignores those flags, so users edit daemon.json by hand.  This does it: every other key kept in
 order, atomic write, the previous file kept as `<path>.flannel-backup`, and a check that dockerd is
@@ -18,11 +24,13 @@ import os
 import shlex
 import subprocess
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv4Network
 from typing import Any
 
 from flannelpy.errors import FlannelError
 from flannelpy.fileutil import atomic_write, replace_problem
+
+from .attach_plan import docker_half
 
 DEFAULT_PATH = "/etc/docker/daemon.json"
 BACKUP_SUFFIX = ".flannel-backup"
@@ -46,6 +54,10 @@ class Change:
     target: str = ""  # the file actually written: `path`, or its symlink's target
     old_raw: bytes | None = None  # the file before the update (None: there was none)
     old_backup: bytes | None = None  # the backup file before the update (None: there was none)
+    fixed_cidr: str | None = None  # wanted "fixed-cidr" (None: the key is left as it is)
+    old_fixed_cidr: Any = None
+    ip_masq: bool | None = None  # wanted "ip-masq" (None: left as it is)
+    old_ip_masq: Any = None
 
     @property
     def bip_changed(self) -> bool:
@@ -56,8 +68,30 @@ class Change:
         return self.old_mtu != self.mtu
 
     @property
+    def fixed_cidr_changed(self) -> bool:
+        return self.fixed_cidr is not None and self.old_fixed_cidr != self.fixed_cidr
+
+    @property
+    def ip_masq_changed(self) -> bool:
+        return self.ip_masq is not None and self.old_ip_masq is not self.ip_masq
+
+    @property
     def changed(self) -> bool:
-        return self.bip_changed or self.mtu_changed
+        return self.bip_changed or self.mtu_changed or self.fixed_cidr_changed or self.ip_masq_changed
+
+    @property
+    def warning(self) -> str | None:
+        """What the user must fix for dockerd to start with this file (None: nothing)."""
+        return None if self.fixed_cidr is not None else stale_fixed_cidr(self.old_fixed_cidr, self.bip)
+
+    def describe(self) -> str:
+        """The managed keys as set, for the log: `bip=10.5.69.1/24 mtu=1450 fixed-cidr=... ip-masq=false`."""
+        text = f"bip={self.bip} mtu={self.mtu}"
+        if self.fixed_cidr is not None:
+            text += f" fixed-cidr={self.fixed_cidr}"
+        if self.ip_masq is not None:
+            text += f" ip-masq={str(self.ip_masq).lower()}"
+        return text
 
 
 def _check_values(bip: str, mtu: int) -> None:
@@ -92,15 +126,45 @@ def _check_bridge(data: dict[str, Any], path: str) -> None:
         raise FlannelError(f"{path}: sets \"bridge\": {data['bridge']!r}, which dockerd rejects together with \"bip\"")
 
 
-def merge_daemon_json(text: str | None, bip: str, mtu: int, path: str = DEFAULT_PATH) -> tuple[str, dict[str, Any]]:
-    """Pure: (new file text, old settings).  Existing keys keep their place; new ones go last."""
+def fixed_cidr_for(bip: str) -> str:
+    """Docker's "fixed-cidr" for -docker-fixed-cidr: the lower half of bip's subnet."""
+    try:
+        return str(docker_half(IPv4Interface(bip).network))
+    except FlannelError as err:
+        raise FlannelError(f"-docker-fixed-cidr: {err}") from None
+
+
+def merge_daemon_json(text: str | None, bip: str, mtu: int, path: str = DEFAULT_PATH, *,
+                      fixed_cidr: str | None = None, ip_masq: bool | None = None) -> tuple[str, dict[str, Any]]:
+    """Pure: (new file text, old settings).  Existing keys keep their place; new ones go last.
+    `fixed_cidr` / `ip_masq` None leave those keys as they are."""
     _check_values(bip, mtu)
     data = parse_daemon_json(text or "", path)
     old = dict(data)
     _check_bridge(data, path)
     data["bip"] = bip
     data["mtu"] = mtu
+    if fixed_cidr is not None:
+        data["fixed-cidr"] = fixed_cidr
+    if ip_masq is not None:
+        data["ip-masq"] = ip_masq
     return json.dumps(data, indent=2) + "\n", old
+
+
+def stale_fixed_cidr(value: Any, bip: str) -> str | None:
+    """A warning when a "fixed-cidr" flanneld does not manage lies outside the new bip's subnet (left
+    from an earlier lease, or from -docker-fixed-cidr since turned off).  dockerd 20.10 then starts
+    but ignores it, allocating from the whole subnet, which `flannelctl attach` must know."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        inside = IPv4Network(value, strict=False).subnet_of(IPv4Interface(bip).network)
+    except (ValueError, TypeError):
+        inside = False
+    if inside:
+        return None
+    return (f"daemon.json has \"fixed-cidr\": {value!r}, outside bip {bip}: Docker ignores it and allocates "
+            f"from the whole subnet; remove it, or run flanneld with -docker-fixed-cidr")
 
 
 def _name(path: str, target: str) -> str:
@@ -139,8 +203,10 @@ def check_daemon_json(path: str) -> None:
         raise FlannelError(f"{_name(path, target)}: cannot be updated: {problem}")
 
 
-def update_daemon_json(path: str, bip: str, mtu: int) -> Change:
-    """Set bip/mtu in daemon.json; creates file and directory if missing; never half-writes.
+def update_daemon_json(path: str, bip: str, mtu: int, *, fixed_cidr: str | None = None,
+                       ip_masq: bool | None = None) -> Change:
+    """Set bip/mtu (and fixed-cidr, ip-masq when given) in daemon.json; creates file and directory if
+    missing; never half-writes.
 
     Nothing is written when both already have the wanted values.  Otherwise the previous file
     (if any) is first copied to `<path>.flannel-backup`, then the new one renamed into place; if
@@ -149,10 +215,11 @@ def update_daemon_json(path: str, bip: str, mtu: int) -> Change:
     _check_values(bip, mtu)
     target, raw, text = _read(path)
     name = _name(path, target)
-    new_text, old = merge_daemon_json(text, bip, mtu, name)
+    new_text, old = merge_daemon_json(text, bip, mtu, name, fixed_cidr=fixed_cidr, ip_masq=ip_masq)
     change_args = dict(path=path, old_bip=old.get("bip"), old_mtu=old.get("mtu"), bip=bip, mtu=mtu,
-                       target=target, old_raw=raw)
-    if raw is not None and old.get("bip") == bip and old.get("mtu") == mtu:
+                       target=target, old_raw=raw, fixed_cidr=fixed_cidr, old_fixed_cidr=old.get("fixed-cidr"),
+                       ip_masq=ip_masq, old_ip_masq=old.get("ip-masq"))
+    if raw is not None and not Change(**change_args, written=False, backup=None).changed:
         return Change(**change_args, written=False, backup=None)
     problem = replace_problem(target)
     if problem is not None:
