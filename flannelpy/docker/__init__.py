@@ -1,1 +1,2 @@
-"""Docker integration: daemon.json (bip, mtu) and mk-docker-opts.sh's DOCKER_OPTS file."""
+"""Docker integration: daemon.json (bip, mtu, fixed-cidr, ip-masq), mk-docker-opts.sh's DOCKER_OPTS file, and
+fixed overlay addresses for containers (flannelctl attach)."""
