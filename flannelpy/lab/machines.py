@@ -297,6 +297,10 @@ class MachineLab:
         """Power the machine off and on again as a VM: its network namespace (and every device flanneld
         made in it) goes away and comes back with only the NICs; disks (overlay, docker data) stay."""
         m.poweroff()
+        # The NICs' underlay ends first: deleting a namespace frees its devices asynchronously, so the names
+        # could still be taken when the machine's new NICs are made.
+        for end in (m.hostname, f"n-{m.hostname}"):
+            run("ip", "-n", self.underlay_ns, "link", "del", end, check=False)
         run("ip", "netns", "del", m.netns)
         self._build_netns(m)
         m.boot(timeout)
