@@ -136,6 +136,11 @@ class MachineLab:
     def host_machines(self) -> list[Machine]:
         return [m for m in self.machines if m.hostname != "etcd"]
 
+    @property
+    def host_list(self) -> list[Machine]:
+        """The Docker hosts, under the namespace lab's name for them (flannelctl's shared ping output)."""
+        return self.host_machines()
+
     # --- persistence ---
 
     def save(self) -> None:
