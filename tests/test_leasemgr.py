@@ -229,3 +229,72 @@ async def test_watch_peers_snapshot_then_events_across_restart(etcd):
 def grant(etcd, ttl: int) -> str:
     out = etcd.etcdctl("lease", "grant", str(ttl)).stdout  # "lease 694d... granted with TTL(600s)"
     return out.split()[1]
+
+
+def etcd_calls(etcd, method: str) -> int:
+    """How many times etcd served one gRPC method (the JSON gateway's calls land there too)."""
+    import httpx
+
+    total = 0
+    for line in httpx.get(etcd.endpoint + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("grpc_server_handled_total{") and f'grpc_method="{method}"' in line:
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+async def test_peers_listed_and_watched_once_without_a_ttl_call_each(etcd):
+    """issue #19: the peer watcher also guards our key (one list, one watch), and no
+    TimeToLive call is made per peer lease (flanneld's kvToIPLease makes one each)."""
+    lease_id = grant(etcd, 600)
+    for i in range(1, 21):
+        etcd.etcdctl("put", key(f"10.5.{i}.0/24"), f'{{"PublicIP":"10.0.0.{i}","PublicIPv6":null}}',
+                     "--lease", lease_id)
+    got: list = []
+
+    async def apply(events):
+        got.extend(events)
+
+    async with store_for(etcd) as store:
+        mgr = manager(store)
+        first = await mgr.acquire()
+        ttl0, watch0, range0 = (etcd_calls(etcd, m) for m in ("LeaseTimeToLive", "Watch", "Range"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mgr.watch_peers, apply)
+            await nursery.start(mgr.keep_lease)
+            assert len(got) == 20
+            etcd.etcdctl("put", key("10.5.99.0/24"), '{"PublicIP":"10.0.0.99","PublicIPv6":null}',
+                         "--lease", lease_id)
+            with trio.fail_after(30):
+                while len(got) < 21:
+                    await trio.sleep(0.02)
+            # Our key deleted: re-created by the guard that rides on the peer watch.
+            etcd.etcdctl("del", key(str(first.subnet)))
+            again = await wait_change(mgr)
+            assert again.subnet == first.subnet and mgr.recreations == 1
+            # Renewed by someone with our IP: its real expiry is adopted (read for our key only).
+            other = await store.renew_lease(first.subnet, mgr.attrs, 300)
+            adopted = await wait_change(mgr)
+            assert adopted.store_ref == other.store_ref
+            assert adopted.expiration is not None and abs(adopted.expiration - (time.time() + 300)) < 10
+            nursery.cancel_scope.cancel()
+    assert etcd_calls(etcd, "LeaseTimeToLive") - ttl0 == 1  # the adoption only
+    assert etcd_calls(etcd, "Range") - range0 == 2  # watch_peers' listing + that adoption's get
+    # one watch stream in all (the gateway opens a gRPC Watch per stream; counted when it ends)
+    assert etcd_calls(etcd, "Watch") - watch0 <= 1
+
+
+async def test_peer_watch_guard_raises_when_another_host_takes_our_key(etcd):
+    async def apply(events):
+        pass
+
+    async with store_for(etcd) as store:
+        mgr = manager(store)
+        first = await mgr.acquire()
+        with pytest.raises(BaseExceptionGroup) as info:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(mgr.watch_peers, apply)
+                await nursery.start(mgr.keep_lease)
+                etcd.etcdctl("put", key(str(first.subnet)), '{"PublicIP":"10.0.0.66","PublicIPv6":null}')
+                with trio.fail_after(30):
+                    await trio.sleep_forever()
+    assert any(isinstance(e, LeaseTaken) for e in info.value.exceptions)

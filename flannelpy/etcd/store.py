@@ -20,6 +20,11 @@ from .transport_choice import check_transport
 
 log = logging.getLogger("flanneld.etcd")
 
+# Lease.expiration of a lease listed or watched with expiry=False whose key has a TTL: the store
+# did not ask etcd when it ends (v3: one TimeToLive round trip per lease).  Not None, which
+# means "no TTL, a reservation"; later than any real time, so nothing treats it as expired.
+EXPIRY_NOT_READ = float("inf")
+
 
 @dataclass(frozen=True)
 class EtcdOptions:
@@ -123,8 +128,14 @@ class Store(Protocol):
     async def get_config(self) -> str | None:
         """The raw JSON at <prefix>/config, or None when the key does not exist."""
 
-    async def list_leases(self) -> tuple[list[Lease], int]:
-        """Every decodable lease under <prefix>/subnets/ and the revision (v2: index) read at."""
+    async def list_leases(self, *, expiry: bool = True) -> tuple[list[Lease], int]:
+        """Every decodable lease under <prefix>/subnets/ and the revision (v2: index) read at.
+
+        expiry=False: a lease's expiration may be EXPIRY_NOT_READ (what the agent asks for peers,
+        whose expiry it never reads; v2 has it in the listing anyway)."""
+
+    async def get_lease(self, subnet: IPv4Network) -> Lease | None:
+        """The lease stored for one subnet with its expiry, or None."""
 
     async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
         """Create the key only if it does not exist; None when someone else holds it."""
@@ -135,8 +146,9 @@ class Store(Protocol):
     async def delete_lease(self, subnet: IPv4Network) -> None:
         """Remove the key (used for an incompatible lease of ours)."""
 
-    def watch_leases(self, after_revision: int) -> AsyncIterator[WatchBatch]:
-        """Changes after `after_revision`, forever; reconnects, resumes and re-lists itself."""
+    def watch_leases(self, after_revision: int, *, expiry: bool = True) -> AsyncIterator[WatchBatch]:
+        """Changes after `after_revision`, forever; reconnects, resumes and re-lists itself
+        (expiry as for list_leases)."""
 
     async def aclose(self) -> None:
         ...

@@ -231,7 +231,8 @@ class V2Store:
     async def put_config(self, text: str) -> None:
         await self._request("PUT", self.config_key, data={"value": text})
 
-    async def list_leases(self) -> tuple[list[Lease], int]:
+    async def list_leases(self, *, expiry: bool = True) -> tuple[list[Lease], int]:
+        # `expiry` costs nothing here: every node of the listing carries its expiration.
         leases, _skipped, index = await self._list()
         return leases, index
 
@@ -306,7 +307,7 @@ class V2Store:
         if self.on_watch_reconnect is not None:
             self.on_watch_reconnect()
 
-    async def watch_leases(self, after_revision: int) -> AsyncIterator[WatchBatch]:
+    async def watch_leases(self, after_revision: int, *, expiry: bool = True) -> AsyncIterator[WatchBatch]:
         """One WatchBatch per v2 event; a snapshot batch when the index was cleared."""
         wait_index = after_revision + 1
         backoff = BACKOFF_MIN

@@ -39,7 +39,7 @@ from flannelpy.subnet.lease import (
 )
 
 from .diagnose import ConnectFailure, advice_for_etcd_error
-from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, unavailable
+from .store import EXPIRY_NOT_READ, EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, unavailable
 from .transport_choice import (
     GATEWAY,
     GRPC,
@@ -273,17 +273,36 @@ class V3Store:
         # Like flanneld's kvToIPLease: an unknown/expired lease (TTL -1) is "already expired".
         return time.time() + (ttl if ttl >= 0 else -1)
 
-    async def _kv_to_lease(self, kv: dict[str, Any]) -> Lease:
+    def _kv_to_lease_unread(self, kv: dict[str, Any]) -> Lease:
+        """The lease without its expiry: EXPIRY_NOT_READ when the key has an etcd lease."""
         key = _unb64(kv.get("key", "")).decode(errors="replace")
         subnet = parse_subnet_key(key, self.subnets_prefix)
         attrs = decode_attrs(_unb64(kv.get("value", "")), key)
         lease_id = int(kv.get("lease", 0))
-        return Lease(subnet=subnet, attrs=attrs, expiration=await self._expiration(lease_id),
+        return Lease(subnet=subnet, attrs=attrs, expiration=EXPIRY_NOT_READ if lease_id else None,
                      store_ref=lease_id or None)
 
-    async def _kvs_to_leases(self, kvs: list[dict[str, Any]]) -> tuple[list[Lease], list[str]]:
-        results: list[Lease | None] = [None] * len(kvs)
+    async def _kv_to_lease(self, kv: dict[str, Any]) -> Lease:
+        lease = self._kv_to_lease_unread(kv)
+        if lease.store_ref is None:
+            return lease
+        return Lease(subnet=lease.subnet, attrs=lease.attrs, expiration=await self._expiration(lease.store_ref),
+                     store_ref=lease.store_ref)
+
+    async def _kvs_to_leases(self, kvs: list[dict[str, Any]], expiry: bool = True) -> tuple[list[Lease], list[str]]:
         skipped: list[str] = []
+        if not expiry:
+            # No round trip per lease (flanneld's kvToIPLease makes one TimeToLive call each): the
+            # agent never reads a peer's expiry, and 1000 calls were most of a cold start.
+            leases: list[Lease] = []
+            for kv in kvs:
+                try:
+                    leases.append(self._kv_to_lease_unread(kv))
+                except LeaseValueError as exc:
+                    self._skip_log.skipped(exc)
+                    skipped.append(_unb64(kv.get("key", "")).decode(errors="replace"))
+            return leases, skipped
+        results: list[Lease | None] = [None] * len(kvs)
         limiter = trio.CapacityLimiter(_TTL_CONCURRENCY)
 
         async def one(i: int, kv: dict[str, Any]) -> None:
@@ -299,14 +318,14 @@ class V3Store:
                 nursery.start_soon(one, i, kv)
         return [lease for lease in results if lease is not None], skipped
 
-    async def list_leases(self) -> tuple[list[Lease], int]:
-        leases, _rev, _skipped = await self._list()
+    async def list_leases(self, *, expiry: bool = True) -> tuple[list[Lease], int]:
+        leases, _rev, _skipped = await self._list(expiry)
         return leases, _rev
 
-    async def _list(self) -> tuple[list[Lease], int, list[str]]:
+    async def _list(self, expiry: bool = True) -> tuple[list[Lease], int, list[str]]:
         doc = await self._post("/v3/kv/range", {
             "key": _b64(self.subnets_prefix), "range_end": _b64(prefix_range_end(self.subnets_prefix))})
-        leases, skipped = await self._kvs_to_leases(doc.get("kvs") or [])
+        leases, skipped = await self._kvs_to_leases(doc.get("kvs") or [], expiry)
         return leases, int(doc["header"]["revision"]), skipped
 
     async def get_lease(self, subnet: IPv4Network) -> Lease | None:
@@ -378,7 +397,7 @@ class V3Store:
 
     # --- watch ----------------------------------------------------------------------------
 
-    async def watch_leases(self, after_revision: int) -> AsyncIterator[WatchBatch]:
+    async def watch_leases(self, after_revision: int, *, expiry: bool = True) -> AsyncIterator[WatchBatch]:
         """Batches of changes after `after_revision`, forever.
 
         Reconnects with backoff and resumes at the last seen revision + 1; when the history
@@ -388,7 +407,7 @@ class V3Store:
         delay = self._backoff[0]
         while True:
             try:
-                async for batch in self._watch_once(last + 1):
+                async for batch in self._watch_once(last + 1, expiry):
                     delay = self._backoff[0]  # the stream works again
                     last = max(last, batch.revision)
                     if batch.events or batch.skipped:
@@ -396,7 +415,7 @@ class V3Store:
             except _Compacted as exc:
                 log.warning("watch fell behind etcd compaction (revision %d); re-listing leases", exc.revision)
                 try:
-                    leases, rev, skipped = await self._list()
+                    leases, rev, skipped = await self._list(expiry)
                 except (StoreUnavailable, EtcdError) as err:
                     log.warning("re-list after compaction failed: %s", err)
                     await trio.sleep(delay)
@@ -414,7 +433,7 @@ class V3Store:
             await trio.sleep(delay)
             delay = min(delay * 2, self._backoff[1])
 
-    async def _watch_once(self, start_revision: int) -> AsyncIterator[WatchBatch]:
+    async def _watch_once(self, start_revision: int, expiry: bool = True) -> AsyncIterator[WatchBatch]:
         """One watch stream; ends by raising (disconnect, compaction, error)."""
         body = {"create_request": {
             "key": _b64(self.subnets_prefix),
@@ -434,7 +453,7 @@ class V3Store:
                         self._good = idx
                         self._log_choice()
                         async for doc in messages:
-                            batch = await self._watch_message(doc)
+                            batch = await self._watch_message(doc, expiry)
                             if batch is not None:
                                 yield batch
                     raise WatchBroken(f"etcd {endpoint} closed the watch stream")
@@ -452,7 +471,7 @@ class V3Store:
             else:
                 raise unavailable(failures)
 
-    async def _watch_message(self, doc: dict[str, Any]) -> WatchBatch | None:
+    async def _watch_message(self, doc: dict[str, Any], expiry: bool = True) -> WatchBatch | None:
         if "error" in doc:
             err = doc["error"]
             msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
@@ -486,7 +505,8 @@ class V3Store:
                     subnet = parse_subnet_key(key, self.subnets_prefix)
                     out.append(LeaseEvent(EventKind.REMOVED, Lease(subnet=subnet, attrs=REMOVED_ATTRS)))
                 else:
-                    out.append(LeaseEvent(EventKind.ADDED, await self._kv_to_lease(kv)))
+                    lease = await self._kv_to_lease(kv) if expiry else self._kv_to_lease_unread(kv)
+                    out.append(LeaseEvent(EventKind.ADDED, lease))
             except LeaseValueError as exc:
                 log.warning("skipping watch event: %s", exc)
                 skipped.append(key)

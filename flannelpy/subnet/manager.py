@@ -11,6 +11,7 @@ module acts).  Where flanneld gives up we do better, deliberately:
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -21,7 +22,7 @@ import trio
 
 from flannelpy.config.network import NetworkConfig
 from flannelpy.errors import FlannelError, first_flannel_error
-from flannelpy.etcd.store import Store, StoreUnavailable, WatchBatch
+from flannelpy.etcd.store import EXPIRY_NOT_READ, Store, StoreUnavailable, WatchBatch
 from flannelpy.hostnet.underlay import Underlay
 
 from .admission import Admission, AdmissionRules, AdmissionStep
@@ -83,6 +84,9 @@ class LeaseManager:
         self.changed = trio.Event()
         self.renewals = 0
         self.recreations = 0
+        # watch_peers guards our key from its own watch: keep_lease then opens none of its own,
+        # so every event is read, parsed and logged once.
+        self._peer_watch_guards = False
 
     # --- state ----------------------------------------------------------------------------
 
@@ -118,7 +122,8 @@ class LeaseManager:
     async def _acquire_once(self) -> Lease:
         exclude: list[IPv4Network] = []
         for _ in range(RACE_RETRIES + 1):
-            leases, _rev = await self.store.list_leases()
+            # Expiries are not read: the plan only asks whether our lease has a TTL at all.
+            leases, _rev = await self.store.list_leases(expiry=False)
             plan = plan_acquisition(self.config, leases, self.public_ip, self.previous_subnet, self.rng, exclude)
             for old in plan.delete:
                 log.info("found lease %s for our IP %s but it does not fit the current config; deleting it",
@@ -151,7 +156,8 @@ class LeaseManager:
         self.current  # noqa: B018 - fail early without a lease
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self._guard_own_key)
+                if not self._peer_watch_guards:
+                    await nursery.start(self._guard_own_key)
                 nursery.start_soon(self._renew_loop)
                 task_status.started()
         except BaseExceptionGroup as group:
@@ -196,10 +202,10 @@ class LeaseManager:
             return
 
     async def _guard_own_key(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        leases, rev = await _retry_unavailable(self.store.list_leases)
+        leases, rev = await _retry_unavailable(functools.partial(self.store.list_leases, expiry=False))
         await self._check_listing(leases)
         task_status.started()
-        async for batch in self.store.watch_leases(rev):
+        async for batch in self.store.watch_leases(rev, expiry=False):
             await self._check_batch(batch)
 
     async def _check_listing(self, leases: Sequence[Lease]) -> None:
@@ -224,7 +230,16 @@ class LeaseManager:
         elif lease.attrs.public_ip != self.public_ip:
             raise LeaseTaken(f"lease for {lease.subnet} was taken by {lease.attrs.public_ip}")
         elif lease.store_ref != self.current.store_ref:
-            # Renewed by someone with our IP (or our own put seen late): adopt its expiry.
+            # Renewed by someone with our IP (or our own put seen late): adopt its expiry, read
+            # now if the listing or watch did not (one TimeToLive call, for our key only).
+            if lease.expiration == EXPIRY_NOT_READ:
+                fresh = await self.store.get_lease(lease.subnet)
+                if fresh is None:
+                    await self._recreate()  # gone again already
+                    return
+                lease = fresh
+                if lease.attrs.public_ip != self.public_ip:
+                    raise LeaseTaken(f"lease for {lease.subnet} was taken by {lease.attrs.public_ip}")
             self._set_current(Lease(lease.subnet, self.attrs, lease.expiration, lease.store_ref))
 
     async def _recreate(self) -> None:
@@ -261,19 +276,24 @@ class LeaseManager:
     ) -> None:
         """Apply every peer lease now (started() after that), then every change, forever.
 
-        Only admitted leases reach `apply` (subnet/admission.py); refusals are logged here."""
+        Only admitted leases reach `apply` (subnet/admission.py); refusals are logged here.
+        The same watch guards our own key (keep_lease then opens no watch of its own); peers'
+        expiries are never read (no TimeToLive call per lease, as flanneld makes)."""
         tracker = LeaseTracker(self.current.subnet)
         self.tracker = tracker
         admission = Admission(self.admission_rules())
         self.admission = admission
-        leases, rev = await _retry_unavailable(self.store.list_leases)
+        self._peer_watch_guards = True
+        leases, rev = await _retry_unavailable(functools.partial(self.store.list_leases, expiry=False))
+        await self._check_listing(leases)
         events = self._admit(admission, tracker.reset(leases))
         if events:
             await apply(events)
         task_status.started()
-        async for batch in self.store.watch_leases(rev):
+        async for batch in self.store.watch_leases(rev, expiry=False):
             if batch.snapshot is not None and self.on_resync is not None:
                 self.on_resync()
+            await self._check_batch(batch)
             events = self._admit(admission, tracker.update(batch))
             if events:
                 await apply(events)
