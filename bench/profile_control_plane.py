@@ -217,6 +217,7 @@ def main() -> None:
     p.add_argument("--peers", type=int, default=1000)
     p.add_argument("--joins", type=int, default=100)
     p.add_argument("--py-spy", default=shutil.which("py-spy") or "/tmp/pyspy-venv/bin/py-spy")
+    p.add_argument("--commit", default="HEAD", help="profile flannelpy as of this commit (git archive)")
     p.add_argument("--keep", help="copy the raw py-spy files into this directory")
     args = p.parse_args()
     if os.geteuid() != 0:
@@ -226,7 +227,7 @@ def main() -> None:
     have_flanneld = os.path.exists(os.path.join(ANCHORS, f"flanneld-{REFERENCE[args.api]}.xz"))
     tmp = tempfile.mkdtemp(prefix="fpprof-")
     try:
-        tree = snapshot_flannelpy(tmp)
+        tree = snapshot_flannelpy(tmp, args.commit)
         config = {"Network": BENCH_NETWORK, "SubnetMin": BENCH_SUBNET_MIN, "SubnetMax": BENCH_SUBNET_MAX,
                   "Backend": {"Type": "vxlan"}}
         with Resources() as res:

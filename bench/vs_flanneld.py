@@ -557,7 +557,7 @@ def _ping_counts(text: str) -> tuple[int, int]:
 # --- set-up ----------------------------------------------------------------------------------
 
 
-def machine(tree: str) -> dict[str, str]:
+def machine(tree: str, rev: str = "HEAD") -> dict[str, str]:
     cpu = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -568,12 +568,12 @@ def machine(tree: str) -> dict[str, str]:
     def git(*a: str) -> str:
         return subprocess.run(["git", "-C", REPO, *a], check=False, capture_output=True, text=True).stdout.strip()
 
-    commit = git("rev-parse", "--short", "HEAD")
+    commit = git("rev-parse", "--short", rev if tree != "live" else "HEAD")
     if tree == "live":
         dirty = git("status", "--porcelain", "--", "flannelpy")
         commit += " + uncommitted changes in flannelpy/" if dirty else " (flannelpy/ clean)"
     else:
-        commit += " (flannelpy from git archive HEAD)"
+        commit += f" (flannelpy from git archive {rev})"
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{os.cpu_count()} CPUs ({cpu}), kernel {platform.release()}, "
                        f"Python {platform.python_version()}",
@@ -589,10 +589,10 @@ def unpack_flanneld(version: str, into: str) -> str:
     return dst
 
 
-def snapshot_flannelpy(into: str) -> str:
+def snapshot_flannelpy(into: str, commit: str = "HEAD") -> str:
     tree = os.path.join(into, "tree")
     os.makedirs(tree)
-    archive = subprocess.run(["git", "-C", REPO, "archive", "HEAD", "flannelpy"], capture_output=True, check=True)
+    archive = subprocess.run(["git", "-C", REPO, "archive", commit, "flannelpy"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
     # Byte-compiled as an installed package is (pip compiles on install): the first start must
     # not pay for compiling every module.
@@ -640,8 +640,9 @@ def main() -> None:
     p.add_argument("--churn-reps", type=int, default=1)
     p.add_argument("--soak", type=float, default=0.0, help="also a churn soak of this many s (600: the RSS check)")
     p.add_argument("--soak-rate", type=float, default=1000.0)
-    p.add_argument("--tree", choices=("HEAD", "live"), default="HEAD",
-                   help="flannelpy from `git archive HEAD` (default) or the work tree as it is")
+    p.add_argument("--tree", default="HEAD",
+                   help="flannelpy from `git archive REV` (default HEAD: a commit, whatever the work tree holds) "
+                        "or `live`: the work tree as it is")
     p.add_argument("--idle-wait", type=float, default=60.0, help="wait up to this long for a quiet machine per step")
     p.add_argument("--markdown", help="also write the table as Markdown to this file")
     p.add_argument("--json", help="also write every value to this file")
@@ -662,13 +663,13 @@ def main() -> None:
         print(f"skipped: no real flanneld to compare with ({', '.join(missing)} not in {ANCHORS}; "
               "see the anchors README)")
         return
-    info = machine(args.tree)
+    info = machine(args.tree, args.tree)
     load0 = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     started = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="vsflanneld-")
     results: list[Results] = []
     try:
-        tree = snapshot_flannelpy(tmp) if args.tree == "HEAD" else "-"
+        tree = snapshot_flannelpy(tmp, args.tree) if args.tree != "live" else "-"
         with Resources() as res:
             print(f"run prefix {res.prefix}; {info['date']}; load {load0}", file=sys.stderr, flush=True)
             for n, api in enumerate(apis):
