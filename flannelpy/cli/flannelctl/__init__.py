@@ -15,6 +15,7 @@ import os
 import pkgutil
 import signal
 import sys
+import threading
 import traceback
 
 from flannelpy.errors import FlannelError
@@ -90,9 +91,13 @@ def etcd_hint(err: FlannelError, args: argparse.Namespace | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Signals can be taken over only from the main thread; called from another (a test, an embedding
+    # program), the caller keeps its own handling.
+    owns_signals = threading.current_thread() is threading.main_thread()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    if owns_signals:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     args: argparse.Namespace | None = None
     try:
         try:
@@ -124,6 +129,6 @@ def main(argv: list[str] | None = None) -> int:
               f"(run with {DEBUG_ENV}=1 for the traceback, and please report it)", file=sys.stderr)
         return 1
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM) if owns_signals else ():
             # as the process ends, a late signal just ends it (no traceback during interpreter shutdown)
             signal.signal(sig, signal.SIG_DFL if argv is None else previous[sig])  # type: ignore[arg-type]
