@@ -60,6 +60,10 @@ link_command() {  # refuse to replace a real flanneld binary (say, from a distri
 }
 
 if [ "$action" = uninstall ]; then
+    # Stopped and its enablement links removed first: they would dangle once the unit file is gone.
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ] && [ -f "$unit_dir/flanneld.service" ]; then
+        systemctl disable --now flanneld.service || true
+    fi
     for cmd in flanneld flannelctl; do
         t="$bindir/$cmd"
         if [ -L "$t" ]; then

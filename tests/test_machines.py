@@ -404,6 +404,28 @@ def test_reboot_keeps_the_vtep_mac(lab: MachineLab):
 
 @root
 @slow
+def test_uninstall_then_provision_again(lab: MachineLab):
+    """etc/install.sh --uninstall leaves nothing behind (no dangling enablement links) but the edited
+    sysconfig; provisioning again, as `vagrant provision` does, brings the host back on its old subnet."""
+    h2 = lab.host(2)
+    subnet = lab.subnet_env(h2)["FLANNEL_SUBNET"]
+    r = h2.run("sh", "/flannelpy/etc/install.sh", "--uninstall")
+    assert "kept /etc/sysconfig/flanneld (edited" in r.stdout and "removed flannelpy" in r.stdout
+    for path in ("/opt/flannelpy", "/usr/bin/flanneld", "/usr/bin/flannelctl", "/usr/bin/flanneld-start",
+                 "/usr/lib/systemd/system/flanneld.service", "/usr/lib/systemd/system/docker.service.d",
+                 "/usr/lib/tmpfiles.d/flannel.conf", "/usr/libexec/flannel"):
+        assert h2.run("test", "-e", path, check=False).returncode != 0, path
+    assert h2.run("find", "/etc/systemd/system", "-name", "flanneld*").stdout == ""
+    assert h2.run("systemctl", "is-active", "flanneld", check=False).stdout.strip() == "inactive"
+    assert h2.run("systemctl", "is-active", "docker", check=False).stdout.strip() == "active"
+    lab.provision(h2, "provision-host.sh", ETCD_IP, "172.28.128.12")
+    assert lab.subnet_env(h2)["FLANNEL_SUBNET"] == subnet
+    lab.refresh_container_ip(h2)
+    assert all(lab.wait_all_pings(30).values())
+
+
+@root
+@slow
 def test_cli_status_and_down(lab: MachineLab):
     r = subprocess.run(["flannelctl", "lab", "--prefix", lab.prefix, "status", "--ping", "--json"],
                        capture_output=True, text=True, timeout=120)

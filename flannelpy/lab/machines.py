@@ -213,7 +213,7 @@ class MachineLab:
                 m.prepare()
                 self.save()
             self._step("boot", self._boot_all)
-            self._step("provision etcd", lambda: self._provision(self.etcd, "provision-etcd.sh", ETCD_IP))
+            self._step("provision etcd", lambda: self.provision(self.etcd, "provision-etcd.sh", ETCD_IP))
             self._step("provision hosts", self._provision_hosts)
             self._step("containers", self._start_containers)
             self.save()
@@ -254,7 +254,7 @@ class MachineLab:
             m.boot()
             self.save()
 
-    def _provision(self, m: Machine, script: str, *args: str) -> None:
+    def provision(self, m: Machine, script: str, *args: str) -> None:
         """Run a vagrant/ provisioning script as Vagrant's shell provisioner does: as root, from the synced
         folder, with the Vagrantfile's arguments; pip finds the wheelhouse through its own variables."""
         self.progress(f"provisioning {m.hostname}: vagrant/{script} {' '.join(args)} ...")
@@ -271,7 +271,7 @@ class MachineLab:
 
     def _provision_hosts(self) -> None:
         with ThreadPoolExecutor(max_workers=len(self.host_machines())) as pool:
-            futures = [pool.submit(self._provision, m, "provision-host.sh", ETCD_IP, self._machine_ip(m))
+            futures = [pool.submit(self.provision, m, "provision-host.sh", ETCD_IP, self._machine_ip(m))
                        for m in self.host_machines()]
             for fut in futures:
                 fut.result()
