@@ -212,6 +212,10 @@ async def run_agent(opts: AgentOptions) -> None:
             log.info("network config: Network %s, SubnetLen %d, SubnetMin %s, SubnetMax %s, backend %s%s",
                      config.network, config.subnet_len, config.subnet_min, config.subnet_max, config.backend_type,
                      " (no Backend in config: udp, as flanneld)" if config.backend_defaulted else "")
+            if config.enable_nftables and (opts.ip_masq or opts.iptables_forward_rules):
+                from flannelpy.hostnet.nftables import check_tools as check_nft
+
+                check_nft()  # before the lease: a refused start leaves nothing in etcd
 
             ext = await select_interface(netlink, list(opts.ifaces), list(opts.iface_regexes),
                                          opts.iface_can_reach, opts.public_ip)
@@ -331,7 +335,22 @@ async def keep_subnet_env(path: str, env: SubnetEnv, period: float = SUBNET_ENV_
 
 async def _run_iptables(opts: AgentOptions, config: NetworkConfig, lease: Lease, previous_network, previous_subnet,
                         *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """The masquerade and forward rules: iptables by default, nftables with EnableNFTables.  Each
+    mode removes what the other left (as flanneld does at start-up), after its own rules are in
+    place, so the host is never without either."""
+    if config.enable_nftables:
+        from flannelpy.hostnet.nftables import NftablesManager
+
+        nft = NftablesManager(
+            config.network, lease.subnet,
+            masq=opts.ip_masq, forward=opts.iptables_forward_rules, random_fully_disable=not opts.ip_masq_random_fully,
+            resync_s=opts.iptables_resync_s, previous_network=previous_network,
+        )
+        await nft.run(task_status=task_status)
+        return
+
     from flannelpy.hostnet.iptables import IptablesManager
+    from flannelpy.hostnet.nftables import remove_flannel_tables
 
     manager = IptablesManager(
         config.network, lease.subnet,
@@ -339,7 +358,13 @@ async def _run_iptables(opts: AgentOptions, config: NetworkConfig, lease: Lease,
         netns=None,
         resync_s=opts.iptables_resync_s, previous_network=previous_network, previous_subnet=previous_subnet,
     )
-    await manager.run(task_status=task_status)
+    async with trio.open_nursery() as rules:
+        await rules.start(manager.run)
+        try:
+            await remove_flannel_tables(config.network, lease.subnet, previous_network)
+        except FlannelError as err:
+            log.error("could not remove flannel's nftables tables (EnableNFTables is off): %s", err)
+        task_status.started()
 
 
 def _update_docker(opts: AgentOptions, env: SubnetEnv, undo: StartupUndo) -> None:

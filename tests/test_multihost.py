@@ -621,7 +621,9 @@ def test_measure_lease_to_route_propagation(make_lab: Callable[..., Lab], api: s
             monitor.close()
         assert net(lab, 3) == dst  # same subnet again (from subnet.env)
         assert t_lease is not None and t_route is not None, (watch.lines, monitor.lines)
-        assert t_route >= t_lease
+        # Two observers, each with its own delay: etcdctl's watch may print a little after the
+        # agents have already programmed the route (seen: 26 us after), so causality has a margin.
+        assert t_route >= t_lease - 0.01
         samples.append(t_route - t_lease)
         log_samples.append(_log_time(lab, 1, rf"peer {re.escape(dst)}: vtep") -
                            _log_time(lab, 3, rf"allocated lease|reusing lease|acquired lease"))

@@ -151,14 +151,14 @@ class RepairLoop:
             return None
 
     async def _watch(self, monitor: KernelMonitor) -> None:
-        own = await trio.to_thread.run_sync(lambda: self.netlink.port_id)
+        own = await trio.to_thread.run_sync(lambda: self.netlink.own_ports)
         self.monitoring = True
         try:
             while True:
                 changes = await monitor.changes()
                 # notice() is called for every foreign change (it may record what broke), not
                 # just until the first relevant one.
-                relevant = [c for c in changes if (own is None or c.sender != own) and self.notice(c)]
+                relevant = [c for c in changes if c.sender not in own and self.notice(c)]
                 if relevant:
                     self.wake()
         except OSError as exc:  # the periodic pass still runs: degrade, never end the agent

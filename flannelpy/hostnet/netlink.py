@@ -70,6 +70,12 @@ class NetlinkThread:
         return self._port_id
 
     @property
+    def own_ports(self) -> frozenset[int]:
+        """Port ids of both our sockets that change the kernel (pyroute2's and KernelDumps'
+        batch socket): notifications stamped with one of them are our own echoes."""
+        return frozenset(p for p in (self.port_id, self.dumps.port_id) if p)
+
+    @property
     def dumps(self) -> "KernelDumps":
         """Fast reads of the kernel's tables in this thread's namespace; use them inside call()."""
         if self._dumps is None:
@@ -212,7 +218,9 @@ def dump_main_routes(ipr: Any) -> list[KernelRoute]:
 
 class KernelDumps:
     """One dump each of the main table's routes, a device's neighbours, a device's FDB, read
-    with hostnet.rtnl (milliseconds for thousands of entries, where pyroute2 takes a second).
+    with hostnet.rtnl (milliseconds for thousands of entries, where pyroute2 takes a second),
+    and batches of requests that change them (transact: one send for many, as the backends'
+    peer programming needs).
 
     Use it from one thread at a time (the backends call it on the netlink thread)."""
 
@@ -220,11 +228,34 @@ class KernelDumps:
         self._netns = netns
         self._sock: socket.socket | None = None
         self._seq = 0
+        self._open_lock = threading.Lock()
+
+    def _socket(self) -> socket.socket:
+        with self._open_lock:
+            if self._sock is None:
+                sock = rtnl.open_socket(self._netns, 0, blocking=True)
+                sock.settimeout(10)
+                self._sock = sock
+            return self._sock
+
+    @property
+    def port_id(self) -> int | None:
+        """The batch socket's netlink port id (the kernel stamps it on our changes' notifications)."""
+        try:
+            return int(self._socket().getsockname()[0]) or None
+        except OSError:
+            return None
+
+    def transact(self, requests: list[rtnl.Request]) -> list[int]:
+        """Send the requests in order, many per sendmsg; each one's errno (0: done)."""
+        sock = self._socket()
+        first = self._seq + 1
+        self._seq += len(requests)
+        return rtnl.transact(sock, requests, first)
 
     def _dump(self, mtype: int, header: bytes) -> list[rtnl.Message]:
-        if self._sock is None:
-            self._sock = rtnl.open_socket(self._netns, 0, blocking=True)
-            self._sock.settimeout(10)
+        self._socket()
+        assert self._sock is not None
         for _ in range(5):
             self._seq += 1
             try:

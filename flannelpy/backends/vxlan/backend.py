@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,9 +28,16 @@ import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
 from flannelpy.backends.base import Backend, ExternalInterface, LeaseData
-from flannelpy.backends.repair import RESYNC_INTERVAL, EchoFilter, RepairLoop, RepairReport, describe_failures
+from flannelpy.backends.repair import (
+    RESYNC_INTERVAL,
+    EchoFilter,
+    RepairLoop,
+    RepairReport,
+    describe_failures,
+)
 from flannelpy.config.network import NetworkConfig
 from flannelpy.errors import ConfigError, FlannelError
+from flannelpy.hostnet import rtnl
 from flannelpy.hostnet.interface import route_get_hops
 from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import (
@@ -211,50 +219,44 @@ _GONE = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV)
 _KERNEL_ERRORS = (NetlinkError, OSError, ValueError)
 
 
-def _program(ipr: Any, index: int, plan: PeerPlan) -> None:
-    """neigh, FDB, route in flanneld's order; on failure undo what was done and re-raise."""
-    steps: list[tuple[Callable[[], None], Callable[[], None]]] = []
-    if plan.neigh is not None:
-        n = plan.neigh
-        steps.append((lambda: _neigh(ipr, "replace", index, n), lambda: _neigh(ipr, "del", index, n)))
-    if plan.fdb is not None:
-        f = plan.fdb
-        steps.append((lambda: _fdb(ipr, "replace", index, f), lambda: _fdb(ipr, "del", index, f)))
-    steps.append((lambda: _route(ipr, "replace", index, plan.route),
-                  lambda: _route(ipr, "del", index, plan.route)))
-    done: list[Callable[[], None]] = []
-    for do, undo in steps:
-        try:
-            do()
-        except Exception:
-            for u in reversed(done):
-                try:
-                    u()
-                except NetlinkError as exc:
-                    log.warning("rollback step failed: %s", exc)
-            raise
-        done.append(undo)
+@dataclass(frozen=True)
+class _Group:
+    """One peer's part of an apply batch: what it is for, and its requests in kernel order."""
+
+    role: str  # "add", "remove", or "stale" (old entries a changed lease no longer needs)
+    subnet: IPv4Network
+    plan: PeerPlan
+    steps: list[tuple[str, rtnl.Request]]
 
 
-def _unprogram(ipr: Any, index: int, plan: PeerPlan, with_route: bool = True) -> list[str]:
-    """Delete the plan's entries, carrying on past failures; returns the failures."""
-    errors = []
-    actions: list[tuple[str, Callable[[], None]]] = []
+def _plan_requests(index: int, plan: PeerPlan, add: bool, with_route: bool) -> list[tuple[str, rtnl.Request]]:
+    """The plan's entries as rtnetlink requests, in flanneld's order (neighbour, FDB, route),
+    each as pyroute2's neigh/fdb/route calls (_neigh, _fdb, _route) send it."""
+    out: list[tuple[str, rtnl.Request]] = []
     if plan.neigh is not None:
         n = plan.neigh
-        actions.append((f"neigh {n.ip}", lambda: _neigh(ipr, "del", index, n)))
+        out.append((f"neigh {n.ip}", rtnl.neigh_request(add, socket.AF_INET, index, n.ip.packed, n.mac,
+                                                         state=NUD_PERMANENT)))
     if plan.fdb is not None:
         f = plan.fdb
-        actions.append((f"fdb {f.mac} dst {f.dst}", lambda: _fdb(ipr, "del", index, f)))
+        out.append((f"fdb {f.mac} dst {f.dst}", rtnl.neigh_request(add, socket.AF_BRIDGE, index, f.dst.packed, f.mac,
+                                                                   state=NUD_PERMANENT, ntf_flags=NTF_SELF)))
     if with_route:
-        actions.append((f"route {plan.route.dst}", lambda: _route(ipr, "del", index, plan.route)))
-    for what, action in actions:
-        try:
-            action()
-        except _KERNEL_ERRORS as exc:
-            if getattr(exc, "code", None) not in _GONE:
-                errors.append(f"{what}: {_reason(exc)}")
-    return errors
+        r = plan.route
+        if r.on_vxlan:
+            # Ours on our own device whoever marked it: a delete matches any protocol (0).
+            req = rtnl.route_request(add, r.dst.network_address.packed, r.dst.prefixlen, r.gateway.packed,
+                                     oif=index, table=MAIN_TABLE, protocol=FLANNEL_RTPROT if add else 0,
+                                     flags=RTNH_F_ONLINK)
+        else:
+            req = rtnl.route_request(add, r.dst.network_address.packed, r.dst.prefixlen, r.gateway.packed,
+                                     oif=None, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
+        out.append((f"route {r.dst}", req))
+    return out
+
+
+def _transact(_ipr: Any, dumps: KernelDumps, requests: list[rtnl.Request]) -> list[int]:
+    return dumps.transact(requests)
 
 
 def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, base: IPv4Address,
@@ -472,11 +474,14 @@ class VxlanBackend(Backend):
             return False
         return is_on_link([gw for _oif, gw in hops])
 
-    # --- per event: O(1) each ------------------------------------------------------------
+    # --- per event: O(1) each, one kernel batch per apply ---------------------------------
 
     async def apply(self, events: Sequence[LeaseEvent]) -> None:
-        self._need_device()
+        """Program a batch of events with one round of netlink requests (hostnet.rtnl.transact:
+        many per send) instead of three request/ACK round trips per peer through pyroute2."""
+        index = self._need_device()
         async with self._lock:
+            groups: list[_Group] = []
             for event in events:
                 lease = event.lease
                 if not self.accepts(lease):
@@ -484,9 +489,17 @@ class VxlanBackend(Backend):
                              lease.subnet, lease.attrs.backend_type)
                     continue
                 if event.kind is EventKind.ADDED:
-                    await self._add(lease)
+                    await self._queue_add(index, lease, groups)
                 else:
-                    await self._remove(lease)
+                    await self._queue_remove(index, lease, groups)
+            requests = [req for g in groups for _what, req in g.steps]
+            if not requests:
+                return
+            try:
+                codes = await self.netlink.call(_transact, self.netlink.dumps, requests)
+            except OSError as exc:  # the socket itself failed: every add is retried by the next pass
+                codes = [exc.errno or errno.EIO] * len(requests)
+            await self._settle(index, groups, codes)
 
     def _hold(self, subnet: IPv4Network, plan: PeerPlan | None) -> PeerPlan | None:
         """Record `plan` (None: forget) as the subnet's wanted entries; returns the old plan."""
@@ -514,23 +527,17 @@ class VxlanBackend(Backend):
         if self._failed.pop(subnet, None) is not None:
             log.info("peer %s (%s) programmed after earlier failure", subnet, self._public_of(subnet))
 
-    async def _add(self, lease: Lease) -> None:
-        index = self._need_device()
+    async def _queue_add(self, index: int, lease: Lease, groups: list[_Group]) -> None:
         try:
             plan = peer_plan(lease, await self._is_direct(lease))
         except ValueError as exc:
             log.error("ignoring lease %s: %s", lease.subnet, exc)
-            await self._remove(lease)
+            await self._queue_remove(index, lease, groups)
             return
         old = self._hold(lease.subnet, plan)
         if plan.fdb is not None:
             self._echoes.expect((plan.fdb.mac.lower(), False))
-        try:
-            await self.netlink.call(_program, index, plan)
-        except _KERNEL_ERRORS as exc:  # this peer alone: logged, counted, retried by the next pass
-            self._mark_failed(lease.subnet, _reason(exc))
-            return
-        self._mark_ok(lease.subnet)
+        groups.append(_Group("add", lease.subnet, plan, _plan_requests(index, plan, True, True)))
         if old is not None:
             stale = stale_entries(old, plan)
             if stale is not None and stale.fdb is not None and stale.fdb.mac in self._mac_holders:
@@ -538,13 +545,9 @@ class VxlanBackend(Backend):
             if stale is not None and (stale.fdb is not None or stale.neigh is not None):
                 if stale.fdb is not None:
                     self._echoes.expect((stale.fdb.mac.lower(), True))
-                errors = await self.netlink.call(_unprogram, index, stale, False)
-                for err in errors:
-                    log.warning("removing stale entry for %s: %s", lease.subnet, err)
-        log.info("peer %s: %s", lease.subnet, _describe(plan))
+                groups.append(_Group("stale", lease.subnet, stale, _plan_requests(index, stale, False, False)))
 
-    async def _remove(self, lease: Lease) -> None:
-        index = self._need_device()
+    async def _queue_remove(self, index: int, lease: Lease, groups: list[_Group]) -> None:
         plan = self._hold(lease.subnet, None)
         if plan is None:
             # Not programmed by this process (e.g. learned before a restart): remove what
@@ -558,10 +561,37 @@ class VxlanBackend(Backend):
             plan = PeerPlan(plan.route, plan.neigh, None)  # another accepted lease uses that MAC
         if plan.fdb is not None:
             self._echoes.expect((plan.fdb.mac.lower(), True))
-        errors = await self.netlink.call(_unprogram, index, plan, True)
-        for err in errors:
-            log.warning("removing peer %s: %s", lease.subnet, err)
-        log.info("peer %s removed", lease.subnet)
+        groups.append(_Group("remove", lease.subnet, plan, _plan_requests(index, plan, False, True)))
+
+    async def _settle(self, index: int, groups: list[_Group], codes: list[int]) -> None:
+        """Record what each group's requests did; a peer whose add failed in part has the parts
+        that worked undone (as flanneld's order of steps would never have left them)."""
+        at = 0
+        undo: list[rtnl.Request] = []
+        for g in groups:
+            mine = codes[at:at + len(g.steps)]
+            at += len(g.steps)
+            if g.role == "add":
+                failed = next(((what, c) for (what, _r), c in zip(g.steps, mine) if c), None)
+                if failed is None:
+                    self._mark_ok(g.subnet)
+                    log.info("peer %s: %s", g.subnet, _describe(g.plan))
+                    continue
+                done = {what for (what, _r), c in zip(g.steps, mine) if not c}
+                undo.extend(req for what, req in reversed(_plan_requests(index, g.plan, False, True)) if what in done)
+                if g.subnet in self._wanted:
+                    self._mark_failed(g.subnet, os.strerror(failed[1]))
+                continue
+            for (what, _r), c in zip(g.steps, mine):
+                if c and c not in _GONE:
+                    verb = "removing peer" if g.role == "remove" else "removing stale entry for"
+                    log.warning("%s %s: %s: %s", verb, g.subnet, what, os.strerror(c))
+            if g.role == "remove":
+                log.info("peer %s removed", g.subnet)
+        if undo:
+            for c in await self.netlink.call(_transact, self.netlink.dumps, undo):
+                if c and c not in _GONE:
+                    log.warning("rollback step failed: %s", os.strerror(c))
 
     # --- reconciliation ------------------------------------------------------------------
 

@@ -1,0 +1,182 @@
+"""Applying flanneld's nftables rules (EnableNFTables): one `nft -f` transaction, a resync loop,
+and the switch between iptables and nftables.
+
+What the rules say is decided in flannelpy.hostnet.nftables_rules; this module only runs `nft` and,
+for the switch, iptables-save/-restore.  Like the iptables rules (and unlike flanneld >= 0.25, which
+deletes its tables when it stops), the table stays when the agent exits, so a restart never leaves
+the overlay without masquerading.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from ipaddress import IPv4Network
+
+import trio
+
+from flannelpy.errors import FlannelError
+
+from . import iptables_rules as IR
+from . import nftables_rules as R
+
+log = logging.getLogger(__name__)
+
+DIFFERS_MSG = "nftables table flannel-ipv4 differs from flannel's rules; replacing it"
+
+
+def check_tools() -> None:
+    """`nft` is installed; the agent calls this before taking a lease when EnableNFTables is on."""
+    if shutil.which("nft") is None:
+        raise FlannelError("EnableNFTables: nft not found in PATH; install nftables (Debian: apt-get install "
+                           "nftables), or set EnableNFTables to false in the network config")
+
+
+class NftablesManager:
+    """Keeps table `ip flannel-ipv4` (chains postrtg and forward) as flanneld's rules want it.
+
+    `netns` runs every command inside /var/run/netns/<netns> (tests); None = the current namespace.
+    """
+
+    def __init__(
+        self,
+        network: IPv4Network,
+        subnet: IPv4Network,
+        *,
+        masq: bool,
+        forward: bool,
+        resync_s: int = 5,
+        previous_network: IPv4Network | None = None,
+        netns: str | None = None,
+        random_fully_disable: bool = False,
+    ) -> None:
+        self.network = network
+        self.subnet = subnet
+        self.masq = masq
+        self.forward = forward
+        self.resync_s = resync_s
+        self.previous_network = previous_network
+        self.netns = netns
+        self.ruleset = R.desired_ruleset(network, subnet, masq=masq, forward=forward,
+                                         random_fully=not random_fully_disable, previous_network=previous_network)
+        self._prefix: list[str] = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+        self._lock = trio.Lock()  # a resync and a removal must not interleave their list and apply
+        self._bootstrapped = False
+        self.applied = 0  # transactions run; lets callers and tests see a resync happened
+
+    @property
+    def enabled(self) -> bool:
+        return self.masq or self.forward
+
+    async def _run(self, args: list[str], stdin: bytes = b"") -> str:
+        cmd = self._prefix + args
+        try:
+            proc = await trio.run_process(cmd, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False)
+        except FileNotFoundError as err:
+            raise FlannelError(f"cannot run {cmd[0]!r}: {err.strerror}; is nftables installed?") from err
+        if proc.returncode != 0:
+            err = " ".join(proc.stderr.decode(errors="replace").split())
+            raise FlannelError(f"{' '.join(args)} failed (exit {proc.returncode}): {err}")
+        return proc.stdout.decode(errors="replace")
+
+    async def listing(self, family: str = R.FAMILY_V4, table: str = R.TABLE_V4) -> R.ListedTable | None:
+        """The table as the kernel has it, or None when it does not exist."""
+        if table not in R.tables_in(await self._run(["nft", "list", "tables", family]), family):
+            return None
+        try:
+            return R.parse_listing(await self._run(["nft", "list", "table", family, table]))
+        except FlannelError as err:
+            if "No such file or directory" in str(err):  # deleted between the two commands
+                return None
+            raise
+
+    async def _apply(self, script: str) -> None:
+        await self._run(["nft", "-f", "-"], script.encode())
+        self.applied += 1
+
+    async def missing(self) -> list[str]:
+        return R.differences(self.ruleset, await self.listing())
+
+    async def ensure(self) -> bool:
+        """Replace the table in one transaction if it differs from ours (always the first time,
+        which also drops stale rules of a previous subnet); True if a transaction ran."""
+        if not self.enabled:
+            return False
+        async with self._lock:
+            for attempt in (1, 2):
+                listed = await self.listing()
+                if self._bootstrapped and not R.differences(self.ruleset, listed):
+                    return False
+                try:
+                    await self._apply(R.apply_script(self.ruleset, listed))
+                    self._bootstrapped = True
+                    return True
+                except FlannelError:
+                    # another instance replaced the table between our list and apply: look again once
+                    if attempt == 2:
+                        raise
+        return False
+
+    async def remove(self) -> bool:
+        """Remove our rules from flannel-ipv4 (the whole table unless another instance's rules are in
+        it), and flannel-ipv6 if it is empty (flanneld >= 0.25 makes it even without IPv6; one with
+        rules is left alone, IPv6 is not flannelpy's yet).  True if anything was removed."""
+        async with self._lock:
+            removed = False
+            for ruleset in (self.ruleset, R.empty_ruleset(R.FAMILY_V6, R.TABLE_V6)):
+                script = R.removal_script(ruleset, await self.listing(ruleset.family, ruleset.table))
+                if script:
+                    await self._apply(script)
+                    removed = True
+            self._bootstrapped = False
+            return removed
+
+    async def remove_iptables_chains(self) -> int:
+        """Switching to nftables: remove this instance's FLANNEL-POSTRTG / FLANNEL-FWD rules, and the
+        chains and their jumps when no other instance uses them.  Returns the rules removed."""
+        for tool in ("iptables-save", "iptables-restore"):
+            if shutil.which(tool) is None:
+                return 0  # no iptables on this host: nothing of ours can be there
+        text = await self._run(["iptables-save", "-t", "nat"]) + await self._run(["iptables-save", "-t", "filter"])
+        payload, count = R.iptables_removal_payload(IR.parse_save(text), self.network, self.subnet,
+                                                    self.previous_network)
+        if payload:
+            await self._run(["iptables-restore", "--noflush", "--wait"], payload.encode())
+            log.info("EnableNFTables: removed %d flannel iptables rules (FLANNEL-POSTRTG, FLANNEL-FWD)", count)
+        return count
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Switch from iptables, install, report started, then re-check every resync_s seconds."""
+        if not self.enabled:
+            task_status.started()
+            return
+        await self.ensure()
+        # after ours are in place, so there is no moment with neither iptables nor nftables rules
+        await self.remove_iptables_chains()
+        log.info("nftables table %s %s in place (masq=%s, forward=%s)", R.FAMILY_V4, R.TABLE_V4,
+                 self.masq, self.forward)
+        task_status.started()
+        while True:
+            await trio.sleep(self.resync_s)
+            try:
+                differs = await self.missing()
+                if differs:
+                    log.warning("%s: %s", DIFFERS_MSG, "; ".join(differs))
+                    await self.ensure()
+            except FlannelError as err:
+                # a transient failure (another instance mid-transaction) must not end the agent
+                log.error("nftables resync failed: %s", err)
+
+
+async def remove_flannel_tables(network: IPv4Network, subnet: IPv4Network,
+                                previous_network: IPv4Network | None = None, netns: str | None = None) -> bool:
+    """Switching back to iptables: remove what nftables mode left (nothing when nft is absent,
+    since then no table of ours can exist)."""
+    if shutil.which("nft") is None:
+        return False
+    manager = NftablesManager(network, subnet, masq=True, forward=True, previous_network=previous_network,
+                              netns=netns)
+    removed = await manager.remove()
+    if removed:
+        log.info("EnableNFTables is off: removed flannel's nftables rules")
+    return removed
