@@ -11,10 +11,14 @@ import pytest
 import trio
 
 from flannelpy.errors import FlannelError
-from flannelpy.hostnet import iptables_rules as IR
 from flannelpy.hostnet import nftables_rules as R
 from flannelpy.hostnet.iptables import IptablesManager
-from flannelpy.hostnet.nftables import DIFFERS_MSG, NftablesManager, check_tools, remove_flannel_tables
+from flannelpy.hostnet.nftables import (
+    DIFFERS_MSG,
+    NftablesManager,
+    check_tools,
+    remove_flannel_tables,
+)
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(shutil.which("nft") is None, reason="nft not installed (Debian package nftables)")]

@@ -11,8 +11,9 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Interface
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -71,8 +72,8 @@ def source_seen(lab: Lab, sender_ns: str, receiver_ns: str, dst: str) -> str:
     """Send one UDP datagram from sender_ns to dst:PORT; the source address receiver_ns saw."""
     receiver = subprocess.Popen(
         ["nsenter", f"--net=/var/run/netns/{receiver_ns}", "python3", "-c",
-         "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-         f"s.bind(({dst!r}, {PORT})); s.settimeout(10); print(s.recvfrom(100)[1][0], flush=True)"],
+         ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+          f"s.bind(({dst!r}, {PORT})); s.settimeout(10); print(s.recvfrom(100)[1][0], flush=True)")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(20):  # until the receiver is bound (the sender retries, one datagram each)
@@ -104,7 +105,8 @@ def test_two_hosts_with_nftables_ping_masquerade_and_no_iptables_rules(make_lab:
     assert source_seen(lab, c1.container_ns, lab.underlay_ns, ETCD_IP) == c1.ip
     # across the overlay: the container's own address arrives
     assert source_seen(lab, c1.container_ns, c2.container_ns, c2.container_ip) == c1.container_ip
-    assert "nftables table ip flannel-ipv4 in place" in open(c1.log_file).read()
+    with open(c1.log_file) as f:
+        assert "nftables table ip flannel-ipv4 in place" in f.read()
 
 
 def _restart_with(lab: Lab, config: str) -> None:

@@ -112,7 +112,7 @@ class NftablesManager:
                     self._bootstrapped = True
                     return True
                 except FlannelError:
-                    # another instance replaced the table between our list and apply: look again once
+                    # a transient failure (another instance changed the table between list and apply): look again once
                     if attempt == 2:
                         raise
         return False

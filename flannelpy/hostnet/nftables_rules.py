@@ -21,6 +21,7 @@ put into one of these chains can be written back verbatim.
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -388,4 +389,4 @@ def _jumps_to(spec: str, chain: str) -> bool:
     except ValueError:
         return False
     return any(opt in ("-j", "--jump", "-g", "--goto") and target == chain
-               for opt, target in zip(toks, toks[1:]))
+               for opt, target in itertools.pairwise(toks))
