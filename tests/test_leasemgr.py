@@ -298,3 +298,39 @@ async def test_peer_watch_guard_raises_when_another_host_takes_our_key(etcd):
                 with trio.fail_after(30):
                     await trio.sleep_forever()
     assert any(isinstance(e, LeaseTaken) for e in info.value.exceptions)
+
+
+async def test_backlog_piled_up_during_apply_is_applied_by_net_effect(etcd):
+    """issue #19: while the backend is busy the watch is read on; what piled up is applied at
+    once, and a lease put and deleted meanwhile never reaches the backend."""
+    calls: list[list[tuple[str, str]]] = []
+    gate = trio.Event()
+
+    async def apply(events):
+        calls.append([(e.kind.value, str(e.lease.subnet)) for e in events])
+        if len(calls) == 1:
+            await gate.wait()  # the backend is slow on the first watched event (no peers listed)
+
+    value = '{"PublicIP":"10.0.0.%d","PublicIPv6":null}'
+    async with store_for(etcd) as store:
+        mgr = manager(store)
+        await mgr.acquire()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mgr.watch_peers, apply)
+            etcd.etcdctl("put", key("10.5.10.0/24"), value % 10)
+            with trio.fail_after(30):
+                while len(calls) < 1:
+                    await trio.sleep(0.01)
+            for i in range(11, 31):
+                etcd.etcdctl("put", key(f"10.5.{i}.0/24"), value % i)
+            for i in range(11, 30):
+                etcd.etcdctl("del", key(f"10.5.{i}.0/24"))
+            await trio.sleep(0.3)  # all of it read from the watch meanwhile
+            gate.set()
+            with trio.fail_after(30):
+                while len(calls) < 2:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    assert calls[0] == [("added", "10.5.10.0/24")]
+    assert calls[1:] == [[("added", "10.5.30.0/24")]]

@@ -92,3 +92,38 @@ def test_empty_snapshot_removes_everything():
     t = LeaseTracker(None)
     t.reset([lease("10.5.2.0/24"), lease("10.5.3.0/24")])
     assert [e.kind for e in t.update(WatchBatch(snapshot=()))] == [EventKind.REMOVED] * 2
+
+
+def test_backlog_is_applied_by_its_net_effect():
+    """issue #19: batches that piled up while the backend worked are folded per subnet."""
+    t = LeaseTracker(OWN)
+    t.reset([lease("10.5.2.0/24", "10.0.0.2"), lease("10.5.3.0/24", "10.0.0.3")])
+    backlog = [
+        WatchBatch(events=(added(lease("10.5.9.0/24", "10.0.0.9")), added(lease("10.5.4.0/24", "10.0.0.4")))),
+        WatchBatch(events=(removed("10.5.9.0/24"), removed("10.5.2.0/24"))),  # 9 came and went: nothing
+        WatchBatch(events=(added(lease("10.5.4.0/24", "10.0.0.4")),)),  # put twice: one ADDED
+        WatchBatch(events=(removed("10.5.3.0/24"), added(lease("10.5.3.0/24", "10.0.0.33", "02:00:00:00:00:33")))),
+        WatchBatch(events=(added(lease("10.5.1.0/24", "10.0.0.99")),)),  # our own: never reported
+    ]
+    out = t.update_many(backlog)
+    assert summary(out) == [  # in the order of each subnet's last change
+        ("removed", "10.5.2.0/24", "10.0.0.2"),
+        ("added", "10.5.4.0/24", "10.0.0.4"),
+        # deleted and re-put with new attrs: the old entries go, then the new ones come
+        ("removed", "10.5.3.0/24", "10.0.0.3"),
+        ("added", "10.5.3.0/24", "10.0.0.33"),
+    ]
+    assert [str(p.subnet) for p in t.peers] == ["10.5.3.0/24", "10.5.4.0/24"]
+
+
+def test_backlog_with_a_snapshot_diffs_what_came_before():
+    t = LeaseTracker(OWN)
+    t.reset([lease("10.5.2.0/24", "10.0.0.2")])
+    out = t.update_many([
+        WatchBatch(events=(added(lease("10.5.4.0/24", "10.0.0.4")),)),
+        WatchBatch(snapshot=(lease("10.5.5.0/24", "10.0.0.5"),)),
+        WatchBatch(events=(added(lease("10.5.6.0/24", "10.0.0.6")), removed("10.5.6.0/24"))),
+    ])
+    assert summary(out) == [("added", "10.5.4.0/24", "10.0.0.4"), ("added", "10.5.5.0/24", "10.0.0.5"),
+                            ("removed", "10.5.2.0/24", "10.0.0.2"), ("removed", "10.5.4.0/24", "10.0.0.4")]
+    assert [str(p.subnet) for p in t.peers] == ["10.5.5.0/24"]

@@ -36,6 +36,7 @@ RACE_RETRIES = 10  # flanneld's raceRetries
 RENEW_RETRY_S = 60.0  # "Error renewing lease (trying again in 1 min)"
 _STARTUP_BACKOFF = (0.1, 5.0)
 _ACQUIRE_UNAVAILABLE_S = 30.0  # how long acquire() waits out an etcd outage before failing
+_BACKLOG_BATCHES = 1024  # watch batches read ahead while one is applied (then etcd's stream waits)
 
 
 class LeaseTaken(FlannelError):
@@ -290,13 +291,38 @@ class LeaseManager:
         if events:
             await apply(events)
         task_status.started()
-        async for batch in self.store.watch_leases(rev, expiry=False):
-            if batch.snapshot is not None and self.on_resync is not None:
-                self.on_resync()
-            await self._check_batch(batch)
-            events = self._admit(admission, tracker.update(batch))
-            if events:
-                await apply(events)
+        # The watch is read on while a batch is applied; what piled up meanwhile is applied at
+        # once by its net effect (tracker.update_many), so a backlog never replays history.
+        send, recv = trio.open_memory_channel[WatchBatch](_BACKLOG_BATCHES)
+
+        async def read_watch() -> None:
+            async with send:
+                async for batch in self.store.watch_leases(rev, expiry=False):
+                    await send.send(batch)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_watch)
+                async for first in recv:
+                    batches = [first]
+                    while len(batches) < _BACKLOG_BATCHES:
+                        try:
+                            batches.append(recv.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    for batch in batches:
+                        if batch.snapshot is not None and self.on_resync is not None:
+                            self.on_resync()
+                        await self._check_batch(batch)
+                    events = self._admit(admission, tracker.update_many(batches))
+                    if events:
+                        await apply(events)
+        except BaseExceptionGroup as group:
+            # The agent (and its exit code) wants the plain error, not a group.
+            taken = first_flannel_error(group)
+            if taken is not None:
+                raise taken from group
+            raise
 
     def admission_rules(self) -> AdmissionRules:
         """What peer leases are judged against: the Network, our own lease, this host's networks."""

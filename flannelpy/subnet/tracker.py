@@ -65,16 +65,34 @@ class LeaseTracker:
 
     def update(self, batch: WatchBatch) -> list[LeaseEvent]:
         """The events to apply for one watch batch (events or a snapshot)."""
-        if batch.snapshot is not None:
-            return self.reset(batch.snapshot)
+        return self.update_many([batch])
+
+    def update_many(self, batches: Iterable[WatchBatch]) -> list[LeaseEvent]:
+        """The events to apply for a backlog of watch batches, by their net effect: per subnet
+        only its last state counts, so a lease put and deleted within the backlog yields
+        nothing and one put many times yields one ADDED.  A snapshot diffs what came before."""
         out: list[LeaseEvent] = []
-        for event in batch.events:
-            if self._is_own(event.lease.subnet):
+        final: dict[IPv4Network, Lease | None] = {}  # subnet -> its last lease (None: deleted)
+        for batch in batches:
+            if batch.snapshot is not None:
+                self._fold(final, out)
+                final = {}
+                out.extend(self.reset(batch.snapshot))
                 continue
-            if event.kind is EventKind.ADDED:
+            for event in batch.events:
+                subnet = event.lease.subnet
+                if self._is_own(subnet):
+                    continue
+                final.pop(subnet, None)  # keep the order of the last change
+                final[subnet] = event.lease if event.kind is EventKind.ADDED else None
+        self._fold(final, out)
+        return out
+
+    def _fold(self, final: dict[IPv4Network, Lease | None], out: list[LeaseEvent]) -> None:
+        for subnet, lease in final.items():
+            if lease is None:
+                self._remove(subnet, out)
+            else:
                 # Every PUT is re-applied, as flanneld does (backends program idempotently),
                 # so a peer's renewal also repairs a route someone deleted by hand.
-                self._add(event.lease, out, always=True)
-            else:
-                self._remove(event.lease.subnet, out)
-        return out
+                self._add(lease, out, always=True)
