@@ -2,6 +2,7 @@
 
 import logging
 import secrets
+import shlex
 import shutil
 import subprocess
 import threading
@@ -11,6 +12,7 @@ import pytest
 import trio
 
 from flannelpy.errors import FlannelError
+from flannelpy.hostnet import iptables_rules as IR
 from flannelpy.hostnet import nftables_rules as R
 from flannelpy.hostnet.iptables import IptablesManager
 from flannelpy.hostnet.nftables import (
@@ -252,3 +254,54 @@ async def test_missing_nft_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(FlannelError, match="^EnableNFTables: nft not found in PATH; install nftables"):
         check_tools()
+
+
+async def test_docker_user_keeps_our_rule_in_nftables_mode(netns):
+    """Docker's iptables FORWARD drops are not overruled by an nftables accept, so where DOCKER-USER
+    exists our one Network-to-Network rule stays there in nftables mode too, and comes back."""
+    ns = netns()
+    in_ns(ns, "iptables", "-N", "DOCKER-USER")
+    in_ns(ns, "iptables", "-A", "DOCKER-USER", "-j", "RETURN")
+    in_ns(ns, "iptables", "-A", "FORWARD", "-j", "DOCKER-USER")
+    ours = IR.docker_user_rule(NET).spec_text
+    m = mgr(ns, resync_s=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(m.run)
+        assert docker_user(ns) == [ours, "-j RETURN"]
+        in_ns(ns, "iptables", "-D", "DOCKER-USER", *shlex.split(ours))
+        with trio.fail_after(30):
+            while docker_user(ns) != [ours, "-j RETURN"]:
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert not await mgr(ns, forward=False).ensure_docker_user()  # only with forward rules
+    assert [ln for ln in iptables_flannel(ns) if "DOCKER-USER" not in ln] == []
+
+
+def docker_user(ns):
+    return IR.parse_save(in_ns(ns, "iptables-save", "-t", "filter").stdout).chain("filter", "DOCKER-USER")
+
+
+async def test_nftables_accept_does_not_beat_dockers_drop_but_the_docker_user_rule_does(netns):
+    """a (10.5.1.2) -- router -- b (10.5.2.2); the router's iptables FORWARD is Docker's shape
+    (policy DROP, a jump to DOCKER-USER that RETURNs).  Our nftables forward chain accepts, yet the
+    ping is dropped (every base chain sees the packet); our DOCKER-USER rule lets it through."""
+    r, a, b = netns("r"), netns("a"), netns("b")
+    tag = r[5:11]
+    for side, last in ((a, 1), (b, 2)):
+        dev_r, dev_x = f"fpnf{tag}r{last}", f"fpnf{tag}x{last}"
+        sh("ip", "link", "add", dev_r, "netns", r, "type", "veth", "peer", "name", dev_x, "netns", side)
+        in_ns(r, "ip", "addr", "add", f"10.5.{last}.1/24", "dev", dev_r)
+        in_ns(r, "ip", "link", "set", dev_r, "up")
+        in_ns(side, "ip", "addr", "add", f"10.5.{last}.2/24", "dev", dev_x)
+        in_ns(side, "ip", "link", "set", dev_x, "up")
+        in_ns(side, "ip", "route", "add", "default", "via", f"10.5.{last}.1")
+    in_ns(r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    in_ns(r, "iptables", "-N", "DOCKER-USER")
+    in_ns(r, "iptables", "-A", "DOCKER-USER", "-j", "RETURN")
+    in_ns(r, "iptables", "-A", "FORWARD", "-j", "DOCKER-USER")
+    in_ns(r, "iptables", "-P", "FORWARD", "DROP")
+    m = mgr(r, masq=False)
+    assert await m.ensure() and await m.missing() == []
+    assert in_ns(a, "busybox", "ping", "-c1", "-W1", "10.5.2.2", check=False).returncode != 0
+    assert await m.ensure_docker_user()
+    assert in_ns(a, "busybox", "ping", "-c3", "-W2", "10.5.2.2", check=False).returncode == 0

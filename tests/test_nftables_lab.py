@@ -144,3 +144,34 @@ def test_config_validation_names_enable_nftables() -> None:
     assert parse_config(json.dumps({"Network": "10.5.0.0/16", "enablenftables": True})).enable_nftables is True
     problems = validate_config('{"Network":"10.5.0.0/16","EnableNFTables":"yes"}')
     assert [str(p) for p in problems] == ['EnableNFTables: expected true or false, got "yes"']
+
+
+def test_enable_nftables_without_nft_is_refused_before_the_lease(root: None, tmp_path) -> None:
+    """A host with iptables but no `nft`: one error line naming the fix, exit 1, no lease, no subnet.env."""
+    from flannelpy.lab.netns_lab import own_command
+
+    prefix = "fpn" + secrets.token_hex(2)
+    lab = Lab(prefix=prefix, hosts=1, config=NFT_CONFIG, with_containers=False,
+              workdir=tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("nsenter", "iptables", "iptables-save", "iptables-restore"):
+        os.symlink(shutil.which(tool), bindir / tool)
+    try:
+        lab.build()
+        host = lab.host(1)
+        proc = subprocess.run(
+            ["nsenter", f"--net=/var/run/netns/{host.netns}", own_command("flanneld"),
+             f"-etcd-endpoints={lab.etcd_endpoint}", "-iface=eth0", f"-subnet-file={host.subnet_file}",
+             f"-status-socket={host.status_socket}", "-ip-masq"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False,
+            env=dict(os.environ, PATH=str(bindir)))
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, out
+        errors = [ln for ln in out.splitlines() if "nft not found" in ln]
+        assert len(errors) == 1 and "EnableNFTables: nft not found in PATH; install nftables" in errors[0], out
+        assert "Traceback" not in out and "acquired lease" not in out, out
+        assert lab.etcdctl("get", "--prefix", "/coreos.com/network/subnets/", "--keys-only").stdout.strip() == ""
+        assert not os.path.exists(host.subnet_file)
+    finally:
+        lab.down()

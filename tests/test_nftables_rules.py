@@ -212,3 +212,15 @@ def test_iptables_removal_with_another_instance_takes_only_ours():
     assert "0x4000/0x4000" not in payload  # the shared mark rule stays for the other instance
     assert count == 5 + 2
     assert R.iptables_removal_payload(IR.parse_save("*nat\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n"), NET, POD) == ("", 0)
+
+
+def test_docker_user_payload_only_where_docker_user_exists_and_lacks_the_rule():
+    rule = IR.docker_user_rule(NET).spec_text
+    assert R.docker_user_payload(IR.parse_save("*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n"), NET) == ""
+    absent = IR.parse_save("*filter\n:DOCKER-USER - [0:0]\n-A DOCKER-USER -j RETURN\nCOMMIT\n")
+    assert R.docker_user_payload(absent, NET) == f"*filter\n-I DOCKER-USER 1 {rule}\nCOMMIT\n"
+    present = IR.parse_save(f"*filter\n:DOCKER-USER - [0:0]\n-A DOCKER-USER -s 10.5.9.7/32 -j DROP\n"
+                            f"-A DOCKER-USER {rule}\n-A DOCKER-USER -j RETURN\nCOMMIT\n")
+    assert R.docker_user_payload(present, NET) == ""  # below the administrator's DROP: left there
+    unreachable = IR.parse_save(f"*filter\n:DOCKER-USER - [0:0]\n-A DOCKER-USER -j RETURN\n-A DOCKER-USER {rule}\nCOMMIT\n")
+    assert R.docker_user_payload(unreachable, NET) == f"*filter\n-D DOCKER-USER {rule}\n-I DOCKER-USER 1 {rule}\nCOMMIT\n"

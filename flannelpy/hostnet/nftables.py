@@ -145,6 +145,18 @@ class NftablesManager:
             log.info("EnableNFTables: removed %d flannel iptables rules (FLANNEL-POSTRTG, FLANNEL-FWD)", count)
         return count
 
+    async def ensure_docker_user(self) -> bool:
+        """With forward rules, keep our accept in Docker's DOCKER-USER (iptables) where that chain
+        exists: nftables cannot overrule Docker's drops.  True if a batch ran."""
+        if not self.forward or shutil.which("iptables-save") is None or shutil.which("iptables-restore") is None:
+            return False
+        saved = IR.parse_save(await self._run(["iptables-save", "-t", "filter"]))
+        payload = R.docker_user_payload(saved, self.network)
+        if not payload:
+            return False
+        await self._run(["iptables-restore", "--noflush", "--wait"], payload.encode())
+        return True
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Switch from iptables, install, report started, then re-check every resync_s seconds."""
         if not self.enabled:
@@ -153,6 +165,7 @@ class NftablesManager:
         await self.ensure()
         # after ours are in place, so there is no moment with neither iptables nor nftables rules
         await self.remove_iptables_chains()
+        await self.ensure_docker_user()
         log.info("nftables table %s %s in place (masq=%s, forward=%s)", R.FAMILY_V4, R.TABLE_V4,
                  self.masq, self.forward)
         task_status.started()
@@ -163,6 +176,9 @@ class NftablesManager:
                 if differs:
                     log.warning("%s: %s", DIFFERS_MSG, "; ".join(differs))
                     await self.ensure()
+                if await self.ensure_docker_user():
+                    log.warning("flannel's rule in Docker's %s was missing or unreachable; put it back",
+                                IR.DOCKER_USER)
             except FlannelError as err:
                 # a transient failure (another instance mid-transaction) must not end the agent
                 log.error("nftables resync failed: %s", err)

@@ -350,7 +350,8 @@ def iptables_removal_payload(
     Returns (payload, rules removed); ('', 0) when there is nothing.
 
     Docker's DOCKER-USER is not touched: an nftables accept cannot undo a drop decided in
-    iptables' own FORWARD chain, so that one rule is still what lets overlay traffic past Docker.
+    iptables' own FORWARD chain, so that one rule is still what lets overlay traffic past Docker
+    (see docker_user_payload).
     """
     desired = IR.desired_rules(network, subnet, masq=True, forward=True, random_fully=True,
                                previous_network=previous_network)
@@ -390,3 +391,20 @@ def _jumps_to(spec: str, chain: str) -> bool:
         return False
     return any(opt in ("-j", "--jump", "-g", "--goto") and target == chain
                for opt, target in itertools.pairwise(toks))
+
+
+def docker_user_payload(saved: IR.SavedTables, network: IPv4Network) -> str:
+    """The batch putting our Network-to-Network accept back into Docker's DOCKER-USER ('' when the
+    chain does not exist or the rule is in place).
+
+    nftables mode needs it as much as iptables mode: every base chain on a hook sees the packet, and
+    an accept in our table ends only our chain, so Docker's FORWARD chain (policy DROP, and its own
+    DROP of new traffic into a bridge) still decides.  Same rule, same placement as iptables mode
+    (before Docker's closing RETURN, below what the administrator inserted).
+    """
+    rule = IR.docker_user_rule(network)
+    chain = saved.chain("filter", IR.DOCKER_USER)
+    if chain is None or IR.rule_reachable(chain, rule):
+        return ""
+    lines = [rule.line("-D")] * saved.count(rule) + [f"-I {IR.DOCKER_USER} 1 {rule.spec_text}"]
+    return "*filter\n" + "".join(f"{ln}\n" for ln in lines) + "COMMIT\n"
