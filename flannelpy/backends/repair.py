@@ -24,6 +24,11 @@ from flannelpy.hostnet.netlink import NetlinkThread
 log = logging.getLogger(__name__)
 
 RESYNC_INTERVAL = 10.0  # flanneld's host-gw route check period; ours for both backends
+# vxlan's period while the kernel's notifications are read (they wake a pass within ~0.1 s of a
+# change): flanneld's vxlan has no periodic walk at all, and a pass over 1000 peers costs ~0.1 s
+# of CPU, so every 10 s was 1-4 % of a core for nothing.  A safety net against a lost
+# notification (a lost batch of them is reported as an overflow, which wakes a pass).
+QUIET_INTERVAL = 300.0
 SETTLE = 0.05  # after a notification, let the rest of a burst (a deleted device's entries) arrive
 MIN_GAP = 0.25  # at most four event-driven passes a second, whatever fights us
 
@@ -98,12 +103,16 @@ class RepairLoop:
     """Runs `repair()` periodically and soon after a relevant kernel notification."""
 
     def __init__(self, what: str, netlink: NetlinkThread, repair: Callable[[], Awaitable[object]],
-                 notice: Callable[[KernelChange], bool], interval: float = RESYNC_INTERVAL) -> None:
+                 notice: Callable[[KernelChange], bool], interval: float = RESYNC_INTERVAL,
+                 *, quiet_interval: float | None = None, urgent: Callable[[], bool] | None = None) -> None:
         self.what = what
         self.netlink = netlink
         self.repair = repair
         self.notice = notice
         self.interval = interval
+        # With notifications read and nothing to retry (urgent() false), passes this far apart.
+        self.quiet_interval = quiet_interval
+        self.urgent = urgent
         self.passes = 0
         self.monitoring = False  # True while the kernel's notifications are being read
         self._wake = trio.Event()
@@ -120,13 +129,20 @@ class RepairLoop:
                 nursery.start_soon(self._watch, monitor)
             task_status.started()
             while True:
-                with trio.move_on_after(self.interval):
+                with trio.move_on_after(self.period()):
                     await self._wake.wait()
                 if self._wake.is_set():
                     self._wake = trio.Event()
                     await trio.sleep(SETTLE)
                 await self._pass()
                 await trio.sleep(MIN_GAP)
+
+    def period(self) -> float:
+        """Seconds until the next periodic pass: `interval`, or `quiet_interval` while the
+        kernel's notifications are read and nothing failed."""
+        if self.quiet_interval is None or not self.monitoring or (self.urgent is not None and self.urgent()):
+            return self.interval
+        return max(self.interval, self.quiet_interval)
 
     async def _pass(self) -> None:
         self.passes += 1

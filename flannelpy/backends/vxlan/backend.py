@@ -581,6 +581,8 @@ class VxlanBackend(Backend):
                 undo.extend(req for what, req in reversed(_plan_requests(index, g.plan, False, True)) if what in done)
                 if g.subnet in self._wanted:
                     self._mark_failed(g.subnet, os.strerror(failed[1]))
+                    # The loop may be waiting out its quiet interval: let it switch to retrying.
+                    self.loop.wake()
                 continue
             for (what, _r), c in zip(g.steps, mine):
                 if c and c not in _GONE:

@@ -1,0 +1,30 @@
+"""RepairLoop's period (pure): the long quiet interval only while kernel notifications are read
+and nothing waits for a retry (issue #19: no periodic walk of every peer that flanneld lacks)."""
+
+from flannelpy.backends.repair import QUIET_INTERVAL, RESYNC_INTERVAL, RepairLoop
+from flannelpy.hostnet.netlink import NetlinkThread
+
+
+async def _repair() -> None:
+    return None
+
+
+def loop(urgent: list[bool], quiet: float | None = QUIET_INTERVAL) -> RepairLoop:
+    return RepairLoop("test", NetlinkThread(), _repair, lambda change: True, RESYNC_INTERVAL,
+                      quiet_interval=quiet, urgent=lambda: urgent[0])
+
+
+def test_quiet_interval_only_while_notifications_are_read_and_nothing_failed():
+    urgent = [False]
+    rl = loop(urgent)
+    assert rl.period() == RESYNC_INTERVAL  # notifications not (yet) read: the short period
+    rl.monitoring = True
+    assert rl.period() == QUIET_INTERVAL
+    urgent[0] = True  # a peer failed or the device is broken: retried every 10 s
+    assert rl.period() == RESYNC_INTERVAL
+
+
+def test_without_a_quiet_interval_the_period_stays():
+    rl = loop([False], quiet=None)
+    rl.monitoring = True
+    assert rl.period() == RESYNC_INTERVAL
