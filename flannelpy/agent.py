@@ -69,6 +69,7 @@ class AgentOptions:
     docker_daemon_json: str
     docker_restart: bool
     docker_fixed_cidr: bool
+    udp_forwarder: str = "auto"  # -udp-forwarder: the udp backend's data plane (auto, bpf, python)
     # -status-socket was not given: if another flanneld on this machine serves the default path,
     # run without it (flanneld has no such socket, so a second instance must not fail over it)
     status_socket_optional: bool = False
@@ -120,6 +121,7 @@ class AgentOptions:
             docker_daemon_json=flags["docker-daemon-json"],
             docker_restart=flags["docker-restart"],
             docker_fixed_cidr=flags["docker-fixed-cidr"],
+            udp_forwarder=flags["udp-forwarder"],
             status_socket_optional="status-socket" not in flags.given,
         )
 
@@ -223,6 +225,8 @@ async def run_agent(opts: AgentOptions) -> None:
             if refusal is not None:
                 raise FlannelError(refusal)
             backend = backend_class(config.backend_type)(ext, config, netlink)
+            if hasattr(backend, "forwarder_choice"):  # udp: tc-BPF or the Python forwarder
+                backend.forwarder_choice = opts.udp_forwarder
             lease_data = await backend.prepare()
 
             def lease_changed(new: Lease) -> None:

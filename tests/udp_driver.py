@@ -50,12 +50,15 @@ async def main() -> None:
     p.add_argument("--port", type=int, default=8285)
     p.add_argument("--peer", action="append", default=[])
     p.add_argument("--resync", type=float, default=10.0, help="the repair loop's period, seconds")
+    p.add_argument("--forwarder", default="python", choices=("auto", "bpf", "python"),
+                   help="-udp-forwarder (python here: most tests are about the Python forwarder)")
     args = p.parse_args()
 
     ext = external(args.iface)
     config = parse_config(json.dumps({"Network": args.network, "Backend": {"Type": "udp", "Port": args.port}}))
     nl = NetlinkThread()
     backend = UdpBackend(ext, config, nl, resync_interval=args.resync)
+    backend.forwarder_choice = args.forwarder
     await backend.prepare()
     await backend.start(lease(args.lease, str(ext.ip)))
     subnets: dict[str, Lease] = {}
@@ -93,6 +96,8 @@ async def main() -> None:
                         say("ok")
                     elif cmd[0] == "stats":
                         say(json.dumps(backend.counters()))
+                    elif cmd[0] == "path":
+                        say(json.dumps({"path": backend.data_path, "reason": backend.data_path_reason}))
                     elif cmd[0] == "health":
                         say(json.dumps({"problems": backend.data_plane_problems(),
                                         "repairs": dict(backend.repair_counters()),
@@ -224,12 +229,14 @@ class UdpLab:
             sh("ip", "-n", c[i], "route", "add", "default", "via", gw)
             sh("ip", "netns", "exec", h[i], "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
-    def start(self, port: int = 8285, resync: float = 10.0) -> tuple[Driver, Driver]:
+    def start(self, port: int = 8285, resync: float = 10.0,
+              forwarders: tuple[str, str] = ("python", "python")) -> tuple[Driver, Driver]:
         for i in (0, 1):
             j = 1 - i
             self.drivers.append(Driver(
                 self.h[i], "--iface", "fpudu", "--lease", LEASES[i], "--network", NETWORK,
                 "--port", str(port), "--peer", f"{LEASES[j]}={UNDERLAY[j]}", "--resync", str(resync),
+                "--forwarder", forwarders[i],
             ))
         return self.drivers[0], self.drivers[1]
 

@@ -34,6 +34,7 @@ _KUBE_REFUSED = (f"{_KUBE}; start it without -kube-subnet-mgr, with -etcd-endpoi
                  f"(the network config at <-etcd-prefix>/config)")
 
 ETCD_APIS = ("v3", "v2", "auto")
+UDP_FORWARDERS = ("auto", "bpf", "python")
 LOG_FORMATS = ("text", "klog", "json")
 
 
@@ -103,6 +104,8 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("docker-restart", bool, False, "restart Docker when bip or mtu in daemon.json changed"),
     FlagSpec("docker-fixed-cidr", bool, False, "also set fixed-cidr in -docker-daemon-json to the lower half of the "
              "subnet, leaving the upper half to `flannelctl attach`"),
+    FlagSpec("udp-forwarder", str, "auto", "udp backend's data plane: auto (tc-BPF where the kernel takes it, "
+             "else the Python forwarder), bpf (refuse to start without it) or python", check=_one_of(UDP_FORWARDERS)),
     FlagSpec("status-socket", str, "/run/flannel/flanneld.sock", "unix socket serving /status for flannelctl (empty: off)"),
     FlagSpec("kube-subnet-mgr", bool, False, "contact the Kubernetes API for subnet assignment", refused=_KUBE_REFUSED),
     FlagSpec("kube-api-url", str, "", "Kubernetes API server URL", inactive=_KUBE),

@@ -31,6 +31,8 @@ from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import MAIN_TABLE
 from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
 
+from .bpfmaps import merged_counters
+from .bpfpath import BpfPath, BpfUnavailable, python_reason
 from .forwarder import Counters, Forwarder
 from .peertable import PeerTable
 from .plan import TunFacts, TunRepair, TunSpec, change_matters, tun_repair
@@ -141,6 +143,12 @@ class UdpBackend(Backend):
         self._forward_scope: trio.CancelScope | None = None
         self.loop = RepairLoop("udp flannel0", self.netlink, self.reconcile_once, self._notice,
                                interval=resync_interval)
+        # -udp-forwarder: "auto" (BPF where the kernel takes it, else Python), "bpf" (refuse to
+        # start without it) or "python".  The agent sets it before start().
+        self.forwarder_choice = "auto"
+        self.bpf: BpfPath | None = None
+        self.data_path = "python"
+        self.data_path_reason = ""
 
     def mtu(self) -> int:
         return self.ext.mtu - ENCAP_OVERHEAD
@@ -177,6 +185,31 @@ class UdpBackend(Backend):
         self.sock = sock
         self._address = address
         self._install(fd, name, index)
+        await self._start_bpf(name, index)
+
+    async def _start_bpf(self, tun_name: str, tun_index: int) -> None:
+        """Take the per-packet work off Python where the kernel allows; say which path runs."""
+        reason = python_reason(self.forwarder_choice)
+        if reason is None:
+            bpf = BpfPath(self.ext.name, self.ext.index, self.ext.ip, self.port)
+            try:
+                await trio.to_thread.run_sync(bpf.load, tun_name, tun_index, self.peers.entries())
+            except (BpfUnavailable, OSError, ValueError) as exc:
+                reason = str(exc) if isinstance(exc, BpfUnavailable) else f"BPF setup failed: {_reason(exc)}"
+                if self.forwarder_choice == "bpf":
+                    await self.close()
+                    raise FlannelError(f"-udp-forwarder=bpf: {reason}") from None
+            else:
+                self.bpf = bpf
+                self.data_path, self.data_path_reason = "bpf", f"tc-BPF on {tun_name} egress and {self.ext.name} ingress"
+                log.info("udp data plane: BPF (%s); the Python forwarder takes what it passes on "
+                         "(unknown destinations, unknown senders, fragments)", self.data_path_reason)
+                warning = await trio.to_thread.run_sync(bpf.offload_warning)
+                if warning:
+                    log.warning("udp data plane: %s", warning)
+                return
+        self.data_path, self.data_path_reason = "python", reason
+        log.info("udp data plane: Python forwarder (%s)", reason)
 
     async def _open_tun(self, address: IPv4Address) -> tuple[int, str, int]:
         """A new flannel0, configured: (fd, name, index).  Nothing is left behind on failure."""
@@ -210,6 +243,12 @@ class UdpBackend(Backend):
                 self.peers.set(event.lease.subnet, event.lease.attrs.public_ip)
             else:
                 self.peers.remove(event.lease.subnet)
+        if self.bpf is not None:
+            try:
+                self.bpf.sync(self.peers.entries())
+            except OSError as exc:
+                # Not fatal: what the maps lack goes to the Python path, which has the table.
+                log.error("udp BPF maps: cannot apply the lease changes: %s", _reason(exc))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self.forwarder is None:
@@ -271,6 +310,7 @@ class UdpBackend(Backend):
                     failures.append(f"{spec.name} is missing and re-creating it failed: {_reason(exc)}")
                 else:
                     self._install(fd, name, index)
+                    await self._reattach_bpf(name, index)
                     spec = self._spec()
                     log.warning("kernel repair: %s (now %s, index %d)", fix.done(spec), name, index)
                     self._count("device")
@@ -294,6 +334,18 @@ class UdpBackend(Backend):
             self._problems = problems
             return fix
 
+    async def _reattach_bpf(self, tun_name: str, tun_index: int) -> None:
+        """Encapsulate on the new flannel0; if that is refused, run on Python from now on."""
+        if self.bpf is None:
+            return
+        try:
+            await trio.to_thread.run_sync(self.bpf.attach_tun, tun_name, tun_index)
+        except (BpfUnavailable, OSError) as exc:
+            bpf, self.bpf = self.bpf, None
+            await trio.to_thread.run_sync(bpf.close)
+            self.data_path, self.data_path_reason = "python", f"re-attaching BPF to {tun_name} failed: {exc}"
+            log.error("udp data plane: Python forwarder (%s)", self.data_path_reason)
+
     def _count(self, what: str) -> None:
         self.repairs[what] = self.repairs.get(what, 0) + 1
 
@@ -304,9 +356,26 @@ class UdpBackend(Backend):
         return dict(self.repairs)
 
     def counters(self) -> dict[str, int]:
-        return self._counters.as_dict() if self.forwarder else {}
+        """Both paths' totals under the Python forwarder's names (/metrics shows these), and
+        the BPF programs' own counters as bpf_* (summed over CPUs, read on each call)."""
+        if not self.forwarder:
+            return {}
+        bpf: dict[str, int] = {}
+        if self.bpf is not None:
+            try:
+                bpf = self.bpf.counters()
+            except OSError as exc:
+                log.warning("udp BPF counters unreadable: %s", _reason(exc))
+        out = merged_counters(self._counters.as_dict(), bpf)
+        out["bpf_active"] = int(self.bpf is not None)
+        return out
 
     async def close(self) -> None:
+        # No BPF state outlives us: filters, our clsact qdisc and the pins go first (a filter
+        # left on the underlay would keep redirecting peers' datagrams to a missing flannel0).
+        if self.bpf is not None:
+            bpf, self.bpf = self.bpf, None
+            bpf.close()
         # Like flanneld: the TUN fd closes, so flannel0 and its routes vanish.
         if self.sock is not None:
             trio.lowlevel.notify_closing(self.sock)
