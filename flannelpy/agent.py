@@ -201,12 +201,15 @@ async def run_agent(opts: AgentOptions) -> None:
     running = False
     failed = True  # until the nursery ends without an error (a signal ends it cleanly)
     undo = StartupUndo()
+    # The health server's sockets listen from the start; hypercorn is loaded once subnet.env is
+    # written, off the start-up path (ops/health.py).
+    serve_now = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             await nursery.start(functools.partial(
                 serve_health, state, metrics, opts.healthz_ip, opts.healthz_port, opts.status_socket or None,
-                unix_socket_optional=opts.status_socket_optional))
+                unix_socket_optional=opts.status_socket_optional, after=serve_now))
 
             store, raw_config = await wait_for_config(opts.etcd, opts.etcd_api, log=log)
             store.on_watch_reconnect = metrics.watch_reconnects.inc
@@ -258,6 +261,7 @@ async def run_agent(opts: AgentOptions) -> None:
                      IPv4Interface((int(lease.subnet.network_address) + 1, lease.subnet.prefixlen)), env.mtu)
             if opts.docker_daemon_json:
                 _update_docker(opts, env, undo)
+            serve_now.set()
 
             await nursery.start(backend.run)
 

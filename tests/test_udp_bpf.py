@@ -76,6 +76,17 @@ def test_python_reason() -> None:
     assert bpfpath.python_reason("auto") is None and bpfpath.python_reason("bpf") is None
 
 
+def test_udp_forwarder_flag() -> None:
+    from flannelpy.config.flags import UsageError, parse_flags
+
+    assert parse_flags([], {})["udp-forwarder"] == "auto"
+    assert parse_flags(["-udp-forwarder=python"], {})["udp-forwarder"] == "python"
+    assert parse_flags([], {"FLANNELD_UDP_FORWARDER": "bpf"})["udp-forwarder"] == "bpf"
+    with pytest.raises(UsageError) as err:
+        parse_flags(["-udp-forwarder=ebpf"], {})
+    assert "udp-forwarder" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_shipped_object_is_built_from_the_shipped_source(tmp_path: Path) -> None:
     """The object users load is udp_encap.bpf.o; it must be what build.sh makes of the .c."""
     clang = shutil.which("clang")
@@ -108,16 +119,21 @@ def _ping(lab: UdpLab, i: int, address: str, count: int = 3) -> subprocess.Compl
 
 def _tcp_transfer(lab: UdpLab, src: int, dst: int, size: int = 4 << 20) -> int:
     """Send `size` bytes over TCP from container `src` to container `dst`; bytes received."""
-    with in_netns(lab.c[dst]):
+    return _tcp_between(lab.c[src], lab.c[dst], CONTAINERS[dst], size)
+
+
+def _tcp_between(src_ns: str, dst_ns: str, dst_ip: str, size: int) -> int:
+    """Send `size` bytes over TCP from namespace `src_ns` to `dst_ip` in `dst_ns`; bytes received."""
+    with in_netns(dst_ns):
         server = socket.socket()
-    server.bind((CONTAINERS[dst], 5201))
+    server.bind((dst_ip, 5201))
     server.listen(1)
     server.settimeout(20)
-    with in_netns(lab.c[src]):
+    with in_netns(src_ns):
         client = socket.socket()
     client.settimeout(20)
     try:
-        client.connect((CONTAINERS[dst], 5201))
+        client.connect((dst_ip, 5201))
         conn, _ = server.accept()
         conn.settimeout(20)
         sent = 0
@@ -167,7 +183,7 @@ def _needs_bpf_tools() -> None:
             pytest.skip(f"{tool} is not installed (.ci/setup installs it)")
 
 
-def _like_a_nic(ns: str) -> None:
+def _like_a_nic(ns: str, dev: str = "fpudu") -> None:
     """Make the BPF host's veth underlay finish checksums and segments as a NIC does.
 
     A veth hands offloaded packets to the other namespace unfinished (CHECKSUM_PARTIAL, GSO
@@ -175,7 +191,7 @@ def _like_a_nic(ns: str) -> None:
     (flanneld's proxy, flannelpy's Python path) reads the inner TCP checksum as it was before
     completion, and one 64 KiB datagram instead of segments.  Real NICs (and virtio, whose
     encapsulation features are off) complete both before the wire."""
-    sh("nsenter", f"--net=/var/run/netns/{ns}", "ethtool", "-K", "fpudu", "tx", "off")
+    sh("nsenter", f"--net=/var/run/netns/{ns}", "ethtool", "-K", dev, "tx", "off")
 
 
 @pytest.fixture(scope="module")
@@ -364,3 +380,84 @@ def test_refused_object_falls_back_and_leaves_nothing(tmp_path: Path, monkeypatc
         assert "clsact" not in sh("ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", "fpufx").stdout
     finally:
         sh("ip", "netns", "del", ns, check=False)
+
+
+@pytest.mark.root
+def test_agent_forced_to_python_says_so_and_attaches_nothing(tmp_path: Path) -> None:
+    """flanneld -udp-forwarder=python: the log names the path and why, no filter or pin
+    exists, and containers still talk (through the Python forwarder)."""
+    _needs_bpf_tools()
+    from flannelpy.lab.netns_lab import Lab
+
+    lab = Lab(prefix=f"fpuy{os.urandom(2).hex()}", workdir=str(tmp_path / "lab"), backend="udp",
+              agent_flags=["-udp-forwarder=python"])
+    try:
+        lab.up()
+        for i in (1, 2):
+            assert "udp data plane: Python forwarder (-udp-forwarder=python)" in lab.tail_log(i, 40)
+            assert not _our_filters(lab.host(i).netns, "eth0", "ingress")
+            assert not _pin_dir(lab.host(i).netns).exists()
+        assert all(lab.wait_all_pings(timeout=30).values())
+    finally:
+        lab.down()
+
+
+# --- mixed with the real flanneld v0.17.0 udp ------------------------------------------------
+
+ANCHORS = Path(__file__).resolve().parent.parent.parent / "shared" / "anchors"
+FLANNELD = ANCHORS / "flanneld-v0.17.0.xz"
+
+
+@pytest.mark.root
+def test_mixed_with_flanneld_v0_17_udp_both_directions(tmp_path: Path) -> None:
+    """Host 1 runs flannelpy on the BPF path, host 2 the real flanneld v0.17.0 (udp, its C
+    proxy): ping and TCP in both directions, carried by host 1's programs."""
+    _needs_bpf_tools()
+    if not FLANNELD.exists():
+        pytest.skip(f"{FLANNELD} is absent (the reference binaries live beside the repository)")
+    from dataclasses import dataclass
+
+    from flannelpy.lab.netns_lab import Lab, LabHost
+
+    binary = tmp_path / "flanneld-v0.17.0"
+    with open(binary, "wb") as out:
+        subprocess.run(["xz", "-dc", str(FLANNELD)], stdout=out, check=True)
+    binary.chmod(0o755)
+
+    @dataclass
+    class MixedLab(Lab):
+        def agent_command(self, host: LabHost) -> list[str]:
+            if host.index == 2:
+                return [str(binary), f"-etcd-endpoints={self.etcd_endpoint}", f"-etcd-prefix={self.etcd_prefix}",
+                        "-iface=eth0", f"-subnet-file={host.subnet_file}", "-ip-masq"]
+            return [*super().agent_command(host), "-udp-forwarder=bpf"]
+
+    prefix = f"fpuz{os.urandom(2).hex()}"
+    lab = MixedLab(prefix=prefix, workdir=str(tmp_path / "lab"), backend="udp", etcd_api="v2",
+                   config='{"Network": "10.5.0.0/16"}')  # no Backend: udp, as the CentOS guides write it
+    try:
+        lab.up()
+        assert "udp data plane: BPF" in lab.tail_log(1, 40), lab.tail_log(1, 40)
+        _like_a_nic(lab.host(1).netns, "eth0")
+        stats = bpfpath.PinnedMap(_pin_dir(lab.host(1).netns) / "maps" / "stats")
+        ncpus = bpfmaps.parse_cpu_list(Path("/sys/devices/system/cpu/possible").read_text())
+
+        def bpf_count(name: str) -> int:
+            raw = stats.lookup(struct.pack("=I", bpfmaps.STAT_NAMES.index(name)), 8 * ncpus)
+            return bpfmaps.sum_per_cpu(raw, ncpus)
+
+        try:
+            results = lab.wait_all_pings(timeout=30)
+            assert all(results.values()), (results, lab.logs() if hasattr(lab, "logs") else "")
+            tx, rx = bpf_count("tx_bytes"), bpf_count("rx_bytes")
+            size = 2 << 20
+            c1, c2 = lab.host(1), lab.host(2)
+            for src, dst in ((c1, c2), (c2, c1)):
+                assert _tcp_between(src.container_ns, dst.container_ns, dst.container_ip, size) == size
+            # Both transfers went through host 1's programs, each way (bytes of inner packets).
+            assert bpf_count("tx_bytes") - tx >= size
+            assert bpf_count("rx_bytes") - rx >= size
+        finally:
+            stats.close()
+    finally:
+        lab.down()

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from flannelpy.errors import FlannelError
 
@@ -167,9 +165,13 @@ def _remove_socket(path: str, inode: int) -> None:
 
 
 async def serve_health(state: AgentState, metrics: Metrics, ip: str, port: int, unix_socket: str | None,
-                       *, unix_socket_optional: bool = False,
+                       *, unix_socket_optional: bool = False, after: trio.Event | None = None,
                        task_status: trio.TaskStatus[HealthEndpoints] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled.  TCP only when port != 0; the unix socket whenever given.
+
+    `after` (the agent's start-up): the sockets are bound and listening at once (so a second
+    agent sees the status socket taken, and clients queue in the backlog), but hypercorn, a
+    ~0.1 s import, is loaded and served only once `after` is set: not on the start-up path.
 
     `unix_socket_optional` (the default -status-socket): when it cannot be served, e.g. because
     another flanneld on this machine serves it, warn and run without it, as flanneld (which has
@@ -204,6 +206,22 @@ async def serve_health(state: AgentState, metrics: Metrics, ip: str, port: int, 
     if not socks:
         task_status.started(HealthEndpoints(None, None))
         return
+    if after is not None:
+        for s in socks:
+            s.listen(128)
+        task_status.started(HealthEndpoints(tcp, unix))
+        task_status = trio.TASK_STATUS_IGNORED
+        try:
+            await after.wait()
+        except BaseException:
+            for s in socks:
+                s.close()
+            if unix:
+                _remove_socket(unix, unix_inode)
+            raise
+
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
 
     config = Config()
     # hypercorn takes ownership of the fds (socket(fileno=...)); detach so ours do not close them
@@ -234,4 +252,5 @@ class _Started:
 
     def started(self, _binds: Any = None) -> None:
         log.info("serving /healthz /readyz /metrics /status on %s", ", ".join(self.parts))
-        self.outer.started(self.value)
+        if self.outer is not trio.TASK_STATUS_IGNORED:
+            self.outer.started(self.value)
