@@ -23,6 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from flannelpy.backends.base import Backend, LeaseData
 from flannelpy.backends.repair import RESYNC_INTERVAL, RepairLoop, RepairReport, describe_failures
 from flannelpy.errors import FlannelError
+from flannelpy.hostnet import rtnl
 from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, KernelDumps, delete_route
 from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
@@ -50,6 +51,17 @@ def _delete(ipr: Any, route: Route) -> None:
     except NetlinkError as exc:
         if exc.code != errno.ESRCH:  # already gone is what we wanted
             raise
+
+
+def _route_request(add: bool, route: Route) -> rtnl.Request:
+    """_replace/_delete's request: protocol FLANNEL_RTPROT on both, so a delete never takes
+    someone else's route to the same subnet."""
+    return rtnl.route_request(add, route.dst.network_address.packed, route.dst.prefixlen, route.gw.packed,
+                              oif=route.oif, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
+
+
+def _transact(_ipr: Any, dumps: KernelDumps, requests: list[rtnl.Request]) -> list[int]:
+    return dumps.transact(requests)
 
 
 def _reconcile(ipr: Any, dumps: KernelDumps, wanted: list[tuple[IPv4Network, Route]], underlay_index: int,
@@ -138,10 +150,13 @@ class HostGwBackend(Backend):
         if self._failed.pop(subnet, None) is not None:
             log.info("route to %s via %s programmed after earlier failure", subnet, self.routes[subnet].gw)
 
-    # --- per event: one netlink call each ------------------------------------------------
+    # --- per event: one route request each, all of a batch in one round ------------------
 
     async def apply(self, events: Sequence[LeaseEvent]) -> None:
+        """One rtnetlink request per event, the batch's requests sent together
+        (hostnet.rtnl.transact) instead of one pyroute2 request/ACK round trip each."""
         async with self._lock:
+            steps: list[tuple[bool, Route]] = []  # (add, route) in event order
             for event in events:
                 lease = event.lease
                 if not self.accepts(lease):
@@ -150,19 +165,28 @@ class HostGwBackend(Backend):
                 route = Route(lease.subnet, lease.attrs.public_ip, self.ext.index)
                 if event.kind is EventKind.ADDED:
                     self.routes[lease.subnet] = route
-                    try:
-                        await self.netlink.call(_replace, route)
-                    except _KERNEL_ERRORS as exc:
-                        self._mark_failed(lease.subnet, _reason(exc))
-                    else:
-                        self._mark_ok(lease.subnet)
                 else:
                     self.routes.pop(lease.subnet, None)
                     self._failed.pop(lease.subnet, None)
-                    try:
-                        await self.netlink.call(_delete, route)
-                    except _KERNEL_ERRORS as exc:
-                        log.warning("removing route to %s via %s: %s", route.dst, route.gw, _reason(exc))
+                steps.append((event.kind is EventKind.ADDED, route))
+            if not steps:
+                return
+            requests = [_route_request(add, route) for add, route in steps]
+            try:
+                codes = await self.netlink.call(_transact, self.netlink.dumps, requests)
+            except OSError as exc:  # the socket itself failed: adds are retried by the next pass
+                codes = [exc.errno or errno.EIO] * len(requests)
+            for (add, route), code in zip(steps, codes):
+                if add:
+                    if self.routes.get(route.dst) != route:
+                        continue  # removed or replaced later in the same batch
+                    if code:
+                        self._mark_failed(route.dst, os.strerror(code))
+                        self.loop.wake()  # the loop may be in a long wait: retry on its period
+                    else:
+                        self._mark_ok(route.dst)
+                elif code and code != errno.ESRCH:  # already gone is what we wanted
+                    log.warning("removing route to %s via %s: %s", route.dst, route.gw, os.strerror(code))
 
     # --- reconciliation ------------------------------------------------------------------
 
