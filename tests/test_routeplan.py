@@ -338,3 +338,19 @@ def test_echo_filter_drops_our_own_announcement_once_and_only_while_fresh():
     echoes.expect(("0a:00:00:00:00:03", False))
     now[0] += 2.5
     assert not echoes.consume(("0a:00:00:00:00:03", False))  # expired: the kernel never announced it
+
+
+def test_stable_vtep_mac_is_the_same_for_the_same_host_and_differs_between_hosts():
+    from ipaddress import IPv4Address
+
+    from flannelpy.backends.vxlan.plan import stable_vtep_mac
+
+    mid = "0123456789abcdef0123456789abcdef"
+    mac = stable_vtep_mac(mid, IPv4Address("10.0.0.11"), 1)
+    assert mac == stable_vtep_mac(mid + "\n", IPv4Address("10.0.0.11"), 1)  # as read from the file
+    first = int(mac.split(":")[0], 16)
+    assert first & 0x01 == 0 and first & 0x02 == 0x02  # unicast, locally administered
+    # a cloned image (same machine-id) on another address, another VNI, another machine: all differ
+    others = {stable_vtep_mac(mid, IPv4Address("10.0.0.12"), 1), stable_vtep_mac(mid, IPv4Address("10.0.0.11"), 2),
+              stable_vtep_mac("f" * 32, IPv4Address("10.0.0.11"), 1)}
+    assert mac not in others and len(others) == 3

@@ -69,8 +69,11 @@ from .plan import (
     is_on_link,
     peer_plan,
     random_vtep_mac,
+    stable_vtep_mac,
     stale_entries,
 )
+
+MACHINE_ID_FILE = "/etc/machine-id"
 
 log = logging.getLogger(__name__)
 
@@ -434,8 +437,19 @@ class VxlanBackend(Backend):
     def mtu(self) -> int:
         return self.spec.mtu
 
+    def _new_device_mac(self) -> str:
+        """Stable across reboots where the host has a machine-id, else random as flanneld."""
+        try:
+            with open(MACHINE_ID_FILE) as f:
+                machine_id = f.read().strip()
+        except OSError:
+            machine_id = ""
+        if not machine_id:
+            return random_vtep_mac()
+        return stable_vtep_mac(machine_id, self.ext.public_ip, self.spec.vni)
+
     async def prepare(self) -> LeaseData:
-        index, mac, created = await self.netlink.call(_ensure_device, self.spec, random_vtep_mac())
+        index, mac, created = await self.netlink.call(_ensure_device, self.spec, self._new_device_mac())
         self.index, self.mac = index, mac
         self._created_now = created
         if self.netlink.netns is None:

@@ -7,6 +7,7 @@ testable without root.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import socket
 from dataclasses import dataclass, field
@@ -30,6 +31,17 @@ def random_vtep_mac(rng: random.Random | None = None) -> str:
     the device (so systemd's MACAddressPolicy=persistent cannot replace it)."""
     rng = rng or random.SystemRandom()
     octets = [rng.randrange(256) for _ in range(6)]
+    octets[0] = (octets[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def stable_vtep_mac(machine_id: str, public_ip: IPv4Address, vni: int) -> str:
+    """The VTEP MAC this host uses for a new device: derived from /etc/machine-id, the PublicIP and
+    the VNI, so a reboot (which loses flannel.<VNI>) brings back the same MAC and peers' FDB/ARP
+    entries stay right (flanneld makes a new random one, flannel#1828).  The PublicIP is part of
+    the seed because cloned VM images often share a machine-id; locally administered, unicast."""
+    seed = f"flannelpy-vtep\0{machine_id.strip()}\0{public_ip}\0{vni}".encode()
+    octets = bytearray(hashlib.sha256(seed).digest()[:6])
     octets[0] = (octets[0] & 0xFE) | 0x02
     return ":".join(f"{b:02x}" for b in octets)
 
