@@ -43,19 +43,9 @@ def _replace(ipr: Any, route: Route) -> None:
               proto=FLANNEL_RTPROT)
 
 
-def _delete(ipr: Any, route: Route) -> None:
-    try:
-        # proto: only our route; someone else's route to the same subnet stays.
-        ipr.route("del", dst=str(route.dst), gateway=str(route.gw), oif=route.oif, table=MAIN_TABLE,
-                  proto=FLANNEL_RTPROT)
-    except NetlinkError as exc:
-        if exc.code != errno.ESRCH:  # already gone is what we wanted
-            raise
-
-
 def _route_request(add: bool, route: Route) -> rtnl.Request:
-    """_replace/_delete's request: protocol FLANNEL_RTPROT on both, so a delete never takes
-    someone else's route to the same subnet."""
+    """_replace's request, or its delete: protocol FLANNEL_RTPROT on both, so a delete never
+    takes someone else's route to the same subnet."""
     return rtnl.route_request(add, route.dst.network_address.packed, route.dst.prefixlen, route.gw.packed,
                               oif=route.oif, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
 
@@ -92,10 +82,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, NetlinkError) and exc.code:
         return os.strerror(exc.code)
     return str(exc)
-
-
-# What a kernel request can raise: never allowed past one peer's route.
-_KERNEL_ERRORS = (NetlinkError, OSError, ValueError)
 
 
 class HostGwBackend(Backend):

@@ -210,7 +210,10 @@ class BpfPath:
             log.warning("removing stale BPF pins in %s", self.dir)
             _detach(self.ext_name, "ingress")
             shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
+        try:
+            self.dir.mkdir(parents=True)
+        except FileNotFoundError:  # another namespace's agent removed the shared parent just now
+            self.dir.mkdir(parents=True)
         proc = _run("bpftool", "prog", "loadall", str(OBJECT), str(self.dir / "progs"),
                     "pinmaps", str(self.dir / "maps"))
         if proc.returncode != 0:

@@ -117,6 +117,17 @@ static __always_inline int decrement_ttl(struct __sk_buff *skb, __u32 off, struc
 	return bpf_l3_csum_replace(skb, off + offsetof(struct iphdr, check), old, new, 2);
 }
 
+/* Inner packets this skb stands for: a GSO skb (forwarded after GRO, or TSO from a local
+ * socket) is cut into gso_size pieces later; gso_segs is not always filled in by then. */
+static __always_inline __u32 segments(struct __sk_buff *skb, __u32 len)
+{
+	if (skb->gso_segs > 1)
+		return skb->gso_segs;
+	if (skb->gso_size)
+		return (len + skb->gso_size - 1) / skb->gso_size;
+	return 1;
+}
+
 static __always_inline __u16 ip_checksum(__u16 *p)
 {
 	__u32 sum = 0;
@@ -203,7 +214,7 @@ int flannel_encap(struct __sk_buff *skb)
 		count(ST_TX_ERRORS, 1);
 		return TC_ACT_SHOT;
 	}
-	count(ST_TX_PACKETS, skb->gso_segs ? skb->gso_segs : 1);
+	count(ST_TX_PACKETS, segments(skb, len));
 	count(ST_TX_BYTES, len);
 	return bpf_redirect_neigh(cfg->ext_ifindex, NULL, 0, 0);
 }
@@ -248,7 +259,7 @@ int flannel_decap(struct __sk_buff *skb)
 		count(ST_RX_EXPIRED, 1);
 		return TC_ACT_SHOT;
 	}
-	__u32 segs = skb->gso_segs ? skb->gso_segs : 1;
+	__u32 segs = segments(skb, skb->len - sizeof(*eth) - ENCAP_LEN);
 	/* Strip first: if the kernel refuses, the datagram is untouched and the socket (Python)
 	 * takes it.  DECAP_L3_IPV4 (6.3+) also clears the tunnel GSO state the sender's encap
 	 * set on a GSO skb that crossed a veth; older kernels reject the flag: retry without. */
