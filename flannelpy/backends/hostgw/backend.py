@@ -168,7 +168,6 @@ class HostGwBackend(Backend):
                         continue  # removed or replaced later in the same batch
                     if code:
                         self._mark_failed(route.dst, os.strerror(code))
-                        self.loop.wake()  # the loop may be in a long wait: retry on its period
                     else:
                         self._mark_ok(route.dst)
                 elif code and code != errno.ESRCH:  # already gone is what we wanted

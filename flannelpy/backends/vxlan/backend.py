@@ -5,9 +5,10 @@ clusters of flanneld and flannelpy nodes interoperate).
 What to program is decided in flannelpy.backends.vxlan.plan; this module only performs it, on the
 netlink thread.  Kernel state is kept on shutdown so a restart does not cut traffic.
 
-The per-event path (apply) touches only the event's own entries.  run() reconciles: every
-10 s, and within a fraction of a second of the kernel reporting a change to our device or
-entries, one dump of routes, neighbours and FDB is compared with the accepted leases; a
+The per-event path (apply) touches only the event's own entries, all of one batch in one
+round of rtnetlink requests.  run() reconciles within a fraction of a second of the kernel
+reporting a change to our device or entries, and periodically: every 300 s while those
+notifications are read and every peer is programmed, else every 10 s; one dump of routes, neighbours and FDB is compared with the accepted leases; a
 missing device is re-created with the same MAC, missing entries restored, and entries of ours
 that no lease explains removed.  Ours means: on flannel.<VNI> (the device is ours), or a
 route with protocol FLANNEL_RTPROT (DirectRouting).  A peer whose programming fails is logged
@@ -29,6 +30,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from flannelpy.backends.base import Backend, ExternalInterface, LeaseData
 from flannelpy.backends.repair import (
+    QUIET_INTERVAL,
     RESYNC_INTERVAL,
     EchoFilter,
     RepairLoop,
@@ -368,7 +370,7 @@ class VxlanBackend(Backend):
     name = "vxlan"
 
     def __init__(self, ext: ExternalInterface, config: NetworkConfig, netlink: NetlinkThread,
-                 *, resync_interval: float = RESYNC_INTERVAL) -> None:
+                 *, resync_interval: float = RESYNC_INTERVAL, quiet_interval: float | None = QUIET_INTERVAL) -> None:
         super().__init__(ext, config, netlink)
         vni = config.backend_option("VNI", int, 1)
         if not 0 <= vni < (1 << 24):
@@ -407,7 +409,8 @@ class VxlanBackend(Backend):
         self.repairs: dict[str, int] = {}
         self._echoes = EchoFilter()  # our FDB changes, which the kernel announces as nobody's
         self.loop = RepairLoop(f"vxlan {self.spec.name}", netlink, self.reconcile_once, self._notice,
-                               interval=resync_interval)
+                               interval=resync_interval, quiet_interval=quiet_interval,
+                               urgent=lambda: bool(self._failed) or self._device_problem is not None)
 
     # --- counts and health ---------------------------------------------------------------
 
