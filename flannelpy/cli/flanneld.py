@@ -111,12 +111,28 @@ def _main(argv: list[str]) -> int:
         return 2
     except FlannelError as err:
         log.error("%s", err)
+        _tell_systemd_why(str(err))
         return err.exit_code
     except Exception as err:  # anything unforeseen still ends in one line
         log.error("unexpected error: %s (run with -v=1 for the traceback)", describe_unexpected(err))
         log.debug("traceback of the unexpected error", exc_info=err)
+        _tell_systemd_why(f"unexpected error: {describe_unexpected(err)}")
         return 1
     return 0
+
+
+def _tell_systemd_why(reason: str) -> None:
+    """STATUS= survives the exit in `systemctl status`, whose log excerpt hides a failed attempt's
+    lines once the unit restarts; the reason must be where operators look first."""
+    import time
+
+    from flannelpy.ops import sdnotify
+
+    one_line = " ".join(reason.split())  # STATUS= is one line; a config error may list several problems
+    if sdnotify.notify(f"STATUS=failed: {one_line}"[:1000]):
+        # systemd attributes a notification to the unit by the sender's PID, which it can no longer
+        # do once we have exited: give it a moment to read the datagram (no sd_notify_barrier here).
+        time.sleep(0.2)
 
 
 def describe_unexpected(err: BaseException) -> str:
