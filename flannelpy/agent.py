@@ -185,6 +185,15 @@ class StartupUndo:
                 log.warning("start-up failed; could not %s: %s", what, exc)
 
 
+# A start-up slower than this (no config yet, etcd unreachable) serves health before subnet.env.
+HEALTH_SERVE_AFTER_S = 1.0
+
+
+async def _set_after(event: trio.Event, seconds: float) -> None:
+    await trio.sleep(seconds)
+    event.set()
+
+
 async def run_agent(opts: AgentOptions) -> None:
     """Run until a signal (returns) or a fatal error (raises FlannelError)."""
     from flannelpy.ops import sdnotify
@@ -210,6 +219,9 @@ async def run_agent(opts: AgentOptions) -> None:
             await nursery.start(functools.partial(
                 serve_health, state, metrics, opts.healthz_ip, opts.healthz_port, opts.status_socket or None,
                 unix_socket_optional=opts.status_socket_optional, after=serve_now))
+            # ...or after a moment, so /healthz answers (and /readyz says 503) while the agent waits
+            # for its config or for etcd, as flanneld's health server does.
+            nursery.start_soon(_set_after, serve_now, HEALTH_SERVE_AFTER_S)
 
             store, raw_config = await wait_for_config(opts.etcd, opts.etcd_api, log=log)
             store.on_watch_reconnect = metrics.watch_reconnects.inc
