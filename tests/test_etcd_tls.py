@@ -114,3 +114,14 @@ def test_unreadable_files_name_the_flag(tmp_path):
     with pytest.raises(FlannelError, match="-etcd-certfile=.*cannot load the client certificate"):
         tls_context(EtcdOptions(certfile=f"{tmp_path}/c.crt", keyfile=f"{tmp_path}/c.key"))
     assert tls_context(EtcdOptions()) is True
+
+
+def test_plain_http_endpoints_build_no_ssl_context():
+    """issue #19: httpx builds its default SSL context (the CA bundle, 50-200 ms) for verify=True
+    even when no endpoint uses TLS; plain http:// endpoints get verify=False, https:// keep it."""
+    from flannelpy.etcd.store import httpx_verify
+
+    assert httpx_verify(EtcdOptions(endpoints=("http://127.0.0.1:2379", "HTTP://10.0.0.1:2379"))) is False
+    assert httpx_verify(EtcdOptions(endpoints=("http://127.0.0.1:2379", "https://10.0.0.1:2379"))) is True
+    with pytest.raises(FlannelError, match="-etcd-cafile"):  # a TLS flag is always honoured
+        httpx_verify(EtcdOptions(endpoints=("http://127.0.0.1:2379",), cafile="/nonexistent/ca.crt"))

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from .diagnose import describe_connect_failure, error_text
-from .store import EtcdOptions, tls_context, tls_setup
+from .store import EtcdOptions, httpx_verify, tls_setup
 from .transport_choice import GATEWAY
 from .v3transport import EndpointFailed, EtcdError, WatchBroken
 
@@ -43,7 +43,7 @@ class GatewayTransport:
 
     def __init__(self, options: EtcdOptions) -> None:
         self._tls = tls_setup(options)
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(options.request_timeout), verify=tls_context(options))
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(options.request_timeout), verify=httpx_verify(options))
         self._timeout = options.request_timeout
 
     async def aclose(self) -> None:

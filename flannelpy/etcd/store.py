@@ -71,6 +71,16 @@ def tls_context(options: EtcdOptions) -> ssl.SSLContext | bool:
     return ctx
 
 
+def httpx_verify(options: EtcdOptions) -> ssl.SSLContext | bool:
+    """tls_context for an httpx client, False when every endpoint is plain http:// and no TLS
+    flag is given: no handshake can happen then, and httpx builds its default context (the CA
+    bundle: 50-200 ms here, once per client and -etcd-api auto makes two) eagerly for True."""
+    if not (options.cafile or options.certfile or options.keyfile) and not any(
+            e.strip().lower().startswith("https://") for e in options.endpoints):
+        return False
+    return tls_context(options)
+
+
 def tls_setup(options: EtcdOptions) -> TLSSetup:
     """The TLS flags and what the client certificate says, to name a refused handshake later."""
     facts = None

@@ -34,7 +34,7 @@ from flannelpy.subnet.lease import (
 )
 
 from .diagnose import UNREACHABLE, ConnectFailure, describe_connect_failure, error_text
-from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, tls_context, tls_setup, unavailable
+from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, httpx_verify, tls_setup, unavailable
 
 log = logging.getLogger("flannelpy.etcd.v2")
 
@@ -145,7 +145,7 @@ class V2Store:
         self._tls = tls_setup(options)  # to name a refused TLS handshake
         auth = (options.username, options.password) if options.username else None
         self._client = httpx.AsyncClient(
-            verify=tls_context(options),
+            verify=httpx_verify(options),
             auth=auth,
             timeout=httpx.Timeout(options.request_timeout),
         )
