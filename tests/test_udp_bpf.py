@@ -11,13 +11,14 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
-from udp_driver import CONTAINERS, LEASES, UNDERLAY, UdpLab, in_netns, sh
+from udp_driver import CONTAINERS, DRIVER, LEASES, UNDERLAY, UdpLab, in_netns, sh
 
 from flannelpy.backends.udp import bpfmaps, bpfpath
 
@@ -352,6 +353,40 @@ def test_mixed_bpf_and_python_hosts_and_nothing_left_on_exit() -> None:
         assert not pins.exists()
         qdiscs = sh("nsenter", f"--net=/var/run/netns/{lab.h[0]}", "tc", "qdisc", "show", "dev", "fpudu").stdout
         assert "clsact" not in qdiscs
+    finally:
+        lab.destroy()
+
+
+@pytest.mark.root
+def test_auto_falls_back_to_python_when_the_kernel_refuses_and_bpf_refuses_to_start(tmp_path: Path) -> None:
+    """-udp-forwarder=auto with programs the kernel refuses: the Python forwarder runs, the
+    reason is given, traffic flows; -udp-forwarder=bpf then stops the start with one line."""
+    _needs_bpf_tools()
+    bogus = tmp_path / "bogus.o"
+    bogus.write_bytes(b"\x7fELF not a BPF object")
+    lab = UdpLab(f"fpua-{os.urandom(3).hex()}")
+    try:
+        lab.build()
+        d1, d2 = lab.start(forwarders=("auto", "auto"), extra=("--bpf-object", str(bogus)))
+        path = json.loads(d1.command("path"))
+        assert path["path"] == "python" and "the kernel refused the programs" in path["reason"], path
+        assert not _our_filters(lab.h[0], "fpudu", "ingress") and not _pin_dir(lab.h[0]).exists()
+        before = d1.stats()
+        r = _ping(lab, 0, CONTAINERS[1])
+        assert r.returncode == 0, r.stdout
+        after = d1.stats()
+        assert after["tx_packets"] - before["tx_packets"] >= 3 and after["bpf_active"] == 0
+        for d in lab.drivers:
+            d.stop()
+        lab.drivers.clear()
+        proc = subprocess.run(["nsenter", f"--net=/var/run/netns/{lab.h[0]}", sys.executable, DRIVER,
+                               "--iface", "fpudu", "--lease", LEASES[0], "--network", "10.50.0.0/16",
+                               "--forwarder", "bpf", "--bpf-object", str(bogus)],
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert proc.returncode != 0
+        assert "-udp-forwarder=bpf: the kernel refused the programs" in proc.stderr, proc.stderr[-2000:]
+        assert not _pin_dir(lab.h[0]).exists()
+        assert sh("ip", "-n", lab.h[0], "link", "show", "flannel0", check=False).returncode != 0  # nothing half-done
     finally:
         lab.destroy()
 

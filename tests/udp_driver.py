@@ -4,7 +4,8 @@
         --network 10.5.0.0/16 [--port 8285] [--peer 10.5.2.0/24=192.168.9.2 ...]
 
 Prints `ready <tun> <mtu>` once the forwarder runs.  Commands, one per line:
-`add SUBNET IP`, `del SUBNET`, `stats` (prints one JSON line of counters), `health` (one JSON
+`add SUBNET IP`, `del SUBNET`, `stats` (prints one JSON line of counters), `path` (one JSON line:
+the data path, bpf or python, and why), `health` (one JSON
 line: data_plane_problems, repair_counters, the TUN's name and index), `quit`.
 A subprocess, because the TUN device and the socket belong to the namespace of the thread
 that creates them.
@@ -17,6 +18,7 @@ import json
 import os
 import sys
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -52,6 +54,7 @@ async def main() -> None:
     p.add_argument("--resync", type=float, default=10.0, help="the repair loop's period, seconds")
     p.add_argument("--forwarder", default="python", choices=("auto", "bpf", "python"),
                    help="-udp-forwarder (python here: most tests are about the Python forwarder)")
+    p.add_argument("--bpf-object", default="", help="load this object instead of the shipped one (a refusal test)")
     args = p.parse_args()
 
     ext = external(args.iface)
@@ -59,6 +62,10 @@ async def main() -> None:
     nl = NetlinkThread()
     backend = UdpBackend(ext, config, nl, resync_interval=args.resync)
     backend.forwarder_choice = args.forwarder
+    if args.bpf_object:
+        from flannelpy.backends.udp import bpfpath
+
+        bpfpath.OBJECT = Path(args.bpf_object)
     await backend.prepare()
     await backend.start(lease(args.lease, str(ext.ip)))
     subnets: dict[str, Lease] = {}
@@ -230,13 +237,13 @@ class UdpLab:
             sh("ip", "netns", "exec", h[i], "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
     def start(self, port: int = 8285, resync: float = 10.0,
-              forwarders: tuple[str, str] = ("python", "python")) -> tuple[Driver, Driver]:
+              forwarders: tuple[str, str] = ("python", "python"), extra: tuple[str, ...] = ()) -> tuple[Driver, Driver]:
         for i in (0, 1):
             j = 1 - i
             self.drivers.append(Driver(
                 self.h[i], "--iface", "fpudu", "--lease", LEASES[i], "--network", NETWORK,
                 "--port", str(port), "--peer", f"{LEASES[j]}={UNDERLAY[j]}", "--resync", str(resync),
-                "--forwarder", forwarders[i],
+                "--forwarder", forwarders[i], *extra,
             ))
         return self.drivers[0], self.drivers[1]
 
