@@ -412,6 +412,14 @@ def test_refused_object_falls_back_and_leaves_nothing(tmp_path: Path, monkeypatc
             pins = path.dir
         assert "refused" in str(err.value) and "\n" not in str(err.value)
         assert not pins.exists()
+        # An L3 underlay (a TUN here, like WireGuard or PPP): refused before anything is loaded.
+        sh("ip", "-n", ns, "tuntap", "add", "dev", "fpufl3", "mode", "tun")
+        monkeypatch.setattr(bpfpath, "OBJECT", Path(bpfpath.__file__).with_name("bpf") / "udp_encap.bpf.o")
+        with in_netns(ns):
+            with pytest.raises(bpfpath.BpfUnavailable) as err:
+                bpfpath.BpfPath("fpufl3", 4, IPv4Address("192.168.78.1"), 8285).load("fpuft", 3, {})
+        assert "fpufl3 is not an Ethernet device (link type none)" == str(err.value)
+        assert not pins.exists()
         assert "clsact" not in sh("ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", "fpufx").stdout
     finally:
         sh("ip", "netns", "del", ns, check=False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import os
 import platform
@@ -128,6 +129,14 @@ def _last_line(proc: subprocess.CompletedProcess) -> str:
     return lines[-1] if lines else f"exit status {proc.returncode}"
 
 
+def _link_type(dev: str) -> str:
+    proc = _run("ip", "-j", "link", "show", "dev", dev)
+    try:
+        return json.loads(proc.stdout)[0].get("link_type", "")
+    except (ValueError, IndexError, AttributeError):
+        return ""
+
+
 def _pin_dir() -> Path:
     inode = os.stat("/proc/self/ns/net").st_ino
     return BPFFS / "flannelpy" / f"net{inode}"
@@ -204,6 +213,11 @@ class BpfPath:
         if platform.machine() not in _BPF_SYSCALL:
             raise BpfUnavailable(f"no bpf(2) syscall number known for {platform.machine()}")
         self._ncpus = bpfmaps.parse_cpu_list(Path("/sys/devices/system/cpu/possible").read_text())
+        link_type = _link_type(self.ext_name)
+        if link_type != "ether":
+            # The programs parse and build Ethernet frames on the underlay (an L3 underlay such
+            # as a WireGuard or PPP link would need other programs).
+            raise BpfUnavailable(f"{self.ext_name} is not an Ethernet device (link type {link_type or 'unknown'})")
         _ensure_bpffs()
         if self.dir.exists():
             # A previous run in this namespace was killed: its pins hold nothing of ours now.
