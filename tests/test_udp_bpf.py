@@ -167,8 +167,8 @@ def _python(stats: dict, key: str) -> int:
     return stats[key] - stats.get(f"bpf_{key}", 0)
 
 
-def _pin_dir(ns: str) -> Path:
-    return bpfpath.BPFFS / "flannelpy" / f"net{os.stat(f'/var/run/netns/{ns}').st_ino}"
+def _pin_dir(ns: str, port: int = 8285) -> Path:
+    return bpfpath.BPFFS / "flannelpy" / f"net{os.stat(f'/var/run/netns/{ns}').st_ino}-{port}"
 
 
 def _our_filters(ns: str, dev: str, hook: str) -> str:
@@ -305,6 +305,40 @@ def test_unknown_destination_goes_to_python_for_net_unreachable(bpf_lab) -> None
     after = d1.stats()
     assert after["bpf_tx_to_python"] > before["bpf_tx_to_python"]
     assert after["tx_no_route"] > before["tx_no_route"]
+
+
+@pytest.mark.root
+def test_another_instance_on_another_port_shares_the_hooks(bpf_lab) -> None:
+    """What the programs do not take goes on to the next tc filter (TC_ACT_UNSPEC, not OK):
+    a second instance on port 8286 in the same namespace gets its own pins and filters, sees
+    the datagrams to its port that ours passed on, and leaves ours in place when it goes."""
+    h1 = bpf_lab.h[0]
+    with in_netns(h1):
+        ext = socket.if_nametoindex("fpudu")
+        tun = socket.if_nametoindex("flannel0")
+        other = bpfpath.BpfPath("fpudu", ext, IPv4Address(UNDERLAY[0]), 8286)
+        other.load("flannel0", tun, {})
+    try:
+        assert other.dir == _pin_dir(h1, 8286) and other.dir.exists() and _pin_dir(h1).exists()
+        filters = _our_filters(h1, "fpudu", "ingress")
+        assert f"handle {8285:#x}" in filters and f"handle {8286:#x}" in filters
+        before = other.counters()["bpf_rx_to_python"]
+        with in_netns(bpf_lab.h[1]):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind((UNDERLAY[1], 0))
+            s.sendto(bytes(IP(src="10.50.2.9", dst=CONTAINERS[0]) / UDP(dport=9) / b"x"), (UNDERLAY[0], 8286))
+        finally:
+            s.close()
+        assert _wait(other.counters, "bpf_rx_to_python", before, timeout=5) == before + 1
+        assert _ping(bpf_lab, 0, CONTAINERS[1], count=1).returncode == 0  # ours still first
+    finally:
+        with in_netns(h1):
+            other.close()
+    assert not other.dir.exists() and _pin_dir(h1).exists()
+    filters = _our_filters(h1, "fpudu", "ingress")
+    assert f"handle {8285:#x}" in filters and f"handle {8286:#x}" not in filters
+    assert _ping(bpf_lab, 0, CONTAINERS[1], count=1).returncode == 0
 
 
 @pytest.mark.root
@@ -502,11 +536,15 @@ def test_restart_cuts_no_longer_than_the_python_path_and_sigkill_leftovers_are_t
                 assert "removing stale BPF pins" in lab.tail_log(1, 40), lab.tail_log(1, 40)
                 assert all(lab.wait_all_pings(timeout=30).values())
                 filters = _our_filters(lab.host(1).netns, "eth0", "ingress")
-                assert filters.count("handle 0x8285") == 1, filters
+                assert filters.count(f"handle {8285:#x}") == 1, filters
                 lab.stop_agent(1)
                 assert not pins.exists() and not _our_filters(lab.host(1).netns, "eth0", "ingress")
         finally:
+            # A failure between the SIGKILL and the next start would leave that agent's pins.
+            left = [_pin_dir(h.netns) for h in lab.host_list if os.path.exists(f"/var/run/netns/{h.netns}")]
             lab.down()
+            for pins in left:
+                shutil.rmtree(pins, ignore_errors=True)
     print(f"FIGURE udp restart: pings lost at 20 ms: python {lost['python']}, bpf {lost['bpf']}")
     assert lost["bpf"] <= lost["python"] + 25, lost
 

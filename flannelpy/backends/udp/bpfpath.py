@@ -7,8 +7,9 @@ Loading goes through the ordinary tools (`bpftool prog loadall ... pinmaps`, `tc
 own would have to re-implement.  Map writes and counter reads are bpf(2) calls through ctypes
 on the pinned maps (one syscall per lease change or counter, no process per scrape).
 
-Pins live in /sys/fs/bpf/flannelpy/net<inode of this network namespace>/ (bpffs is shared by
-all namespaces of a mount namespace, so the name must be the namespace's own); bpffs is
+Pins live in /sys/fs/bpf/flannelpy/net<inode of this network namespace>-<port>/ (bpffs is
+shared by all namespaces of a mount namespace, so the name must be the namespace's own, and
+the port's: instances in one namespace differ by port); bpffs is
 mounted when missing.  Nothing is left behind on close: the filters are deleted, the clsact
 qdisc too when we added it and it is empty, the pin folder unlinked (the kernel frees the
 programs and maps with their last reference).
@@ -36,9 +37,9 @@ log = logging.getLogger(__name__)
 OBJECT = Path(__file__).with_name("bpf") / "udp_encap.bpf.o"
 BPFFS = Path("/sys/fs/bpf")
 FORWARDER_CHOICES = ("auto", "bpf", "python")
-# One tc filter slot per hook, chosen to stay out of the way of priorities people type by hand.
+# tc filter priority: late, out of the way of priorities people type by hand; the handle is
+# the backend's port, so instances on other ports in one namespace keep their own filters.
 FILTER_PREF = "49285"
-FILTER_HANDLE = "0x8285"
 ENCAP_PROG = "flannel_encap"
 DECAP_PROG = "flannel_decap"
 
@@ -137,9 +138,10 @@ def _link_type(dev: str) -> str:
         return ""
 
 
-def _pin_dir() -> Path:
+def pin_dir(port: int) -> Path:
+    """Where this namespace's instance on `port` pins its programs and maps."""
     inode = os.stat("/proc/self/ns/net").st_ino
-    return BPFFS / "flannelpy" / f"net{inode}"
+    return BPFFS / "flannelpy" / f"net{inode}-{port}"
 
 
 def _ensure_bpffs() -> None:
@@ -161,15 +163,15 @@ def _clsact(dev: str) -> bool:
     raise BpfUnavailable(f"tc qdisc add dev {dev} clsact: {_last_line(proc)}")
 
 
-def _attach(dev: str, hook: str, prog: Path) -> None:
-    proc = _run("tc", "filter", "replace", "dev", dev, hook, "pref", FILTER_PREF, "handle", FILTER_HANDLE,
+def _attach(dev: str, hook: str, prog: Path, handle: int) -> None:
+    proc = _run("tc", "filter", "replace", "dev", dev, hook, "pref", FILTER_PREF, "handle", str(handle),
                 "bpf", "da", "pinned", str(prog))
     if proc.returncode != 0:
         raise BpfUnavailable(f"tc refused {prog.name} on {dev} {hook}: {_last_line(proc)}")
 
 
-def _detach(dev: str, hook: str) -> None:
-    _run("tc", "filter", "del", "dev", dev, hook, "pref", FILTER_PREF, "handle", FILTER_HANDLE, "bpf")
+def _detach(dev: str, hook: str, handle: int) -> None:
+    _run("tc", "filter", "del", "dev", dev, hook, "pref", FILTER_PREF, "handle", str(handle), "bpf")
 
 
 def _filters_left(dev: str) -> bool:
@@ -185,7 +187,7 @@ class BpfPath:
         self.ext_ifindex = ext_ifindex
         self.local_ip = local_ip
         self.port = port
-        self.dir = _pin_dir()
+        self.dir = pin_dir(port)
         self.maps: dict[str, PinnedMap] = {}
         self.tun_name: str | None = None
         self.tun_ifindex = 0
@@ -222,7 +224,7 @@ class BpfPath:
         if self.dir.exists():
             # A previous run in this namespace was killed: its pins hold nothing of ours now.
             log.warning("removing stale BPF pins in %s", self.dir)
-            _detach(self.ext_name, "ingress")
+            _detach(self.ext_name, "ingress", self.port)
             shutil.rmtree(self.dir, ignore_errors=True)
         try:
             self.dir.mkdir(parents=True)
@@ -238,7 +240,7 @@ class BpfPath:
         self._write_config(tun_ifindex)
         self._added_clsact = _clsact(self.ext_name)
         self.attach_tun(tun_name, tun_ifindex)
-        _attach(self.ext_name, "ingress", self.dir / "progs" / DECAP_PROG)
+        _attach(self.ext_name, "ingress", self.dir / "progs" / DECAP_PROG, self.port)
 
     def offload_warning(self) -> str | None:
         """A line to log when the underlay is a veth that passes offloaded packets on unfinished.
@@ -260,7 +262,7 @@ class BpfPath:
     def attach_tun(self, tun_name: str, tun_ifindex: int) -> None:
         """Encapsulate on this flannel0 (again, after the device was re-created)."""
         _clsact(tun_name)
-        _attach(tun_name, "egress", self.dir / "progs" / ENCAP_PROG)
+        _attach(tun_name, "egress", self.dir / "progs" / ENCAP_PROG, self.port)
         self.tun_name, self.tun_ifindex = tun_name, tun_ifindex
         self._write_config(tun_ifindex)
 
@@ -269,12 +271,12 @@ class BpfPath:
 
     def close(self) -> None:
         """Remove the filters, our clsact, the pins.  Safe to call twice, or after a failed load."""
-        _detach(self.ext_name, "ingress")
+        _detach(self.ext_name, "ingress", self.port)
         if self._added_clsact and not _filters_left(self.ext_name):
             _run("tc", "qdisc", "del", "dev", self.ext_name, "clsact")
         self._added_clsact = False
         if self.tun_name is not None:
-            _detach(self.tun_name, "egress")  # usually gone with the TUN already
+            _detach(self.tun_name, "egress", self.port)  # usually gone with the TUN already
             self.tun_name = None
         for m in self.maps.values():
             m.close()

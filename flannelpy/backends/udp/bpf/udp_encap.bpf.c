@@ -32,6 +32,10 @@
 #endif
 
 #define ENCAP_LEN (sizeof(struct iphdr) + sizeof(struct udphdr))
+/* Not ours to decide: the next tc filter, if any, classifies it; without one it goes on
+ * as usual (to the TUN read, or to the stack and the socket).  TC_ACT_OK would end the
+ * filter chain and starve another program (or another flannelpy on another port). */
+#define PASS TC_ACT_UNSPEC
 #define OUTER_TTL 64
 
 struct peer_key {
@@ -149,14 +153,14 @@ int flannel_encap(struct __sk_buff *skb)
 	struct iphdr *iph = data;
 
 	if (!cfg || !cfg->ext_ifindex || skb->protocol != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
+		return PASS;
 	if ((void *)(iph + 1) > data_end || iph->version != 4 || iph->ihl < 5)
-		return TC_ACT_OK;
+		return PASS;
 	struct peer_key key = {.prefixlen = 32, .addr = iph->daddr};
 	__u32 *peer = bpf_map_lookup_elem(&peers, &key);
 	if (!peer) {
 		count(ST_TX_TO_PYTHON, 1); /* no route: Python answers net-unreachable */
-		return TC_ACT_OK;
+		return PASS;
 	}
 	if (iph->ttl <= 1) {
 		count(ST_TX_EXPIRED, 1);
@@ -232,20 +236,20 @@ int flannel_decap(struct __sk_buff *skb)
 	struct iphdr *inner = (void *)(udp + 1);
 
 	if (!cfg || !cfg->tun_ifindex || (void *)(inner + 1) > data_end)
-		return TC_ACT_OK;
+		return PASS;
 	if (eth->h_proto != bpf_htons(ETH_P_IP) || outer->version != 4 || outer->ihl != 5 ||
 	    outer->protocol != IPPROTO_UDP || outer->daddr != cfg->local_ip)
-		return TC_ACT_OK;
+		return PASS;
 	if (udp->dest != bpf_htons(cfg->port))
-		return TC_ACT_OK;
+		return PASS;
 	if (outer->frag_off & bpf_htons(0x3fff)) {
 		count(ST_RX_TO_PYTHON, 1); /* fragment: the kernel reassembles for the socket */
-		return TC_ACT_OK;
+		return PASS;
 	}
 	struct sender *s = bpf_map_lookup_elem(&senders, &outer->saddr);
 	if (!s) {
 		count(ST_RX_TO_PYTHON, 1); /* unknown sender (Python counts and drops it) */
-		return TC_ACT_OK;
+		return PASS;
 	}
 	if (inner->version != 4 || inner->ihl < 5) {
 		count(ST_RX_MALFORMED, 1);
@@ -267,7 +271,7 @@ int flannel_decap(struct __sk_buff *skb)
 				BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) &&
 	    bpf_skb_adjust_room(skb, -(__s32)ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO)) {
 		count(ST_RX_ERRORS, 1);
-		return TC_ACT_OK;
+		return PASS;
 	}
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
