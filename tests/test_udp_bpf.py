@@ -342,6 +342,33 @@ def test_another_instance_on_another_port_shares_the_hooks(bpf_lab) -> None:
 
 
 @pytest.mark.root
+def test_peer_routed_through_another_link_is_sent_the_kernels_way(bpf_lab) -> None:
+    """A multi-homed host whose route to a peer leaves through another link: the programs
+    leave those packets to the socket (the Python path), which follows the routing table."""
+    h1, h2 = bpf_lab.h
+    sh("ip", "-n", h1, "link", "add", "fpud2", "type", "veth", "peer", "name", "fpud2", "netns", h2)
+    try:
+        for ns, addr in ((h1, "192.168.88.1/24"), (h2, "192.168.88.2/24")):
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", "fpud2")
+            sh("ip", "-n", ns, "link", "set", "fpud2", "up")
+        sh("ip", "-n", h1, "route", "add", f"{UNDERLAY[1]}/32", "via", "192.168.88.2", "dev", "fpud2")
+        d1 = bpf_lab.drivers[0]
+        before = d1.stats()
+        r = _ping(bpf_lab, 0, CONTAINERS[1])
+        assert r.returncode == 0 and "3 packets received" in r.stdout, r.stdout
+        after = d1.stats()
+        assert after["bpf_tx_to_python"] - before["bpf_tx_to_python"] >= 3
+        assert _python(after, "tx_packets") - _python(before, "tx_packets") >= 3
+        assert after["bpf_tx_packets"] == before["bpf_tx_packets"]
+        assert after["bpf_rx_packets"] - before["bpf_rx_packets"] >= 3  # replies come back on the underlay
+    finally:
+        sh("ip", "-n", h1, "link", "del", "fpud2", check=False)
+    before = bpf_lab.drivers[0].stats()
+    assert _ping(bpf_lab, 0, CONTAINERS[1], count=1).returncode == 0
+    assert bpf_lab.drivers[0].stats()["bpf_tx_packets"] > before["bpf_tx_packets"]  # back on BPF
+
+
+@pytest.mark.root
 def test_lease_removed_stops_the_fast_path_and_added_restores_it(bpf_lab) -> None:
     d1 = bpf_lab.drivers[0]
     assert d1.command(f"del {LEASES[1]}") == "ok"

@@ -168,6 +168,23 @@ int flannel_encap(struct __sk_buff *skb)
 	}
 	__u32 peer_ip = *peer;
 	__u32 len = skb->len;
+	/* The peer must be reached through the underlay we redirect to, as the routing table
+	 * says (a multi-homed host may route it elsewhere: then the socket, i.e. Python, sends
+	 * it the kernel's way).  Checked before the packet is touched. */
+	struct bpf_fib_lookup fib = {
+		.family = 2, /* AF_INET */
+		.l4_protocol = IPPROTO_UDP,
+		.sport = bpf_htons(cfg->port),
+		.dport = bpf_htons(cfg->port),
+		.ifindex = cfg->ext_ifindex,
+		.ipv4_src = cfg->local_ip,
+		.ipv4_dst = peer_ip,
+	};
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if ((rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) && fib.ifindex != cfg->ext_ifindex) {
+		count(ST_TX_TO_PYTHON, 1);
+		return PASS;
+	}
 	/* bpf_redirect_neigh wants an Ethernet header to pull (it drops an skb whose MAC header
 	 * does not precede its network header, as on a TUN): push a placeholder, which the
 	 * helper replaces with the neighbour's.  bpf_skb_change_head is meant for exactly this
