@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from flannelpy.errors import ConfigError
@@ -27,6 +27,16 @@ _FORBIDDEN_RANGES = (
     (IPv4Network("169.254.0.0/16"), "link-local (169.254.0.0/16)"),
     (IPv4Network("224.0.0.0/4"), "multicast (224.0.0.0/4)"),
     (IPv4Network("240.0.0.0/4"), "reserved, with the broadcast address (240.0.0.0/4)"),
+)
+
+# The same for IPv6Network.  ::/8 is reserved by the IETF and holds the unspecified address, loopback
+# and the IPv4-mapped and -compatible forms, which Go and glibc print as dotted quads, so a lease key,
+# an ip6tables rule or a route for them would not be spelt as flanneld spells it either.
+_FORBIDDEN_RANGES_V6 = (
+    (IPv6Network("::1/128"), "loopback (::1/128)"),
+    (IPv6Network("::/8"), "the reserved block with the unspecified and IPv4-mapped addresses (::/8)"),
+    (IPv6Network("fe80::/10"), "link-local (fe80::/10)"),
+    (IPv6Network("ff00::/8"), "multicast (ff00::/8)"),
 )
 
 # Backend options with a fixed type and range, checked with the config so that `flannelctl config
@@ -79,10 +89,34 @@ class NetworkConfig:
     enable_ipv6: bool = False
     enable_nftables: bool = False
     backend_defaulted: bool = False  # True when the config had no Backend (means udp)
+    enable_ipv4: bool = True
+    # Set when enable_ipv6: the IPv6 side of a dual-stack network, with flanneld's defaults applied.
+    ipv6_network: IPv6Network | None = None
+    ipv6_subnet_len: int = 0
+    ipv6_subnet_min: IPv6Address | None = None
+    ipv6_subnet_max: IPv6Address | None = None
 
     @property
     def subnet_size(self) -> int:
         return 1 << (32 - self.subnet_len)
+
+    @property
+    def ipv6_subnet_size(self) -> int:
+        return 1 << (128 - self.ipv6_subnet_len)
+
+    def contains_ipv6_subnet(self, subnet: IPv6Network | None) -> bool:
+        """flanneld's isIPv6SubnetConfigCompat: without EnableIPv6 only "no IPv6 subnet" fits (so a
+        dual-stack lease is not reused by a v4-only config); with it, a subnet of IPv6SubnetLen between
+        IPv6SubnetMin and IPv6SubnetMax."""
+        if not self.enable_ipv6:
+            return subnet is None
+        return (
+            subnet is not None
+            and self.ipv6_subnet_min is not None
+            and self.ipv6_subnet_max is not None
+            and subnet.prefixlen == self.ipv6_subnet_len
+            and self.ipv6_subnet_min <= subnet.network_address <= self.ipv6_subnet_max
+        )
 
     def contains_subnet(self, subnet: IPv4Network) -> bool:
         """True when `subnet` is one this config could hand out (flanneld's 'compatible')."""
@@ -179,24 +213,31 @@ def _parse_ipv4(name: str, text: str) -> IPv4Address:
         raise ConfigError(f"{name}: {shown(text)!r} is not an IPv4 address") from None
 
 
-def parse_config(text: str | bytes) -> NetworkConfig:
+def parse_config(text: str | bytes, *, allow_ipv6: bool = False) -> NetworkConfig:
     """Parse and check a network config; raise ConfigError naming the first problem."""
-    problems = check_config(text)
+    problems = check_config(text, allow_ipv6=allow_ipv6)
     if isinstance(problems, NetworkConfig):
         return problems
     raise problems[0]
 
 
-def validate_config(text: str | bytes) -> list[ConfigError]:
+def validate_config(text: str | bytes, *, allow_ipv6: bool = False) -> list[ConfigError]:
     """Every problem in a config (empty when it is valid), for `flannelctl config validate`."""
-    result = check_config(text, collect=True)
+    result = check_config(text, collect=True, allow_ipv6=allow_ipv6)
     return [] if isinstance(result, NetworkConfig) else result
 
 
-def check_config(text: str | bytes, collect: bool = False) -> NetworkConfig | list[ConfigError]:
+# What the agent says while it has no IPv6 data plane (devices, routes, ip6tables): the IPv6 fields are
+# still checked in full, so a config is judged by every rule at once, but running it is refused.
+IPV6_NOT_YET = "EnableIPv6: true is not supported by flannelpy yet; remove it or set it to false"
+
+
+def check_config(text: str | bytes, collect: bool = False, *,
+                 allow_ipv6: bool = False) -> NetworkConfig | list[ConfigError]:
     """Parse a config.  With collect=False the first error is raised; with collect=True
     every independent error is returned as a list (checks that depend on an invalid
-    field are skipped)."""
+    field are skipped).  allow_ipv6=False refuses EnableIPv6 (IPV6_NOT_YET) after checking
+    its fields; True is for code that handles the IPv6 side (codecs, allocation, tests)."""
     errors: list[ConfigError] = []
 
     def fail(err: ConfigError) -> None:
@@ -224,10 +265,17 @@ def check_config(text: str | bytes, collect: bool = False) -> NetworkConfig | li
     enable_ipv4 = field_value("EnableIPv4", bool)
     enable_ipv6 = bool(field_value("EnableIPv6", bool))
     enable_nft = bool(field_value("EnableNFTables", bool))
-    if enable_ipv4 is False:
-        fail(ConfigError("EnableIPv4: false is not supported; flannelpy needs an IPv4 Network"))
-    if enable_ipv6:
-        fail(ConfigError("EnableIPv6: true is not supported by flannelpy yet; remove it or set it to false"))
+    if enable_ipv4 is False and not enable_ipv6:
+        fail(ConfigError("EnableIPv4: false with EnableIPv6 false (or absent) leaves no network to run; "
+                         "remove EnableIPv4 or set it to true"))
+    elif enable_ipv4 is False:
+        # flanneld's etcd subnet manager allocates an IPv4 subnet for every lease (allocateSubnet,
+        # Lease.EnableIPv4 forced true); IPv6-only networks run only with its Kubernetes subnet manager.
+        fail(ConfigError("EnableIPv4: false (IPv6-only) is not supported with etcd, by flanneld either: "
+                         "its etcd subnet manager gives every lease an IPv4 subnet; set EnableIPv4 to true "
+                         "and give a Network"))
+    if enable_ipv6 and not allow_ipv6:
+        fail(ConfigError(IPV6_NOT_YET))
 
     network: IPv4Network | None = None
     raw_network = field_value("Network", str)
@@ -306,7 +354,11 @@ def check_config(text: str | bytes, collect: bool = False) -> NetworkConfig | li
             if subnet_min is not None and subnet_max is not None and subnet_min > subnet_max:
                 fail(ConfigError(f"SubnetMin: {subnet_min} is above SubnetMax {subnet_max}"))
 
+    ipv6 = _check_ipv6(folded, enable_ipv6, field_value, fail)
+
     if errors or network is None or subnet_min is None or subnet_max is None:
+        return errors
+    if enable_ipv6 and ipv6 is None:
         return errors
     return NetworkConfig(
         network=network,
@@ -318,12 +370,106 @@ def check_config(text: str | bytes, collect: bool = False) -> NetworkConfig | li
         enable_ipv6=enable_ipv6,
         enable_nftables=enable_nft,
         backend_defaulted=backend_defaulted,
+        **(ipv6 or {}),
     )
 
 
-def forbidden_overlap(network: IPv4Network) -> str | None:
+def _check_ipv6(folded: dict[str, Any], enable_ipv6: bool, field_value, fail) -> dict[str, Any] | None:
+    """The IPv6 side of the config as NetworkConfig fields, or None when disabled or invalid.
+
+    As in flanneld, the fields are decoded whatever EnableIPv6 says (Go's json.Unmarshal fails on an
+    IPv6Network that is no CIDR at all, or an IPv6SubnetMin that is no address), but checked against
+    each other (CheckNetworkConfig) only when EnableIPv6 is true.
+    """
+    raw_network = field_value("IPv6Network", str)
+    subnet_len = field_value("IPv6SubnetLen", int) or 0  # Go's zero value means "not set"
+    raw_min = field_value("IPv6SubnetMin", str)
+    raw_max = field_value("IPv6SubnetMax", str)
+    parsed_network = None
+    if raw_network is not None:
+        try:
+            parsed_network = ipaddress.ip_interface(raw_network)
+        except ValueError:
+            fail(ConfigError(f"IPv6Network: {shown(raw_network)!r} is not a CIDR such as \"fd42::/48\""))
+            return None
+    bounds: dict[str, IPv6Address | None] = {}
+    for name, raw in (("IPv6SubnetMin", raw_min), ("IPv6SubnetMax", raw_max)):
+        bounds[name] = None
+        if raw is None:
+            continue
+        try:
+            bounds[name] = IPv6Address(raw)
+        except ValueError:
+            fail(ConfigError(f"{name}: {shown(raw)!r} is not an IPv6 address"))
+            return None
+    if not enable_ipv6:
+        return None
+
+    if parsed_network is None:
+        fail(ConfigError("IPv6Network: missing; please define a correct IPv6Network parameter, e.g. \"fd42::/48\""))
+        return None
+    if parsed_network.version != 6:
+        fail(ConfigError(f"IPv6Network: {raw_network!r} is not IPv6; put IPv4 ranges in Network"))
+        return None
+    if "/" not in raw_network:
+        fail(ConfigError(f"IPv6Network: {raw_network!r} has no prefix length, e.g. \"fd42::/48\""))
+        return None
+    network = parsed_network.network  # masked, as net.ParseCIDR does
+    clash = forbidden_overlap(network)
+    if clash is not None:
+        fail(ConfigError(f"IPv6Network: {network} overlaps {clash}; "
+                         "choose a unique local range such as \"fd42::/48\""))
+        return None
+
+    prefix = network.prefixlen
+    if subnet_len == 0:
+        if prefix > 124:
+            fail(ConfigError(f"IPv6Network: {network} is too small. Minimum useful network prefix is /124"))
+            return None
+        subnet_len = 64 if prefix <= 62 else prefix + 2
+    elif subnet_len > 126:
+        fail(ConfigError(f"IPv6SubnetLen: {subnet_len} is too long; SubnetLen must be less than /127"))
+        return None
+    elif subnet_len < prefix + 2:
+        fail(ConfigError(
+            f"IPv6SubnetLen: /{subnet_len} is too short for IPv6Network {network}; "
+            f"network must be able to accommodate at least four subnets (IPv6SubnetLen >= {prefix + 2})"
+        ))
+        return None
+    size = 1 << (128 - subnet_len)
+    # flanneld skips the first subnet (its base would be the Network's own address) and ends at the last.
+    defaults = {
+        "IPv6SubnetMin": network.network_address + size,
+        "IPv6SubnetMax": IPv6Address(int(network.broadcast_address) + 1 - size),
+    }
+    chosen: dict[str, IPv6Address] = {}
+    for name in ("IPv6SubnetMin", "IPv6SubnetMax"):
+        addr = bounds[name]
+        if addr is None:
+            chosen[name] = defaults[name]
+        elif addr not in network:
+            fail(ConfigError(f"{name}: {addr} is not in IPv6Network {network} "
+                             f"({name} is not in the range of the IPv6Network)"))
+        elif int(addr) % size:
+            fail(ConfigError(f"{name}: {name} is not on a SubnetLen boundary: {addr} (IPv6SubnetLen /{subnet_len})"))
+        else:
+            chosen[name] = addr
+    if len(chosen) < 2:
+        return None
+    if chosen["IPv6SubnetMin"] > chosen["IPv6SubnetMax"]:
+        fail(ConfigError(f"IPv6SubnetMin: {chosen['IPv6SubnetMin']} is above IPv6SubnetMax {chosen['IPv6SubnetMax']}"))
+        return None
+    return {
+        "ipv6_network": network,
+        "ipv6_subnet_len": subnet_len,
+        "ipv6_subnet_min": chosen["IPv6SubnetMin"],
+        "ipv6_subnet_max": chosen["IPv6SubnetMax"],
+    }
+
+
+def forbidden_overlap(network: IPv4Network | IPv6Network) -> str | None:
     """The special range `network` overlaps (described), or None for a usable overlay Network."""
-    for special, what in _FORBIDDEN_RANGES:
+    for special, what in (_FORBIDDEN_RANGES if network.version == 4 else _FORBIDDEN_RANGES_V6):
         if network.overlaps(special):
             return what
     return None
