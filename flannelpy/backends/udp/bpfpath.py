@@ -122,7 +122,13 @@ class PinnedMap:
 # --- tools -----------------------------------------------------------------------------------
 
 def _run(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    """Run a tool; a missing tool or a hang is a failed run (the caller words the reason)."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        return subprocess.CompletedProcess(cmd, 127, "", f"{cmd[0]}: not found")
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(cmd, 124, "", f"{cmd[0]}: no answer in 30 s")
 
 
 def _last_line(proc: subprocess.CompletedProcess) -> str:
