@@ -2,6 +2,10 @@
 
 Keys look like `10.5.52.0-24` (dual stack: `10.5.52.0-24&fc00::-64`).  Values are compact
 JSON in Go's field order; readers accept every shape flanneld has written since v0.5.
+
+Two key parsers: `parse_subnet_key`, which the etcd stores use, takes IPv4 keys only, so the running
+agent refuses dual-stack leases until it has an IPv6 data plane; `parse_lease_key` reads both kinds
+(with `lease_key` writing them) for the code that handles the IPv6 side.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from flannelpy.errors import LeaseValueError
@@ -28,6 +32,11 @@ MAX_VALUE_DEPTH = 16
 # ASCII digits only (`\d` would also take other scripts' digits).  The optional `&<ipv6>-<len>` is
 # what dual-stack flanneld writes; it is recognised only to refuse it with a clear message.
 _KEY_RE = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-([0-9]{1,2})(&.*)?", re.ASCII | re.DOTALL)
+# The IPv6 half of a dual-stack key as flanneld's regex takes it (`&([a-f\d:]+)-(\d+)`), ASCII only.
+_V6_PART_RE = re.compile(r"([0-9a-f:]{2,39})-([0-9]{1,3})", re.ASCII)
+# Go's ip.IP6 prints addresses in here as dotted quads (IPv4-mapped, -compatible), and no valid
+# IPv6Network reaches into it: such a key is not one flanneld writes.
+_RESERVED_V6 = IPv6Network("::/8")
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-])(?:[0-9a-fA-F]{2}\1){4}[0-9a-fA-F]{2}$")
 
 
@@ -73,6 +82,47 @@ def parse_subnet_key(key: str, prefix: str | None = None) -> IPv4Network:
     return net
 
 
+def lease_key(subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> str:
+    """flanneld's MakeSubnetKey: `10.42.63.0-24`, or `10.42.63.0-24&fd42:0:0:1f::-64` with an IPv6 subnet."""
+    if ipv6_subnet is None:
+        return subnet_key(subnet)
+    return f"{subnet_key(subnet)}&{ipv6_subnet.network_address}-{ipv6_subnet.prefixlen}"
+
+
+def parse_lease_key(key: str, prefix: str | None = None) -> tuple[IPv4Network, IPv6Network | None]:
+    """The subnets a lease key names, dual-stack keys included: `10.42.63.0-24&fd42:0:0:1f::-64` ->
+    (10.42.63.0/24, fd42:0:0:1f::/64); an IPv4 key gives (subnet, None).
+
+    Spelling as in parse_subnet_key: exactly as lease_key writes it, so that one key names one pair.
+    flanneld's etcd mode has no IPv6-only key (it allocates an IPv4 subnet for every lease); the
+    `0.0.0.0-0&...` a config with EnableIPv4 false would make it write is refused by name.
+    """
+    name = key if prefix is not None else key.rsplit("/", 1)[-1]
+    v4_text, amp, v6_text = name.partition("&")
+    if not amp:
+        return parse_subnet_key(key, prefix), None
+    subnet = parse_subnet_key(v4_text, prefix)
+    if subnet.prefixlen == 0:
+        raise LeaseValueError(f"lease key {shown(key)!r} names all of IPv4 (0.0.0.0-0): an IPv6-only lease, "
+                              "which flanneld's etcd mode does not make")
+    m = _V6_PART_RE.fullmatch(v6_text)
+    if not m:
+        raise LeaseValueError(f"lease key {shown(key)!r}: the part after '&' is not of the form ipv6-len")
+    try:
+        plen = int(m.group(2))
+        if plen > 127:  # flanneld reads the length with strconv.ParseUint(.., 10, 7)
+            raise ValueError(f"IPv6 prefix length {plen} is above 127")
+        ipv6_subnet = IPv6Network(f"{m.group(1)}/{plen}")
+    except ValueError as exc:
+        raise LeaseValueError(f"lease key {shown(key)!r}: {exc}") from None
+    if ipv6_subnet.subnet_of(_RESERVED_V6):
+        raise LeaseValueError(f"lease key {shown(key)!r}: {ipv6_subnet} is in the reserved ::/8")
+    canonical = lease_key(subnet, ipv6_subnet)
+    if (name if prefix is None else name[len(prefix):]) != canonical:
+        raise LeaseValueError(f"lease key {shown(key)!r} is not spelt as flanneld spells it ({canonical!r})")
+    return subnet, ipv6_subnet
+
+
 def normalize_mac(text: str) -> str:
     """Lower-case colon form; accepts what Go's net.ParseMAC accepts for 48-bit MACs."""
     if not isinstance(text, str) or not _MAC_RE.match(text):
@@ -84,7 +134,7 @@ class ValueStyle(Enum):
     """How to spell a lease value: as flanneld >= v0.15 does, or as the etcd-v2 era did."""
 
     CURRENT = "current"  # {"PublicIP":..,"PublicIPv6":null,"BackendType":..,"BackendData":..}
-    LEGACY = "legacy"  # {"PublicIP":..,"BackendType":..,"BackendData":..} (no PublicIPv6)
+    LEGACY = "legacy"  # {"PublicIP":..,"BackendType":..,"BackendData":..} (no PublicIPv6 while it is null)
 
 
 @dataclass(frozen=True)
@@ -93,21 +143,35 @@ class LeaseAttrs:
     backend_type: str = ""  # "" for the udp backend, which never sets it
     # BackendData as a dict in the order it is written (VNI before VtepMAC, like Go's struct).
     backend_data: dict[str, Any] | None = None
-    public_ipv6: str | None = None
+    public_ipv6: IPv6Address | None = None  # dual stack: the host's IPv6 underlay address
+    # Dual stack: what the backend advertises for IPv6 (vxlan: the flannel-v6.<VNI> device's VNI and MAC).
+    backend_v6_data: dict[str, Any] | None = None
 
     @property
     def vtep_mac(self) -> str | None:
-        if not self.backend_data:
-            return None
-        mac = self.backend_data.get("VtepMAC")
-        return normalize_mac(mac) if mac is not None else None
+        return _data_mac(self.backend_data)
 
     @property
     def vni(self) -> int | None:
-        if not self.backend_data:
-            return None
-        vni = self.backend_data.get("VNI")
-        return int(vni) if vni is not None else None
+        return _data_vni(self.backend_data)
+
+    @property
+    def vtep_mac_v6(self) -> str | None:
+        return _data_mac(self.backend_v6_data)
+
+    @property
+    def vni_v6(self) -> int | None:
+        return _data_vni(self.backend_v6_data)
+
+
+def _data_mac(data: dict[str, Any] | None) -> str | None:
+    mac = data.get("VtepMAC") if data else None
+    return normalize_mac(mac) if mac is not None else None
+
+
+def _data_vni(data: dict[str, Any] | None) -> int | None:
+    vni = data.get("VNI") if data else None
+    return int(vni) if vni is not None else None
 
 
 @dataclass(frozen=True)
@@ -116,6 +180,7 @@ class LeaseData:
 
     backend_type: str  # "" for udp, which never writes BackendType
     backend_data: dict[str, Any] | None
+    backend_v6_data: dict[str, Any] | None = None  # dual stack: BackendV6Data
 
 
 @dataclass(frozen=True)
@@ -126,6 +191,13 @@ class Lease:
     expiration: float | None = None
     # Store-specific handle: the etcd v3 lease ID or the v2 modifiedIndex.
     store_ref: int | None = field(default=None, compare=False)
+    # Dual stack: the IPv6 subnet of a `10.42.63.0-24&fd42:0:0:1f::-64` key (parse_lease_key).
+    ipv6_subnet: IPv6Network | None = None
+
+    @property
+    def key(self) -> str:
+        """The key name under <prefix>/subnets/ (flanneld's Lease.Key)."""
+        return lease_key(self.subnet, self.ipv6_subnet)
 
 
 class EventKind(Enum):
@@ -142,12 +214,16 @@ class LeaseEvent:
 def encode_attrs(attrs: LeaseAttrs, style: ValueStyle = ValueStyle.CURRENT) -> str:
     """Compact JSON exactly as Go's json.Marshal(LeaseAttrs) writes it."""
     doc: dict[str, Any] = {"PublicIP": str(attrs.public_ip)}
-    if style is ValueStyle.CURRENT:
-        doc["PublicIPv6"] = attrs.public_ipv6
+    if style is ValueStyle.CURRENT or attrs.public_ipv6 is not None:
+        # *ip.IP6 without omitempty: null when unset.  The v2-era flanneld that wrote dual stack
+        # (v0.15-v0.17) had the field too, so only a null one is left out of the legacy shape.
+        doc["PublicIPv6"] = str(attrs.public_ipv6) if attrs.public_ipv6 is not None else None
     if attrs.backend_type:
         doc["BackendType"] = attrs.backend_type
     if attrs.backend_data:
         doc["BackendData"] = attrs.backend_data
+    if attrs.backend_v6_data:
+        doc["BackendV6Data"] = attrs.backend_v6_data
     return json.dumps(doc, separators=(",", ":"))
 
 
@@ -174,28 +250,43 @@ def decode_attrs(raw: str | bytes, key: str = "") -> LeaseAttrs:
     btype = folded.get("backendtype") or ""
     if not isinstance(btype, str):
         raise LeaseValueError(f"{where}: BackendType must be a string")
-    bdata = folded.get("backenddata")
-    if bdata is not None and not isinstance(bdata, dict):
-        raise LeaseValueError(f"{where}: BackendData must be an object")
-    if bdata:
-        # Canonicalise the two fields we interpret, keep the rest as written.
-        canon: dict[str, Any] = {}
-        for k, v in bdata.items():
-            lk = k.lower()
-            if lk == "vni":
-                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < (1 << 24):
-                    raise LeaseValueError(f"{where}: BackendData.VNI {_show(v)} is not a VNI (0..16777215)")
-                canon["VNI"] = v
-            elif lk == "vtepmac":
-                try:
-                    canon["VtepMAC"] = normalize_mac(v)
-                except LeaseValueError as exc:
-                    # Name the key too: the log line is all an operator has to find the garbage.
-                    raise LeaseValueError(f"{where}: BackendData.{exc}") from None
-            else:
-                canon[k] = v
-        bdata = canon
+    bdata = _decode_backend_data(folded.get("backenddata"), where, "BackendData")
+    bdata_v6 = _decode_backend_data(folded.get("backendv6data"), where, "BackendV6Data")
     v6 = folded.get("publicipv6")
     if v6 is not None and not isinstance(v6, str):
         raise LeaseValueError(f"{where}: PublicIPv6 must be a string or null")
-    return LeaseAttrs(public_ip=public_ip, backend_type=btype.lower(), backend_data=bdata or None, public_ipv6=v6)
+    public_ipv6 = None
+    if v6 is not None:
+        try:
+            public_ipv6 = IPv6Address(v6)
+        except ValueError:
+            raise LeaseValueError(f"{where}: PublicIPv6 {_show(v6)} is not an IPv6 address") from None
+        if public_ipv6.ipv4_mapped is not None:
+            # Go's ip.IP6 would write it back as a dotted quad: not an address flanneld advertises.
+            raise LeaseValueError(f"{where}: PublicIPv6 {_show(v6)} is an IPv4-mapped address")
+    return LeaseAttrs(public_ip=public_ip, backend_type=btype.lower(), backend_data=bdata,
+                      public_ipv6=public_ipv6, backend_v6_data=bdata_v6)
+
+
+def _decode_backend_data(bdata: Any, where: str, name: str) -> dict[str, Any] | None:
+    """BackendData or BackendV6Data: VNI and VtepMAC checked and canonicalised, the rest kept as written."""
+    if bdata is not None and not isinstance(bdata, dict):
+        raise LeaseValueError(f"{where}: {name} must be an object")
+    if not bdata:
+        return None
+    canon: dict[str, Any] = {}
+    for k, v in bdata.items():
+        lk = k.lower()
+        if lk == "vni":
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < (1 << 24):
+                raise LeaseValueError(f"{where}: {name}.VNI {_show(v)} is not a VNI (0..16777215)")
+            canon["VNI"] = v
+        elif lk == "vtepmac":
+            try:
+                canon["VtepMAC"] = normalize_mac(v)
+            except LeaseValueError as exc:
+                # Name the key too: the log line is all an operator has to find the garbage.
+                raise LeaseValueError(f"{where}: {name}.{exc}") from None
+        else:
+            canon[k] = v
+    return canon
