@@ -280,3 +280,25 @@ async def test_v2_disabled_is_reported():
         async with store_for(server) as s:
             with pytest.raises(V2APIDisabled, match="--enable-v2=true"):
                 await s.get_config()
+
+
+async def test_watch_far_behind_catches_up_with_one_relist(etcd):
+    """issue #19: v2 returns one event per long poll; a watch 200 events behind re-lists once
+    (a snapshot, applied by its net effect) instead of 200 round trips."""
+    async with store_for(etcd) as s, store_for(etcd) as writer:
+        _, index = await s.list_leases()
+        for i in range(100):
+            net = IPv4Network(f"10.5.{100 + i}.0/24")
+            await writer.create_lease(net, VX, SUBNET_TTL)
+            if i < 99:
+                await writer.delete_lease(net)
+        it = s.watch_leases(index).__aiter__()
+        with trio.fail_after(GUARD):
+            batch = await it.__anext__()
+        assert batch.snapshot is not None
+        assert [lease.subnet for lease in batch.snapshot] == [IPv4Network("10.5.199.0/24")]
+        # then live again: the next change is an event
+        await writer.create_lease(NET1, VX, SUBNET_TTL)
+        (ev,) = (await _next_event(it)).events
+        assert ev.kind is EventKind.ADDED and ev.lease.subnet == NET1
+        await it.aclose()

@@ -51,6 +51,10 @@ BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 # How long one watch long-poll may sit idle before we re-poll (etcd never times it out).
 WATCH_POLL_SECONDS = 60.0
+# A v2 watch returns one event per long poll.  When the event it returned is this far behind
+# etcd's index, the watch has fallen behind (a burst of writes): it re-lists once and yields a
+# snapshot (applied by its net effect) instead of a round trip per event still queued.
+CATCH_UP_EVENTS = 50
 
 # A removal whose previous value etcd did not send still needs attrs; this placeholder marks it.
 UNKNOWN_ATTRS = LeaseAttrs(public_ip=IPv4Address("0.0.0.0"))
@@ -308,7 +312,8 @@ class V2Store:
             self.on_watch_reconnect()
 
     async def watch_leases(self, after_revision: int, *, expiry: bool = True) -> AsyncIterator[WatchBatch]:
-        """One WatchBatch per v2 event; a snapshot batch when the index was cleared."""
+        """One WatchBatch per v2 event; a snapshot batch when the index was cleared, or when
+        the watch is more than CATCH_UP_EVENTS behind etcd's index."""
         wait_index = after_revision + 1
         backoff = BACKOFF_MIN
         poll_timeout = httpx.Timeout(self.options.request_timeout, read=WATCH_POLL_SECONDS)
@@ -353,6 +358,16 @@ class V2Store:
             node = doc["node"]
             index = _int(node.get("modifiedIndex")) or header_index
             wait_index = max(wait_index, index + 1)
+            if header_index - index > CATCH_UP_EVENTS:
+                try:
+                    leases, skipped, listed_at = await self._list()
+                except (StoreUnavailable, V2Error) as exc:
+                    log.debug("catching up by a re-list failed (%s); following events one by one", exc)
+                else:
+                    log.debug("watch %d events behind etcd: re-listed at index %d", header_index - index, listed_at)
+                    wait_index = max(wait_index, listed_at + 1)
+                    yield WatchBatch(snapshot=tuple(leases), revision=listed_at, skipped=tuple(skipped))
+                    continue
             try:
                 event = event_from_response(doc, self._lease_key_prefix)
             except LeaseValueError as exc:
