@@ -3,13 +3,19 @@
 1. a lease whose PublicIP is ours: reuse it if it still fits the config, else delete it;
 2. the subnet from the previous subnet.env, if nobody holds it and it fits;
 3. a random pick among the first 100 free subnets from SubnetMin upward.
+
+Dual stack (EnableIPv6) as flanneld's LocalManager: a lease is "ours and compatible" only when its
+IPv4 subnet and its IPv6 subnet both fit (so when EnableIPv6 is switched on or off, our old lease is
+deleted and a new pair taken, the IPv4 subnet included); the previous subnet.env's pair
+(FLANNEL_SUBNET, FLANNEL_IPV6_SUBNET) is reused only as a pair; otherwise the IPv6 subnet is picked
+the same way as the IPv4 one, independently: at random among the first 100 free from IPv6SubnetMin.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Iterable
 
 from flannelpy.config.network import NetworkConfig
@@ -28,6 +34,7 @@ class AcquirePlan:
     reuse: Lease | None = None
     create: IPv4Network | None = None
     delete: tuple[Lease, ...] = field(default=())
+    create_ipv6: IPv6Network | None = None  # with EnableIPv6: the IPv6 half of the key to create
 
 
 def free_subnets(config: NetworkConfig, taken: Iterable[IPv4Network], limit: int = FREE_CANDIDATES) -> list[IPv4Network]:
@@ -53,6 +60,34 @@ def free_subnets(config: NetworkConfig, taken: Iterable[IPv4Network], limit: int
     return out
 
 
+def free_ipv6_subnets(config: NetworkConfig, taken: Iterable[IPv6Network],
+                      limit: int = FREE_CANDIDATES) -> list[IPv6Network]:
+    """Up to `limit` IPv6 subnets from IPv6SubnetMin upward that overlap nothing in `taken`
+    (flanneld's OuterLoopv6).  A /48 holds 65,535 /64s, so taken ranges are jumped over, not walked."""
+    if not config.enable_ipv6 or config.ipv6_subnet_min is None or config.ipv6_subnet_max is None:
+        return []
+    size = config.ipv6_subnet_size
+    taken_sorted = sorted(taken, key=lambda n: int(n.network_address))
+    out: list[IPv6Network] = []
+    addr, last, i = int(config.ipv6_subnet_min), int(config.ipv6_subnet_max), 0
+    while addr <= last and len(out) < limit:
+        end = addr + size - 1
+        while i < len(taken_sorted) and int(taken_sorted[i].broadcast_address) < addr:
+            i += 1
+        if i < len(taken_sorted) and int(taken_sorted[i].network_address) <= end:
+            blocker_end = int(taken_sorted[i].broadcast_address)
+            addr = max(addr + size, (blocker_end + size) // size * size)
+            continue
+        out.append(IPv6Network((addr, config.ipv6_subnet_len)))
+        addr += size
+    return out
+
+
+def lease_fits(config: NetworkConfig, lease: Lease) -> bool:
+    """flanneld's isSubnetConfigCompat && isIPv6SubnetConfigCompat."""
+    return config.contains_subnet(lease.subnet) and config.contains_ipv6_subnet(lease.ipv6_subnet)
+
+
 def plan_acquisition(
     config: NetworkConfig,
     leases: Iterable[Lease],
@@ -60,29 +95,52 @@ def plan_acquisition(
     previous_subnet: IPv4Network | None,
     rng: random.Random | None = None,
     exclude: Iterable[IPv4Network] = (),
+    previous_ipv6_subnet: IPv6Network | None = None,
+    exclude_ipv6: Iterable[IPv6Network] = (),
 ) -> AcquirePlan:
-    """Decide how to get a lease.  `exclude` holds subnets we just lost a race for."""
+    """Decide how to get a lease.  `exclude` / `exclude_ipv6` hold subnets we just lost a race for.
+
+    One difference from flanneld, on the safe side: the previous subnet.env's IPv6 subnet is not
+    reused when another lease holds it (flanneld checks only the IPv4 half and would create a second
+    lease with the same IPv6 subnet).  Leases without an IPv6 subnet (v4-only peers) block no IPv6
+    subnet; flanneld v0.20.2's allocation compares against their empty IPv6 subnet [inferred: a nil
+    big.Int, which panics], so a dual-stack flanneld may not cope with them where flannelpy does.
+    """
     rng = rng or random.Random()
     leases = list(leases)
     mine = [lease for lease in leases if lease.attrs.public_ip == public_ip]
     incompatible: list[Lease] = []
     for lease in mine:
-        if config.contains_subnet(lease.subnet):
+        if lease_fits(config, lease):
             return AcquirePlan(reuse=lease)
         incompatible.append(lease)
     # Subnets of leases about to be deleted become free again.
-    held = [lease.subnet for lease in leases if lease not in incompatible]
+    kept = [lease for lease in leases if lease not in incompatible]
+    held = [lease.subnet for lease in kept]
     held.extend(exclude)
+    held_v6 = [lease.ipv6_subnet for lease in kept if lease.ipv6_subnet is not None]
+    held_v6.extend(exclude_ipv6)
     if (
         previous_subnet is not None
         and config.contains_subnet(previous_subnet)
+        and config.contains_ipv6_subnet(previous_ipv6_subnet)
         and not any(previous_subnet.overlaps(net) for net in held)
+        and (previous_ipv6_subnet is None or not any(previous_ipv6_subnet.overlaps(net) for net in held_v6))
     ):
-        return AcquirePlan(create=previous_subnet, delete=tuple(incompatible))
+        return AcquirePlan(create=previous_subnet, delete=tuple(incompatible), create_ipv6=previous_ipv6_subnet)
     candidates = free_subnets(config, held)
     if not candidates:
         raise OutOfSubnets(
             f"out of subnets: every /{config.subnet_len} between SubnetMin {config.subnet_min} "
             f"and SubnetMax {config.subnet_max} of {config.network} is leased"
         )
-    return AcquirePlan(create=rng.choice(candidates), delete=tuple(incompatible))
+    create = rng.choice(candidates)
+    if not config.enable_ipv6:
+        return AcquirePlan(create=create, delete=tuple(incompatible))
+    candidates_v6 = free_ipv6_subnets(config, held_v6)
+    if not candidates_v6:
+        raise OutOfSubnets(
+            f"out of subnets: every /{config.ipv6_subnet_len} between IPv6SubnetMin {config.ipv6_subnet_min} "
+            f"and IPv6SubnetMax {config.ipv6_subnet_max} of {config.ipv6_network} is leased"
+        )
+    return AcquirePlan(create=create, delete=tuple(incompatible), create_ipv6=rng.choice(candidates_v6))
