@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 
 from flannelpy.errors import FlannelError
 from flannelpy.fileutil import atomic_write, replace_problem
@@ -16,13 +16,26 @@ class SubnetEnv:
     subnet: IPv4Network  # the lease; FLANNEL_SUBNET is its first address
     mtu: int
     ipmasq: bool
+    # With EnableIPv6: IPv6Network and our IPv6 subnet (FLANNEL_IPV6_SUBNET is its first address).
+    ipv6_network: IPv6Network | None = None
+    ipv6_subnet: IPv6Network | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ipv6_network is None) != (self.ipv6_subnet is None):
+            raise ValueError("SubnetEnv: ipv6_network and ipv6_subnet go together (both or neither)")
 
 
 def render_subnet_env(env: SubnetEnv) -> str:
+    """flanneld's WriteSubnetFile: the IPv6 lines, when EnableIPv6, between FLANNEL_SUBNET and FLANNEL_MTU."""
     first = IPv4Interface((int(env.subnet.network_address) + 1, env.subnet.prefixlen))
+    v6 = ""
+    if env.ipv6_network is not None and env.ipv6_subnet is not None:
+        first6 = IPv6Interface((int(env.ipv6_subnet.network_address) + 1, env.ipv6_subnet.prefixlen))
+        v6 = f"FLANNEL_IPV6_NETWORK={env.ipv6_network}\nFLANNEL_IPV6_SUBNET={first6}\n"
     return (
         f"FLANNEL_NETWORK={env.network}\n"
         f"FLANNEL_SUBNET={first}\n"
+        f"{v6}"
         f"FLANNEL_MTU={env.mtu}\n"
         f"FLANNEL_IPMASQ={'true' if env.ipmasq else 'false'}\n"
     )
@@ -74,23 +87,39 @@ def parse_env_file(text: str) -> dict[str, str]:
     return values
 
 
-def read_previous(path: str) -> tuple[IPv4Network | None, IPv4Network | None]:
-    """(FLANNEL_NETWORK, FLANNEL_SUBNET as a network) from an old subnet.env, if usable."""
+@dataclass(frozen=True)
+class PreviousEnv:
+    """What an old subnet.env says, each entry None when absent or unusable."""
+
+    network: IPv4Network | None = None
+    subnet: IPv4Network | None = None
+    ipv6_network: IPv6Network | None = None
+    ipv6_subnet: IPv6Network | None = None
+
+
+def read_previous_env(path: str) -> PreviousEnv:
+    """FLANNEL_NETWORK, FLANNEL_SUBNET, FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET (as networks) from
+    an old subnet.env, as flanneld reads them for the previous subnet and the rule clean-up."""
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             values = parse_env_file(fh.read())
-    except FileNotFoundError:
-        return None, None
     except OSError:
-        return None, None
+        return PreviousEnv()
 
-    def net(key: str) -> IPv4Network | None:
+    def net(key: str, kind: type[IPv4Interface] | type[IPv6Interface]):
         raw = values.get(key, "")
         if not raw or "," in raw:  # flanneld ignores multi-valued entries
             return None
         try:
-            return IPv4Interface(raw).network
+            return kind(raw).network
         except ValueError:
             return None
 
-    return net("FLANNEL_NETWORK"), net("FLANNEL_SUBNET")
+    return PreviousEnv(net("FLANNEL_NETWORK", IPv4Interface), net("FLANNEL_SUBNET", IPv4Interface),
+                       net("FLANNEL_IPV6_NETWORK", IPv6Interface), net("FLANNEL_IPV6_SUBNET", IPv6Interface))
+
+
+def read_previous(path: str) -> tuple[IPv4Network | None, IPv4Network | None]:
+    """(FLANNEL_NETWORK, FLANNEL_SUBNET as a network) from an old subnet.env, if usable."""
+    prev = read_previous_env(path)
+    return prev.network, prev.subnet
