@@ -5,11 +5,18 @@ sourced over the current environment; every DOCKER_OPT_* variable is written in 
 combined variable starts from the current value of KEY (plus a space if non-empty) and each option
 is appended after a space; FLANNEL_IPMASQ is inverted for Docker; after writing, a route `via`
 somewhere for our subnet is an error.
+
+IPv6: flannel's script has no IPv6 mapping at any version (its HEAD sources FLANNEL_IPV6_SUBNET and
+ignores it), so with a dual-stack subnet.env it writes exactly what it writes without one, and so
+does render() by default.  Options.ipv6 is a flannelpy extension: DOCKER_OPT_IPV6="--ipv6
+--fixed-cidr-v6=<FLANNEL_IPV6_SUBNET as a network>", Docker's own flags for an IPv6 docker0 whose
+addresses come from our IPv6 subnet.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import IPv6Interface
 from typing import Mapping
 
 DEFAULT_FLANNEL_ENV = "/run/flannel/subnet.env"
@@ -44,6 +51,20 @@ class Options:
     combined: bool = True
     key: str = DEFAULT_KEY
     ipmasq: bool = True
+    ipv6: bool = False  # flannelpy extension: also DOCKER_OPT_IPV6 from FLANNEL_IPV6_SUBNET (no script flag)
+
+
+def ipv6_docker_opt(flannel_ipv6_subnet: str) -> str:
+    """`--ipv6 --fixed-cidr-v6=fd42:0:0:1f::/64` for FLANNEL_IPV6_SUBNET=fd42:0:0:1f::1/64: Docker takes
+    the bridge's IPv6 gateway (the subnet's first address, as FLANNEL_IPV6_SUBNET says) and the
+    containers' addresses from fixed-cidr-v6.  DockerOptsError names a value that is no IPv6 subnet."""
+    try:
+        if "/" not in flannel_ipv6_subnet:
+            raise ValueError
+        subnet = IPv6Interface(flannel_ipv6_subnet).network
+    except ValueError:
+        raise DockerOptsError(f"Invalid value of FLANNEL_IPV6_SUBNET: {flannel_ipv6_subnet}\n") from None
+    return f"--ipv6 --fixed-cidr-v6={subnet}"
 
 
 def parse_args(argv: list[str], prog: str = "mk-docker-opts.sh") -> Options:
@@ -96,6 +117,8 @@ def render(opts: Options, environ: Mapping[str, str], flannel_env: Mapping[str, 
         vars_["DOCKER_OPT_BIP"] = f"--bip={vars_['FLANNEL_SUBNET']}"
     if vars_.get("FLANNEL_MTU"):
         vars_["DOCKER_OPT_MTU"] = f"--mtu={vars_['FLANNEL_MTU']}"
+    if opts.ipv6 and vars_.get("FLANNEL_IPV6_SUBNET"):
+        vars_["DOCKER_OPT_IPV6"] = ipv6_docker_opt(vars_["FLANNEL_IPV6_SUBNET"])
     masq = vars_.get("FLANNEL_IPMASQ", "")
     if masq and opts.ipmasq:
         if masq == "true":
