@@ -4,7 +4,9 @@ Two more keys on request: "fixed-cidr" (the lower half of the subnet, with -dock
 Docker's allocations never meet `flannelctl attach`'s, see flannelpy.docker.attach_plan) and
 "ip-masq": false (with -ip-masq, what mk-docker-opts.sh's --ip-masq=false does: flanneld masquerades,
 and Docker's own rule, which comes first in POSTROUTING, would also rewrite container-to-container
-traffic leaving for other hosts).
+traffic leaving for other hosts).  With dual stack, "ipv6": true and "fixed-cidr-v6" (our IPv6 subnet,
+fixed_cidr_v6_for), so docker0 takes the subnet's first address, as FLANNEL_IPV6_SUBNET says, and
+containers get addresses from it.
 
 Upstream flanneld never touches Docker (mk-docker-opts.sh writes flags instead), but Docker-CE's unit
 ignores those flags, so users edit daemon.json by hand.  This does it: every other key kept in
@@ -24,7 +26,7 @@ import os
 import shlex
 import subprocess
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Network
 from typing import Any
 
 from flannelpy.errors import FlannelError
@@ -58,6 +60,9 @@ class Change:
     old_fixed_cidr: Any = None
     ip_masq: bool | None = None  # wanted "ip-masq" (None: left as it is)
     old_ip_masq: Any = None
+    fixed_cidr_v6: str | None = None  # wanted "fixed-cidr-v6", with "ipv6": true (None: both left as they are)
+    old_fixed_cidr_v6: Any = None
+    old_ipv6: Any = None
 
     @property
     def bip_changed(self) -> bool:
@@ -76,8 +81,13 @@ class Change:
         return self.ip_masq is not None and self.old_ip_masq is not self.ip_masq
 
     @property
+    def ipv6_changed(self) -> bool:
+        return self.fixed_cidr_v6 is not None and (self.old_ipv6 is not True or self.old_fixed_cidr_v6 != self.fixed_cidr_v6)
+
+    @property
     def changed(self) -> bool:
-        return self.bip_changed or self.mtu_changed or self.fixed_cidr_changed or self.ip_masq_changed
+        return (self.bip_changed or self.mtu_changed or self.fixed_cidr_changed or self.ip_masq_changed
+                or self.ipv6_changed)
 
     @property
     def warning(self) -> str | None:
@@ -91,6 +101,8 @@ class Change:
             text += f" fixed-cidr={self.fixed_cidr}"
         if self.ip_masq is not None:
             text += f" ip-masq={str(self.ip_masq).lower()}"
+        if self.fixed_cidr_v6 is not None:
+            text += f" ipv6=true fixed-cidr-v6={self.fixed_cidr_v6}"
         return text
 
 
@@ -103,6 +115,21 @@ def _check_values(bip: str, mtu: int) -> None:
         raise FlannelError(f"bip {bip!r} must be a host address with prefix length, not the network address")
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535:
         raise FlannelError(f"mtu {mtu!r} must be an integer between 68 and 65535")
+
+
+def fixed_cidr_v6_for(ipv6_subnet: IPv6Network) -> str:
+    """Docker's "fixed-cidr-v6" for our IPv6 subnet: all of it (Docker's bridge takes its first address,
+    the FLANNEL_IPV6_SUBNET address, as gateway)."""
+    return str(ipv6_subnet)
+
+
+def _check_fixed_cidr_v6(value: str) -> None:
+    try:
+        IPv6Network(value)
+        if "/" not in value:
+            raise ValueError
+    except ValueError:
+        raise FlannelError(f"fixed-cidr-v6 {value!r} is not an IPv6 subnet such as fd42:0:0:1f::/64") from None
 
 
 def parse_daemon_json(text: str, path: str) -> dict[str, Any]:
@@ -135,10 +162,13 @@ def fixed_cidr_for(bip: str) -> str:
 
 
 def merge_daemon_json(text: str | None, bip: str, mtu: int, path: str = DEFAULT_PATH, *,
-                      fixed_cidr: str | None = None, ip_masq: bool | None = None) -> tuple[str, dict[str, Any]]:
+                      fixed_cidr: str | None = None, ip_masq: bool | None = None,
+                      fixed_cidr_v6: str | None = None) -> tuple[str, dict[str, Any]]:
     """Pure: (new file text, old settings).  Existing keys keep their place; new ones go last.
-    `fixed_cidr` / `ip_masq` None leave those keys as they are."""
+    `fixed_cidr` / `ip_masq` None leave those keys as they are; `fixed_cidr_v6` sets it and "ipv6": true."""
     _check_values(bip, mtu)
+    if fixed_cidr_v6 is not None:
+        _check_fixed_cidr_v6(fixed_cidr_v6)
     data = parse_daemon_json(text or "", path)
     old = dict(data)
     _check_bridge(data, path)
@@ -148,6 +178,9 @@ def merge_daemon_json(text: str | None, bip: str, mtu: int, path: str = DEFAULT_
         data["fixed-cidr"] = fixed_cidr
     if ip_masq is not None:
         data["ip-masq"] = ip_masq
+    if fixed_cidr_v6 is not None:
+        data["ipv6"] = True
+        data["fixed-cidr-v6"] = fixed_cidr_v6
     return json.dumps(data, indent=2) + "\n", old
 
 
@@ -204,7 +237,7 @@ def check_daemon_json(path: str) -> None:
 
 
 def update_daemon_json(path: str, bip: str, mtu: int, *, fixed_cidr: str | None = None,
-                       ip_masq: bool | None = None) -> Change:
+                       ip_masq: bool | None = None, fixed_cidr_v6: str | None = None) -> Change:
     """Set bip/mtu (and fixed-cidr, ip-masq when given) in daemon.json; creates file and directory if
     missing; never half-writes.
 
@@ -215,10 +248,12 @@ def update_daemon_json(path: str, bip: str, mtu: int, *, fixed_cidr: str | None 
     _check_values(bip, mtu)
     target, raw, text = _read(path)
     name = _name(path, target)
-    new_text, old = merge_daemon_json(text, bip, mtu, name, fixed_cidr=fixed_cidr, ip_masq=ip_masq)
+    new_text, old = merge_daemon_json(text, bip, mtu, name, fixed_cidr=fixed_cidr, ip_masq=ip_masq,
+                                      fixed_cidr_v6=fixed_cidr_v6)
     change_args = dict(path=path, old_bip=old.get("bip"), old_mtu=old.get("mtu"), bip=bip, mtu=mtu,
                        target=target, old_raw=raw, fixed_cidr=fixed_cidr, old_fixed_cidr=old.get("fixed-cidr"),
-                       ip_masq=ip_masq, old_ip_masq=old.get("ip-masq"))
+                       ip_masq=ip_masq, old_ip_masq=old.get("ip-masq"), fixed_cidr_v6=fixed_cidr_v6,
+                       old_fixed_cidr_v6=old.get("fixed-cidr-v6"), old_ipv6=old.get("ipv6"))
     if raw is not None and not Change(**change_args, written=False, backup=None).changed:
         return Change(**change_args, written=False, backup=None)
     problem = replace_problem(target)
@@ -279,21 +314,33 @@ def _put_back(path: str, raw: bytes | None, mode: int) -> None:
 # --- flags given to dockerd that would clash --------------------------------------------------------
 
 _CONFLICTS = {"--bip": "bip", "--mtu": "mtu", "--bridge": "bip", "-b": "bip"}
+# With fixed_cidr_v6 set: "ipv6" and "fixed-cidr-v6" are in daemon.json too.  --ipv6 is a boolean flag.
+_IPV6_CONFLICTS = {"--ipv6": "ipv6", "--fixed-cidr-v6": "fixed-cidr-v6"}
 _ENV_CONFLICTS = ("DOCKER_OPT_BIP", "DOCKER_OPT_MTU", "DOCKER_NETWORK_OPTIONS")
 
 
-def find_flag_conflicts(cmdline: list[str]) -> list[str]:
+def find_flag_conflicts(cmdline: list[str], ipv6: bool = False) -> list[str]:
     """Messages for each dockerd argument that clashes with bip/mtu in daemon.json.
 
     Accepts `--bip=x`, `--bip x`, `--mtu=x`, `--mtu x`, and -b/--bridge (exclusive with bip).  For a
-    unit's ExecStart, `$DOCKER_OPT_BIP`-style variables from mk-docker-opts.sh count too.
+    unit's ExecStart, `$DOCKER_OPT_BIP`-style variables from mk-docker-opts.sh count too.  With
+    `ipv6` (daemon.json also gets "ipv6" and "fixed-cidr-v6"), `--ipv6[=x]` and `--fixed-cidr-v6` too.
     """
     msgs: list[str] = []
     i = 0
     while i < len(cmdline):
         arg = cmdline[i]
         name, eq, value = arg.partition("=")
-        if name in _CONFLICTS:
+        if ipv6 and name in _IPV6_CONFLICTS:
+            shown = arg
+            if name == "--fixed-cidr-v6" and not eq and i + 1 < len(cmdline):
+                shown = f"{name} {cmdline[i + 1]}"
+                i += 1
+            msgs.append(
+                f"dockerd is started with '{shown}' and daemon.json sets \"{_IPV6_CONFLICTS[name]}\": "
+                f"Docker refuses to start when an option is given both ways; remove the flag"
+            )
+        elif name in _CONFLICTS:
             if not eq and i + 1 < len(cmdline):
                 value = cmdline[i + 1]
                 shown = f"{name} {value}"
@@ -357,11 +404,11 @@ def unit_exec_starts(paths: tuple[str, ...] = SYSTEMD_UNITS) -> list[list[str]]:
     return out
 
 
-def detect_conflicts() -> list[str]:
+def detect_conflicts(ipv6: bool = False) -> list[str]:
     """Conflicts in running dockerds and in docker.service, de-duplicated."""
     msgs: list[str] = []
     for argv in running_dockerd_cmdlines() + unit_exec_starts():
-        for m in find_flag_conflicts(argv):
+        for m in find_flag_conflicts(argv, ipv6):
             if m not in msgs:
                 msgs.append(m)
     return msgs
