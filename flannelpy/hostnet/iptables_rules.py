@@ -4,6 +4,11 @@ Everything here is pure.  flannelpy.hostnet.iptables runs the commands; this mod
 
 Rule text is kept in iptables-save form (`-m comment --comment "flanneld masq"`), which is also what
 iptables-restore reads, so "is this rule present?" is a string comparison against iptables-save output.
+
+IPv6 (dual stack): flanneld builds the same chains, jumps and comments for IPv6Network and our IPv6
+subnet, with ff00::/8 in place of 224.0.0.0/4, and applies them with ip6tables-restore.  Every
+function here takes an IPv6Network where it takes an IPv4Network; the rules of one family go to that
+family's tool (ip6tables-save prints addresses compressed, as str(IPv6Network) does).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import itertools
 import shlex
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 
 MASQ_CHAIN = "FLANNEL-POSTRTG"
 FWD_CHAIN = "FLANNEL-FWD"
@@ -20,6 +25,20 @@ MASQ_COMMENT = "flanneld masq"
 FWD_COMMENT = "flanneld forward"
 KUBE_PROXY_MARK = "0x4000/0x4000"  # kube-proxy's masquerade mark: never masquerade twice
 MULTICAST_V4 = "224.0.0.0/4"
+MULTICAST_V6 = "ff00::/8"
+
+IPNetwork = IPv4Network | IPv6Network
+
+
+def multicast_for(network: IPNetwork) -> str:
+    """The multicast range flanneld leaves unmasqueraded for this family."""
+    return MULTICAST_V4 if network.version == 4 else MULTICAST_V6
+
+
+def _same_family(*networks: IPNetwork | None) -> None:
+    versions = {n.version for n in networks if n is not None}
+    if len(versions) > 1:
+        raise ValueError(f"iptables rules mix IPv4 and IPv6 networks: {', '.join(str(n) for n in networks if n)}")
 
 
 @dataclass(frozen=True)
@@ -46,11 +65,13 @@ def _c(comment: str) -> tuple[str, ...]:
     return ("-m", "comment", "--comment", comment)
 
 
-def masq_rules(network: IPv4Network, subnet: IPv4Network, *, random_fully: bool) -> list[Rule]:
+def masq_rules(network: IPNetwork, subnet: IPNetwork, *, random_fully: bool) -> list[Rule]:
     """flanneld HEAD's --ip-masq rules, in order: the POSTROUTING jump first, then the chain.
+    IPv6Network and IPv6 subnet: masqIP6Rules, for ip6tables.
 
     `random_fully` = iptables supports --random-fully and --ip-masq-fully-random-disable is not set.
     """
+    _same_family(network, subnet)
     n, p = str(network), str(subnet)
     rf = ("--random-fully",) if random_fully else ()
     c = _c(MASQ_COMMENT)
@@ -62,12 +83,12 @@ def masq_rules(network: IPv4Network, subnet: IPv4Network, *, random_fully: bool)
         Rule("nat", MASQ_CHAIN, ("-s", n, "-d", p, *c, "-j", "RETURN")),
         # external traffic arriving for one of our containers is not masqueraded
         Rule("nat", MASQ_CHAIN, ("!", "-s", n, "-d", p, *c, "-j", "RETURN")),
-        Rule("nat", MASQ_CHAIN, ("-s", n, "!", "-d", MULTICAST_V4, *c, "-j", "MASQUERADE", *rf)),
+        Rule("nat", MASQ_CHAIN, ("-s", n, "!", "-d", multicast_for(network), *c, "-j", "MASQUERADE", *rf)),
         Rule("nat", MASQ_CHAIN, ("!", "-s", n, "-d", n, *c, "-j", "MASQUERADE", *rf)),
     ]
 
 
-def forward_rules(network: IPv4Network) -> list[Rule]:
+def forward_rules(network: IPNetwork) -> list[Rule]:
     """flanneld HEAD's --iptables-forward-rules: accept anything to or from the flannel network."""
     n = str(network)
     c = _c(FWD_COMMENT)
@@ -85,7 +106,7 @@ def forward_rules(network: IPv4Network) -> list[Rule]:
 # user-defined bridges, traffic to and from outside) stays Docker's decision, so this rule accepts
 # exactly that and no more.  It goes before Docker's closing `-j RETURN` but never above rules the
 # administrator inserted later: DOCKER-USER is theirs, and what they put first must keep winning.
-def docker_user_rule(network: IPv4Network) -> Rule:
+def docker_user_rule(network: IPNetwork) -> Rule:
     n = str(network)
     return Rule("filter", DOCKER_USER, ("-s", n, "-d", n, *_c(FWD_COMMENT), "-j", "ACCEPT"))
 
@@ -170,7 +191,7 @@ class Desired:
 
     rules: tuple[Rule, ...]
     docker_user: Rule | None  # our rule in DOCKER-USER, kept reachable when that chain exists
-    own_networks: tuple[IPv4Network, ...] = ()
+    own_networks: tuple[IPNetwork, ...] = ()
 
     @property
     def chains(self) -> list[tuple[str, str]]:
@@ -183,9 +204,12 @@ class Desired:
 
 
 def desired_rules(
-    network: IPv4Network, subnet: IPv4Network, *, masq: bool, forward: bool, random_fully: bool,
-    previous_network: IPv4Network | None = None,
+    network: IPNetwork, subnet: IPNetwork, *, masq: bool, forward: bool, random_fully: bool,
+    previous_network: IPNetwork | None = None,
 ) -> Desired:
+    """Everything one flanneld wants for one family: call it once for Network and our subnet
+    (iptables) and, with dual stack, once for IPv6Network and our IPv6 subnet (ip6tables)."""
+    _same_family(network, subnet, previous_network)
     rules: list[Rule] = []
     if masq:
         rules += masq_rules(network, subnet, random_fully=random_fully)
@@ -199,7 +223,7 @@ _OUR_COMMENTS = (MASQ_COMMENT, FWD_COMMENT)
 _ADDRESS_OPTIONS = ("-s", "--source", "-d", "--destination")
 
 
-def rule_networks(spec: str) -> list[IPv4Network]:
+def rule_networks(spec: str) -> list[IPNetwork]:
     """The networks a rule's -s/-d options name (negated or not), in iptables-save form."""
     try:
         toks = shlex.split(spec)
@@ -209,7 +233,7 @@ def rule_networks(spec: str) -> list[IPv4Network]:
     for opt, value in itertools.pairwise(toks):
         if opt in _ADDRESS_OPTIONS:
             try:
-                found.append(IPv4Network(value, strict=False))
+                found.append(ip_network(value, strict=False))
             except ValueError:
                 pass
     return found
@@ -222,7 +246,8 @@ def is_ours(table: str, chain: str, spec: str, desired: Desired) -> bool:
     parsed = _strip_extras(spec)
     if parsed is None or parsed[1] not in _OUR_COMMENTS:
         return False
-    return any(net.subnet_of(own) for net in rule_networks(spec) for own in desired.own_networks)
+    return any(net.version == own.version and net.subnet_of(own)
+               for net in rule_networks(spec) for own in desired.own_networks)
 
 
 def foreign_rules(desired: Desired, saved: SavedTables) -> list[tuple[str, str, str]]:
@@ -303,10 +328,10 @@ def delete_payload(rules: list[Rule], saved: SavedTables) -> str:
 
 
 def previous_masq_rules(
-    prev_network: IPv4Network | None,
-    prev_subnet: IPv4Network | None,
-    network: IPv4Network,
-    subnet: IPv4Network,
+    prev_network: IPNetwork | None,
+    prev_subnet: IPNetwork | None,
+    network: IPNetwork,
+    subnet: IPNetwork,
 ) -> list[Rule]:
     """Masq rules built from the previous subnet.env values, when those differ from the current ones.
 
@@ -315,6 +340,8 @@ def previous_masq_rules(
     """
     if prev_network is None or prev_subnet is None:
         return []
+    if {prev_network.version, prev_subnet.version} != {network.version}:
+        return []  # another family's rules live in the other tool
     if prev_network == network and prev_subnet == subnet:
         return []
     out: list[Rule] = []
@@ -327,11 +354,11 @@ def previous_masq_rules(
 
 # Rule bodies (comment and --random-fully stripped) that flanneld v0.7-v0.19 put straight into
 # POSTROUTING and FORWARD, before it had its own chains.
-def _legacy_bodies(network: IPv4Network, subnet: IPv4Network | None) -> dict[str, list[tuple[str, ...]]]:
+def _legacy_bodies(network: IPNetwork, subnet: IPNetwork | None) -> dict[str, list[tuple[str, ...]]]:
     n = str(network)
     post = [
         ("-s", n, "-d", n, "-j", "RETURN"),
-        ("-s", n, "!", "-d", MULTICAST_V4, "-j", "MASQUERADE"),
+        ("-s", n, "!", "-d", multicast_for(network), "-j", "MASQUERADE"),
         ("!", "-s", n, "-d", n, "-j", "MASQUERADE"),
     ]
     if subnet is not None:
@@ -361,7 +388,7 @@ def _strip_extras(spec: str) -> tuple[tuple[str, ...], str | None] | None:
     return tuple(out), comment
 
 
-def legacy_rules(saved: SavedTables, networks: list[tuple[IPv4Network, IPv4Network | None]]) -> list[Rule]:
+def legacy_rules(saved: SavedTables, networks: list[tuple[IPNetwork, IPNetwork | None]]) -> list[Rule]:
     """Rules left in POSTROUTING/FORWARD by pre-v0.20 flanneld for any of `networks`, as found, and
     earlier flannelpy's unconditional jump in DOCKER-USER (LEGACY_DOCKER_USER_JUMP).
 
