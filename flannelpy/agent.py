@@ -28,7 +28,7 @@ from flannelpy.backends import backend_class
 from flannelpy.config.flags import ParsedFlags
 from flannelpy.config.network import NetworkConfig, parse_config
 from flannelpy.errors import FlannelError, UsageError, first_flannel_error
-from flannelpy.etcd.select import wait_for_config
+from flannelpy.etcd.select import config_key, wait_for_config
 from flannelpy.etcd.store import EtcdOptions
 from flannelpy.fileutil import atomic_write
 from flannelpy.hostnet.interface import ExternalInterface, select_interface
@@ -223,6 +223,10 @@ async def run_agent(opts: AgentOptions) -> None:
             # for its config or for etcd, as flanneld's health server does.
             nursery.start_soon(_set_after, serve_now, HEALTH_SERVE_AFTER_S)
 
+            # systemd clears a unit's status line at each start; say what this attempt waits for (a missing
+            # config or an unreachable etcd is retried, so the start can last until TimeoutStartSec).
+            key = config_key(opts.etcd).replace("\n", " ")  # STATUS= is one line
+            sdnotify.notify(f"STATUS=reading the network config at {key} (retrying while etcd or the key is missing)")
             store, raw_config = await wait_for_config(opts.etcd, opts.etcd_api, log=log)
             store.on_watch_reconnect = metrics.watch_reconnects.inc
             config = parse_config(raw_config)

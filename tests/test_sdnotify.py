@@ -46,5 +46,8 @@ def test_a_failed_start_tells_systemd_why(etcd, tmp_path):
         messages = []
         while not any(m.startswith(b"STATUS=failed") for m in messages):
             messages.append(rx.recv(4096))
+    # first what the attempt waits for (systemd cleared the last attempt's line when it started this one)
+    assert messages[0] == (b"STATUS=reading the network config at /fpsd/network/config "
+                           b"(retrying while etcd or the key is missing)"), messages
     status = next(m for m in messages if m.startswith(b"STATUS=failed")).decode()
     assert status.startswith("STATUS=failed: Network: '10.5.0.0/33' is not a CIDR") and "\n" not in status
