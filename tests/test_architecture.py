@@ -15,7 +15,8 @@ PACKAGE = ROOT / "flannelpy"
 # Lowest first; a module belongs to the longest prefix listed.  Keep in step with ARCHITECTURE.md.
 LAYERS: list[list[str]] = [
     ["flannelpy", "flannelpy.errors", "flannelpy.fileutil"],
-    ["flannelpy.config", "flannelpy.subnet.lease", "flannelpy.subnet.allocation", "flannelpy.subnet.envfile",
+    ["flannelpy.config"],
+    ["flannelpy.subnet.lease", "flannelpy.subnet.allocation", "flannelpy.subnet.envfile",
      "flannelpy.docker.opts", "flannelpy.hostnet.iptables_rules",
      "flannelpy.hostnet.nftables_rules"],
     ["flannelpy.etcd", "flannelpy.hostnet", "flannelpy.docker", "flannelpy.ops"],
