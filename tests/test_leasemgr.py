@@ -325,7 +325,7 @@ async def test_backlog_piled_up_during_apply_is_applied_by_net_effect(etcd):
                 etcd.etcdctl("put", key(f"10.5.{i}.0/24"), value % i)
             for i in range(11, 30):
                 etcd.etcdctl("del", key(f"10.5.{i}.0/24"))
-            await trio.sleep(0.3)  # all of it read from the watch meanwhile
+            await trio.sleep(2.0)  # all of it read from the watch meanwhile (generous: a loaded box)
             gate.set()
             with trio.fail_after(30):
                 while len(calls) < 2:
