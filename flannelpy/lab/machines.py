@@ -34,6 +34,7 @@ from ipaddress import IPv4Network
 from typing import Any, Callable
 
 import flannelpy
+from flannelpy.fileutil import atomic_write
 from flannelpy.subnet.envfile import parse_env_file
 
 from . import rootfs
@@ -144,11 +145,7 @@ class MachineLab:
     # --- persistence ---
 
     def save(self) -> None:
-        doc = asdict(self)
-        tmp = self.state_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, self.state_file)
+        atomic_write(self.state_file, json.dumps(asdict(self), indent=2).encode())
 
     @classmethod
     def load(cls, prefix: str, workdir: str = "") -> "MachineLab":

@@ -32,10 +32,11 @@ from ipaddress import IPv4Interface, IPv4Network
 from typing import Any
 
 from flannelpy.errors import FlannelError
+from flannelpy.fileutil import atomic_write
 from flannelpy.subnet.envfile import parse_env_file
 
 from .etcd_server import EtcdServer
-from .leftovers import Leftovers, find_leftovers, lab_namespaces, list_namespaces, processes_in, stop_processes
+from .leftovers import find_leftovers, lab_namespaces, list_namespaces, processes_in, stop_processes
 
 UNDERLAY_NET = IPv4Network("10.250.0.0/24")
 ETCD_IP = "10.250.0.1"
@@ -219,11 +220,7 @@ class Lab:
     # --- persistence -------------------------------------------------------------------------
 
     def save(self) -> None:
-        doc = asdict(self)
-        tmp = self.state_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, self.state_file)
+        atomic_write(self.state_file, json.dumps(asdict(self), indent=2).encode())
 
     @staticmethod
     def exists(prefix: str = DEFAULT_PREFIX, workdir: str = "") -> bool:
