@@ -244,8 +244,7 @@ async def run_agent(opts: AgentOptions) -> None:
             if refusal is not None:
                 raise FlannelError(refusal)
             backend = backend_class(config.backend_type)(ext, config, netlink)
-            if hasattr(backend, "forwarder_choice"):  # udp: tc-BPF or the Python forwarder
-                backend.forwarder_choice = opts.udp_forwarder
+            backend.use_agent_flags(udp_forwarder=opts.udp_forwarder)
             lease_data = await backend.prepare()
 
             def lease_changed(new: Lease) -> None:

@@ -43,6 +43,10 @@ class Backend(ABC):
     async def apply(self, events: Sequence[LeaseEvent]) -> None:
         """Program or remove peers; events never include our own lease."""
 
+    def use_agent_flags(self, *, udp_forwarder: str = "auto") -> None:
+        """The agent's flags that concern a backend, given before prepare(); each backend reads
+        the ones that are its own (udp: -udp-forwarder) and ignores the rest."""
+
     def accepts(self, lease: Lease) -> bool:
         """Whether a peer lease is for this backend (vxlan/host-gw ignore other types)."""
         return lease.attrs.backend_type == self.name

@@ -144,11 +144,14 @@ class UdpBackend(Backend):
         self.loop = RepairLoop("udp flannel0", self.netlink, self.reconcile_once, self._notice,
                                interval=resync_interval)
         # -udp-forwarder: "auto" (BPF where the kernel takes it, else Python), "bpf" (refuse to
-        # start without it) or "python".  The agent sets it before start().
+        # start without it) or "python".  The agent gives it through use_agent_flags().
         self.forwarder_choice = "auto"
         self.bpf: BpfPath | None = None
         self.data_path = "python"
         self.data_path_reason = ""
+
+    def use_agent_flags(self, *, udp_forwarder: str = "auto") -> None:
+        self.forwarder_choice = udp_forwarder
 
     def mtu(self) -> int:
         return self.ext.mtu - ENCAP_OVERHEAD
