@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 from flannelpy.errors import FlannelError
 
+from .dockerd import mounts_under, unmount_under
+
 NSPAWN_RUNTIME_DIR = "/run/systemd/nspawn"
 CGROUP_PARENT = "flannelpy-lab"
 # A machine's commands run with a clean environment, as a provisioning shell or a login would.
@@ -302,24 +304,11 @@ class Machine:
     def remove(self) -> None:
         """Stop, unmount, delete the machine's cgroups and its directory."""
         self.stop()
-        for point in reversed(_mounts_under(self.dir)):
-            if subprocess.run(["umount", point], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", point], capture_output=True)
+        unmount_under(self.dir)
         for d in self.cgroup_dirs():
             _rmdir_tree(d)
-        if not _mounts_under(self.dir):  # never delete through a mount
+        if not mounts_under(self.dir):  # never delete through a mount
             subprocess.run(["rm", "-rf", "--one-file-system", self.dir], capture_output=True)
-
-
-def _mounts_under(root: str) -> list[str]:
-    root = os.path.abspath(root).rstrip("/")
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point == root or point.startswith(root + "/"):
-                points.append(point)
-    return points
 
 
 def _rmdir_tree(path: str) -> None:
