@@ -13,6 +13,7 @@ from ipaddress import IPv4Network
 import trio
 
 from flannelpy.errors import FlannelError
+from flannelpy.hostnet.tools import netns_prefix, run_tool
 
 from . import iptables_rules as R
 
@@ -60,7 +61,7 @@ class IptablesManager:
         self.netns = netns
         self.random_fully_disable = random_fully_disable
         self._desired: R.Desired | None = None
-        self._prefix: list[str] = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+        self._prefix: list[str] = netns_prefix(netns)
         self._lock = trio.Lock()  # two overlapping batches could re-add what the other removed
         self._bootstrapped = False
         self._wait = False
@@ -71,15 +72,7 @@ class IptablesManager:
         return self.masq or self.forward
 
     async def _run(self, args: list[str], stdin: bytes = b"") -> str:
-        cmd = self._prefix + args
-        try:
-            proc = await trio.run_process(cmd, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False)
-        except FileNotFoundError as err:
-            raise FlannelError(f"cannot run {cmd[0]!r}: {err.strerror}; is iptables installed?") from err
-        if proc.returncode != 0:
-            err = proc.stderr.decode(errors="replace").strip()
-            raise FlannelError(f"{' '.join(args)} failed (exit {proc.returncode}): {err}")
-        return proc.stdout.decode(errors="replace")
+        return await run_tool(self._prefix, args, stdin, package="iptables")
 
     def _check_binaries(self) -> None:
         check_tools()

@@ -16,6 +16,7 @@ from ipaddress import IPv4Network
 import trio
 
 from flannelpy.errors import FlannelError
+from flannelpy.hostnet.tools import netns_prefix, run_tool
 
 from . import iptables_rules as IR
 from . import nftables_rules as R
@@ -59,7 +60,7 @@ class NftablesManager:
         self.netns = netns
         self.ruleset = R.desired_ruleset(network, subnet, masq=masq, forward=forward,
                                          random_fully=not random_fully_disable, previous_network=previous_network)
-        self._prefix: list[str] = ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+        self._prefix: list[str] = netns_prefix(netns)
         self._lock = trio.Lock()  # a resync and a removal must not interleave their list and apply
         self._bootstrapped = False
         self.applied = 0  # transactions run; lets callers and tests see a resync happened
@@ -69,15 +70,7 @@ class NftablesManager:
         return self.masq or self.forward
 
     async def _run(self, args: list[str], stdin: bytes = b"") -> str:
-        cmd = self._prefix + args
-        try:
-            proc = await trio.run_process(cmd, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False)
-        except FileNotFoundError as err:
-            raise FlannelError(f"cannot run {cmd[0]!r}: {err.strerror}; is nftables installed?") from err
-        if proc.returncode != 0:
-            err = " ".join(proc.stderr.decode(errors="replace").split())
-            raise FlannelError(f"{' '.join(args)} failed (exit {proc.returncode}): {err}")
-        return proc.stdout.decode(errors="replace")
+        return await run_tool(self._prefix, args, stdin, package="nftables")
 
     async def listing(self, family: str = R.FAMILY_V4, table: str = R.TABLE_V4) -> R.ListedTable | None:
         """The table as the kernel has it, or None when it does not exist."""

@@ -1,0 +1,26 @@
+"""Running the host's network tools (iptables-save/-restore, nft) from trio, optionally inside a
+network namespace, with a failure turned into one FlannelError line naming the command."""
+
+from __future__ import annotations
+
+import trio
+
+from flannelpy.errors import FlannelError
+
+
+def netns_prefix(netns: str | None) -> list[str]:
+    """The command prefix that runs a tool inside /var/run/netns/<netns> (tests); [] = here."""
+    return ["nsenter", f"--net=/var/run/netns/{netns}"] if netns else []
+
+
+async def run_tool(prefix: list[str], args: list[str], stdin: bytes = b"", *, package: str) -> str:
+    """Run `prefix + args`, return its stdout; `package` names what to install when it is missing."""
+    cmd = prefix + args
+    try:
+        proc = await trio.run_process(cmd, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False)
+    except FileNotFoundError as err:
+        raise FlannelError(f"cannot run {cmd[0]!r}: {err.strerror}; is {package} installed?") from err
+    if proc.returncode != 0:
+        why = " ".join(proc.stderr.decode(errors="replace").split())  # errors are one line
+        raise FlannelError(f"{' '.join(args)} failed (exit {proc.returncode}): {why}")
+    return proc.stdout.decode(errors="replace")
