@@ -13,6 +13,8 @@ from ipaddress import IPv4Network
 import trio
 
 from flannelpy.errors import FlannelError
+from flannelpy.hostnet.rulelock import IPTABLES as RULES_LOCK
+from flannelpy.hostnet.rulelock import host_lock
 from flannelpy.hostnet.tools import netns_prefix, run_tool
 
 from . import iptables_rules as R
@@ -108,7 +110,7 @@ class IptablesManager:
         """Delete masq rules of the previous network/subnet, and pre-v0.20 flannel rules left in
         POSTROUTING/FORWARD for the previous or current network.  Returns what was deleted."""
         await self._desired_rules()
-        async with self._lock:
+        async with self._lock, host_lock(RULES_LOCK):
             saved = await self.save()
             rules = R.previous_masq_rules(self.previous_network, self.previous_subnet, self.network, self.subnet)
             nets = [(self.network, self.subnet)]
@@ -131,7 +133,7 @@ class IptablesManager:
         if not self.enabled:
             return False
         desired = await self._desired_rules()
-        async with self._lock:
+        async with self._lock, host_lock(RULES_LOCK):
             for attempt in (1, 2):
                 saved = await self.save()
                 # the first time, rebuild even if all is present, to restore the order

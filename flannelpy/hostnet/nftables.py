@@ -16,6 +16,9 @@ from ipaddress import IPv4Network
 import trio
 
 from flannelpy.errors import FlannelError
+from flannelpy.hostnet.rulelock import IPTABLES as IPTABLES_LOCK
+from flannelpy.hostnet.rulelock import NFTABLES as NFT_LOCK
+from flannelpy.hostnet.rulelock import host_lock
 from flannelpy.hostnet.tools import netns_prefix, run_tool
 
 from . import iptables_rules as IR
@@ -95,7 +98,7 @@ class NftablesManager:
         which also drops stale rules of a previous subnet); True if a transaction ran."""
         if not self.enabled:
             return False
-        async with self._lock:
+        async with self._lock, host_lock(NFT_LOCK):
             for attempt in (1, 2):
                 listed = await self.listing()
                 if self._bootstrapped and not R.differences(self.ruleset, listed):
@@ -114,7 +117,7 @@ class NftablesManager:
         """Remove our rules from flannel-ipv4 (the whole table unless another instance's rules are in
         it), and flannel-ipv6 if it is empty (flanneld >= 0.25 makes it even without IPv6; one with
         rules is left alone, IPv6 is not flannelpy's yet).  True if anything was removed."""
-        async with self._lock:
+        async with self._lock, host_lock(NFT_LOCK):
             removed = False
             for ruleset in (self.ruleset, R.empty_ruleset(R.FAMILY_V6, R.TABLE_V6)):
                 script = R.removal_script(ruleset, await self.listing(ruleset.family, ruleset.table))
@@ -130,11 +133,13 @@ class NftablesManager:
         for tool in ("iptables-save", "iptables-restore"):
             if shutil.which(tool) is None:
                 return 0  # no iptables on this host: nothing of ours can be there
-        text = await self._run(["iptables-save", "-t", "nat"]) + await self._run(["iptables-save", "-t", "filter"])
-        payload, count = R.iptables_removal_payload(IR.parse_save(text), self.network, self.subnet,
-                                                    self.previous_network)
+        async with host_lock(IPTABLES_LOCK):
+            text = await self._run(["iptables-save", "-t", "nat"]) + await self._run(["iptables-save", "-t", "filter"])
+            payload, count = R.iptables_removal_payload(IR.parse_save(text), self.network, self.subnet,
+                                                        self.previous_network)
+            if payload:
+                await self._run(["iptables-restore", "--noflush", "--wait"], payload.encode())
         if payload:
-            await self._run(["iptables-restore", "--noflush", "--wait"], payload.encode())
             log.info("EnableNFTables: removed %d flannel iptables rules (FLANNEL-POSTRTG, FLANNEL-FWD)", count)
         return count
 
@@ -143,12 +148,13 @@ class NftablesManager:
         exists: nftables cannot overrule Docker's drops.  True if a batch ran."""
         if not self.forward or shutil.which("iptables-save") is None or shutil.which("iptables-restore") is None:
             return False
-        saved = IR.parse_save(await self._run(["iptables-save", "-t", "filter"]))
-        payload = R.docker_user_payload(saved, self.network)
-        if not payload:
-            return False
-        await self._run(["iptables-restore", "--noflush", "--wait"], payload.encode())
-        return True
+        async with host_lock(IPTABLES_LOCK):
+            saved = IR.parse_save(await self._run(["iptables-save", "-t", "filter"]))
+            payload = R.docker_user_payload(saved, self.network)
+            if not payload:
+                return False
+            await self._run(["iptables-restore", "--noflush", "--wait"], payload.encode())
+            return True
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Switch from iptables, install, report started, then re-check every resync_s seconds."""
