@@ -29,6 +29,9 @@ MY_VALUE = ('{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",
             '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
 
 
+OUR_SUBNET = IPv4Network("10.5.200.0/24")  # for tests that then put peers' keys at fixed subnets
+
+
 def key(subnet: str) -> str:
     return f"{PREFIX}/subnets/{subnet.replace('/', '-')}"
 
@@ -255,7 +258,7 @@ async def test_peers_listed_and_watched_once_without_a_ttl_call_each(etcd):
         got.extend(events)
 
     async with store_for(etcd) as store:
-        mgr = manager(store)
+        mgr = manager(store, previous_subnet=OUR_SUBNET)  # not one of the peers' keys put below
         first = await mgr.acquire()
         ttl0, watch0, range0 = (etcd_calls(etcd, m) for m in ("LeaseTimeToLive", "Watch", "Range"))
         async with trio.open_nursery() as nursery:
@@ -313,8 +316,9 @@ async def test_backlog_piled_up_during_apply_is_applied_by_net_effect(etcd):
 
     value = '{"PublicIP":"10.0.0.%d","PublicIPv6":null}'
     async with store_for(etcd) as store:
-        mgr = manager(store)
-        await mgr.acquire()
+        # a random subnet could be one of the keys put below: that put would take our lease
+        mgr = manager(store, previous_subnet=OUR_SUBNET)
+        assert (await mgr.acquire()).subnet == OUR_SUBNET
         async with trio.open_nursery() as nursery:
             await nursery.start(mgr.watch_peers, apply)
             etcd.etcdctl("put", key("10.5.10.0/24"), value % 10)
