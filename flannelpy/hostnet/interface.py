@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from flannelpy.errors import FlannelError
 
-from .netlink import NetlinkThread
+from .netlink import NetlinkError, NetlinkThread
 
 log = logging.getLogger(__name__)
 

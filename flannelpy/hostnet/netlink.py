@@ -22,6 +22,7 @@ from typing import Any, Callable, TypeVar
 import outcome
 import trio
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError  # re-exported: the one module that imports pyroute2
 
 from . import rtnl
 

@@ -18,14 +18,13 @@ from ipaddress import IPv4Network
 from typing import Any, Mapping, Sequence
 
 import trio
-from pyroute2.netlink.exceptions import NetlinkError
 
 from flannelpy.backends.base import Backend, LeaseData
 from flannelpy.backends.repair import RESYNC_INTERVAL, RepairLoop, RepairReport, describe_failures
 from flannelpy.errors import FlannelError
 from flannelpy.hostnet import rtnl
 from flannelpy.hostnet.monitor import KernelChange
-from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, KernelDumps, delete_route
+from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, KernelDumps, NetlinkError, delete_route
 from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
 
 from .plan import Route, change_matters, missing_routes, route_diff

@@ -21,14 +21,12 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Mapping, Sequence
 
 import trio
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from flannelpy.backends.base import Backend, LeaseData
 from flannelpy.backends.repair import RESYNC_INTERVAL, RepairLoop
 from flannelpy.errors import FlannelError
 from flannelpy.hostnet.monitor import KernelChange
-from flannelpy.hostnet.netlink import MAIN_TABLE
+from flannelpy.hostnet.netlink import MAIN_TABLE, IPRoute, NetlinkError
 from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
 
 from .bpfmaps import merged_counters

@@ -26,7 +26,6 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Callable, Mapping, Sequence
 
 import trio
-from pyroute2.netlink.exceptions import NetlinkError
 
 from flannelpy.backends.base import Backend, ExternalInterface, LeaseData
 from flannelpy.backends.repair import (
@@ -48,6 +47,7 @@ from flannelpy.hostnet.netlink import (
     NUD_PERMANENT,
     RTNH_F_ONLINK,
     KernelDumps,
+    NetlinkError,
     NetlinkThread,
     delete_route,
 )
