@@ -77,3 +77,15 @@ def test_vagrantfile_syntax():
         pytest.skip("ruby not installed")
     r = subprocess.run(["ruby", "-c", str(REPO / "vagrant/Vagrantfile")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_flanneld_unit_gives_a_waiting_start_as_long_as_coreos_does():
+    """A boot where etcd comes up late: the agent waits (Type=notify, no READY=1 yet); the unit must not kill it
+    after systemd's default 90 s."""
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(Path(__file__).resolve().parent.parent / "systemd" / "flanneld.service")
+    assert unit["Service"]["Type"] == "notify"
+    assert unit["Service"]["TimeoutStartSec"] == "300"
