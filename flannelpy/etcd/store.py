@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import AsyncIterator, Protocol
 
 from flannelpy.errors import FlannelError
@@ -134,6 +134,10 @@ class Store(Protocol):
     """A flannel subnet registry in etcd (the v3 and v2 implementations share it)."""
 
     options: EtcdOptions
+    # EnableIPv6: leases are read from dual-stack keys too (`10.5.52.0-24&fc00::-64`,
+    # lease.parse_store_key); set by the agent once the config is read.  The writes below take the
+    # IPv6 subnet of such a key as `ipv6_subnet` (None: an IPv4 key).
+    dual_stack: bool
 
     async def get_config(self) -> str | None:
         """The raw JSON at <prefix>/config, or None when the key does not exist."""
@@ -144,16 +148,18 @@ class Store(Protocol):
         expiry=False: a lease's expiration may be EXPIRY_NOT_READ (what the agent asks for peers,
         whose expiry it never reads; v2 has it in the listing anyway)."""
 
-    async def get_lease(self, subnet: IPv4Network) -> Lease | None:
+    async def get_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> Lease | None:
         """The lease stored for one subnet with its expiry, or None."""
 
-    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
+                           ipv6_subnet: IPv6Network | None = None) -> Lease | None:
         """Create the key only if it does not exist; None when someone else holds it."""
 
-    async def renew_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease:
+    async def renew_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
+                          ipv6_subnet: IPv6Network | None = None) -> Lease:
         """Write the key with a fresh TTL (ttl=0: no TTL, a reservation stays one)."""
 
-    async def delete_lease(self, subnet: IPv4Network) -> None:
+    async def delete_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> None:
         """Remove the key (used for an incompatible lease of ours)."""
 
     def watch_leases(self, after_revision: int, *, expiry: bool = True) -> AsyncIterator[WatchBatch]:

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from calendar import timegm
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import quote
 
@@ -29,8 +29,8 @@ from flannelpy.subnet.lease import (
     ValueStyle,
     decode_attrs,
     encode_attrs,
-    parse_subnet_key,
-    subnet_key,
+    lease_key,
+    parse_store_key,
 )
 
 from .diagnose import UNREACHABLE, ConnectFailure, describe_connect_failure, error_text
@@ -94,12 +94,13 @@ def parse_expiration(text: str | None) -> float | None:
     return base + frac - offset
 
 
-def node_to_lease(node: dict[str, Any], prefix: str | None = None) -> Lease:
+def node_to_lease(node: dict[str, Any], prefix: str | None = None, dual_stack: bool = False) -> Lease:
     """A lease from a v2 node; LeaseValueError when its key or value cannot be decoded.
 
-    `prefix` (`/<etcd-prefix>/subnets/`): the key must sit directly under it (lease.parse_subnet_key)."""
+    `prefix` (`/<etcd-prefix>/subnets/`): the key must sit directly under it (lease.parse_subnet_key);
+    `dual_stack` (EnableIPv6): dual-stack keys are read too (lease.parse_store_key)."""
     key = node.get("key", "")
-    subnet = parse_subnet_key(key, prefix)
+    subnet, ipv6_subnet = parse_store_key(key, prefix, dual_stack)
     value = node.get("value")
     if value is None:
         raise LeaseValueError(f"lease key {key!r} has no value")
@@ -109,20 +110,21 @@ def node_to_lease(node: dict[str, Any], prefix: str | None = None) -> Lease:
         attrs=attrs,
         expiration=parse_expiration(node.get("expiration")),
         store_ref=node.get("modifiedIndex"),
+        ipv6_subnet=ipv6_subnet,
     )
 
 
-def event_from_response(doc: dict[str, Any], prefix: str | None = None) -> LeaseEvent:
+def event_from_response(doc: dict[str, Any], prefix: str | None = None, dual_stack: bool = False) -> LeaseEvent:
     """One watch response as a LeaseEvent; LeaseValueError when it is not about a lease."""
     action = doc.get("action", "")
     node = doc.get("node") or {}
     if node.get("dir"):
         raise LeaseValueError(f"{node.get('key')!r} is a directory, not a lease")
     if action in _ADDED_ACTIONS:
-        return LeaseEvent(EventKind.ADDED, node_to_lease(node, prefix))
+        return LeaseEvent(EventKind.ADDED, node_to_lease(node, prefix, dual_stack))
     if action in _REMOVED_ACTIONS:
         key = node.get("key", "")
-        subnet = parse_subnet_key(key, prefix)
+        subnet, ipv6_subnet = parse_store_key(key, prefix, dual_stack)
         attrs = UNKNOWN_ATTRS
         prev = doc.get("prevNode") or {}
         if prev.get("value") is not None:
@@ -130,7 +132,8 @@ def event_from_response(doc: dict[str, Any], prefix: str | None = None) -> Lease
                 attrs = decode_attrs(prev["value"], key)
             except LeaseValueError:
                 pass  # the subnet alone is enough to remove it
-        return LeaseEvent(EventKind.REMOVED, Lease(subnet=subnet, attrs=attrs, store_ref=node.get("modifiedIndex")))
+        return LeaseEvent(EventKind.REMOVED, Lease(subnet=subnet, attrs=attrs, store_ref=node.get("modifiedIndex"),
+                                                   ipv6_subnet=ipv6_subnet))
     raise LeaseValueError(f"unknown etcd v2 action {action!r} on {node.get('key')!r}")
 
 
@@ -143,6 +146,8 @@ class V2Store:
         self.on_watch_reconnect: Callable[[], None] | None = None  # see V3Store
         self.options = options
         self.style = style
+        # EnableIPv6: dual-stack keys are read (lease.parse_store_key); the agent sets it from the config.
+        self.dual_stack = False
         self._endpoints = [e.rstrip("/") for e in options.endpoints]
         self._current = 0  # the endpoint that answered last; tried first
         self._skip_log = SkipLog(log)
@@ -254,55 +259,58 @@ class V2Store:
             if node.get("dir"):
                 continue
             try:
-                leases.append(node_to_lease(node, self._lease_key_prefix))
+                leases.append(node_to_lease(node, self._lease_key_prefix, self.dual_stack))
             except LeaseValueError as exc:
                 self._skip_log.skipped(exc)
                 skipped.append(node.get("key", ""))
         return leases, skipped, index
 
-    async def get_lease(self, subnet: IPv4Network) -> Lease | None:
+    async def get_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> Lease | None:
         """The lease stored for one subnet, or None (also None when its value is undecodable)."""
         try:
-            _, doc, _ = await self._request("GET", self._lease_key(subnet), params={"quorum": "true"})
+            _, doc, _ = await self._request("GET", self._lease_key(subnet, ipv6_subnet), params={"quorum": "true"})
         except V2Error as err:
             if err.code == KEY_NOT_FOUND:
                 return None
             raise
         try:
-            return node_to_lease(doc.get("node", {}), self._lease_key_prefix)
+            return node_to_lease(doc.get("node", {}), self._lease_key_prefix, self.dual_stack)
         except LeaseValueError as exc:
             log.warning("lease for %s: %s", subnet, exc)
             return None
 
-    def _lease_key(self, subnet: IPv4Network) -> str:
-        return f"{self.subnets_key}/{subnet_key(subnet)}"
+    def _lease_key(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> str:
+        return f"{self.subnets_key}/{lease_key(subnet, ipv6_subnet)}"
 
-    def _lease_from_doc(self, subnet: IPv4Network, attrs: LeaseAttrs, doc: dict[str, Any]) -> Lease:
+    def _lease_from_doc(self, subnet: IPv4Network, attrs: LeaseAttrs, doc: dict[str, Any],
+                        ipv6_subnet: IPv6Network | None = None) -> Lease:
         node = doc.get("node", {})
         return Lease(subnet=subnet, attrs=attrs, expiration=parse_expiration(node.get("expiration")),
-                     store_ref=node.get("modifiedIndex"))
+                     store_ref=node.get("modifiedIndex"), ipv6_subnet=ipv6_subnet)
 
-    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
+                           ipv6_subnet: IPv6Network | None = None) -> Lease | None:
         data = {"value": encode_attrs(attrs, self.style), "prevExist": "false"}
         if ttl > 0:
             data["ttl"] = str(ttl)
         try:
-            _, doc, _ = await self._request("PUT", self._lease_key(subnet), data=data)
+            _, doc, _ = await self._request("PUT", self._lease_key(subnet, ipv6_subnet), data=data)
         except V2Error as err:
             if err.code == NODE_EXIST:
                 return None
             raise
-        return self._lease_from_doc(subnet, attrs, doc)
+        return self._lease_from_doc(subnet, attrs, doc, ipv6_subnet)
 
-    async def renew_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease:
+    async def renew_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
+                          ipv6_subnet: IPv6Network | None = None) -> Lease:
         # An empty ttl clears it: a reservation (ttl=0) stays without one.
         data = {"value": encode_attrs(attrs, self.style), "ttl": str(ttl) if ttl > 0 else ""}
-        _, doc, _ = await self._request("PUT", self._lease_key(subnet), data=data)
-        return self._lease_from_doc(subnet, attrs, doc)
+        _, doc, _ = await self._request("PUT", self._lease_key(subnet, ipv6_subnet), data=data)
+        return self._lease_from_doc(subnet, attrs, doc, ipv6_subnet)
 
-    async def delete_lease(self, subnet: IPv4Network) -> None:
+    async def delete_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> None:
         try:
-            await self._request("DELETE", self._lease_key(subnet))
+            await self._request("DELETE", self._lease_key(subnet, ipv6_subnet))
         except V2Error as err:
             if err.code != KEY_NOT_FOUND:
                 raise
@@ -369,7 +377,7 @@ class V2Store:
                     yield WatchBatch(snapshot=tuple(leases), revision=listed_at, skipped=tuple(skipped))
                     continue
             try:
-                event = event_from_response(doc, self._lease_key_prefix)
+                event = event_from_response(doc, self._lease_key_prefix, self.dual_stack)
             except LeaseValueError as exc:
                 log.warning("skipping watch event: %s", exc)
                 yield WatchBatch(revision=index, skipped=(node.get("key", ""),))

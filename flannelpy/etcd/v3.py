@@ -19,7 +19,7 @@ import posixpath
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,8 +34,8 @@ from flannelpy.subnet.lease import (
     ValueStyle,
     decode_attrs,
     encode_attrs,
-    parse_subnet_key,
-    subnet_key,
+    lease_key,
+    parse_store_key,
 )
 
 from .diagnose import ConnectFailure, advice_for_etcd_error
@@ -128,6 +128,8 @@ class V3Store:
         if not options.endpoints:
             raise FlannelError("no etcd endpoints given")
         self.options = options
+        # EnableIPv6: dual-stack keys are read (lease.parse_store_key); the agent sets it from the config.
+        self.dual_stack = False
         self._endpoints = [e.rstrip("/") for e in options.endpoints]
         self._good = 0  # index of the endpoint that answered last
         self._skip_log = SkipLog(log)
@@ -276,18 +278,18 @@ class V3Store:
     def _kv_to_lease_unread(self, kv: dict[str, Any]) -> Lease:
         """The lease without its expiry: EXPIRY_NOT_READ when the key has an etcd lease."""
         key = _unb64(kv.get("key", "")).decode(errors="replace")
-        subnet = parse_subnet_key(key, self.subnets_prefix)
+        subnet, ipv6_subnet = parse_store_key(key, self.subnets_prefix, self.dual_stack)
         attrs = decode_attrs(_unb64(kv.get("value", "")), key)
         lease_id = int(kv.get("lease", 0))
         return Lease(subnet=subnet, attrs=attrs, expiration=EXPIRY_NOT_READ if lease_id else None,
-                     store_ref=lease_id or None)
+                     store_ref=lease_id or None, ipv6_subnet=ipv6_subnet)
 
     async def _kv_to_lease(self, kv: dict[str, Any]) -> Lease:
         lease = self._kv_to_lease_unread(kv)
         if lease.store_ref is None:
             return lease
         return Lease(subnet=lease.subnet, attrs=lease.attrs, expiration=await self._expiration(lease.store_ref),
-                     store_ref=lease.store_ref)
+                     store_ref=lease.store_ref, ipv6_subnet=lease.ipv6_subnet)
 
     async def _kvs_to_leases(self, kvs: list[dict[str, Any]], expiry: bool = True) -> tuple[list[Lease], list[str]]:
         skipped: list[str] = []
@@ -328,9 +330,9 @@ class V3Store:
         leases, skipped = await self._kvs_to_leases(doc.get("kvs") or [], expiry)
         return leases, int(doc["header"]["revision"]), skipped
 
-    async def get_lease(self, subnet: IPv4Network) -> Lease | None:
+    async def get_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> Lease | None:
         """The lease stored for one subnet, or None (also None when its value is undecodable)."""
-        doc = await self._post("/v3/kv/range", {"key": _b64(self._key(subnet))})
+        doc = await self._post("/v3/kv/range", {"key": _b64(self._key(subnet, ipv6_subnet))})
         kvs = doc.get("kvs") or []
         if not kvs:
             return None
@@ -342,15 +344,16 @@ class V3Store:
 
     # --- writes ---------------------------------------------------------------------------
 
-    def _key(self, subnet: IPv4Network) -> str:
-        return self.subnets_prefix + subnet_key(subnet)
+    def _key(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> str:
+        return self.subnets_prefix + lease_key(subnet, ipv6_subnet)
 
     async def _grant(self, ttl: int) -> int:
         doc = await self._post("/v3/lease/grant", {"TTL": str(ttl)})
         return int(doc["ID"])
 
-    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
-        key, value = self._key(subnet), encode_attrs(attrs, ValueStyle.CURRENT)
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
+                           ipv6_subnet: IPv6Network | None = None) -> Lease | None:
+        key, value = self._key(subnet, ipv6_subnet), encode_attrs(attrs, ValueStyle.CURRENT)
         lease_id = await self._grant(ttl) if ttl > 0 else 0
         put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
         if lease_id:
@@ -362,7 +365,8 @@ class V3Store:
         })
         if doc.get("succeeded"):
             expiration = time.time() + ttl if ttl > 0 else None
-            return Lease(subnet=subnet, attrs=attrs, expiration=expiration, store_ref=lease_id or None)
+            return Lease(subnet=subnet, attrs=attrs, expiration=expiration, store_ref=lease_id or None,
+                         ipv6_subnet=ipv6_subnet)
         if lease_id:
             await self._revoke(lease_id)
         # A retried request (timeout after etcd applied it) finds our own value: that is a win.
@@ -380,20 +384,21 @@ class V3Store:
         except EtcdError as exc:
             log.debug("revoking unused lease %x: %s", lease_id, exc)
 
-    async def renew_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease:
+    async def renew_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
+                          ipv6_subnet: IPv6Network | None = None) -> Lease:
         # As flanneld's updateSubnet: a new lease and a plain put; the old lease is left to
         # expire empty.
         lease_id = await self._grant(ttl) if ttl > 0 else 0
-        put: dict[str, Any] = {"key": _b64(self._key(subnet)),
+        put: dict[str, Any] = {"key": _b64(self._key(subnet, ipv6_subnet)),
                                "value": _b64(encode_attrs(attrs, ValueStyle.CURRENT))}
         if lease_id:
             put["lease"] = str(lease_id)
         await self._post("/v3/kv/put", put)
         return Lease(subnet=subnet, attrs=attrs, expiration=time.time() + ttl if ttl > 0 else None,
-                     store_ref=lease_id or None)
+                     store_ref=lease_id or None, ipv6_subnet=ipv6_subnet)
 
-    async def delete_lease(self, subnet: IPv4Network) -> None:
-        await self._post("/v3/kv/deleterange", {"key": _b64(self._key(subnet))})
+    async def delete_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> None:
+        await self._post("/v3/kv/deleterange", {"key": _b64(self._key(subnet, ipv6_subnet))})
 
     # --- watch ----------------------------------------------------------------------------
 
@@ -502,8 +507,9 @@ class V3Store:
             try:
                 if ev.get("type") == "DELETE":
                     # Only the subnet is known; the tracker fills in the last-known attrs.
-                    subnet = parse_subnet_key(key, self.subnets_prefix)
-                    out.append(LeaseEvent(EventKind.REMOVED, Lease(subnet=subnet, attrs=REMOVED_ATTRS)))
+                    subnet, ipv6_subnet = parse_store_key(key, self.subnets_prefix, self.dual_stack)
+                    out.append(LeaseEvent(EventKind.REMOVED, Lease(subnet=subnet, attrs=REMOVED_ATTRS,
+                                                                   ipv6_subnet=ipv6_subnet)))
                 else:
                     lease = await self._kv_to_lease(kv) if expiry else self._kv_to_lease_unread(kv)
                     out.append(LeaseEvent(EventKind.ADDED, lease))

@@ -15,6 +15,11 @@ each peer lease is judged before the backend sees it.  Refused, whatever the bac
 - VtepMAC (when present; a vxlan lease must have one): zero, multicast or broadcast, our own, or
   already owned by another accepted lease (the first holder keeps it);
 - host-gw only: a host-gw peer whose PublicIP is on no connected network (no route can reach it).
+- dual stack (EnableIPv6; a lease with an IPv6 subnet): the IPv6 subnet outside IPv6Network or shorter
+  than IPv6Network + 2, overlapping our own IPv6 subnet or an accepted lease's; PublicIPv6 missing,
+  unspecified, loopback, link-local, multicast or in ::/8, our own, inside its own, our or an
+  accepted IPv6 subnet; BackendV6Data's VtepMAC as VtepMAC above (a vxlan lease must have one).
+  IPv4-only leases pass with their IPv4 side; in an IPv4-only network the stores give no IPv6 side.
 
 A lease refused because of another accepted lease (overlap, MAC, PublicIP) is judged again when
 that lease goes away or changes; the others stay refused until their value changes.  A refused
@@ -25,7 +30,7 @@ look-ups per prefix length (at most 33), never a walk over the peers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Generic, Hashable, Iterable, Sequence, TypeVar
 
 from flannelpy.hostnet.underlay import Underlay
@@ -51,6 +56,13 @@ _SPECIAL_PUBLIC_IPS = (
     (IPv4Network("224.0.0.0/4"), "multicast"),
     (IPv4Network("255.255.255.255/32"), "the broadcast address"),
     (IPv4Network("240.0.0.0/4"), "reserved (240.0.0.0/4)"),
+)
+_SPECIAL_PUBLIC_IPV6S = (
+    (IPv6Network("::/128"), "unspecified (::)"),
+    (IPv6Network("::1/128"), "loopback"),
+    (IPv6Network("::/8"), "reserved (::/8)"),
+    (IPv6Network("fe80::/10"), "link-local"),
+    (IPv6Network("ff00::/8"), "multicast"),
 )
 
 
@@ -80,10 +92,20 @@ class AdmissionRules:
     underlay: Underlay = field(default_factory=Underlay)
     # Peers of this backend type must be on a connected network ("host-gw": routes via PublicIP).
     onlink_backend: str | None = None
+    # Dual stack (EnableIPv6): IPv6Network and our own IPv6 side; None in an IPv4-only network.
+    ipv6_network: IPv6Network | None = None
+    own_ipv6_subnet: IPv6Network | None = None
+    own_public_ipv6: IPv6Address | None = None
+    own_vtep_mac_v6: str | None = None
 
     @property
     def min_prefixlen(self) -> int:
         return min(self.network.prefixlen + 2, 32)
+
+    @property
+    def min_ipv6_prefixlen(self) -> int:
+        assert self.ipv6_network is not None
+        return min(self.ipv6_network.prefixlen + 2, 128)
 
 
 @dataclass
@@ -102,19 +124,25 @@ O = TypeVar("O", bound=Hashable)
 _Key = tuple[int, int]  # (prefix length, network address as an int)
 
 
-def _key(net: IPv4Network | _Key) -> _Key:
+def _key(net: IPv4Network | IPv6Network | _Key) -> _Key:
     return net if isinstance(net, tuple) else (net.prefixlen, int(net.network_address))
 
 
-def _host_key(ip: IPv4Address) -> _Key:
-    return 32, int(ip)
+def _host_key(ip: IPv4Address | IPv6Address) -> _Key:
+    return ip.max_prefixlen, int(ip)
 
 
 def _net(key: _Key) -> IPv4Network:
     return IPv4Network((key[1], key[0]))
 
 
-_MASKS = tuple((0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF for length in range(33))
+def _masks(bits: int) -> tuple[int, ...]:
+    full = (1 << bits) - 1
+    return tuple((full << (bits - length)) & full for length in range(bits + 1))
+
+
+_MASKS = _masks(32)
+_MASKS6 = _masks(128)
 
 
 class PrefixIndex(Generic[O]):
@@ -122,7 +150,9 @@ class PrefixIndex(Generic[O]):
     prefix" in at most 33 dict look-ups: one per shorter prefix (an entry containing it) and one
     for the entries below it (each entry is also counted under all its supernets)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bits: int = 32) -> None:
+        # bits: 32 for IPv4 prefixes, 128 for IPv6 (one index never mixes the two).
+        self._masks = _MASKS if bits == 32 else _MASKS6
         self._exact: dict[_Key, dict[O, None]] = {}
         self._below: dict[_Key, dict[O, None]] = {}  # strict supernet -> owners of entries under it
         # How many entries of each prefix length: `containing` looks only at lengths in use
@@ -141,9 +171,9 @@ class PrefixIndex(Generic[O]):
         if owner not in owners:
             owners[owner] = None
             self._count_length(length, +1)
-        below = self._below
+        below, masks = self._below, self._masks
         for shorter in range(length):
-            key = (shorter, addr & _MASKS[shorter])
+            key = (shorter, addr & masks[shorter])
             owners = below.get(key)
             if owners is None:
                 below[key] = {owner: None}
@@ -156,7 +186,7 @@ class PrefixIndex(Generic[O]):
             self._count_length(length, -1)
         self._discard(self._exact, (length, addr), owner)
         for shorter in range(length):
-            self._discard(self._below, (shorter, addr & _MASKS[shorter]), owner)
+            self._discard(self._below, (shorter, addr & self._masks[shorter]), owner)
 
     def _count_length(self, length: int, delta: int) -> None:
         count = self._lengths.get(length, 0) + delta
@@ -178,11 +208,11 @@ class PrefixIndex(Generic[O]):
     def containing(self, net: IPv4Network | _Key) -> O | None:
         """An owner of an entry equal to `net` or containing it."""
         length, addr = _key(net)
-        exact = self._exact
+        exact, masks = self._exact, self._masks
         for shorter in self._lengths_longest_first:
             if shorter > length:
                 continue
-            owners = exact.get((shorter, addr & _MASKS[shorter]))
+            owners = exact.get((shorter, addr & masks[shorter]))
             if owners:
                 return next(iter(owners))
         return None
@@ -257,6 +287,10 @@ class Admission:
         self._subnets: PrefixIndex[_Key] = PrefixIndex()  # accepted subnets (as keys)
         self._public_ips: PrefixIndex[_Key] = PrefixIndex()  # accepted PublicIPs -> their subnets
         self._macs: dict[str, IPv4Network] = {}  # VtepMAC -> the accepted lease holding it
+        # Dual stack: accepted IPv6 subnets and PublicIPv6s (owners: their lease's IPv4 key), v6 VtepMACs.
+        self._subnets6: PrefixIndex[_Key] = PrefixIndex(128)
+        self._public_ips6: PrefixIndex[_Key] = PrefixIndex(128)
+        self._macs6: dict[str, IPv4Network] = {}
         self._waiting: dict[IPv4Network, dict[IPv4Network, None]] = {}  # blocker -> refused leases
         self._protected: PrefixIndex[str] = PrefixIndex()
         for net, what in protected_ranges(rules.network, rules.underlay):
@@ -320,7 +354,51 @@ class Admission:
                 return refuse(VTEP_MAC, f"VtepMAC {mac} is a multicast or broadcast address")
             if rules.own_vtep_mac is not None and mac == rules.own_vtep_mac.lower():
                 return refuse(VTEP_MAC, f"VtepMAC {mac} is our own device's")
+        if rules.ipv6_network is not None and lease.ipv6_subnet is not None:
+            return self._judge_static_v6(lease)
         return None
+
+    def _judge_static_v6(self, lease: Lease) -> Refusal | None:
+        """The IPv6 side of a dual-stack lease, judged as the IPv4 side is."""
+        rules, net, attrs = self.rules, lease.ipv6_subnet, lease.attrs
+        assert net is not None and rules.ipv6_network is not None
+        ip = attrs.public_ipv6
+
+        def refuse(code: str, reason: str) -> Refusal:
+            return Refusal(lease, code, reason)
+
+        if not net.subnet_of(rules.ipv6_network):
+            return refuse(OUTSIDE_NETWORK, f"IPv6 subnet {net} is outside IPv6Network {rules.ipv6_network}")
+        if net.prefixlen < rules.min_ipv6_prefixlen:
+            return refuse(PREFIX_LENGTH, f"IPv6 subnet {net} is larger than any IPv6SubnetLen IPv6Network "
+                                         f"{rules.ipv6_network} allows (/{rules.min_ipv6_prefixlen} or longer)")
+        if rules.own_ipv6_subnet is not None and net.overlaps(rules.own_ipv6_subnet):
+            return refuse(OWN_SUBNET, f"IPv6 subnet {net} overlaps our own IPv6 subnet {rules.own_ipv6_subnet}")
+        if ip is None:
+            return refuse(PUBLIC_IP, f"dual-stack lease (IPv6 subnet {net}) without a PublicIPv6")
+        for special, what in _SPECIAL_PUBLIC_IPV6S:
+            if ip in special:
+                return refuse(PUBLIC_IP, f"PublicIPv6 {ip} is {what}")
+        if rules.own_public_ipv6 is not None and ip == rules.own_public_ipv6:
+            return refuse(OWN_ADDRESS, f"PublicIPv6 {ip} is an address of this host")
+        if ip in net:
+            return refuse(PUBLIC_IP, f"PublicIPv6 {ip} is inside the lease's own IPv6 subnet {net}")
+        if rules.own_ipv6_subnet is not None and ip in rules.own_ipv6_subnet:
+            return refuse(PUBLIC_IP, f"PublicIPv6 {ip} is inside our own IPv6 subnet {rules.own_ipv6_subnet}")
+        mac = _vtep_mac_v6(lease)
+        if mac is None and attrs.backend_type == "vxlan":
+            return refuse(VTEP_MAC, "dual-stack vxlan lease without a VtepMAC in BackendV6Data")
+        if mac is not None:
+            if mac == "00:00:00:00:00:00":
+                return refuse(VTEP_MAC, f"BackendV6Data VtepMAC {mac} is the zero address")
+            if int(mac[:2], 16) & 1:
+                return refuse(VTEP_MAC, f"BackendV6Data VtepMAC {mac} is a multicast or broadcast address")
+            if rules.own_vtep_mac_v6 is not None and mac == rules.own_vtep_mac_v6.lower():
+                return refuse(VTEP_MAC, f"BackendV6Data VtepMAC {mac} is our own device's")
+        return None
+
+    def _v6_side(self, lease: Lease) -> bool:
+        return self.rules.ipv6_network is not None and lease.ipv6_subnet is not None
 
     def _judge_against_peers(self, lease: Lease) -> Refusal | None:
         net, ip = lease.subnet, lease.attrs.public_ip
@@ -347,6 +425,37 @@ class Admission:
             if other is not None and other != net:
                 return Refusal(lease, DUPLICATE_VTEP_MAC, f"VtepMAC {mac} belongs to the accepted lease {other} "
                                                           f"(PublicIP {self.accepted[other].attrs.public_ip})", other)
+        if self._v6_side(lease):
+            return self._judge_against_peers_v6(lease)
+        return None
+
+    def _judge_against_peers_v6(self, lease: Lease) -> Refusal | None:
+        net6, ip6 = lease.ipv6_subnet, lease.attrs.public_ipv6
+        assert net6 is not None and ip6 is not None
+        found = self._subnets6.overlapping(net6)
+        if found is not None:
+            other = _net(found)
+            return Refusal(lease, OVERLAP, f"IPv6 subnet {net6} overlaps that of the accepted lease {other} "
+                                           f"({self.accepted[other].ipv6_subnet})", other)
+        found = self._subnets6.containing(_host_key(ip6))
+        if found is not None:
+            other = _net(found)
+            return Refusal(lease, PUBLIC_IP, f"PublicIPv6 {ip6} is inside the IPv6 subnet of the accepted lease "
+                                             f"{other} ({self.accepted[other].ipv6_subnet})", other)
+        found = self._public_ips6.inside(net6)
+        if found is None:
+            found = self._public_ips6.containing(net6)
+        if found is not None:
+            other = _net(found)
+            return Refusal(lease, OVERLAP, f"IPv6 subnet {net6} contains PublicIPv6 "
+                                           f"{self.accepted[other].attrs.public_ipv6} of the accepted lease {other}",
+                           other)
+        mac = _vtep_mac_v6(lease)
+        if mac is not None:
+            other = self._macs6.get(mac)
+            if other is not None and other != lease.subnet:
+                return Refusal(lease, DUPLICATE_VTEP_MAC, f"BackendV6Data VtepMAC {mac} belongs to the accepted "
+                                                          f"lease {other}", other)
         return None
 
     # --- state ------------------------------------------------------------------------------
@@ -377,7 +486,7 @@ class Admission:
     def _add(self, lease: Lease, step: AdmissionStep) -> None:
         current = self.accepted.get(lease.subnet)
         if current is not None:
-            if current.attrs == lease.attrs:
+            if current.attrs == lease.attrs and current.ipv6_subnet == lease.ipv6_subnet:
                 self.accepted[lease.subnet] = lease  # a renewal: re-applied, as flanneld does
                 step.events.append(LeaseEvent(EventKind.ADDED, lease))
             else:
@@ -426,6 +535,13 @@ class Admission:
         mac = _vtep_mac(lease)
         if mac is not None:
             self._macs.setdefault(mac, lease.subnet)
+        if self._v6_side(lease):
+            assert lease.ipv6_subnet is not None and lease.attrs.public_ipv6 is not None
+            self._subnets6.add(lease.ipv6_subnet, key)
+            self._public_ips6.add(_host_key(lease.attrs.public_ipv6), key)
+            mac6 = _vtep_mac_v6(lease)
+            if mac6 is not None:
+                self._macs6.setdefault(mac6, lease.subnet)
         step.events.append(LeaseEvent(EventKind.ADDED, lease))
 
     def _unindex(self, lease: Lease) -> None:
@@ -435,6 +551,13 @@ class Admission:
         mac = _vtep_mac(lease)
         if mac is not None and self._macs.get(mac) == lease.subnet:
             del self._macs[mac]
+        if self._v6_side(lease):
+            assert lease.ipv6_subnet is not None and lease.attrs.public_ipv6 is not None
+            self._subnets6.remove(lease.ipv6_subnet, key)
+            self._public_ips6.remove(_host_key(lease.attrs.public_ipv6), key)
+            mac6 = _vtep_mac_v6(lease)
+            if mac6 is not None and self._macs6.get(mac6) == lease.subnet:
+                del self._macs6[mac6]
 
     def _refuse(self, refusal: Refusal, before: Refusal | None, step: AdmissionStep) -> None:
         self.refused[refusal.subnet] = refusal
@@ -469,6 +592,12 @@ def _vtep_mac(lease: Lease) -> str | None:
     data = lease.attrs.backend_data
     mac = data.get("VtepMAC") if data else None
     return mac if isinstance(mac, str) else None  # the codec has normalised it (lower case, colons)
+
+
+def _vtep_mac_v6(lease: Lease) -> str | None:
+    data = lease.attrs.backend_v6_data
+    mac = data.get("VtepMAC") if data else None
+    return mac if isinstance(mac, str) else None
 
 
 def judge_listing(rules: AdmissionRules, leases: Sequence[Lease]) -> dict[IPv4Network, Refusal]:

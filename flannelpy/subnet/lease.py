@@ -3,9 +3,10 @@
 Keys look like `10.5.52.0-24` (dual stack: `10.5.52.0-24&fc00::-64`).  Values are compact
 JSON in Go's field order; readers accept every shape flanneld has written since v0.5.
 
-Two key parsers: `parse_subnet_key`, which the etcd stores use, takes IPv4 keys only, so the running
-agent refuses dual-stack leases until it has an IPv6 data plane; `parse_lease_key` reads both kinds
-(with `lease_key` writing them) for the code that handles the IPv6 side.
+Two key parsers: `parse_subnet_key` takes IPv4 keys only; `parse_lease_key` reads both kinds (with
+`lease_key` writing them).  The etcd stores read keys with `parse_store_key`: in an IPv4-only network
+(EnableIPv6 false) dual-stack keys are refused, as flanneld never writes them there and taken as IPv4
+they would name the same subnet as the plain key; with EnableIPv6 both kinds are read.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def parse_subnet_key(key: str, prefix: str | None = None) -> IPv4Network:
     if not m:
         raise LeaseValueError(f"lease key {key!r} is not of the form a.b.c.d-len")
     if m.group(3) is not None:
-        raise LeaseValueError(f"lease key {key!r} is a dual-stack key; flannelpy runs IPv4-only networks")
+        raise LeaseValueError(f"lease key {key!r} is a dual-stack key, in a network without EnableIPv6")
     try:
         net = IPv4Network(f"{m.group(1)}/{m.group(2)}")
     except ValueError as exc:
@@ -121,6 +122,14 @@ def parse_lease_key(key: str, prefix: str | None = None) -> tuple[IPv4Network, I
     if (name if prefix is None else name[len(prefix):]) != canonical:
         raise LeaseValueError(f"lease key {shown(key)!r} is not spelt as flanneld spells it ({canonical!r})")
     return subnet, ipv6_subnet
+
+
+def parse_store_key(key: str, prefix: str | None, dual_stack: bool) -> tuple[IPv4Network, IPv6Network | None]:
+    """A key as a store reads it: `parse_lease_key` in a dual-stack network (EnableIPv6), else
+    `parse_subnet_key` (a dual-stack key refused by name) with no IPv6 subnet."""
+    if dual_stack:
+        return parse_lease_key(key, prefix)
+    return parse_subnet_key(key, prefix), None
 
 
 def normalize_mac(text: str) -> str:

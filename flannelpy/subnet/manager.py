@@ -15,7 +15,7 @@ import functools
 import logging
 import random
 import time
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Awaitable, Callable, Sequence
 
 import trio
@@ -27,7 +27,7 @@ from flannelpy.hostnet.underlay import Underlay
 
 from .admission import Admission, AdmissionRules, AdmissionStep
 from .allocation import plan_acquisition
-from .lease import SUBNET_TTL, EventKind, Lease, LeaseAttrs, LeaseData, LeaseEvent
+from .lease import SUBNET_TTL, EventKind, Lease, LeaseAttrs, LeaseData, LeaseEvent, lease_key
 from .tracker import LeaseTracker
 
 log = logging.getLogger("flanneld.lease")
@@ -61,13 +61,22 @@ class LeaseManager:
         on_renewal: Callable[[bool], None] | None = None,
         underlay: Underlay | None = None,
         on_admission: Callable[[AdmissionStep], None] | None = None,
+        public_ipv6: IPv6Address | None = None,
+        previous_ipv6_subnet: IPv6Network | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.public_ip = IPv4Address(public_ip)
+        # Dual stack (EnableIPv6): the host's IPv6 address and what the backend advertises for IPv6.
+        self.public_ipv6 = IPv6Address(public_ipv6) if public_ipv6 is not None else None
+        if config.enable_ipv6 and self.public_ipv6 is None:
+            raise FlannelError("EnableIPv6: no public IPv6 address for this host (-public-ipv6 or the interface's)")
         self.attrs = LeaseAttrs(public_ip=self.public_ip, backend_type=lease_data.backend_type,
-                                backend_data=lease_data.backend_data)
+                                backend_data=lease_data.backend_data,
+                                public_ipv6=self.public_ipv6 if config.enable_ipv6 else None,
+                                backend_v6_data=lease_data.backend_v6_data if config.enable_ipv6 else None)
         self.previous_subnet = previous_subnet
+        self.previous_ipv6_subnet = previous_ipv6_subnet
         self.renew_margin_s = renew_margin_s
         self.clock = clock  # Unix time, the same scale as Lease.expiration
         self.rng = rng or random.Random()
@@ -122,32 +131,37 @@ class LeaseManager:
 
     async def _acquire_once(self) -> Lease:
         exclude: list[IPv4Network] = []
+        exclude_ipv6: list[IPv6Network] = []
         for _ in range(RACE_RETRIES + 1):
             # Expiries are not read: the plan only asks whether our lease has a TTL at all.
             leases, _rev = await self.store.list_leases(expiry=False)
-            plan = plan_acquisition(self.config, leases, self.public_ip, self.previous_subnet, self.rng, exclude)
+            plan = plan_acquisition(self.config, leases, self.public_ip, self.previous_subnet, self.rng, exclude,
+                                    previous_ipv6_subnet=self.previous_ipv6_subnet, exclude_ipv6=exclude_ipv6)
             for old in plan.delete:
                 log.info("found lease %s for our IP %s but it does not fit the current config; deleting it",
-                         old.subnet, self.public_ip)
-                await self.store.delete_lease(old.subnet)
+                         old.key, self.public_ip)
+                await self.store.delete_lease(old.subnet, old.ipv6_subnet)
             if plan.reuse is not None:
                 # A reservation (no TTL) stays one; a lease gets a fresh TTL.
                 ttl = 0 if plan.reuse.expiration is None else self.ttl
-                lease = await self.store.renew_lease(plan.reuse.subnet, self.attrs, ttl)
-                log.info("reusing lease %s of public IP %s%s", lease.subnet, self.public_ip,
+                lease = await self.store.renew_lease(plan.reuse.subnet, self.attrs, ttl, plan.reuse.ipv6_subnet)
+                log.info("reusing lease %s of public IP %s%s", lease.key, self.public_ip,
                          " (a reservation, no TTL)" if ttl == 0 else "")
                 self._set_current(lease)
                 return lease
             assert plan.create is not None
-            lease = await self.store.create_lease(plan.create, self.attrs, self.ttl)
+            lease = await self.store.create_lease(plan.create, self.attrs, self.ttl, plan.create_ipv6)
             if lease is not None:
                 self.created_subnet = lease.subnet  # ours to delete if start-up fails (release)
-                log.info("allocated lease %s%s", lease.subnet,
+                log.info("allocated lease %s%s", lease.key,
                          " (previous subnet from subnet.env)" if plan.create == self.previous_subnet else "")
                 self._set_current(lease)
                 return lease
-            log.info("subnet %s was taken by another host while we created it; trying another", plan.create)
+            log.info("subnet %s was taken by another host while we created it; trying another",
+                     lease_key(plan.create, plan.create_ipv6))
             exclude.append(plan.create)
+            if plan.create_ipv6 is not None:
+                exclude_ipv6.append(plan.create_ipv6)
         raise FlannelError(f"failed to acquire lease: lost {RACE_RETRIES} creation races in a row")
 
     # --- keep -----------------------------------------------------------------------------
@@ -184,7 +198,7 @@ class LeaseManager:
     async def _renew_now(self, lease: Lease) -> None:
         while True:
             try:
-                renewed = await self.store.renew_lease(lease.subnet, self.attrs, self.ttl)
+                renewed = await self.store.renew_lease(lease.subnet, self.attrs, self.ttl, lease.ipv6_subnet)
             except (StoreUnavailable, FlannelError) as exc:
                 log.error("Error renewing lease (trying again in %s): %s", _human(self.retry_interval_s), exc)
                 if self.on_renewal is not None:
@@ -194,7 +208,7 @@ class LeaseManager:
             self.renewals += 1
             if self.on_renewal is not None:
                 self.on_renewal(True)
-            log.info("lease %s renewed, new expiration %s", renewed.subnet,
+            log.info("lease %s renewed, new expiration %s", renewed.key,
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(renewed.expiration or 0)))
             self._set_current(renewed)
             # Never hot-loop when the margin is at least the TTL.
@@ -210,17 +224,17 @@ class LeaseManager:
             await self._check_batch(batch)
 
     async def _check_listing(self, leases: Sequence[Lease]) -> None:
-        subnet = self.current.subnet
-        mine = next((lease for lease in leases if lease.subnet == subnet), None)
+        key = self.current.key  # both halves of a dual-stack key: the plain IPv4 key is another lease
+        mine = next((lease for lease in leases if lease.key == key), None)
         await self._own_state(mine)
 
     async def _check_batch(self, batch: WatchBatch) -> None:
         if batch.snapshot is not None:
             await self._check_listing(batch.snapshot)
             return
-        subnet = self.current.subnet
+        key = self.current.key
         for event in batch.events:
-            if event.lease.subnet != subnet:
+            if event.lease.key != key:
                 continue
             await self._own_state(event.lease if event.kind is EventKind.ADDED else None)
 
@@ -234,25 +248,26 @@ class LeaseManager:
             # Renewed by someone with our IP (or our own put seen late): adopt its expiry, read
             # now if the listing or watch did not (one TimeToLive call, for our key only).
             if lease.expiration == EXPIRY_NOT_READ:
-                fresh = await self.store.get_lease(lease.subnet)
+                fresh = await self.store.get_lease(lease.subnet, lease.ipv6_subnet)
                 if fresh is None:
                     await self._recreate()  # gone again already
                     return
                 lease = fresh
                 if lease.attrs.public_ip != self.public_ip:
                     raise LeaseTaken(f"lease for {lease.subnet} was taken by {lease.attrs.public_ip}")
-            self._set_current(Lease(lease.subnet, self.attrs, lease.expiration, lease.store_ref))
+            self._set_current(Lease(lease.subnet, self.attrs, lease.expiration, lease.store_ref,
+                                    ipv6_subnet=lease.ipv6_subnet))
 
     async def _recreate(self) -> None:
-        subnet = self.current.subnet
+        subnet, ipv6_subnet = self.current.subnet, self.current.ipv6_subnet
         log.error("Lease has been revoked: the key for our subnet %s is gone (deleted or expired); "
-                  "re-creating the same subnet (flanneld would exit here)", subnet)
+                  "re-creating the same subnet (flanneld would exit here)", self.current.key)
         while True:
             try:
-                lease = await self.store.create_lease(subnet, self.attrs, self.ttl)
+                lease = await self.store.create_lease(subnet, self.attrs, self.ttl, ipv6_subnet)
                 if lease is None:
                     leases, _ = await self.store.list_leases()
-                    holder = next((x for x in leases if x.subnet == subnet), None)
+                    holder = next((x for x in leases if x.key == lease_key(subnet, ipv6_subnet)), None)
                     if holder is None:
                         continue  # gone again already: try once more
                     if holder.attrs.public_ip != self.public_ip:
@@ -263,7 +278,7 @@ class LeaseManager:
                 await trio.sleep(min(1.0, self.retry_interval_s))
                 continue
             self.recreations += 1
-            log.warning("re-created lease %s", subnet)
+            log.warning("re-created lease %s", lease.key)
             self._set_current(lease)
             return
 
@@ -334,6 +349,10 @@ class LeaseManager:
             underlay=self.underlay,
             # host-gw routes go straight to the peer's PublicIP: only a peer on our link can be one.
             onlink_backend="host-gw" if self.config.backend_type == "host-gw" else None,
+            ipv6_network=self.config.ipv6_network if self.config.enable_ipv6 else None,
+            own_ipv6_subnet=self.current.ipv6_subnet,
+            own_public_ipv6=self.attrs.public_ipv6,
+            own_vtep_mac_v6=self.attrs.vtep_mac_v6,
         )
 
     def _admit(self, admission: Admission, events: list[LeaseEvent]) -> list[LeaseEvent]:
@@ -360,8 +379,8 @@ class LeaseManager:
         what this host's containers use).  True when a key was deleted."""
         if self._current is None or self.created_subnet != self._current.subnet:
             return False
-        await self.store.delete_lease(self.created_subnet)
-        log.info("deleted lease %s, created by this run, as start-up failed", self.created_subnet)
+        await self.store.delete_lease(self.created_subnet, self._current.ipv6_subnet)
+        log.info("deleted lease %s, created by this run, as start-up failed", self._current.key)
         return True
 
 

@@ -7,6 +7,12 @@ it never reports our own subnet.  A snapshot (after compaction) is diffed agains
 One improvement over flanneld: when a subnet's attrs change (a peer re-created its device
 with a new MAC, or another host took the subnet), we emit REMOVED(old) before ADDED(new) so
 the backend drops the stale FDB/route instead of leaking it.
+
+Dual stack: a peer is known by its IPv4 subnet, under the key it came with (`10.5.1.0-24` or
+`10.5.1.0-24&fc00::-64`).  A second key for an IPv4 subnet already known under the other key is
+held back until the first goes (the first holder keeps it; then the other takes its place), and
+deleting a key removes only the lease known under that key, so two spellings of one subnet never take
+turns replacing a peer's routes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ class LeaseTracker:
     def __init__(self, own_subnet: IPv4Network | None = None) -> None:
         self.own_subnet = own_subnet
         self._known: dict[IPv4Network, Lease] = {}
+        # Dual stack: the lease under a subnet's other key, held back while `_known` has the subnet.
+        self._shadowed: dict[IPv4Network, Lease] = {}
 
     @property
     def peers(self) -> list[Lease]:
@@ -36,6 +44,9 @@ class LeaseTracker:
 
     def _add(self, lease: Lease, out: list[LeaseEvent], *, always: bool) -> None:
         old = self._known.get(lease.subnet)
+        if old is not None and old.ipv6_subnet != lease.ipv6_subnet:
+            self._shadowed[lease.subnet] = lease  # the subnet's other key: the first holder keeps it
+            return
         if old is not None and old.attrs != lease.attrs:
             out.append(LeaseEvent(EventKind.REMOVED, old))
         elif old is not None and not always:
@@ -44,22 +55,31 @@ class LeaseTracker:
         self._known[lease.subnet] = lease
         out.append(LeaseEvent(EventKind.ADDED, lease))
 
-    def _remove(self, subnet: IPv4Network, out: list[LeaseEvent]) -> None:
-        old = self._known.pop(subnet, None)
+    def _remove(self, subnet: IPv4Network, out: list[LeaseEvent], key: str | None = None) -> None:
+        old = self._known.get(subnet)
+        shadowed = self._shadowed.get(subnet)
+        if shadowed is not None and key is not None and shadowed.key == key:
+            del self._shadowed[subnet]  # the held-back key went: nothing was programmed for it
+            return
         # An unknown subnet was never programmed (or its value was undecodable): nothing to undo.
-        if old is not None:
+        # key: only the lease known under this key goes (another key of the subnet is not it).
+        if old is not None and (key is None or old.key == key):
+            del self._known[subnet]
             out.append(LeaseEvent(EventKind.REMOVED, old))
+            if shadowed is not None:  # the subnet's other key takes its place
+                del self._shadowed[subnet]
+                self._add(shadowed, out, always=True)
 
     def reset(self, leases: Iterable[Lease]) -> list[LeaseEvent]:
         """Diff a full listing against what we know: ADDED new/changed, REMOVED gone."""
         out: list[LeaseEvent] = []
-        seen: set[IPv4Network] = set()
+        leases = [lease for lease in leases if not self._is_own(lease.subnet)]
+        seen = {lease.key for lease in leases}
+        self._shadowed.clear()  # the listing says which other keys exist now
         for lease in leases:
-            if self._is_own(lease.subnet):
-                continue
-            seen.add(lease.subnet)
             self._add(lease, out, always=False)
-        for subnet in [s for s in self._known if s not in seen]:
+        # A subnet whose known key went while its other key stayed: _remove hands it to that one.
+        for subnet in [s for s, known in self._known.items() if known.key not in seen]:
             self._remove(subnet, out)
         return out
 
@@ -72,7 +92,8 @@ class LeaseTracker:
         only its last state counts, so a lease put and deleted within the backlog yields
         nothing and one put many times yields one ADDED.  A snapshot diffs what came before."""
         out: list[LeaseEvent] = []
-        final: dict[IPv4Network, Lease | None] = {}  # subnet -> its last lease (None: deleted)
+        # (subnet, key) -> its last lease (None: deleted)
+        final: dict[tuple[IPv4Network, str], Lease | None] = {}
         for batch in batches:
             if batch.snapshot is not None:
                 self._fold(final, out)
@@ -83,15 +104,16 @@ class LeaseTracker:
                 subnet = event.lease.subnet
                 if self._is_own(subnet):
                     continue
-                final.pop(subnet, None)  # keep the order of the last change
-                final[subnet] = event.lease if event.kind is EventKind.ADDED else None
+                at = (subnet, event.lease.key)
+                final.pop(at, None)  # keep the order of the last change
+                final[at] = event.lease if event.kind is EventKind.ADDED else None
         self._fold(final, out)
         return out
 
-    def _fold(self, final: dict[IPv4Network, Lease | None], out: list[LeaseEvent]) -> None:
-        for subnet, lease in final.items():
+    def _fold(self, final: dict[tuple[IPv4Network, str], Lease | None], out: list[LeaseEvent]) -> None:
+        for (subnet, key), lease in final.items():
             if lease is None:
-                self._remove(subnet, out)
+                self._remove(subnet, out, key)
             else:
                 # Every PUT is re-applied, as flanneld does (backends program idempotently),
                 # so a peer's renewal also repairs a route someone deleted by hand.
