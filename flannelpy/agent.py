@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv6Interface
 from typing import Awaitable, Callable, Sequence
 
 import trio
@@ -35,8 +35,9 @@ from flannelpy.hostnet.interface import ExternalInterface, select_interface
 from flannelpy.hostnet.netlink import NetlinkThread
 from flannelpy.subnet.envfile import (
     SubnetEnv,
+    PreviousEnv,
     check_subnet_file,
-    read_previous,
+    read_previous_env,
     subnet_env_matches,
     write_subnet_env,
 )
@@ -70,6 +71,7 @@ class AgentOptions:
     docker_restart: bool
     docker_fixed_cidr: bool
     udp_forwarder: str = "auto"  # -udp-forwarder: the udp backend's data plane (auto, bpf, python)
+    public_ipv6: str = ""  # -public-ipv6 (EnableIPv6): the IPv6 address peers reach this host at
     # -status-socket was not given: if another flanneld on this machine serves the default path,
     # run without it (flanneld has no such socket, so a second instance must not fail over it)
     status_socket_optional: bool = False
@@ -122,6 +124,7 @@ class AgentOptions:
             docker_restart=flags["docker-restart"],
             docker_fixed_cidr=flags["docker-fixed-cidr"],
             udp_forwarder=flags["udp-forwarder"],
+            public_ipv6=flags["public-ipv6"],
             status_socket_optional="status-socket" not in flags.given,
         )
 
@@ -134,9 +137,20 @@ async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:
             return
 
 
-def check_before_lease(opts: AgentOptions) -> None:
+def check_before_lease(opts: AgentOptions, config: NetworkConfig | None = None) -> None:
     """Everything about the local files and tools that a start needs, checked before etcd is
-    touched: a refused start must not leave a lease behind (FlannelError names what is wrong)."""
+    touched: a refused start must not leave a lease behind (FlannelError names what is wrong).
+    With the config (read from etcd, before the lease): what EnableIPv6 needs too."""
+    if config is not None:
+        if config.enable_ipv6 and (opts.ip_masq or opts.iptables_forward_rules):
+            if config.enable_nftables:
+                raise FlannelError("EnableIPv6 with EnableNFTables: flannelpy's nftables mode has no IPv6 rules "
+                                   "(table flannel-ipv6) yet; set EnableNFTables to false (ip6tables rules), or run "
+                                   "with -ip-masq=false -iptables-forward-rules=false")
+            from flannelpy.hostnet.iptables import check_tools as check_iptables
+
+            check_iptables(ipv6=True)
+        return
     if opts.docker_daemon_json:
         from flannelpy.docker import daemon_json
 
@@ -151,12 +165,28 @@ def check_before_lease(opts: AgentOptions) -> None:
         check_tools()
 
 
+# Backends with an IPv6 data plane (EnableIPv6).  flanneld's udp backend has none either: it would
+# lease an IPv6 subnet and carry no IPv6 traffic.
+IPV6_BACKENDS = ("vxlan", "host-gw")
+
+
+def ipv6_refusal(backend_type: str, enable_ipv6: bool) -> str | None:
+    """Why EnableIPv6 cannot run with this backend, or None (checked before the interface is chosen)."""
+    if enable_ipv6 and backend_type not in IPV6_BACKENDS:
+        return (f"EnableIPv6 with the {backend_type or 'udp'} backend: it has no IPv6 data plane (nor has "
+                f"flanneld's); use {' or '.join(IPV6_BACKENDS)}, or set EnableIPv6 to false")
+    return None
+
+
 def backend_refusal(backend_type: str, ext: ExternalInterface) -> str | None:
     """Why the backend cannot run with this external interface, or None; decided before the
     lease (flanneld's hostgw.New refuses at the same point, before RegisterNetwork)."""
     if backend_type == "host-gw" and ext.public_ip != ext.ip:
         return (f"host-gw backend: public IP {ext.public_ip} differs from interface {ext.name} "
                 f"address {ext.ip}; host-gw cannot work through NAT (peers route to the public IP directly)")
+    if backend_type == "host-gw" and ext.public_ipv6 != ext.ip6:
+        return (f"host-gw backend: public IPv6 {ext.public_ipv6} differs from interface {ext.name} "
+                f"address {ext.ip6}; host-gw cannot work through NAT (peers route to the public IPv6 directly)")
     return None
 
 
@@ -201,7 +231,8 @@ async def run_agent(opts: AgentOptions) -> None:
     from flannelpy.ops.metrics import Metrics
     from flannelpy.ops.state import AgentState
 
-    previous_network, previous_subnet = read_previous(opts.subnet_file)
+    previous = read_previous_env(opts.subnet_file)
+    previous_network, previous_subnet = previous.network, previous.subnet
     check_before_lease(opts)
     state = AgentState()
     metrics = Metrics()
@@ -229,17 +260,27 @@ async def run_agent(opts: AgentOptions) -> None:
             sdnotify.notify(f"STATUS=reading the network config at {key} (retrying while etcd or the key is missing)")
             store, raw_config = await wait_for_config(opts.etcd, opts.etcd_api, log=log)
             store.on_watch_reconnect = metrics.watch_reconnects.inc
-            config = parse_config(raw_config)
+            config = parse_config(raw_config, allow_ipv6=True)
+            store.dual_stack = config.enable_ipv6  # dual-stack lease keys are read from here on
             log.info("network config: Network %s, SubnetLen %d, SubnetMin %s, SubnetMax %s, backend %s%s",
                      config.network, config.subnet_len, config.subnet_min, config.subnet_max, config.backend_type,
                      " (no Backend in config: udp, as flanneld)" if config.backend_defaulted else "")
+            if config.enable_ipv6:
+                log.info("network config: EnableIPv6, IPv6Network %s, IPv6SubnetLen %d, IPv6SubnetMin %s, "
+                         "IPv6SubnetMax %s", config.ipv6_network, config.ipv6_subnet_len, config.ipv6_subnet_min,
+                         config.ipv6_subnet_max)
+            check_before_lease(opts, config)
             if config.enable_nftables and (opts.ip_masq or opts.iptables_forward_rules):
                 from flannelpy.hostnet.nftables import check_tools as check_nft
 
                 check_nft()  # before the lease: a refused start leaves nothing in etcd
 
+            refusal = ipv6_refusal(config.backend_type, config.enable_ipv6)
+            if refusal is not None:
+                raise FlannelError(refusal)
             ext = await select_interface(netlink, list(opts.ifaces), list(opts.iface_regexes),
-                                         opts.iface_can_reach, opts.public_ip)
+                                         opts.iface_can_reach, opts.public_ip,
+                                         public_ipv6=opts.public_ipv6, ipv6=config.enable_ipv6)
             refusal = backend_refusal(config.backend_type, ext)
             if refusal is not None:
                 raise FlannelError(refusal)
@@ -259,7 +300,8 @@ async def run_agent(opts: AgentOptions) -> None:
                 log.warning("%s", warning)
             leases = LeaseManager(store, config, ext.public_ip, lease_data, previous_subnet,
                                   opts.renew_margin_min * 60, on_change=lease_changed, on_renewal=metrics.renewal,
-                                  underlay=underlay, on_admission=state.record_admission)
+                                  underlay=underlay, on_admission=state.record_admission,
+                                  public_ipv6=ext.public_ipv6, previous_ipv6_subnet=previous.ipv6_subnet)
             leases.on_resync = metrics.watch_resyncs.inc
             lease = await leases.acquire()
             undo.push(f"delete lease {lease.subnet}", leases.release)
@@ -269,11 +311,18 @@ async def run_agent(opts: AgentOptions) -> None:
 
             if opts.ip_masq or opts.iptables_forward_rules:
                 await nursery.start(_run_iptables, opts, config, lease, previous_network, previous_subnet)
+                if lease.ipv6_subnet is not None and config.ipv6_network is not None:
+                    await nursery.start(_run_ip6tables, opts, config, lease, previous)
 
-            env = SubnetEnv(network=config.network, subnet=lease.subnet, mtu=backend.mtu(), ipmasq=opts.ip_masq)
+            env = SubnetEnv(network=config.network, subnet=lease.subnet, mtu=backend.mtu(), ipmasq=opts.ip_masq,
+                            ipv6_network=config.ipv6_network if lease.ipv6_subnet is not None else None,
+                            ipv6_subnet=lease.ipv6_subnet)
             _write_subnet_env(opts.subnet_file, env, undo)
-            log.info("wrote %s (FLANNEL_SUBNET=%s, FLANNEL_MTU=%d)", opts.subnet_file,
-                     IPv4Interface((int(lease.subnet.network_address) + 1, lease.subnet.prefixlen)), env.mtu)
+            log.info("wrote %s (FLANNEL_SUBNET=%s%s, FLANNEL_MTU=%d)", opts.subnet_file,
+                     IPv4Interface((int(lease.subnet.network_address) + 1, lease.subnet.prefixlen)),
+                     "" if lease.ipv6_subnet is None else ", FLANNEL_IPV6_SUBNET=" + str(
+                         IPv6Interface((int(lease.ipv6_subnet.network_address) + 1, lease.ipv6_subnet.prefixlen))),
+                     env.mtu)
             if opts.docker_daemon_json:
                 _update_docker(opts, env, undo)
             serve_now.set()
@@ -390,6 +439,22 @@ async def _run_iptables(opts: AgentOptions, config: NetworkConfig, lease: Lease,
         task_status.started()
 
 
+async def _run_ip6tables(opts: AgentOptions, config: NetworkConfig, lease: Lease, previous: PreviousEnv,
+                         *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """EnableIPv6: flanneld's masquerade and forward rules for IPv6Network and our IPv6 subnet,
+    through ip6tables (check_before_lease refused nftables mode with IPv6)."""
+    from flannelpy.hostnet.iptables import IptablesManager
+
+    assert config.ipv6_network is not None and lease.ipv6_subnet is not None
+    manager = IptablesManager(
+        config.ipv6_network, lease.ipv6_subnet,
+        masq=opts.ip_masq, forward=opts.iptables_forward_rules, random_fully_disable=not opts.ip_masq_random_fully,
+        netns=None, resync_s=opts.iptables_resync_s,
+        previous_network=previous.ipv6_network, previous_subnet=previous.ipv6_subnet,
+    )
+    await manager.run(task_status=task_status)
+
+
 def _update_docker(opts: AgentOptions, env: SubnetEnv, undo: StartupUndo) -> None:
     from flannelpy.docker import daemon_json
 
@@ -399,7 +464,8 @@ def _update_docker(opts: AgentOptions, env: SubnetEnv, undo: StartupUndo) -> Non
         change = daemon_json.update_daemon_json(
             opts.docker_daemon_json, bip, env.mtu, fixed_cidr=fixed_cidr,
             # flanneld masquerades: Docker's own rule, first in POSTROUTING, would NAT overlay traffic too
-            ip_masq=False if opts.ip_masq else None)
+            ip_masq=False if opts.ip_masq else None,
+            fixed_cidr_v6=daemon_json.fixed_cidr_v6_for(env.ipv6_subnet) if env.ipv6_subnet is not None else None)
     except FlannelError as err:
         raise FlannelError(f"-docker-daemon-json={err}") from None
     if change.written:

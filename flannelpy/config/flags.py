@@ -90,7 +90,7 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("iface-can-reach", str, "", "detect the interface to use from the route to this IP address"),
     FlagSpec("subnet-file", str, "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written to"),
     FlagSpec("public-ip", str, "", "IP accessible by other nodes for inter-host communication"),
-    FlagSpec("public-ipv6", str, "", "IPv6 accessible by other nodes", inactive="IPv6 is not supported by flannelpy yet"),
+    FlagSpec("public-ipv6", str, "", "IPv6 accessible by other nodes for inter-host communication"),
     FlagSpec("subnet-lease-renew-margin", int, 60, "subnet lease renewal margin, in minutes, ranging from 1 to 1439"),
     FlagSpec("ip-masq", bool, False, "setup IP masquerade rule for traffic destined outside of overlay network"),
     FlagSpec("ip-masq-fully-random-disable", bool, False, "disable --random-fully in the masquerade rules"),

@@ -1,4 +1,5 @@
-"""Choosing the external (underlay) interface: -iface, -iface-regex, -iface-can-reach, -public-ip.
+"""Choosing the external (underlay) interface: -iface, -iface-regex, -iface-can-reach, -public-ip,
+and with EnableIPv6 its IPv6 address (-public-ipv6 or the interface's first global one, as flanneld).
 
 The kernel is read once, through the netlink thread, into a plain HostSnapshot; the
 choice itself (choose_interface) is pure so every flag combination is unit-testable.
@@ -14,7 +15,7 @@ import logging
 import re
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any
 
 from flannelpy.errors import FlannelError
@@ -38,6 +39,10 @@ class ExternalInterface:
     ip: IPv4Address  # the interface's own address (flanneld: IfaceAddr)
     public_ip: IPv4Address  # advertised to peers; -public-ip or the interface address
     mtu: int
+    # EnableIPv6 only: the interface's IPv6 address (flanneld: IfaceV6Addr) and the one advertised
+    # as PublicIPv6 (-public-ipv6 or that address).
+    ip6: IPv6Address | None = None
+    public_ipv6: IPv6Address | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class LinkFacts:
     index: int
     mtu: int
     addrs: tuple[IPv4Address, ...]  # IPv4 addresses in kernel order
+    addrs6: tuple[IPv6Address, ...] = ()  # IPv6 addresses in kernel order
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,14 @@ def usable_addresses(link: LinkFacts) -> list[IPv4Address]:
     return glob + ll
 
 
+def usable_addresses6(link: LinkFacts) -> list[IPv6Address]:
+    """flanneld's GetInterfaceIP6Addrs: global unicast first, then link-local."""
+    glob = [a for a in link.addrs6 if not (a.is_loopback or a.is_multicast or a.is_unspecified
+                                            or a.is_link_local or a.ipv4_mapped is not None)]
+    ll = [a for a in link.addrs6 if a.is_link_local]
+    return glob + ll
+
+
 def describe_links(snap: HostSnapshot) -> str:
     """`lo, eth0 (10.0.0.1)` for error messages: what exists to choose from."""
     parts = []
@@ -89,6 +103,8 @@ class InterfaceFlags:
     iface_regexes: tuple[re.Pattern[str], ...]
     can_reach: IPv4Address | None
     public_ip: IPv4Address | None
+    ipv6: bool = False  # EnableIPv6: the chosen interface needs an IPv6 address too
+    public_ipv6: IPv6Address | None = None
 
 
 def _parse_ipv4(flag: str, text: str) -> IPv4Address:
@@ -99,7 +115,8 @@ def _parse_ipv4(flag: str, text: str) -> IPv4Address:
 
 
 def check_flags(
-    ifaces: list[str], iface_regexes: list[str], can_reach: str, public_ip: str
+    ifaces: list[str], iface_regexes: list[str], can_reach: str, public_ip: str,
+    public_ipv6: str = "", ipv6: bool = False,
 ) -> InterfaceFlags:
     """Validate the flags before touching the kernel; errors name the flag."""
     patterns = []
@@ -116,7 +133,20 @@ def check_flags(
         iface_regexes=tuple(patterns),
         can_reach=_parse_ipv4("iface-can-reach", can_reach) if can_reach else None,
         public_ip=_parse_ipv4("public-ip", public_ip) if public_ip else None,
+        ipv6=ipv6,
+        public_ipv6=_parse_public_ipv6(public_ipv6) if public_ipv6 else None,
     )
+
+
+def _parse_public_ipv6(text: str) -> IPv6Address:
+    try:
+        ip = IPv6Address(text.strip())
+    except ValueError:
+        raise FlannelError(f"-public-ipv6={text}: not a valid IPv6 address") from None
+    if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.ipv4_mapped is not None:
+        raise FlannelError(f"-public-ipv6={text}: not an address peers can reach (unspecified, loopback, "
+                           "multicast or IPv4-mapped)")
+    return ip
 
 
 def _with_ip(link: LinkFacts, ip: IPv4Address | None, why: str) -> tuple[LinkFacts, IPv4Address]:
@@ -218,9 +248,21 @@ def choose_interface(snap: HostSnapshot, flags: InterfaceFlags) -> ExternalInter
             "will advertise the same PublicIP and collide; choose another with -iface",
             link.name, ip,
         )
+    ip6 = public_ipv6 = None
+    if flags.ipv6:
+        # flanneld (dual stack): the same interface's IPv6 address, which it needs even with -public-ipv6.
+        addrs6 = usable_addresses6(link)
+        if not addrs6:
+            have6 = ", ".join(f"{x.name} ({', '.join(map(str, x.addrs6))})" for x in snap.links if x.addrs6)
+            raise FlannelError(f"EnableIPv6: interface {link.name} has no IPv6 address; give it one, or choose "
+                               f"another with -iface; IPv6 addresses: {have6 or 'none'}")
+        ip6 = addrs6[0]
+        public_ipv6 = flags.public_ipv6 or ip6
+    elif flags.public_ipv6 is not None:
+        log.info("-public-ipv6=%s ignored: the network config does not set EnableIPv6", flags.public_ipv6)
     return ExternalInterface(
         name=link.name, index=link.index, ip=ip,
-        public_ip=flags.public_ip or ip, mtu=link.mtu,
+        public_ip=flags.public_ip or ip, mtu=link.mtu, ip6=ip6, public_ipv6=public_ipv6,
     )
 
 
@@ -252,6 +294,9 @@ def read_snapshot(ipr: Any, can_reach: IPv4Address | None) -> HostSnapshot:
     for msg in ipr.get_addr(family=socket.AF_INET):
         # IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on point-to-point links)
         addrs.setdefault(msg["index"], []).append(IPv4Address(_attr(msg, "IFA_LOCAL") or _attr(msg, "IFA_ADDRESS")))
+    addrs6: dict[int, list[IPv6Address]] = {}
+    for msg in ipr.get_addr(family=socket.AF_INET6):
+        addrs6.setdefault(msg["index"], []).append(IPv6Address(_attr(msg, "IFA_ADDRESS") or _attr(msg, "IFA_LOCAL")))
     for msg in ipr.get_links():
         links.append(
             LinkFacts(
@@ -259,6 +304,7 @@ def read_snapshot(ipr: Any, can_reach: IPv4Address | None) -> HostSnapshot:
                 index=msg["index"],
                 mtu=_attr(msg, "IFLA_MTU") or 0,
                 addrs=tuple(addrs.get(msg["index"], ())),
+                addrs6=tuple(addrs6.get(msg["index"], ())),
             )
         )
     default_index = None
@@ -275,11 +321,14 @@ def read_snapshot(ipr: Any, can_reach: IPv4Address | None) -> HostSnapshot:
 
 
 async def select_interface(
-    nl: NetlinkThread, ifaces: list[str], iface_regexes: list[str], can_reach: str, public_ip: str
+    nl: NetlinkThread, ifaces: list[str], iface_regexes: list[str], can_reach: str, public_ip: str,
+    *, public_ipv6: str = "", ipv6: bool = False,
 ) -> ExternalInterface:
     """The external interface per the flags (see module doc); FlannelError when none fits."""
-    flags = check_flags(list(ifaces), list(iface_regexes), can_reach, public_ip)
+    flags = check_flags(list(ifaces), list(iface_regexes), can_reach, public_ip, public_ipv6, ipv6)
     snap = await nl.call(read_snapshot, flags.can_reach)
     ext = choose_interface(snap, flags)
     log.info("using interface %s with address %s (public %s, mtu %d)", ext.name, ext.ip, ext.public_ip, ext.mtu)
+    if ext.ip6 is not None:
+        log.info("using IPv6 address %s of %s (public %s)", ext.ip6, ext.name, ext.public_ipv6)
     return ext

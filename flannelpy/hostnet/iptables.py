@@ -1,14 +1,15 @@
 """Applying flanneld's iptables rules: one iptables-restore batch, a resync loop, old-rule cleanup.
 
 Rules are decided in flannelpy.hostnet.iptables_rules; this module only runs iptables-save/-restore.
-Like flanneld, rules are kept when the agent exits.
+Like flanneld, rules are kept when the agent exits.  One manager per family: given IPv6Network and
+our IPv6 subnet (EnableIPv6) it runs ip6tables-save/-restore instead, under the same host-wide lock.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 import trio
 
@@ -24,9 +25,13 @@ log = logging.getLogger(__name__)
 MISSING_MSG = "Some iptables rules are missing; deleting and recreating rules"
 
 
-def check_tools() -> None:
-    """The commands the rules need are installed; the agent calls this before taking a lease."""
-    for tool in ("iptables", "iptables-save", "iptables-restore"):
+def check_tools(ipv6: bool = False) -> None:
+    """The commands the rules need are installed (ipv6: ip6tables' too); the agent calls this
+    before taking a lease."""
+    tools = ["iptables", "iptables-save", "iptables-restore"]
+    if ipv6:
+        tools += ["ip6tables", "ip6tables-save", "ip6tables-restore"]
+    for tool in tools:
         if shutil.which(tool) is None:
             raise FlannelError(
                 f"{tool} not found in PATH; install iptables, or run with "
@@ -38,23 +43,26 @@ class IptablesManager:
     """Keeps flanneld's masq (nat FLANNEL-POSTRTG) and forward (filter FLANNEL-FWD) rules in place.
 
     `netns` runs every command inside /var/run/netns/<netns> (tests); None = the current namespace.
+    IPv6Network and subnet: the same rules for IPv6, through ip6tables.
     """
 
     def __init__(
         self,
-        network: IPv4Network,
-        subnet: IPv4Network,
+        network: IPv4Network | IPv6Network,
+        subnet: IPv4Network | IPv6Network,
         *,
         masq: bool,
         forward: bool,
         resync_s: int = 5,
-        previous_network: IPv4Network | None = None,
-        previous_subnet: IPv4Network | None = None,
+        previous_network: IPv4Network | IPv6Network | None = None,
+        previous_subnet: IPv4Network | IPv6Network | None = None,
         netns: str | None = None,
         random_fully_disable: bool = False,
     ) -> None:
         self.network = network
         self.subnet = subnet
+        self.ipv6 = isinstance(network, IPv6Network)
+        self.family = "ip6tables" if self.ipv6 else "iptables"  # the tool family: ip6tables-save, ...
         self.masq = masq
         self.forward = forward
         self.resync_s = resync_s
@@ -74,10 +82,13 @@ class IptablesManager:
         return self.masq or self.forward
 
     async def _run(self, args: list[str], stdin: bytes = b"") -> str:
+        # args name the IPv4 tools; the IPv6 manager runs ip6tables, ip6tables-save, ip6tables-restore
+        if self.ipv6:
+            args = [self.family + args[0][len("iptables"):]] + args[1:]
         return await run_tool(self._prefix, args, stdin, package="iptables")
 
     def _check_binaries(self) -> None:
-        check_tools()
+        check_tools(self.ipv6)
 
     async def _desired_rules(self) -> R.Desired:
         if self._desired is None:
@@ -157,7 +168,7 @@ class IptablesManager:
             return
         await self.cleanup_previous()
         await self.ensure()
-        log.info("iptables rules in place (masq=%s, forward=%s)", self.masq, self.forward)
+        log.info("%s rules in place (masq=%s, forward=%s)", self.family, self.masq, self.forward)
         task_status.started()
         while True:
             await trio.sleep(self.resync_s)
@@ -168,4 +179,4 @@ class IptablesManager:
                     await self.ensure()
             except FlannelError as err:
                 # a transient failure (xtables lock, Docker rewriting rules) must not kill the agent
-                log.error("iptables resync failed: %s", err)
+                log.error("%s resync failed: %s", self.family, err)

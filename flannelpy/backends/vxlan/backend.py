@@ -13,6 +13,13 @@ missing device is re-created with the same MAC, missing entries restored, and en
 that no lease explains removed.  Ours means: on flannel.<VNI> (the device is ours), or a
 route with protocol FLANNEL_RTPROT (DirectRouting).  A peer whose programming fails is logged
 once, counted as not programmed, shown by /readyz, and retried by the next pass.
+
+Dual stack (EnableIPv6), as flanneld: a second device `flannel-v6.<VNI>` (local: the underlay's
+IPv6 address, MTU: underlay - 70, address `<our IPv6 subnet base>/128`) with, per peer, a permanent
+neighbour entry `<peer IPv6 base> -> BackendV6Data.VtepMAC`, an FDB entry `VtepMAC -> PublicIPv6`
+and an onlink route `<peer IPv6 subnet> via <peer IPv6 base>`.  It is the same class run a second
+time with family AF_INET6 (`self.v6`, owned by the IPv4 backend), which sees each peer lease through
+its IPv6 side (`lease_view`); the entries, their batching and the reconciliation are the same code.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any, Callable, Mapping, Sequence
 
 import trio
@@ -47,15 +54,21 @@ from flannelpy.hostnet.netlink import (
     NUD_PERMANENT,
     RTNH_F_ONLINK,
     KernelDumps,
+    KernelFdb,
+    KernelNeigh,
+    KernelRoute,
     NetlinkError,
     NetlinkThread,
     delete_route,
 )
-from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
+from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
 from .plan import (
+    IPV6_DEFAULT_METRIC,
     VXLAN_DEFAULT_PORT,
     VXLAN_OVERHEAD,
+    VXLAN_OVERHEAD_V6,
+    IPNetwork,
     Fdb,
     Neigh,
     PeerPlan,
@@ -107,12 +120,12 @@ def _read_device(ipr: Any, name: str) -> tuple[int, VxlanDeviceFacts] | None:
     mtu, up = msg.get_attr("IFLA_MTU"), bool(msg["flags"] & IFF_UP)
     if kind != "vxlan" or data is None:
         return found[0], VxlanDeviceFacts(kind or "", None, None, None, None, False, False, mac, mtu, up)
-    local = data.get_attr("IFLA_VXLAN_LOCAL")
+    local = data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6")  # flannel-v6.<VNI>: LOCAL6
     return found[0], VxlanDeviceFacts(
         kind="vxlan",
         vni=data.get_attr("IFLA_VXLAN_ID"),
         vtep_index=data.get_attr("IFLA_VXLAN_LINK"),
-        local=IPv4Address(local) if local else None,
+        local=ip_address(local) if local else None,
         port=data.get_attr("IFLA_VXLAN_PORT"),
         gbp=bool(data.get_attr("IFLA_VXLAN_GBP")),
         learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
@@ -144,12 +157,13 @@ def _ensure_device(ipr: Any, spec: VxlanDeviceSpec, new_mac: str) -> tuple[int, 
 
 def _create_device(ipr: Any, spec: VxlanDeviceSpec, new_mac: str) -> int:
     """Create the device with exactly `new_mac`, up; never leaves a half-made one behind."""
+    local_attr = "vxlan_local6" if spec.local.version == 6 else "vxlan_local"
     kwargs: dict[str, Any] = dict(
         ifname=spec.name,
         kind="vxlan",
         vxlan_id=spec.vni,
         vxlan_link=spec.vtep_index,
-        vxlan_local=str(spec.local),
+        **{local_attr: str(spec.local)},
         vxlan_port=spec.port,
         vxlan_learning=1 if spec.learning else 0,
         address=new_mac,  # set at creation so udev/systemd cannot pick another
@@ -181,25 +195,32 @@ def _create_device(ipr: Any, spec: VxlanDeviceSpec, new_mac: str) -> int:
     return index
 
 
-def _configure_address(ipr: Any, index: int, base: IPv4Address, network: IPv4Network) -> list[str]:
-    """Exactly `<base>/32` inside Network on the device; returns what was changed."""
+def _configure_address(ipr: Any, index: int, base: IPv4Address | IPv6Address,
+                       network: IPv4Network | IPv6Network) -> list[str]:
+    """Exactly `<base>/32` inside Network on the device (IPv6: `<base>/128` inside IPv6Network);
+    returns what was changed."""
+    plen_own = base.max_prefixlen
+    family = socket.AF_INET if base.version == 4 else socket.AF_INET6
     have = [
-        (IPv4Address(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")), m["prefixlen"])
-        for m in ipr.get_addr(index=index, family=2)
+        (ip_address(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")), m["prefixlen"])
+        for m in ipr.get_addr(index=index, family=family)
     ]
     changes = []
     for ip, plen in addresses_to_remove(have, base, network):
         log.info("removing stale address %s/%d from vxlan device", ip, plen)
         _ignore((errno.EADDRNOTAVAIL,), lambda: ipr.addr("del", index=index, address=str(ip), prefixlen=plen))
         changes.append(f"address {ip}/{plen} removed")
-    if (base, 32) not in have:
-        _ignore((errno.EEXIST,), lambda: ipr.addr("add", index=index, address=str(base), prefixlen=32))
-        changes.append(f"address {base}/32 restored")
+    if (base, plen_own) not in have:
+        _ignore((errno.EEXIST,), lambda: ipr.addr("add", index=index, address=str(base), prefixlen=plen_own))
+        changes.append(f"address {base}/{plen_own} restored")
     ipr.link("set", index=index, state="up")
     return changes
 
 
 def _neigh(ipr: Any, cmd: str, index: int, n: Neigh) -> None:
+    if n.ip.version == 6:
+        ipr.neigh(cmd, dst=str(n.ip), lladdr=n.mac, ifindex=index, state=NUD_PERMANENT, family=socket.AF_INET6)
+        return
     ipr.neigh(cmd, dst=str(n.ip), lladdr=n.mac, ifindex=index, state=NUD_PERMANENT)
 
 
@@ -229,7 +250,7 @@ class _Group:
     """One peer's part of an apply batch: what it is for, and its requests in kernel order."""
 
     role: str  # "add", "remove", or "stale" (old entries a changed lease no longer needs)
-    subnet: IPv4Network
+    subnet: IPNetwork
     plan: PeerPlan
     steps: list[tuple[str, rtnl.Request]]
 
@@ -240,7 +261,8 @@ def _plan_requests(index: int, plan: PeerPlan, add: bool, with_route: bool) -> l
     out: list[tuple[str, rtnl.Request]] = []
     if plan.neigh is not None:
         n = plan.neigh
-        out.append((f"neigh {n.ip}", rtnl.neigh_request(add, socket.AF_INET, index, n.ip.packed, n.mac,
+        family = socket.AF_INET if n.ip.version == 4 else socket.AF_INET6
+        out.append((f"neigh {n.ip}", rtnl.neigh_request(add, family, index, n.ip.packed, n.mac,
                                                          state=NUD_PERMANENT)))
     if plan.fdb is not None:
         f = plan.fdb
@@ -256,16 +278,54 @@ def _plan_requests(index: int, plan: PeerPlan, add: bool, with_route: bool) -> l
         else:
             req = rtnl.route_request(add, r.dst.network_address.packed, r.dst.prefixlen, r.gateway.packed,
                                      oif=None, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
+        if r.dst.version == 6:
+            req = _as_ipv6_route(req)
         out.append((f"route {r.dst}", req))
     return out
+
+
+def _as_ipv6_route(req: rtnl.Request) -> rtnl.Request:
+    """rtnl.route_request builds IPv4 routes only; the same request with 16-byte addresses is an
+    IPv6 one once its rtmsg says AF_INET6 (the first byte of the payload: rtm_family)."""
+    return rtnl.Request(req.type, req.flags, bytes([socket.AF_INET6]) + req.payload[1:])
 
 
 def _transact(_ipr: Any, dumps: KernelDumps, requests: list[rtnl.Request]) -> list[int]:
     return dumps.transact(requests)
 
 
-def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, base: IPv4Address,
-               network: IPv4Network, wanted: list[tuple[IPv4Network, PeerPlan]],
+def _kernel_state(ipr: Any, dumps: KernelDumps, index: int, ipv6: bool
+                  ) -> tuple[list[KernelRoute], list[KernelNeigh], list[KernelFdb]]:
+    """The main table's routes, the device's neighbours and its FDB entries to remote VTEPs:
+    IPv4 through the fast dumps (KernelDumps), IPv6 through pyroute2, as KernelDumps reads IPv4 only."""
+    if not ipv6:
+        return dumps.routes(), dumps.neighbours(index), dumps.fdb(index)
+    routes = []
+    for msg in ipr.get_routes(family=socket.AF_INET6, table=MAIN_TABLE):
+        if msg.get_attr("RTA_TABLE", msg["table"]) != MAIN_TABLE or msg["type"] != 1:  # RTN_UNICAST
+            continue
+        gw = msg.get_attr("RTA_GATEWAY")
+        routes.append(KernelRoute(
+            dst=IPv6Network(f"{msg.get_attr('RTA_DST') or '::'}/{msg['dst_len']}", strict=False),
+            gateway=IPv6Address(gw) if gw else None, oif=msg.get_attr("RTA_OIF"), proto=msg["proto"],
+            priority=msg.get_attr("RTA_PRIORITY") or 0, tos=msg["tos"],
+            onlink=bool(msg["flags"] & RTNH_F_ONLINK)))
+    neighs = []
+    for msg in ipr.get_neighbours(family=socket.AF_INET6, ifindex=index):
+        dst, mac = msg.get_attr("NDA_DST"), msg.get_attr("NDA_LLADDR")
+        if msg["ifindex"] == index and dst:
+            neighs.append(KernelNeigh(IPv6Address(dst), mac.lower() if mac else None,
+                                      bool(msg["state"] & NUD_PERMANENT)))
+    fdbs = []
+    for msg in ipr.get_neighbours(family=socket.AF_BRIDGE, ifindex=index):
+        dst, mac = msg.get_attr("NDA_DST"), msg.get_attr("NDA_LLADDR")
+        if msg["ifindex"] == index and dst and mac and ":" in dst:
+            fdbs.append(KernelFdb(mac.lower(), IPv6Address(dst), bool(msg["state"] & NUD_PERMANENT)))
+    return routes, neighs, fdbs
+
+
+def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, base: IPv4Address | IPv6Address,
+               network: IPv4Network | IPv6Network, wanted: list[tuple[IPNetwork, PeerPlan]],
                remove_unexplained: bool) -> tuple[int | None, RepairReport]:
     """One pass: the device first (re-created with our MAC if gone), then one dump each of
     routes, neighbours and FDB, the pure diff, and the netlink calls that close it.  Every
@@ -297,15 +357,17 @@ def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, ba
     try:
         address_changes = _configure_address(ipr, index, base, network)
     except NetlinkError as exc:
-        report.device_error = f"{spec.name}: cannot set address {base}/32: {_reason(exc)}"
+        report.device_error = f"{spec.name}: cannot set address {base}/{base.max_prefixlen}: {_reason(exc)}"
         report.checked = False
         return index, report
     if address_changes and not repair.recreate:  # a new device's address goes without saying
         report.device = "; ".join(filter(None, [report.device, f"{spec.name}: " + ", ".join(address_changes)]))
 
-    diff = entry_diff(wanted, dumps.routes(), dumps.neighbours(index), dumps.fdb(index),
+    ipv6 = base.version == 6
+    routes, neighs, fdbs = _kernel_state(ipr, dumps, index, ipv6)
+    diff = entry_diff(wanted, routes, neighs, fdbs,
                       device_index=index, underlay_index=spec.vtep_index, network=network,
-                      remove_unexplained=remove_unexplained)
+                      remove_unexplained=remove_unexplained, route_priority=IPV6_DEFAULT_METRIC if ipv6 else 0)
     if diff.empty:
         return index, report
 
@@ -322,7 +384,8 @@ def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, ba
         err = attempt("-route", lambda: delete_route(ipr, r))
         (report.errors.append(f"route {r.dst}: {err}") if err else report.removed.append(f"route {r.dst}"))
     for n in diff.remove_neighs:
-        err = attempt("-neigh", lambda: ipr.neigh("del", dst=str(n.ip), ifindex=index))
+        err = attempt("-neigh", lambda: ipr.neigh("del", dst=str(n.ip), ifindex=index,
+                                                  **({"family": socket.AF_INET6} if ipv6 else {})))
         (report.errors.append(f"neigh {n.ip}: {err}") if err else report.removed.append(f"neigh {n.ip}"))
     for f in diff.remove_fdbs:
         err = attempt("-fdb", lambda: _fdb(ipr, "del", index, Fdb(f.mac, f.dst)))
@@ -340,7 +403,7 @@ def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, ba
     return index, report
 
 
-def _record_add(report: RepairReport, subnet: IPv4Network, what: str, err: str | None) -> None:
+def _record_add(report: RepairReport, subnet: IPNetwork, what: str, err: str | None) -> None:
     if err is None:
         report.added.append(what)
     else:
@@ -370,8 +433,14 @@ class VxlanBackend(Backend):
     name = "vxlan"
 
     def __init__(self, ext: ExternalInterface, config: NetworkConfig, netlink: NetlinkThread,
-                 *, resync_interval: float = RESYNC_INTERVAL, quiet_interval: float | None = QUIET_INTERVAL) -> None:
+                 *, resync_interval: float = RESYNC_INTERVAL, quiet_interval: float | None = QUIET_INTERVAL,
+                 family: int = socket.AF_INET) -> None:
         super().__init__(ext, config, netlink)
+        # AF_INET6: this instance is the IPv6 device of a dual-stack network (self.v6 of the IPv4 one).
+        self.family = family
+        ipv6 = family == socket.AF_INET6
+        if ipv6 and (ext.ip6 is None or ext.public_ipv6 is None or config.ipv6_network is None):
+            raise ConfigError("EnableIPv6: the vxlan backend needs IPv6Network and an IPv6 address on the interface")
         vni = config.backend_option("VNI", int, 1)
         if not 0 <= vni < (1 << 24):
             raise ConfigError(f"Backend.VNI: {vni} is not a VXLAN id (0..16777215)")
@@ -379,16 +448,24 @@ class VxlanBackend(Backend):
         if not 0 <= port <= 65535:
             raise ConfigError(f"Backend.Port: {port} is not a UDP port (0..65535)")
         underlay_mtu = config.backend_option("MTU", int, 0) or ext.mtu
-        device_mtu = underlay_mtu - VXLAN_OVERHEAD
-        if device_mtu < MIN_DEVICE_MTU:
-            raise ConfigError(f"Backend.MTU: {underlay_mtu} leaves {device_mtu} for {device_name(vni)}; "
-                              f"need at least {MIN_DEVICE_MTU + VXLAN_OVERHEAD}")
+        overhead = VXLAN_OVERHEAD_V6 if ipv6 else VXLAN_OVERHEAD
+        device_mtu = underlay_mtu - overhead
+        min_mtu = 1280 if ipv6 else MIN_DEVICE_MTU  # IPv6's minimum link MTU
+        if device_mtu < min_mtu:
+            raise ConfigError(f"Backend.MTU: {underlay_mtu} leaves {device_mtu} for {device_name(vni, ipv6)}; "
+                              f"need at least {min_mtu + overhead}")
         self.direct_routing: bool = config.backend_option("DirectRouting", bool, False)
+        if ipv6 and self.direct_routing:
+            # flannelpy's DirectRouting test (route_get_hops) reads IPv4 routes only.
+            log.warning("DirectRouting: IPv6 peers are reached through %s, not by direct routes",
+                        device_name(vni, ipv6))
+            self.direct_routing = False
+        self.network: IPv4Network | IPv6Network = config.ipv6_network if ipv6 else config.network  # type: ignore[assignment]
         self.spec = VxlanDeviceSpec(
-            name=device_name(vni),
+            name=device_name(vni, ipv6),
             vni=vni,
             vtep_index=ext.index,
-            local=ext.ip,
+            local=ext.ip6 if ipv6 else ext.ip,  # type: ignore[arg-type]
             port=port or VXLAN_DEFAULT_PORT,
             gbp=config.backend_option("GBP", bool, False),
             learning=config.backend_option("Learning", bool, False),
@@ -411,6 +488,31 @@ class VxlanBackend(Backend):
         self.loop = RepairLoop(f"vxlan {self.spec.name}", netlink, self.reconcile_once, self._notice,
                                interval=resync_interval, quiet_interval=quiet_interval,
                                urgent=lambda: bool(self._failed) or self._device_problem is not None)
+        # Dual stack: the IPv6 device, run by the same code (see the module docstring).
+        self.v6: VxlanBackend | None = None
+        if config.enable_ipv6 and not ipv6:
+            self.v6 = VxlanBackend(ext, config, netlink, resync_interval=resync_interval,
+                                   quiet_interval=quiet_interval, family=socket.AF_INET6)
+
+    def lease_view(self, lease: Lease) -> Lease | None:
+        """A peer lease as this device sees it: itself for IPv4; for IPv6 its IPv6 side (the IPv6
+        subnet, PublicIPv6 and BackendV6Data in the places of the IPv4 ones), None without one."""
+        if self.family == socket.AF_INET:
+            return lease
+        attrs = lease.attrs
+        if lease.ipv6_subnet is None or attrs.public_ipv6 is None:
+            return None
+        return Lease(lease.ipv6_subnet,  # type: ignore[arg-type]
+                     LeaseAttrs(attrs.public_ipv6, attrs.backend_type, attrs.backend_v6_data),  # type: ignore[arg-type]
+                     lease.expiration, lease.store_ref)
+
+    def _view_events(self, events: Sequence[LeaseEvent]) -> list[LeaseEvent]:
+        out = []
+        for event in events:
+            view = self.lease_view(event.lease)
+            if view is not None:
+                out.append(LeaseEvent(event.kind, view))
+        return out
 
     # --- counts and health ---------------------------------------------------------------
 
@@ -419,17 +521,24 @@ class VxlanBackend(Backend):
         return len(self._wanted) - len(self._failed)
 
     def programmed_count(self) -> int | None:
-        return self.programmed_peers
+        # Dual stack: a peer whose IPv6 side failed is not programmed either.
+        return max(0, self.programmed_peers - (len(self.v6._failed) if self.v6 is not None else 0))
 
     def data_plane_problems(self) -> list[str]:
         problems = [self._device_problem] if self._device_problem else []
         failed = describe_failures({s: f"via {self._public_of(s)}: {why}" for s, why in self._failed.items()})
         if failed:
             problems.append(failed)
+        if self.v6 is not None:
+            problems.extend(self.v6.data_plane_problems())
         return problems
 
     def repair_counters(self) -> Mapping[str, int]:
-        return dict(self.repairs)
+        counters = dict(self.repairs)
+        if self.v6 is not None:
+            for key, n in self.v6.repairs.items():
+                counters[key] = counters.get(key, 0) + n
+        return counters
 
     def _public_of(self, subnet: IPv4Network) -> str:
         plan = self._wanted.get(subnet)
@@ -449,7 +558,8 @@ class VxlanBackend(Backend):
             machine_id = ""
         if not machine_id:
             return random_vtep_mac()
-        return stable_vtep_mac(machine_id, self.ext.public_ip, self.spec.vni)
+        public = self.ext.public_ipv6 if self.family == socket.AF_INET6 else self.ext.public_ip
+        return stable_vtep_mac(machine_id, public, self.spec.vni)  # type: ignore[arg-type]
 
     async def prepare(self) -> LeaseData:
         index, mac, created = await self.netlink.call(_ensure_device, self.spec, self._new_device_mac())
@@ -460,9 +570,14 @@ class VxlanBackend(Backend):
         log.info("%s device %s (vni %d, port %d, mtu %d, mac %s)",
                  "created" if created else "reusing", self.spec.name, self.spec.vni,
                  self.spec.port, self.spec.mtu, mac)
-        return LeaseData("vxlan", {"VNI": self.spec.vni, "VtepMAC": mac})
+        v6_data = None
+        if self.v6 is not None:
+            v6_data = (await self.v6.prepare()).backend_data  # BackendV6Data: the same shape
+        return LeaseData("vxlan", {"VNI": self.spec.vni, "VtepMAC": mac}, v6_data)
 
     async def abandon(self) -> None:
+        if self.v6 is not None:
+            await self.v6.abandon()
         # Start-up failed: a device we made in this run, never advertised, must not linger.
         if getattr(self, "_created_now", False) and self.index is not None:
             index = self.index
@@ -476,9 +591,14 @@ class VxlanBackend(Backend):
         return self.index
 
     async def start(self, lease: Lease) -> None:
+        if self.v6 is not None:
+            own6 = self.v6.lease_view(lease)
+            if own6 is None:
+                raise FlannelError(f"EnableIPv6: our lease {lease.key} has no IPv6 subnet")
+            await self.v6.start(own6)
         self._own_base = lease.subnet.network_address
         await self.netlink.call(_configure_address, self._need_device(),
-                                lease.subnet.network_address, self.config.network)
+                                lease.subnet.network_address, self.network)
 
     async def _is_direct(self, lease: Lease) -> bool:
         if not self.direct_routing:
@@ -497,6 +617,8 @@ class VxlanBackend(Backend):
         """Program a batch of events with one round of netlink requests (hostnet.rtnl.transact:
         many per send) instead of three request/ACK round trips per peer through pyroute2."""
         index = self._need_device()
+        if self.v6 is not None:
+            await self.v6.apply(self.v6._view_events(events))
         async with self._lock:
             groups: list[_Group] = []
             for event in events:
@@ -617,6 +739,8 @@ class VxlanBackend(Backend):
     def peers_synced(self) -> None:
         self._synced = True
         self.loop.wake()
+        if self.v6 is not None:
+            self.v6.peers_synced()
 
     def _notice(self, change: KernelChange) -> bool:
         if (change.kind == "neigh" and change.family == socket.AF_BRIDGE and change.sender == 0
@@ -624,7 +748,7 @@ class VxlanBackend(Backend):
                 and self._echoes.consume((change.lladdr, change.deleted))):
             return False  # the announcement of our own FDB change
         matters = change_matters(change, device_index=self.index, device=self.spec.name,
-                                 underlay_index=self.ext.index, network=self.config.network)
+                                 underlay_index=self.ext.index, network=self.network, family=self.family)
         if matters and change.kind == "link" and change.deleted and change.ifindex == self.index:
             self._device_problem = f"{self.spec.name} missing, re-creating"
         return matters
@@ -636,7 +760,7 @@ class VxlanBackend(Backend):
         async with self._lock:
             wanted = list(self._wanted.items())
             index, report = await self.netlink.call(
-                _reconcile, self.netlink.dumps, self.spec, self.mac, self._own_base, self.config.network, wanted,
+                _reconcile, self.netlink.dumps, self.spec, self.mac, self._own_base, self.network, wanted,
                 self._synced)
             if index is not None:
                 self.index = index
@@ -668,7 +792,12 @@ class VxlanBackend(Backend):
                 bump(f"{item.split(' ', 1)[0]}_{verb}", 1)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.loop.run(task_status=task_status)
+        if self.v6 is None:
+            await self.loop.run(task_status=task_status)
+            return
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.v6.run)
+            await self.loop.run(task_status=task_status)
 
 
 def _describe(plan: PeerPlan) -> str:

@@ -3,6 +3,10 @@
 vxlan.py asks these functions what to program and only then acts, so the rules that make
 us interoperate with flanneld (entry shapes, device compatibility, MAC format) are
 testable without root.
+
+Dual stack (EnableIPv6): the same decisions for the second device, `flannel-v6.<VNI>`, whose peers'
+leases are seen through their IPv6 side (the backend's lease view: IPv6 subnet, PublicIPv6,
+BackendV6Data), so every function here takes IPv6 addresses and networks where it takes IPv4 ones.
 """
 
 from __future__ import annotations
@@ -11,19 +15,27 @@ import hashlib
 import random
 import socket
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Iterable, Union
 
 from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, NUD_PERMANENT, RTPROT_KERNEL, KernelFdb, KernelNeigh, KernelRoute
 from flannelpy.subnet.lease import Lease
 
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8
+VXLAN_OVERHEAD_V6 = 70  # flannel-v6.<VNI> over an IPv6 underlay: outer IPv6 header 40 instead of 20
 VXLAN_DEFAULT_PORT = 8472  # the Linux kernel's (pre-IANA) VXLAN port, which flanneld relies on
+# The kernel's default metric of an IPv6 route added without one (IPv4: 0); a "replace" without a
+# metric names this one.
+IPV6_DEFAULT_METRIC = 1024
+
+IPAddress = Union[IPv4Address, IPv6Address]
+IPNetwork = Union[IPv4Network, IPv6Network]
 
 
-def device_name(vni: int) -> str:
-    return f"flannel.{vni}"
+def device_name(vni: int, ipv6: bool = False) -> str:
+    """flannel.<VNI>, or flanneld's flannel-v6.<VNI> for the IPv6 device of a dual-stack network."""
+    return f"flannel-v6.{vni}" if ipv6 else f"flannel.{vni}"
 
 
 def random_vtep_mac(rng: random.Random | None = None) -> str:
@@ -35,7 +47,7 @@ def random_vtep_mac(rng: random.Random | None = None) -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def stable_vtep_mac(machine_id: str, public_ip: IPv4Address, vni: int) -> str:
+def stable_vtep_mac(machine_id: str, public_ip: IPAddress, vni: int) -> str:
     """The VTEP MAC this host uses for a new device: derived from /etc/machine-id, the PublicIP and
     the VNI, so a reboot (which loses flannel.<VNI>) brings back the same MAC and peers' FDB/ARP
     entries stay right (flanneld makes a new random one, flannel#1828).  The PublicIP is part of
@@ -53,7 +65,7 @@ class VxlanDeviceSpec:
     name: str
     vni: int
     vtep_index: int
-    local: IPv4Address
+    local: IPAddress  # flannel-v6.<VNI>: the IPv6 underlay address
     port: int
     gbp: bool
     learning: bool
@@ -67,7 +79,7 @@ class VxlanDeviceFacts:
     kind: str  # "vxlan" or something else that took the name
     vni: int | None
     vtep_index: int | None
-    local: IPv4Address | None
+    local: IPAddress | None
     port: int | None
     gbp: bool
     learning: bool
@@ -99,9 +111,9 @@ def incompatibilities(spec: VxlanDeviceSpec, have: VxlanDeviceFacts) -> list[str
 
 @dataclass(frozen=True)
 class Neigh:
-    """A permanent ARP entry on the vxlan device: peer's base IP -> its VTEP MAC."""
+    """A permanent ARP (IPv6: neighbour) entry on the vxlan device: peer's base IP -> its VTEP MAC."""
 
-    ip: IPv4Address
+    ip: IPAddress
     mac: str
 
 
@@ -110,15 +122,15 @@ class Fdb:
     """A permanent bridge FDB entry (NTF_SELF) on the vxlan device: VTEP MAC -> underlay IP."""
 
     mac: str
-    dst: IPv4Address
+    dst: IPAddress
 
 
 @dataclass(frozen=True)
 class Route:
     """`dst via gateway [dev <vxlan> onlink]`; on_vxlan=False is a plain underlay route."""
 
-    dst: IPv4Network
-    gateway: IPv4Address
+    dst: IPNetwork
+    gateway: IPAddress
     on_vxlan: bool
 
 
@@ -169,21 +181,22 @@ def stale_entries(old: PeerPlan, new: PeerPlan) -> PeerPlan | None:
     return PeerPlan(route=new.route, neigh=neigh, fdb=fdb)
 
 
-def is_on_link(route_gateways: list[IPv4Address | None]) -> bool:
+def is_on_link(route_gateways: list[IPAddress | None]) -> bool:
     """flanneld's DirectRouting test: `ip route get <PublicIP>` gave exactly one route and
     it has no gateway."""
     return len(route_gateways) == 1 and route_gateways[0] is None
 
 
 def addresses_to_remove(
-    have: Iterable[tuple[IPv4Address, int]], keep: IPv4Address, network: IPv4Network
-) -> list[tuple[IPv4Address, int]]:
+    have: Iterable[tuple[IPAddress, int]], keep: IPAddress, network: IPNetwork
+) -> list[tuple[IPAddress, int]]:
     """Addresses on the vxlan device inside Network other than our `<base>/32` (left over
-    from an earlier lease or the v0.7 `/Network-prefix` scheme)."""
+    from an earlier lease or the v0.7 `/Network-prefix` scheme); IPv6: inside IPv6Network other
+    than `<base>/128` (the device's link-local address is outside it, so it stays)."""
     return [
         (ip, plen)
         for ip, plen in have
-        if ip in network and not (ip == keep and plen == 32)
+        if ip in network and not (ip == keep and plen == keep.max_prefixlen)
     ]
 
 
@@ -231,7 +244,7 @@ def device_repair(spec: VxlanDeviceSpec, mac: str, have: VxlanDeviceFacts | None
     )
 
 
-def route_is_ours(route: KernelRoute, device_index: int | None, underlay_index: int, network: IPv4Network) -> bool:
+def route_is_ours(route: KernelRoute, device_index: int | None, underlay_index: int, network: IPNetwork) -> bool:
     """Everything on the vxlan device is ours (but the kernel's own address routes), and so
     is a route marked with our protocol inside Network via the underlay (DirectRouting)."""
     if device_index is not None and route.oif == device_index:
@@ -239,8 +252,10 @@ def route_is_ours(route: KernelRoute, device_index: int | None, underlay_index: 
     return route.proto == FLANNEL_RTPROT and route.oif == underlay_index and route.dst.subnet_of(network)
 
 
-def route_matches(want: Route, have: KernelRoute, device_index: int | None) -> bool:
-    if (have.dst, have.gateway, have.proto, have.priority, have.tos) != (want.dst, want.gateway, FLANNEL_RTPROT, 0, 0):
+def route_matches(want: Route, have: KernelRoute, device_index: int | None, priority: int = 0) -> bool:
+    """priority: the metric our routes get (IPv6: IPV6_DEFAULT_METRIC)."""
+    if (have.dst, have.gateway, have.proto, have.priority, have.tos) != (want.dst, want.gateway, FLANNEL_RTPROT,
+                                                                         priority, 0):
         return False
     if want.on_vxlan:
         return have.oif == device_index and have.onlink
@@ -251,9 +266,9 @@ def route_matches(want: Route, have: KernelRoute, device_index: int | None) -> b
 class EntryDiff:
     """Entries to add (with the peer that needs them) and entries to delete."""
 
-    add_neighs: list[tuple[IPv4Network, Neigh]] = field(default_factory=list)
-    add_fdbs: list[tuple[IPv4Network, Fdb]] = field(default_factory=list)
-    add_routes: list[tuple[IPv4Network, Route]] = field(default_factory=list)
+    add_neighs: list[tuple[IPNetwork, Neigh]] = field(default_factory=list)
+    add_fdbs: list[tuple[IPNetwork, Fdb]] = field(default_factory=list)
+    add_routes: list[tuple[IPNetwork, Route]] = field(default_factory=list)
     remove_routes: list[KernelRoute] = field(default_factory=list)
     remove_neighs: list[KernelNeigh] = field(default_factory=list)
     remove_fdbs: list[KernelFdb] = field(default_factory=list)
@@ -265,15 +280,16 @@ class EntryDiff:
 
 
 def entry_diff(
-    wanted: Iterable[tuple[IPv4Network, PeerPlan]],
+    wanted: Iterable[tuple[IPNetwork, PeerPlan]],
     routes: Iterable[KernelRoute],
     neighs: Iterable[KernelNeigh],
     fdbs: Iterable[KernelFdb],
     *,
     device_index: int | None,
     underlay_index: int,
-    network: IPv4Network,
+    network: IPNetwork,
     remove_unexplained: bool,
+    route_priority: int = 0,
 ) -> EntryDiff:
     """What to add so every wanted peer's entries are there exactly, and (remove_unexplained)
     which of our entries no wanted peer explains.
@@ -282,9 +298,9 @@ def entry_diff(
     metric 0, a neighbour's IP, a unicast FDB entry's MAC), so an entry that is about to be
     overwritten is not also deleted.  Nobody else's entries are ever in the removals."""
     routes, neighs, fdbs = list(routes), list(neighs), list(fdbs)
-    want_routes: dict[IPv4Network, tuple[IPv4Network, Route]] = {}
-    want_neighs: dict[IPv4Address, tuple[IPv4Network, Neigh]] = {}
-    want_fdbs: dict[tuple[str, IPv4Address], tuple[IPv4Network, Fdb]] = {}
+    want_routes: dict[IPNetwork, tuple[IPNetwork, Route]] = {}
+    want_neighs: dict[IPAddress, tuple[IPNetwork, Neigh]] = {}
+    want_fdbs: dict[tuple[str, IPAddress], tuple[IPNetwork, Fdb]] = {}
     for subnet, plan in wanted:
         want_routes[plan.route.dst] = (subnet, plan.route)
         if plan.neigh is not None:
@@ -293,11 +309,11 @@ def entry_diff(
             want_fdbs[(plan.fdb.mac.lower(), plan.fdb.dst)] = (subnet, plan.fdb)
 
     diff = EntryDiff()
-    routes_at: dict[IPv4Network, list[KernelRoute]] = {}
+    routes_at: dict[IPNetwork, list[KernelRoute]] = {}
     for r in routes:
         routes_at.setdefault(r.dst, []).append(r)
     for dst, (subnet, want) in want_routes.items():
-        if not any(route_matches(want, have, device_index) for have in routes_at.get(dst, ())):
+        if not any(route_matches(want, have, device_index, route_priority) for have in routes_at.get(dst, ())):
             diff.add_routes.append((subnet, want))
     neigh_at = {n.ip: n for n in neighs}
     for ip, (subnet, want) in want_neighs.items():
@@ -316,9 +332,9 @@ def entry_diff(
         if not route_is_ours(r, device_index, underlay_index, network):
             continue
         wanted_here = want_routes.get(r.dst)
-        if wanted_here is not None and route_matches(wanted_here[1], r, device_index):
+        if wanted_here is not None and route_matches(wanted_here[1], r, device_index, route_priority):
             continue
-        if r.dst in replaced_routes and r.priority == 0 and r.tos == 0:
+        if r.dst in replaced_routes and r.priority == route_priority and r.tos == 0:
             continue  # the "replace" overwrites it
         diff.remove_routes.append(r)
     replaced_neighs = {want.ip for _s, want in diff.add_neighs}
@@ -343,16 +359,17 @@ def entry_diff(
 
 
 def change_matters(change: KernelChange, *, device_index: int | None, device: str, underlay_index: int,
-                   network: IPv4Network) -> bool:
-    """Whether a kernel notification (not caused by us) may have touched our entries."""
+                   network: IPNetwork, family: int = socket.AF_INET) -> bool:
+    """Whether a kernel notification (not caused by us) may have touched our entries (those of
+    `family`'s device: AF_INET6 for flannel-v6.<VNI>)."""
     if change.kind == "overflow":
         return True
     if change.kind == "link":
         return change.ifindex in (device_index, underlay_index) or change.ifname == device
     if change.kind == "addr":
-        return change.family == socket.AF_INET and change.ifindex == device_index
+        return change.family == family and change.ifindex == device_index
     if change.kind == "route":
-        if change.family != socket.AF_INET or change.table != MAIN_TABLE:
+        if change.family != family or change.table != MAIN_TABLE:
             return False
         return change.ifindex == device_index or (change.dst is not None and change.dst.subnet_of(network))
     if change.kind == "neigh":
