@@ -6,25 +6,92 @@ from several threads at once, so every netlink call goes through this single wor
 Also here: what the kernel holds, as plain values (KernelRoute, KernelNeigh, KernelFdb) and
 KernelDumps, which reads them (one dump per table), so the backends' pure plans can compare "what should
 be there" with "what is there"; and FLANNEL_RTPROT, the route protocol that marks our routes.
+
+This is the one module that imports pyroute2, and it loads only what IPRoute needs: pyroute2's
+package __init__ imports every API it has (NDB with sqlite3, IPDB, conntrack, ipset, nl80211,
+wireguard...), ~0.1 s and ~5 MiB that flanneld never uses.  `_bare_pyroute2()` registers the
+package without running its __init__ (which still runs, once, if anyone asks the package itself
+for a name: `from pyroute2 import NDB` keeps working), and IPRoute is imported on first use, by
+the netlink thread, not when this module is imported: a start-up pays for it only once it
+needs the kernel, and `flannelctl` commands that never do, never.
 """
 
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging
+import os
 import queue
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Callable, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import outcome
 import trio
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError  # re-exported: the one module that imports pyroute2
 
 from . import rtnl
+
+
+def _bare_pyroute2() -> None:
+    """Register the `pyroute2` package without running its __init__, so that importing one of
+    its modules loads that module and what it imports, not the whole library.  The __init__
+    runs (once, in the same module object) the first time an attribute the bare package lacks
+    is asked for, so code that wants the full package still gets it."""
+    if "pyroute2" in sys.modules:
+        return  # already imported, bare or whole: nothing to save
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        raise ImportError("pyroute2 is not installed (flannelpy needs it: pip install pyroute2)")
+    package = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+    lock = threading.Lock()
+
+    def complete(name: str) -> Any:
+        # Not for a submodule not imported yet: `from pyroute2 import config` (pyroute2's own
+        # modules do that) asks hasattr first, and must then import just that submodule.
+        # Nor for dunders that tools probe for (__wrapped__...), only the two __init__ sets.
+        if (name.startswith("__") and name not in ("__all__", "__version__")) or _is_submodule(package, name):
+            raise AttributeError(f"module 'pyroute2' has no attribute {name!r}")
+        with lock:
+            if package.__dict__.get("__getattr__") is complete:
+                del package.__dict__["__getattr__"]
+                loader.exec_module(package)  # pyroute2/__init__.py, run as its import would
+        return getattr(package, name)
+
+    package.__getattr__ = complete  # type: ignore[attr-defined]  # PEP 562: only for names not set
+    sys.modules["pyroute2"] = package
+
+
+def _is_submodule(package: ModuleType, name: str) -> bool:
+    return any(os.path.isfile(os.path.join(where, name + ".py")) or os.path.isdir(os.path.join(where, name))
+               for where in package.__path__)
+
+
+_bare_pyroute2()
+from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402  # re-exported (cheap: no IPRoute)
+
+if TYPE_CHECKING:
+    from pyroute2.iproute.linux import IPRoute
+
+
+def _iproute_class() -> "type[IPRoute]":
+    """pyroute2's IPRoute, imported on first use (~0.1 s, as much as everything else here)."""
+    from pyroute2.iproute.linux import IPRoute
+
+    return IPRoute
+
+
+def __getattr__(name: str) -> Any:
+    # `from flannelpy.hostnet.netlink import IPRoute` still works; it loads IPRoute then
+    if name == "IPRoute":
+        return _iproute_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -91,7 +158,8 @@ class NetlinkThread:
     def _serve(self) -> None:
         # groups=0: this socket only asks; notifications nobody reads would pile up in it
         # (hostnet.monitor has its own socket for them).
-        ipr = IPRoute(netns=self._netns, groups=0) if self._netns else IPRoute(groups=0)
+        iproute = _iproute_class()
+        ipr = iproute(netns=self._netns, groups=0) if self._netns else iproute(groups=0)
         try:
             self._port_id = _port_id_of(ipr)
         finally:

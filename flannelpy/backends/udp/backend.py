@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import trio
 
@@ -26,7 +26,7 @@ from flannelpy.backends.base import Backend, LeaseData
 from flannelpy.backends.repair import RESYNC_INTERVAL, RepairLoop
 from flannelpy.errors import FlannelError
 from flannelpy.hostnet.monitor import KernelChange
-from flannelpy.hostnet.netlink import MAIN_TABLE, IPRoute, NetlinkError
+from flannelpy.hostnet.netlink import MAIN_TABLE, NetlinkError
 from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
 
 from .bpfmaps import merged_counters
@@ -35,6 +35,9 @@ from .forwarder import Counters, Forwarder
 from .peertable import PeerTable
 from .plan import TunFacts, TunRepair, TunSpec, change_matters, tun_repair
 from .tun import open_tun
+
+if TYPE_CHECKING:
+    from flannelpy.hostnet.netlink import IPRoute  # annotations only: loaded by the netlink thread
 
 log = logging.getLogger(__name__)
 

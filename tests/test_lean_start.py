@@ -1,0 +1,93 @@
+"""Issue #19 (start-up and idle memory): what flanneld's start does not need is not imported.
+
+Each case runs in a fresh interpreter (this one has imported everything already) and checks
+sys.modules, so a dependency pulled in again by an innocent-looking import shows up here, and
+that what was left out still works when it is asked for.  Timings are bench/'s business.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+
+def _run(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_netlink_module_loads_neither_pyroute2s_init_nor_iproute():
+    got = _run("""
+        import json, sys
+        from flannelpy.hostnet import netlink
+        loaded = sorted(m for m in sys.modules if m.startswith("pyroute2"))
+        err = netlink.NetlinkError(17)
+        print(json.dumps({"loaded": loaded, "code": err.code, "msg": str(err)}))
+    """)
+    assert "pyroute2.iproute.linux" not in got["loaded"]
+    assert not [m for m in got["loaded"] if m.startswith(("pyroute2.ndb", "pyroute2.ipdb", "pyroute2.conntrack"))]
+    assert got["code"] == 17 and "File exists" in got["msg"]
+
+
+def test_iproute_is_loaded_on_first_use_without_the_rest_of_pyroute2():
+    got = _run("""
+        import json, sys
+        from flannelpy.hostnet.netlink import IPRoute, NetlinkError
+        with IPRoute() as ipr:
+            names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+            try:
+                ipr.link("del", index=2 ** 31 - 1)
+                code = 0
+            except NetlinkError as exc:  # the class we re-export is the one pyroute2 raises
+                code = exc.code
+        print(json.dumps({"names": names, "code": code,
+                          "ndb": "pyroute2.ndb" in sys.modules, "ipdb": "pyroute2.ipdb" in sys.modules}))
+    """)
+    assert "lo" in got["names"]
+    assert got["code"] == 19  # ENODEV
+    assert got["ndb"] is False and got["ipdb"] is False
+
+
+def test_the_whole_pyroute2_package_is_still_there_for_whoever_asks():
+    got = _run("""
+        import json
+        from flannelpy.hostnet.netlink import IPRoute, NetlinkError
+        import pyroute2
+        from pyroute2 import NDB, IPRoute as FullIPRoute
+        from pyroute2.netlink.exceptions import NetlinkError as Original
+        print(json.dumps({"same_iproute": FullIPRoute is IPRoute, "same_error": Original is NetlinkError,
+                          "ndb": NDB.__name__, "version": pyroute2.__version__, "all": len(pyroute2.__all__)}))
+    """)
+    assert got["same_iproute"] and got["same_error"]
+    assert got["ndb"] == "NDB" and got["version"] != "unknown" and got["all"] > 10
+
+
+def test_a_backend_is_imported_alone():
+    got = _run("""
+        import json, sys
+        from flannelpy.backends import backend_class
+        cls = backend_class("host-gw")
+        print(json.dumps({"name": cls.name, "backends": sorted({m.split(".")[2] for m in sys.modules
+                                                               if m.startswith("flannelpy.backends.")})}))
+    """)
+    assert got["name"] == "host-gw"
+    assert got["backends"] == ["base", "hostgw", "repair"]
+
+
+def test_etcd_clients_load_httpcore_without_http2_and_h2_stays_importable():
+    got = _run("""
+        import json, sys
+        from flannelpy.etcd.select import make_store
+        from flannelpy.etcd.store import EtcdOptions
+        make_store(EtcdOptions(), "v2"), make_store(EtcdOptions(), "v3")
+        before = sorted(m for m in sys.modules if m == "h2" or m.startswith("h2."))
+        import h2.connection
+        print(json.dumps({"httpcore": "httpcore" in sys.modules, "h2_before": before,
+                          "h2_after": "h2.connection" in sys.modules}))
+    """)
+    assert got["httpcore"] is True
+    assert got["h2_before"] == []
+    assert got["h2_after"] is True
