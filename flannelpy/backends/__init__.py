@@ -23,6 +23,13 @@ def available_backends() -> dict[str, type[Backend]]:
 
 
 def backend_class(backend_type: str) -> type[Backend]:
+    # The folder named like the type (host-gw: hostgw) is tried first, alone: a start imports its
+    # own backend only, not every backend's modules (the udp forwarder, tc-BPF loader...).
+    folder = backend_type.replace("-", "")
+    if folder != "base" and folder in {info.name for info in pkgutil.iter_modules(__path__)}:
+        cls = getattr(importlib.import_module(f"{__name__}.{folder}"), "BACKEND", None)
+        if cls is not None and cls.name == backend_type:
+            return cls
     backends = available_backends()
     try:
         return backends[backend_type]
