@@ -15,6 +15,7 @@ opens a store here get the same choice (transport_choice.py).
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import httpx
@@ -40,6 +41,7 @@ def check_api(api: str) -> str:
 
 def make_store(options: EtcdOptions, api: str) -> Store:
     """A store for one concrete API ("v3" or "v2"); no I/O."""
+    _httpcore_without_h2()
     if check_api(api) == "v2":
         return V2Store(options)
     if api == "v3":
@@ -47,6 +49,21 @@ def make_store(options: EtcdOptions, api: str) -> Store:
 
         return V3Store(options)
     raise UsageError('etcd API "auto" must be resolved first (see open_store)')
+
+
+def _httpcore_without_h2() -> None:
+    """Load httpcore (httpx loads it with the first client) without its HTTP/2 half: httpcore
+    imports h2 whenever it is installed (hypercorn brings it), ~40 ms of start-up for a protocol
+    the etcd clients never speak (no client asks for http2).  Once httpcore is loaded, h2 is
+    importable again for whoever needs it."""
+    if "httpcore" in sys.modules or "h2" in sys.modules:
+        return  # nothing left to save
+    sys.modules["h2"] = None  # type: ignore[assignment]  # `import h2` raises ImportError meanwhile
+    try:
+        import httpcore  # noqa: F401
+    finally:
+        if sys.modules.get("h2", 0) is None:
+            del sys.modules["h2"]
 
 
 def config_key(options: EtcdOptions) -> str:
