@@ -91,3 +91,47 @@ def test_etcd_clients_load_httpcore_without_http2_and_h2_stays_importable():
     assert got["httpcore"] is True
     assert got["h2_before"] == []
     assert got["h2_after"] is True
+
+
+def test_metrics_load_prometheus_client_only_when_scraped():
+    got = _run("""
+        import json, sys
+        from flannelpy.ops.health import route
+        from flannelpy.ops.metrics import Metrics
+        from flannelpy.ops.state import AgentState
+        state = AgentState()
+        m = Metrics(state)
+        m.renewal(True); m.watch_reconnects.inc(); m.observe_events([1], 0.003)
+        before = "prometheus_client" in sys.modules
+        status, ctype, body = route("/metrics", state, m)
+        print(json.dumps({"before": before, "after": "prometheus_client" in sys.modules, "status": status,
+                          "ctype": ctype.decode(), "renewals": "flannel_lease_renewals_total 1.0" in body.decode()}))
+    """)
+    assert got["before"] is False and got["after"] is True
+    assert got["status"] == 200 and got["ctype"].startswith("text/plain; version=") and got["renewals"]
+
+
+def test_metrics_text_is_what_prometheus_clients_own_counter_and_histogram_write():
+    """The plain counters and histogram render exactly as prometheus_client's Counter and
+    Histogram would (less their `_created` timestamps)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from flannelpy.ops.metrics import _PROGRAM_BUCKETS, Metrics
+
+    ours = Metrics()
+    ref = CollectorRegistry()
+    counters = {c.name: Counter(c.name, c.documentation, registry=ref) for c in ours.counters()}
+    hist = Histogram(ours.event_to_programmed.name, ours.event_to_programmed.documentation,
+                     buckets=_PROGRAM_BUCKETS, registry=ref)
+    for ok in (True, False, True):
+        ours.renewal(ok)
+        counters["flannel_lease_renewals" if ok else "flannel_lease_renewal_failures"].inc()
+    ours.watch_resyncs.inc(2)
+    counters["flannel_watch_resyncs"].inc(2)
+    for seconds in (0.0001, 0.0005, 0.003, 0.2, 1.0, 11.0):  # on a bound, between, beyond the last
+        ours.observe_events(["e1", "e2"], seconds)
+        hist.observe(seconds)
+        hist.observe(seconds)
+    want = [line for line in generate_latest(ref).decode().splitlines() if "_created" not in line]
+    got = ours.render().decode().splitlines()
+    assert got[:len(want)] == want

@@ -22,7 +22,6 @@ import trio
 
 from flannelpy.errors import FlannelError
 
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .state import AgentState
 
@@ -62,7 +61,7 @@ def route(path: str, state: AgentState, metrics: Metrics) -> tuple[int, bytes, b
             return 503, _TEXT, ("flanneld is not ready: data plane broken: " + "; ".join(problems)).encode()
         return 200, _TEXT, b"flanneld is ready"
     if path == "/metrics":
-        return 200, METRICS_CONTENT_TYPE.encode(), metrics.render()
+        return 200, metrics.content_type.encode(), metrics.render()
     if path == "/status":
         return 200, _JSON, state.to_json().encode() + b"\n"
     return 404, _TEXT, b"404 page not found\n"  # Go's http.NotFound text

@@ -4,26 +4,73 @@ Every Metrics owns a private CollectorRegistry, so two agents (or two tests) in 
 process never share or clash on metric names.  Values that the agent already keeps in
 AgentState (lease expiry, peers) are read from it at scrape time rather than mirrored, so
 they cannot drift; backend packet counters are read from a callable the backend provides.
+
+The agent's own counters and histogram are plain numbers until the first scrape: only then is
+prometheus_client (the text format's reference implementation, ~20 ms to import and ~1.2 MiB
+with http.server, wsgiref... that its exposition module pulls in) loaded, so the start-up does
+not pay for it and an agent nobody scrapes never holds it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Mapping, Sequence
-
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .state import AgentState
 
-log = logging.getLogger("flanneld.metrics")
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+log = logging.getLogger("flanneld.metrics")
 
 # Seconds from a lease event arriving to the backend having programmed it: sub-millisecond
 # for host-gw/udp table updates, up to seconds when netlink is slow or retried.
 _PROGRAM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def __getattr__(name: str) -> Any:
+    # CONTENT_TYPE is prometheus_client's; asking for it loads the library (a scrape does anyway)
+    if name == "CONTENT_TYPE":
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+        return CONTENT_TYPE_LATEST
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class Count:
+    """A monotonic counter (prometheus_client's Counter without the library)."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        self.value += amount
+
+
+class Buckets:
+    """A histogram with fixed upper bounds (prometheus_client's Histogram without the library)."""
+
+    def __init__(self, name: str, documentation: str, bounds: Sequence[float]) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.sum += value
+
+    def cumulative(self) -> list[int]:
+        out, total = [], 0
+        for c in self.counts:
+            total += c
+            out.append(total)
+        return out
 
 
 def split_counter_name(name: str) -> tuple[str, str, str] | None:
@@ -49,7 +96,8 @@ def split_counter_name(name: str) -> tuple[str, str, str] | None:
 
 
 class _StateCollector:
-    """Gauges derived from AgentState and backend counters, computed at scrape time."""
+    """The agent's counters and histogram, and gauges derived from AgentState and backend
+    counters, computed at scrape time."""
 
     def __init__(self, owner: "Metrics") -> None:
         self.owner = owner
@@ -58,6 +106,20 @@ class _StateCollector:
         return []  # unchecked collector: names are fixed below, registry need not pre-validate
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        for count in self.owner.counters():
+            yield CounterMetricFamily(count.name, count.documentation, value=count.value)
+        hist = self.owner.event_to_programmed
+        bounds = [floatToGoString(b) for b in hist.bounds] + ["+Inf"]
+        yield HistogramMetricFamily(hist.name, hist.documentation, buckets=list(zip(bounds, hist.cumulative())),
+                                    sum_value=hist.sum)
+        yield from self._state_gauges()
+
+    def _state_gauges(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         state = self.owner.state
         if state is not None:
             ready = GaugeMetricFamily("flannel_ready", "1 once subnet.env is written and the data plane is programmed")
@@ -95,6 +157,8 @@ class _StateCollector:
         yield from self._backend_counters()
 
     def _backend_counters(self) -> Iterable[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
         families = {
             "packets": CounterMetricFamily("flannel_backend_packets", "Packets forwarded by the backend",
                                            labels=["backend", "direction"]),
@@ -123,19 +187,36 @@ class _StateCollector:
 
 class Metrics:
     def __init__(self, state: AgentState | None = None) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
         self.state = state
         self._counter_sources: dict[str, Callable[[], Mapping[str, int]]] = {}
-        r = self.registry
-        self.renewals = Counter("flannel_lease_renewals", "Successful lease renewals", registry=r)
-        self.renewal_failures = Counter("flannel_lease_renewal_failures", "Failed lease renewal attempts", registry=r)
-        self.watch_reconnects = Counter("flannel_watch_reconnects", "etcd watch streams re-opened", registry=r)
-        self.watch_resyncs = Counter("flannel_watch_resyncs",
-                                     "Full re-lists of the leases (compaction, lost index)", registry=r)
-        self.event_to_programmed = Histogram("flannel_event_programming_seconds",
-                                             "Seconds from a lease event to the backend having programmed it",
-                                             buckets=_PROGRAM_BUCKETS, registry=r)
-        r.register(_StateCollector(self))
+        self._registry: CollectorRegistry | None = None
+        self.renewals = Count("flannel_lease_renewals", "Successful lease renewals")
+        self.renewal_failures = Count("flannel_lease_renewal_failures", "Failed lease renewal attempts")
+        self.watch_reconnects = Count("flannel_watch_reconnects", "etcd watch streams re-opened")
+        self.watch_resyncs = Count("flannel_watch_resyncs", "Full re-lists of the leases (compaction, lost index)")
+        self.event_to_programmed = Buckets("flannel_event_programming_seconds",
+                                           "Seconds from a lease event to the backend having programmed it",
+                                           _PROGRAM_BUCKETS)
+
+    def counters(self) -> tuple[Count, ...]:
+        return (self.renewals, self.renewal_failures, self.watch_reconnects, self.watch_resyncs)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """This agent's own registry, made (and prometheus_client loaded) on first use."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(_StateCollector(self))
+        return self._registry
+
+    @property
+    def content_type(self) -> str:
+        """The Content-Type of render()'s text."""
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+        return CONTENT_TYPE_LATEST
 
     def bind_state(self, state: AgentState) -> None:
         """Read lease/peer gauges from this state (serve_health does it when not done already)."""
@@ -162,4 +243,6 @@ class Metrics:
         (self.renewals if ok else self.renewal_failures).inc()
 
     def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
