@@ -139,13 +139,13 @@ class LeaseManager:
                                     previous_ipv6_subnet=self.previous_ipv6_subnet, exclude_ipv6=exclude_ipv6)
             for old in plan.delete:
                 log.info("found lease %s for our IP %s but it does not fit the current config; deleting it",
-                         old.key, self.public_ip)
+                         _shown(old), self.public_ip)
                 await self.store.delete_lease(old.subnet, old.ipv6_subnet)
             if plan.reuse is not None:
                 # A reservation (no TTL) stays one; a lease gets a fresh TTL.
                 ttl = 0 if plan.reuse.expiration is None else self.ttl
                 lease = await self.store.renew_lease(plan.reuse.subnet, self.attrs, ttl, plan.reuse.ipv6_subnet)
-                log.info("reusing lease %s of public IP %s%s", lease.key, self.public_ip,
+                log.info("reusing lease %s of public IP %s%s", _shown(lease), self.public_ip,
                          " (a reservation, no TTL)" if ttl == 0 else "")
                 self._set_current(lease)
                 return lease
@@ -153,12 +153,12 @@ class LeaseManager:
             lease = await self.store.create_lease(plan.create, self.attrs, self.ttl, plan.create_ipv6)
             if lease is not None:
                 self.created_subnet = lease.subnet  # ours to delete if start-up fails (release)
-                log.info("allocated lease %s%s", lease.key,
+                log.info("allocated lease %s%s", _shown(lease),
                          " (previous subnet from subnet.env)" if plan.create == self.previous_subnet else "")
                 self._set_current(lease)
                 return lease
             log.info("subnet %s was taken by another host while we created it; trying another",
-                     lease_key(plan.create, plan.create_ipv6))
+                     _shown(Lease(plan.create, self.attrs, ipv6_subnet=plan.create_ipv6)))
             exclude.append(plan.create)
             if plan.create_ipv6 is not None:
                 exclude_ipv6.append(plan.create_ipv6)
@@ -208,7 +208,7 @@ class LeaseManager:
             self.renewals += 1
             if self.on_renewal is not None:
                 self.on_renewal(True)
-            log.info("lease %s renewed, new expiration %s", renewed.key,
+            log.info("lease %s renewed, new expiration %s", _shown(renewed),
                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(renewed.expiration or 0)))
             self._set_current(renewed)
             # Never hot-loop when the margin is at least the TTL.
@@ -261,7 +261,7 @@ class LeaseManager:
     async def _recreate(self) -> None:
         subnet, ipv6_subnet = self.current.subnet, self.current.ipv6_subnet
         log.error("Lease has been revoked: the key for our subnet %s is gone (deleted or expired); "
-                  "re-creating the same subnet (flanneld would exit here)", self.current.key)
+                  "re-creating the same subnet (flanneld would exit here)", _shown(self.current))
         while True:
             try:
                 lease = await self.store.create_lease(subnet, self.attrs, self.ttl, ipv6_subnet)
@@ -278,7 +278,7 @@ class LeaseManager:
                 await trio.sleep(min(1.0, self.retry_interval_s))
                 continue
             self.recreations += 1
-            log.warning("re-created lease %s", lease.key)
+            log.warning("re-created lease %s", _shown(lease))
             self._set_current(lease)
             return
 
@@ -380,7 +380,7 @@ class LeaseManager:
         if self._current is None or self.created_subnet != self._current.subnet:
             return False
         await self.store.delete_lease(self.created_subnet, self._current.ipv6_subnet)
-        log.info("deleted lease %s, created by this run, as start-up failed", self._current.key)
+        log.info("deleted lease %s, created by this run, as start-up failed", _shown(self._current))
         return True
 
 
@@ -393,6 +393,11 @@ async def _retry_unavailable(fn):
             log.warning("etcd unavailable (%s); retrying in %.1fs", exc, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, _STARTUP_BACKOFF[1])
+
+
+def _shown(lease: Lease) -> str:
+    """A lease in a log line: its subnet, and with dual stack its IPv6 subnet (`10.5.7.0/24 fd42:0:0:7::/64`)."""
+    return str(lease.subnet) if lease.ipv6_subnet is None else f"{lease.subnet} {lease.ipv6_subnet}"
 
 
 def _human(seconds: float) -> str:
