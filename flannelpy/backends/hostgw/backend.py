@@ -7,6 +7,10 @@ never stops the agent.  run() reconciles every 10 s (flanneld's route checker pe
 within a fraction of a second of the kernel reporting a route change inside Network: missing
 routes are restored, and routes of ours (protocol FLANNEL_RTPROT, inside Network, via the
 underlay) that no accepted lease explains are removed.  Deciding is in plan.py.
+
+Dual stack (EnableIPv6), as flanneld: also `<peer IPv6 subnet> via <peer PublicIPv6>`, with the same
+protocol mark.  It is the same class run with family AF_INET6 (`self.v6`, owned by the IPv4 one),
+which sees each lease through its IPv6 side.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 from ipaddress import IPv4Network
 from typing import Any, Mapping, Sequence
 
@@ -23,11 +28,12 @@ from flannelpy.backends.base import Backend, LeaseData
 from flannelpy.backends.repair import RESYNC_INTERVAL, RepairLoop, RepairReport, describe_failures
 from flannelpy.errors import FlannelError
 from flannelpy.hostnet import rtnl
+from flannelpy.hostnet.interface import main_routes6
 from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, KernelDumps, NetlinkError, delete_route
-from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
+from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
-from .plan import Route, change_matters, missing_routes, route_diff
+from .plan import IPV6_DEFAULT_METRIC, IPNetwork, Route, change_matters, missing_routes, route_diff
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +51,29 @@ def _replace(ipr: Any, route: Route) -> None:
 def _route_request(add: bool, route: Route) -> rtnl.Request:
     """_replace's request, or its delete: protocol FLANNEL_RTPROT on both, so a delete never
     takes someone else's route to the same subnet."""
-    return rtnl.route_request(add, route.dst.network_address.packed, route.dst.prefixlen, route.gw.packed,
-                              oif=route.oif, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
+    req = rtnl.route_request(add, route.dst.network_address.packed, route.dst.prefixlen, route.gw.packed,
+                             oif=route.oif, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
+    if route.dst.version == 6:
+        # rtnl.route_request builds IPv4 routes; with 16-byte addresses it is an IPv6 one once
+        # rtm_family (the payload's first byte) says so.
+        req = rtnl.Request(req.type, req.flags, bytes([socket.AF_INET6]) + req.payload[1:])
+    return req
 
 
 def _transact(_ipr: Any, dumps: KernelDumps, requests: list[rtnl.Request]) -> list[int]:
     return dumps.transact(requests)
 
 
-def _reconcile(ipr: Any, dumps: KernelDumps, wanted: list[tuple[IPv4Network, Route]], underlay_index: int,
-               network: IPv4Network, remove_unexplained: bool) -> RepairReport:
+def _reconcile(ipr: Any, dumps: KernelDumps, wanted: list[tuple[IPNetwork, Route]], underlay_index: int,
+               network: IPNetwork, remove_unexplained: bool) -> RepairReport:
     """One pass: one route dump, the pure diff, one netlink call per difference; each call's
-    failure is recorded, never raised."""
+    failure is recorded, never raised.  IPv6 (network is an IPv6Network): its routes, read through
+    pyroute2, and their kernel default metric."""
     report = RepairReport()
-    diff = route_diff(wanted, dumps.routes(), underlay_index=underlay_index, network=network,
-                      remove_unexplained=remove_unexplained)
+    ipv6 = network.version == 6
+    diff = route_diff(wanted, main_routes6(ipr) if ipv6 else dumps.routes(), underlay_index=underlay_index,
+                      network=network, remove_unexplained=remove_unexplained,
+                      priority=IPV6_DEFAULT_METRIC if ipv6 else 0)
     for have in diff.remove:
         try:
             delete_route(ipr, have)
@@ -86,14 +100,36 @@ def _reason(exc: BaseException) -> str:
 class HostGwBackend(Backend):
     name = "host-gw"
 
-    def __init__(self, *args: Any, check_interval: float = CHECK_INTERVAL, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, check_interval: float = CHECK_INTERVAL, family: int = socket.AF_INET,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.routes: dict[IPv4Network, Route] = {}  # accepted peers' routes, programmed or not
+        # AF_INET6: this instance is the IPv6 side of a dual-stack network (self.v6 of the IPv4 one).
+        self.family = family
+        ipv6 = family == socket.AF_INET6
+        self.network: IPNetwork = self.config.ipv6_network if ipv6 else self.config.network  # type: ignore[assignment]
+        if ipv6 and self.network is None:
+            raise FlannelError("EnableIPv6: the host-gw backend needs IPv6Network")
+        self.routes: dict[IPNetwork, Route] = {}  # accepted peers' routes, programmed or not
         self._failed: dict[IPv4Network, str] = {}  # peers whose route the kernel refused -> why
         self._synced = False
         self._lock = trio.Lock()
         self.repairs: dict[str, int] = {}
-        self.loop = RepairLoop("host-gw", self.netlink, self.reconcile_once, self._notice, interval=check_interval)
+        self.loop = RepairLoop("host-gw IPv6" if ipv6 else "host-gw", self.netlink, self.reconcile_once,
+                               self._notice, interval=check_interval)
+        self.v6: HostGwBackend | None = None
+        if self.config.enable_ipv6 and not ipv6:
+            self.v6 = HostGwBackend(*args, check_interval=check_interval, family=socket.AF_INET6, **kwargs)
+
+    def lease_view(self, lease: Lease) -> Lease | None:
+        """A peer lease as this side sees it: itself for IPv4; for IPv6 its IPv6 subnet and
+        PublicIPv6 in the places of the IPv4 ones, None without them."""
+        if self.family == socket.AF_INET:
+            return lease
+        if lease.ipv6_subnet is None or lease.attrs.public_ipv6 is None:
+            return None
+        return Lease(lease.ipv6_subnet,  # type: ignore[arg-type]
+                     LeaseAttrs(lease.attrs.public_ipv6, lease.attrs.backend_type),  # type: ignore[arg-type]
+                     lease.expiration, lease.store_ref)
 
     @property
     def check_interval(self) -> float:
@@ -106,6 +142,13 @@ class HostGwBackend(Backend):
         return LeaseData("host-gw", None)
 
     async def start(self, lease: Lease) -> None:
+        if self.v6 is not None:
+            await self.v6.start(lease)
+            if self.ext.public_ipv6 != self.ext.ip6:
+                raise FlannelError(f"host-gw backend: public IPv6 {self.ext.public_ipv6} differs from interface "
+                                   f"{self.ext.name} address {self.ext.ip6}; host-gw cannot work through NAT")
+        if self.family == socket.AF_INET6:
+            return
         if self.ext.public_ip != self.ext.ip:
             raise FlannelError(
                 f"host-gw backend: public IP {self.ext.public_ip} differs from interface {self.ext.name} "
@@ -115,15 +158,20 @@ class HostGwBackend(Backend):
     # --- counts and health ---------------------------------------------------------------
 
     def programmed_count(self) -> int | None:
-        return len(self.routes) - len(self._failed)
+        # Dual stack: a peer whose IPv6 route failed is not programmed either.
+        return max(0, len(self.routes) - len(self._failed) - (len(self.v6._failed) if self.v6 is not None else 0))
 
     def data_plane_problems(self) -> list[str]:
         line = describe_failures({s: f"via {self.routes[s].gw}: {why}" for s, why in self._failed.items()
                                   if s in self.routes}, what="peer route")
-        return [line] if line else []
+        return ([line] if line else []) + (self.v6.data_plane_problems() if self.v6 is not None else [])
 
     def repair_counters(self) -> Mapping[str, int]:
-        return dict(self.repairs)
+        counters = dict(self.repairs)
+        if self.v6 is not None:
+            for key, n in self.v6.repairs.items():
+                counters[key] = counters.get(key, 0) + n
+        return counters
 
     def _mark_failed(self, subnet: IPv4Network, reason: str) -> None:
         if self._failed.get(subnet) != reason:  # once per peer and reason, not once per pass
@@ -140,6 +188,9 @@ class HostGwBackend(Backend):
     async def apply(self, events: Sequence[LeaseEvent]) -> None:
         """One rtnetlink request per event, the batch's requests sent together
         (hostnet.rtnl.transact) instead of one pyroute2 request/ACK round trip each."""
+        if self.v6 is not None:
+            views = ((e.kind, self.v6.lease_view(e.lease)) for e in events)
+            await self.v6.apply([LeaseEvent(kind, view) for kind, view in views if view is not None])
         async with self._lock:
             steps: list[tuple[bool, Route]] = []  # (add, route) in event order
             for event in events:
@@ -177,16 +228,18 @@ class HostGwBackend(Backend):
     def peers_synced(self) -> None:
         self._synced = True
         self.loop.wake()
+        if self.v6 is not None:
+            self.v6.peers_synced()
 
     def _notice(self, change: KernelChange) -> bool:
-        return change_matters(change, underlay_index=self.ext.index, network=self.config.network)
+        return change_matters(change, underlay_index=self.ext.index, network=self.network, family=self.family)
 
     async def reconcile_once(self) -> RepairReport:
         """Make the routes match the accepted leases now."""
         async with self._lock:
             wanted = list(self.routes.items())
             report = await self.netlink.call(_reconcile, self.netlink.dumps, wanted, self.ext.index,
-                                             self.config.network, self._synced)
+                                             self.network, self._synced)
             for subnet, _route in wanted:
                 if subnet in report.failures:
                     self._mark_failed(subnet, report.failures[subnet])
@@ -202,7 +255,12 @@ class HostGwBackend(Backend):
         return report
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.loop.run(task_status=task_status)
+        if self.v6 is None:
+            await self.loop.run(task_status=task_status)
+            return
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.v6.run)
+            await self.loop.run(task_status=task_status)
 
 
 BACKEND = HostGwBackend

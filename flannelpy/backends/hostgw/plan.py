@@ -4,25 +4,32 @@ One route per accepted peer, `<subnet> via <PublicIP> dev <underlay> proto 70`. 
 main-table routes with our protocol (FLANNEL_RTPROT) inside Network via the underlay; any
 other route, including one to a peer's subnet that someone else made, is not ours to remove
 (a wanted route to the same destination replaces it, as flanneld does).
+
+Dual stack (EnableIPv6): the same for IPv6, `<peer IPv6 subnet> via <PublicIPv6>` inside
+IPv6Network; IPv6 routes carry the kernel's default metric (1024), given as `priority`.
 """
 
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Iterable, Union
 
 from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, KernelRoute
+
+
+IPNetwork = Union[IPv4Network, IPv6Network]
+IPV6_DEFAULT_METRIC = 1024  # the metric of an IPv6 route added without one
 
 
 @dataclass(frozen=True)
 class Route:
     """A wanted route: `dst via gw dev <oif>`."""
 
-    dst: IPv4Network
-    gw: IPv4Address | None
+    dst: IPNetwork
+    gw: IPv4Address | IPv6Address | None
     oif: int | None
 
 
@@ -32,18 +39,18 @@ def missing_routes(desired: Iterable[Route], present: Iterable[Route]) -> list[R
     return [r for r in desired if r not in have]
 
 
-def route_is_ours(route: KernelRoute, underlay_index: int, network: IPv4Network) -> bool:
+def route_is_ours(route: KernelRoute, underlay_index: int, network: IPNetwork) -> bool:
     return route.proto == FLANNEL_RTPROT and route.oif == underlay_index and route.dst.subnet_of(network)
 
 
-def route_matches(want: Route, have: KernelRoute) -> bool:
+def route_matches(want: Route, have: KernelRoute, priority: int = 0) -> bool:
     return (have.dst, have.gateway, have.oif, have.proto, have.priority, have.tos) == \
-        (want.dst, want.gw, want.oif, FLANNEL_RTPROT, 0, 0)
+        (want.dst, want.gw, want.oif, FLANNEL_RTPROT, priority, 0)
 
 
 @dataclass
 class RouteDiff:
-    add: list[tuple[IPv4Network, Route]] = field(default_factory=list)  # (peer subnet, route), by "replace"
+    add: list[tuple[IPNetwork, Route]] = field(default_factory=list)  # (peer subnet, route), by "replace"
     remove: list[KernelRoute] = field(default_factory=list)
 
     @property
@@ -51,19 +58,19 @@ class RouteDiff:
         return not (self.add or self.remove)
 
 
-def route_diff(wanted: Iterable[tuple[IPv4Network, Route]], present: Iterable[KernelRoute], *,
-               underlay_index: int, network: IPv4Network, remove_unexplained: bool) -> RouteDiff:
+def route_diff(wanted: Iterable[tuple[IPNetwork, Route]], present: Iterable[KernelRoute], *,
+               underlay_index: int, network: IPNetwork, remove_unexplained: bool, priority: int = 0) -> RouteDiff:
     """Wanted routes the kernel lacks (or holds differently), and (remove_unexplained) our
     routes that no wanted one explains.  A route about to be overwritten by the "replace" of
-    a wanted one (same dst, metric 0) is not also deleted."""
+    a wanted one (same dst, our metric: `priority`, 0 for IPv4) is not also deleted."""
     present = list(present)
     want = {route.dst: (subnet, route) for subnet, route in wanted}
-    at: dict[IPv4Network, list[KernelRoute]] = {}
+    at: dict[IPNetwork, list[KernelRoute]] = {}
     for have in present:
         at.setdefault(have.dst, []).append(have)
     diff = RouteDiff()
     for dst, (subnet, route) in want.items():
-        if not any(route_matches(route, have) for have in at.get(dst, ())):
+        if not any(route_matches(route, have, priority) for have in at.get(dst, ())):
             diff.add.append((subnet, route))
     if remove_unexplained:
         replaced = {route.dst for _s, route in diff.add}
@@ -71,22 +78,28 @@ def route_diff(wanted: Iterable[tuple[IPv4Network, Route]], present: Iterable[Ke
             if not route_is_ours(have, underlay_index, network):
                 continue
             wanted_here = want.get(have.dst)
-            if wanted_here is not None and route_matches(wanted_here[1], have):
+            if wanted_here is not None and route_matches(wanted_here[1], have, priority):
                 continue
-            if have.dst in replaced and have.priority == 0 and have.tos == 0:
+            if have.dst in replaced and have.priority == priority and have.tos == 0:
                 continue
             diff.remove.append(have)
     return diff
 
 
-def change_matters(change: KernelChange, *, underlay_index: int, network: IPv4Network) -> bool:
+def change_matters(change: KernelChange, *, underlay_index: int, network: IPNetwork,
+                   family: int = socket.AF_INET) -> bool:
     """Whether a kernel notification (not caused by us) may have touched our routes: a route
-    inside Network changed, or the underlay went down or up (which drops routes silently)."""
+    inside Network changed, or the underlay went down or up (which drops routes silently).
+    IPv6 (family AF_INET6): the monitor gives no destination, so any main-table route change via
+    the underlay counts."""
     if change.kind == "overflow":
         return True
     if change.kind == "link":
         return change.ifindex == underlay_index
     if change.kind == "route":
-        return (change.family == socket.AF_INET and change.table == MAIN_TABLE
-                and change.dst is not None and change.dst.subnet_of(network))
+        if change.family != family or change.table != MAIN_TABLE:
+            return False
+        if family == socket.AF_INET6:
+            return change.dst is None and change.ifindex in (underlay_index, None)
+        return change.dst is not None and change.dst.subnet_of(network)
     return False

@@ -46,7 +46,7 @@ from flannelpy.backends.repair import (
 from flannelpy.config.network import NetworkConfig
 from flannelpy.errors import ConfigError, FlannelError
 from flannelpy.hostnet import rtnl
-from flannelpy.hostnet.interface import route_get_hops
+from flannelpy.hostnet.interface import main_routes6, route_get_hops
 from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import (
     FLANNEL_RTPROT,
@@ -300,16 +300,7 @@ def _kernel_state(ipr: Any, dumps: KernelDumps, index: int, ipv6: bool
     IPv4 through the fast dumps (KernelDumps), IPv6 through pyroute2, as KernelDumps reads IPv4 only."""
     if not ipv6:
         return dumps.routes(), dumps.neighbours(index), dumps.fdb(index)
-    routes = []
-    for msg in ipr.get_routes(family=socket.AF_INET6, table=MAIN_TABLE):
-        if msg.get_attr("RTA_TABLE", msg["table"]) != MAIN_TABLE or msg["type"] != 1:  # RTN_UNICAST
-            continue
-        gw = msg.get_attr("RTA_GATEWAY")
-        routes.append(KernelRoute(
-            dst=IPv6Network(f"{msg.get_attr('RTA_DST') or '::'}/{msg['dst_len']}", strict=False),
-            gateway=IPv6Address(gw) if gw else None, oif=msg.get_attr("RTA_OIF"), proto=msg["proto"],
-            priority=msg.get_attr("RTA_PRIORITY") or 0, tos=msg["tos"],
-            onlink=bool(msg["flags"] & RTNH_F_ONLINK)))
+    routes = main_routes6(ipr)
     neighs = []
     for msg in ipr.get_neighbours(family=socket.AF_INET6, ifindex=index):
         dst, mac = msg.get_attr("NDA_DST"), msg.get_attr("NDA_LLADDR")
