@@ -6,6 +6,10 @@ Topology (every namespace name starts with the lab's prefix, so nothing else is 
     <prefix>-hN   host N: `eth0` 10.250.0.(10+N)/24 on the underlay bridge, runs `flanneld`
     <prefix>-cN   container N: `eth0` behind bridge `cbr0` in host N, addressed from its subnet.env
 
+With `ipv6` (dual stack, `flannelctl lab up --ipv6`) the underlay also carries fd99::/64 (br0 fd99::1,
+host N fd99::(10+N)), the default config sets EnableIPv6 with IPv6Network fd42::/48, and each
+container also gets an address from FLANNEL_IPV6_SUBNET.
+
 Each agent is started exactly as a user would run it (`flanneld -etcd-endpoints=... -iface=eth0`)
 through `nsenter --net=`, in its own session so the lab outlives `flannelctl lab up`.  The lab's
 state (names, PIDs, paths) is kept in `<workdir>/lab.json`, written before anything is made and
@@ -28,7 +32,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from typing import Any
 
 from flannelpy.errors import FlannelError
@@ -39,6 +43,8 @@ from .etcd_server import EtcdServer
 from .leftovers import find_leftovers, lab_namespaces, list_namespaces, processes_in, stop_processes
 
 UNDERLAY_NET = IPv4Network("10.250.0.0/24")
+UNDERLAY_NET6 = IPv6Network("fd99::/64")  # the underlay's IPv6 side (Lab.ipv6)
+DEFAULT_IPV6_NETWORK = "fd42::/48"
 ETCD_IP = "10.250.0.1"
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
@@ -68,17 +74,26 @@ def host_ip(index: int) -> str:
     return str(UNDERLAY_NET.network_address + 10 + index)
 
 
+def host_ip6(index: int) -> str:
+    """Host N's underlay IPv6 address: fd99::(10+N), written in hex as the kernel prints it."""
+    return str(UNDERLAY_NET6.network_address + 10 + index)
+
+
 def own_command(name: str) -> str:
     """flanneld/flannelctl from the same installation as this Python (a venv need not be on PATH)."""
     sibling = os.path.join(os.path.dirname(sys.executable), name)
     return sibling if os.access(sibling, os.X_OK) else name
 
 
-def default_config(backend: str, network: str = "10.5.0.0/16") -> str:
-    """The network config the lab writes; `none` writes no Backend at all (flanneld: udp)."""
-    if backend == "none":
-        return json.dumps({"Network": network})
-    return json.dumps({"Network": network, "Backend": {"Type": backend}})
+def default_config(backend: str, network: str = "10.5.0.0/16", ipv6_network: str = "") -> str:
+    """The network config the lab writes; `none` writes no Backend at all (flanneld: udp).
+    ipv6_network: dual stack (EnableIPv6 with that IPv6Network)."""
+    doc: dict[str, Any] = {"Network": network}
+    if ipv6_network:
+        doc.update(EnableIPv6=True, IPv6Network=ipv6_network)
+    if backend != "none":
+        doc["Backend"] = {"Type": backend}
+    return json.dumps(doc)
 
 
 def run(*args: str, netns: str | None = None, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -146,6 +161,9 @@ class LabHost:
     subnet: str = ""  # FLANNEL_SUBNET once written
     mtu: int = 0
     container_ip: str = ""
+    ip6: str = ""  # dual stack: the underlay IPv6 address
+    subnet6: str = ""  # FLANNEL_IPV6_SUBNET once written
+    container_ip6: str = ""
 
     @property
     def subnet_file(self) -> str:
@@ -178,12 +196,14 @@ class Lab:
     forward_etcd: bool = False
     host_etcd_port: int = 0
     forward_pid: int = 0
+    # Dual stack: IPv6 on the underlay (fd99::/64) and, unless `config` is given, EnableIPv6 in it.
+    ipv6: bool = False
 
     def __post_init__(self) -> None:
         if not self.workdir:
             self.workdir = os.path.join(DEFAULT_WORKDIR, self.prefix)
         if not self.config:
-            self.config = default_config(self.backend)
+            self.config = default_config(self.backend, ipv6_network=DEFAULT_IPV6_NETWORK if self.ipv6 else "")
         if not 1 <= self.hosts <= 200:
             raise LabError(f"--hosts {self.hosts}: must be between 1 and 200")
         self._etcd: EtcdServer | None = None
@@ -292,6 +312,8 @@ class Lab:
         run("ip", "-n", ns, "link", "set", "lo", "up")
         run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
         run("ip", "-n", ns, "addr", "add", f"{ETCD_IP}/24", "dev", "br0")
+        if self.ipv6:
+            run("ip", "-n", ns, "addr", "add", f"{UNDERLAY_NET6.network_address + 1}/64", "dev", "br0", "nodad")
         run("ip", "-n", ns, "link", "set", "br0", "up")
 
     def _start_etcd(self) -> None:
@@ -366,7 +388,8 @@ class Lab:
 
     def _build_host(self, i: int) -> None:
         ns, cns = f"{self.prefix}-h{i}", f"{self.prefix}-c{i}"
-        host = LabHost(index=i, netns=ns, container_ns=cns, ip=host_ip(i), dir=os.path.join(self.workdir, f"h{i}"))
+        host = LabHost(index=i, netns=ns, container_ns=cns, ip=host_ip(i), dir=os.path.join(self.workdir, f"h{i}"),
+                       ip6=host_ip6(i) if self.ipv6 else "")
         self.host_list.append(host)
         os.makedirs(host.dir, exist_ok=True)
         run("ip", "netns", "add", ns)
@@ -374,8 +397,13 @@ class Lab:
         run("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"h{i}", "netns", self.underlay_ns)
         run("ip", "-n", self.underlay_ns, "link", "set", f"h{i}", "master", "br0", "up")
         run("ip", "-n", ns, "addr", "add", f"{host.ip}/24", "dev", "eth0")
+        if host.ip6:
+            # nodad: usable at once, so the agent finds it when it starts
+            run("ip", "-n", ns, "addr", "add", f"{host.ip6}/64", "dev", "eth0", "nodad")
         run("ip", "-n", ns, "link", "set", "eth0", "up")
         run("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=ns)
+        if host.ip6:
+            run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", netns=ns)
 
     def agent_command(self, host: LabHost) -> list[str]:
         return [
@@ -439,6 +467,7 @@ class Lab:
                     with open(host.subnet_file) as f:
                         env = parse_env_file(f.read())
                     host.subnet = env["FLANNEL_SUBNET"]
+                    host.subnet6 = env.get("FLANNEL_IPV6_SUBNET", "")
                     host.mtu = int(env["FLANNEL_MTU"])
                     return env
             except FileNotFoundError:
@@ -474,6 +503,13 @@ class Lab:
         run("ip", "-n", cns, "link", "set", "eth0", "up")
         run("ip", "-n", cns, "route", "add", "default", "via", str(bridge.ip))
         host.container_ip = str(cip.ip)
+        if host.subnet6:
+            bridge6 = IPv6Interface(host.subnet6)
+            cip6 = IPv6Interface((int(bridge6.ip) + 1, bridge6.network.prefixlen))
+            run("ip", "-n", ns, "addr", "add", str(bridge6), "dev", "cbr0", "nodad")
+            run("ip", "-n", cns, "addr", "add", str(cip6), "dev", "eth0", "nodad")
+            run("ip", "-n", cns, "-6", "route", "add", "default", "via", str(bridge6.ip))
+            host.container_ip6 = str(cip6.ip)
 
     # --- use -------------------------------------------------------------------------------
 
@@ -489,11 +525,15 @@ class Lab:
         self.last_pings[(src, dst)] = result
         return result.ok
 
-    def ping_report(self, src: int, dst: int, count: int = 1, timeout_s: int = 2) -> "PingResult":
+    def ping_report(self, src: int, dst: int, count: int = 1, timeout_s: int = 2, *,
+                    ipv6: bool = False) -> "PingResult":
+        """ipv6: between the containers' IPv6 addresses (dual stack)."""
         a, b = self.host(src), self.host(dst)
-        cmd = ["busybox", "ping", "-c", str(count), "-W", str(timeout_s), b.container_ip or "(no container IP)"]
+        have_a, have_b = (a.container_ip6, b.container_ip6) if ipv6 else (a.container_ip, b.container_ip)
+        cmd = ["busybox", "ping", *(["-6"] if ipv6 else []), "-c", str(count), "-W", str(timeout_s),
+               have_b or "(no container IP)"]
         tried = f"{' '.join(cmd)} in netns {a.container_ns}"
-        if not a.container_ip or not b.container_ip:
+        if not have_a or not have_b:
             return PingResult(False, tried, "a container has no address (its host has no subnet.env?)")
         try:
             proc = run(*cmd, netns=a.container_ns, check=False, timeout=count * timeout_s + 10)
@@ -505,14 +545,20 @@ class Lab:
         return {(a.index, b.index): self.ping(a.index, b.index)
                 for a in self.host_list for b in self.host_list if a.index != b.index}
 
-    def wait_all_pings(self, timeout: float = 30.0) -> dict[tuple[int, int], bool]:
-        """Retry failing pairs until all answer or the time is up (peers appear via the watch)."""
+    def wait_all_pings(self, timeout: float = 30.0, *, ipv6: bool = False) -> dict[tuple[int, int], bool]:
+        """Retry failing pairs until all answer or the time is up (peers appear via the watch).
+        ipv6: the containers' IPv6 addresses."""
         deadline = time.monotonic() + timeout
-        results = {pair: False for pair in self.ping_matrix()}
+        results = {(a.index, b.index): False for a in self.host_list for b in self.host_list if a.index != b.index}
         while True:
             for pair, ok in results.items():
                 if not ok:
-                    results[pair] = self.ping(*pair, timeout_s=1)
+                    if ipv6:
+                        result = self.ping_report(*pair, timeout_s=1, ipv6=True)
+                        self.last_pings[pair] = result
+                        results[pair] = result.ok
+                    else:
+                        results[pair] = self.ping(*pair, timeout_s=1)
             if all(results.values()) or time.monotonic() > deadline:
                 return results
             time.sleep(0.2)
@@ -533,7 +579,11 @@ class Lab:
         if not subnet:
             raise LabError(f"host {i} has no subnet yet")
         net = IPv4Interface(subnet).network
-        return f"{self.etcd_prefix.rstrip('/')}/subnets/{net.network_address}-{net.prefixlen}"
+        key = f"{self.etcd_prefix.rstrip('/')}/subnets/{net.network_address}-{net.prefixlen}"
+        if self.host(i).subnet6:  # dual stack: flanneld's `<v4>&<v6>` key
+            net6 = IPv6Interface(self.host(i).subnet6).network
+            key += f"&{net6.network_address}-{net6.prefixlen}"
+        return key
 
     def lease_value(self, i: int, api: str = "") -> dict[str, Any] | None:
         """Host i's lease value as stored in etcd (None when absent).  `api` defaults to the
@@ -589,7 +639,8 @@ class Lab:
             "hosts": [
                 {"host": h.index, "namespace": h.netns, "ip": h.ip, "subnet": h.subnet, "mtu": h.mtu,
                  "container_namespace": h.container_ns, "container_ip": h.container_ip,
-                 "agent_pid": h.pid, "agent_running": bool(h.pid) and _pid_alive(h.pid), "log": h.log_file}
+                 "agent_pid": h.pid, "agent_running": bool(h.pid) and _pid_alive(h.pid), "log": h.log_file,
+                 **({"ip6": h.ip6, "subnet6": h.subnet6, "container_ip6": h.container_ip6} if self.ipv6 else {})}
                 for h in self.host_list
             ],
         }
@@ -649,6 +700,10 @@ def status_lines(st: dict[str, Any]) -> list[str]:
         agent = f"pid {h['agent_pid']}" if h["agent_running"] else "stopped"
         lines.append(f"{h['host']:<5} {h['namespace']:<12} {h['ip']:<13} {h['subnet'] or '-':<16} {h['mtu'] or '-':<5} "
                      f"{h['container_ip'] or '-':<14} {agent}")
+    if any("ip6" in h for h in st["hosts"]):
+        lines.append(f"{'HOST':<5} {'UNDERLAY IPv6':<13} {'IPv6 SUBNET':<24} CONTAINER IPv6")
+        for h in st["hosts"]:
+            lines.append(f"{h['host']:<5} {h['ip6'] or '-':<13} {h['subnet6'] or '-':<24} {h['container_ip6'] or '-'}")
     docker = [h for h in st["hosts"] if "docker" in h]
     if docker:
         lines.append("docker: one dockerd per host; flanneld writes bip and mtu into its daemon.json; image busybox "
@@ -669,11 +724,13 @@ def status_lines(st: dict[str, Any]) -> list[str]:
 
 
 def ping_lines(results: dict[tuple[int, int], bool], tried: dict[tuple[int, int], "PingResult"],
-               hosts: int) -> list[str]:
-    """Pure: the ping section; a failed pair says what was tried and what it answered."""
+               hosts: int, family: str = "") -> list[str]:
+    """Pure: the ping section; a failed pair says what was tried and what it answered.
+    family: "IPv6" for the dual-stack lab's second section."""
+    what = f"cross-host {family} pings" if family else "cross-host pings"
     if hosts < 2:
-        return ["cross-host pings: none (a 1-host lab has no pair of hosts; use --hosts 2 or more)"]
-    lines = ["cross-host pings:"]
+        return [f"{what}: none (a 1-host lab has no pair of hosts; use --hosts 2 or more)"]
+    lines = [f"{what}:"]
     for (a, b), ok in sorted(results.items()):
         line = f"  container on host {a} -> container on host {b}: {'ok' if ok else 'FAILED'}"
         if not ok and (a, b) in tried:

@@ -8,6 +8,7 @@ import os
 import sys
 
 from flannelpy.lab.netns_lab import (
+    DEFAULT_IPV6_NETWORK,
     DEFAULT_PREFIX,
     DEFAULT_WORKDIR,
     Lab,
@@ -42,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--machines", action="store_true",
                     help="booted systemd machines instead of namespaces: an etcd machine and --hosts Docker hosts "
                          "provisioned by vagrant/'s scripts (flanneld.service, docker.io); see flannelpy.lab.machines")
+    up.add_argument("--ipv6", action="store_true",
+                    help="dual stack: IPv6 on the underlay (fd99::/64), EnableIPv6 with IPv6Network "
+                         f"{DEFAULT_IPV6_NETWORK} in the config, an IPv6 address in each container, IPv6 pings too "
+                         "(namespace lab, vxlan or host-gw)")
     up.add_argument("--json", action="store_true", help="print the lab status and ping results as JSON")
     up.set_defaults(func=_up)
 
@@ -62,17 +67,26 @@ def _require_root() -> None:
         raise LabError("the lab creates network namespaces: run it as root")
 
 
-def _print_pings(lab: Lab, results: dict[tuple[int, int], bool]) -> None:
-    for line in ping_lines(results, getattr(lab, "last_pings", {}), len(lab.host_list)):
-        print(line)
+def _pings_json(results: dict[tuple[int, int], bool], family: str = "") -> list[dict]:
+    extra = {"family": family} if family else {}
+    return [{"from": a, "to": b, "ok": ok, **extra} for (a, b), ok in sorted(results.items())]
 
 
-def _pings_json(results: dict[tuple[int, int], bool]) -> list[dict]:
-    return [{"from": a, "to": b, "ok": ok} for (a, b), ok in sorted(results.items())]
+def _pings6(lab: Lab) -> tuple[dict[tuple[int, int], bool], dict]:
+    """A dual-stack lab's IPv6 pings and what each tried ({} without --ipv6)."""
+    if not getattr(lab, "ipv6", False):
+        return {}, {}
+    results = lab.wait_all_pings(ipv6=True)
+    return results, dict(lab.last_pings)
 
 
 def _up(args: argparse.Namespace) -> int:
     _require_root()
+    if args.ipv6 and (args.docker or args.machines):
+        raise LabError("--ipv6: only the namespace lab runs dual stack (not with --docker or --machines)")
+    if args.ipv6 and args.backend not in ("vxlan", "host-gw"):
+        raise LabError(f"--ipv6 with --backend {args.backend}: dual stack runs on vxlan or host-gw "
+                       "(flanneld's udp backend has no IPv6 data plane either)")
     if args.machines:
         return _up_machines(args)
     if args.docker:
@@ -83,8 +97,9 @@ def _up(args: argparse.Namespace) -> int:
                              config=default_config(args.backend, args.network))
     else:
         lab = Lab(prefix=args.prefix, hosts=args.hosts, backend=args.backend, etcd_api=args.etcd_api,
-                  etcd_prefix=args.etcd_prefix, workdir=args.workdir,
-                  config=default_config(args.backend, args.network))
+                  etcd_prefix=args.etcd_prefix, workdir=args.workdir, ipv6=args.ipv6,
+                  config=default_config(args.backend, args.network,
+                                        ipv6_network=DEFAULT_IPV6_NETWORK if args.ipv6 else ""))
     lab.forward_etcd = True  # etcd on 127.0.0.1 of this namespace, where a user tries first
     if not args.json:
         print(f"starting lab {args.prefix}: etcd + {args.hosts} hosts, backend {lab.backend_shown()} ...", flush=True)
@@ -103,18 +118,25 @@ def _up(args: argparse.Namespace) -> int:
         return interrupt_exit_code()
     try:
         results = lab.wait_all_pings()
+        tried = dict(getattr(lab, "last_pings", {}))
+        results6, tried6 = _pings6(lab)
     except KeyboardInterrupt:
         print(f"flannelctl: interrupted ({interrupt_name()}) while pinging; the lab is up: "
               f"`{lab_command(args.prefix, args.workdir, 'status --ping')}` to test it, "
               f"`{lab_command(args.prefix, args.workdir, 'down')}` to remove it", file=sys.stderr)
         return interrupt_exit_code()
-    ok = all(results.values())
+    ok = all(results.values()) and all(results6.values())
     if args.json:
-        json.dump({**lab.status(), "pings": _pings_json(results)}, sys.stdout, indent=2)
+        json.dump({**lab.status(), "pings": _pings_json(results) + _pings_json(results6, "ipv6")}, sys.stdout,
+                  indent=2)
         print()
     else:
         print_status(lab)
-        _print_pings(lab, results)
+        for line in ping_lines(results, tried, len(lab.host_list)):
+            print(line)
+        if results6:
+            for line in ping_lines(results6, tried6, len(lab.host_list), "IPv6"):
+                print(line)
         verdict = "no pairs to ping" if not results else "all pings answered" if ok else "SOME PINGS FAILED"
         print(f"{verdict}; `{lab_command(args.prefix, args.workdir, 'status --ping')}` to re-test, "
               f"`{lab_command(args.prefix, args.workdir, 'down')}` to remove the lab")
@@ -198,17 +220,23 @@ def _down(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     lab = _load(args)
     results = lab.ping_matrix() if args.ping else {}
+    tried = dict(getattr(lab, "last_pings", {}))
+    results6, tried6 = _pings6(lab) if args.ping else ({}, {})
     if args.json:
         doc = lab.status()
         if args.ping:
-            doc["pings"] = _pings_json(results)
+            doc["pings"] = _pings_json(results) + _pings_json(results6, "ipv6")
         json.dump(doc, sys.stdout, indent=2)
         print()
     else:
         if isinstance(lab, Lab):
             print_status(lab)
             if args.ping:
-                _print_pings(lab, results)
+                for line in ping_lines(results, tried, len(lab.host_list)):
+                    print(line)
+                if results6:
+                    for line in ping_lines(results6, tried6, len(lab.host_list), "IPv6"):
+                        print(line)
         else:
             from flannelpy.lab.machines import print_status as print_machines
 
@@ -216,4 +244,4 @@ def _status(args: argparse.Namespace) -> int:
             if args.ping:
                 for (a, b), ok in sorted(results.items()):
                     print(f"  container on host {a} -> container on host {b}: {'ok' if ok else 'FAILED'}")
-    return 0 if all(results.values()) else 1
+    return 0 if all(results.values()) and all(results6.values()) else 1
