@@ -228,3 +228,45 @@ def test_flannelctl_lab_up_ipv6_refusals(root: None, extra: list[str], says: str
     proc = flannelctl("lab", "--prefix", prefix, "--workdir", f"/tmp/{prefix}", "up", "--ipv6", *extra, timeout=30)
     assert proc.returncode != 0 and says in proc.stderr, proc.stderr
     assert not Path(f"/tmp/{prefix}").exists()
+
+
+def test_ipv6_only_flanneld_v0_20_2_gives_two_hosts_one_lease_and_flannelpy_refuses_it(
+        make_lab: Callable[..., Lab], tmp_path: Path) -> None:
+    """Why EnableIPv4 false is refused: the real flanneld v0.20.2 in etcd mode leases every IPv6-only
+    host under `0.0.0.0-0&<IPv6 subnet>` with PublicIP 0.0.0.0, so the second host "finds its lease"
+    by that PublicIP and takes the first one's subnet.  flannelpy says so and exits 1, writing nothing."""
+    if not FLANNELD_V0_20_2.exists():
+        pytest.skip(f"{FLANNELD_V0_20_2} is absent (the reference binaries live beside the repository)")
+    binary = tmp_path / "flanneld-v0.20.2"
+    with open(binary, "wb") as out:
+        subprocess.run(["xz", "-dc", str(FLANNELD_V0_20_2)], stdout=out, check=True)
+    binary.chmod(0o755)
+
+    @dataclass
+    class GoLab(Lab):
+        def agent_command(self, host: LabHost) -> list[str]:
+            return [str(binary), f"-etcd-endpoints={self.etcd_endpoint}", f"-etcd-prefix={self.etcd_prefix}",
+                    "-iface=eth0", f"-subnet-file={host.subnet_file}"]
+
+        def up(self, wait: float = 60.0) -> None:  # one after the other, so the second sees the first
+            self.build()
+            for host in self.host_list:
+                self.start_agent(host.index)
+                self.wait_subnet_env(host.index, wait)
+
+    config = json.dumps({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd42::/48",
+                         "Backend": {"Type": "vxlan"}})
+    lab = make_lab(GoLab, hosts=2, backend="vxlan", config=config, with_containers=False)
+    keys = lab.etcdctl("get", f"{lab.etcd_prefix}/subnets/", "--prefix", "--keys-only").stdout.split()
+    assert len(keys) == 1 and keys[0].rsplit("/", 1)[1].startswith("0.0.0.0-0&fd42:"), keys
+    env1, env2 = dict(subnet_env_lines(lab, 1)), dict(subnet_env_lines(lab, 2))
+    assert env1["FLANNEL_IPV6_SUBNET"] == env2["FLANNEL_IPV6_SUBNET"]  # two hosts, one subnet
+    assert json.loads(lab.etcdctl("get", keys[0], "--print-value-only").stdout)["PublicIP"] == "0.0.0.0"
+
+    ours = subprocess.run(["nsenter", f"--net=/var/run/netns/{lab.host(1).netns}", "flanneld",
+                           f"-etcd-endpoints={lab.etcd_endpoint}", "-iface=eth0",
+                           f"-subnet-file={tmp_path / 'subnet.env'}", f"-status-socket={tmp_path / 's.sock'}"],
+                          capture_output=True, text=True, timeout=60)
+    assert ours.returncode == 1, ours.stderr
+    assert "EnableIPv4: false (IPv6-only) is not supported with etcd, by flanneld either" in ours.stderr
+    assert not (tmp_path / "subnet.env").exists()

@@ -269,11 +269,12 @@ def check_config(text: str | bytes, collect: bool = False, *,
         fail(ConfigError("EnableIPv4: false with EnableIPv6 false (or absent) leaves no network to run; "
                          "remove EnableIPv4 or set it to true"))
     elif enable_ipv4 is False:
-        # flanneld's etcd subnet manager allocates an IPv4 subnet for every lease (allocateSubnet,
-        # Lease.EnableIPv4 forced true); IPv6-only networks run only with its Kubernetes subnet manager.
+        # Measured with the real flanneld v0.20.2 in etcd mode (namespace lab, two hosts): each writes its
+        # lease as `0.0.0.0-0&<IPv6 subnet>` with PublicIP 0.0.0.0, so the second host finds "its" lease
+        # by that PublicIP and takes the first one's subnet.  IPv6-only works only in Kubernetes mode.
         fail(ConfigError("EnableIPv4: false (IPv6-only) is not supported with etcd, by flanneld either: "
-                         "its etcd subnet manager gives every lease an IPv4 subnet; set EnableIPv4 to true "
-                         "and give a Network"))
+                         "flanneld v0.20.2 leases every such host under 0.0.0.0-0 with PublicIP 0.0.0.0, so a "
+                         "second host takes the first one's subnet; set EnableIPv4 to true and give a Network"))
     if enable_ipv6 and not allow_ipv6:
         fail(ConfigError(IPV6_NOT_YET))
 

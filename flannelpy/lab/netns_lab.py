@@ -466,7 +466,7 @@ class Lab:
                 if os.stat(host.subnet_file).st_mtime > after_mtime:
                     with open(host.subnet_file) as f:
                         env = parse_env_file(f.read())
-                    host.subnet = env["FLANNEL_SUBNET"]
+                    host.subnet = env.get("FLANNEL_SUBNET", "")  # absent: an IPv6-only flanneld
                     host.subnet6 = env.get("FLANNEL_IPV6_SUBNET", "")
                     host.mtu = int(env["FLANNEL_MTU"])
                     return env

@@ -95,8 +95,8 @@ def parse_lease_key(key: str, prefix: str | None = None) -> tuple[IPv4Network, I
     (10.42.63.0/24, fd42:0:0:1f::/64); an IPv4 key gives (subnet, None).
 
     Spelling as in parse_subnet_key: exactly as lease_key writes it, so that one key names one pair.
-    flanneld's etcd mode has no IPv6-only key (it allocates an IPv4 subnet for every lease); the
-    `0.0.0.0-0&...` a config with EnableIPv4 false would make it write is refused by name.
+    The `0.0.0.0-0&...` key flanneld v0.20.2 writes with EnableIPv4 false (every such host with
+    PublicIP 0.0.0.0, so a second host takes the first one's lease; measured) is refused by name.
     """
     name = key if prefix is not None else key.rsplit("/", 1)[-1]
     v4_text, amp, v6_text = name.partition("&")
@@ -104,8 +104,8 @@ def parse_lease_key(key: str, prefix: str | None = None) -> tuple[IPv4Network, I
         return parse_subnet_key(key, prefix), None
     subnet = parse_subnet_key(v4_text, prefix)
     if subnet.prefixlen == 0:
-        raise LeaseValueError(f"lease key {shown(key)!r} names all of IPv4 (0.0.0.0-0): an IPv6-only lease, "
-                              "which flanneld's etcd mode does not make")
+        raise LeaseValueError(f"lease key {shown(key)!r} names all of IPv4 (0.0.0.0-0): an IPv6-only lease "
+                              "(EnableIPv4 false), which flannelpy does not run with etcd")
     m = _V6_PART_RE.fullmatch(v6_text)
     if not m:
         raise LeaseValueError(f"lease key {shown(key)!r}: the part after '&' is not of the form ipv6-len")
