@@ -92,9 +92,13 @@ def lease_key_name(lab: Lab, i: int) -> str:
     return lab.lease_key(i).rsplit("/", 1)[1]
 
 
-def test_two_flannelpy_hosts_vxlan_dual_stack(make_lab: Callable[..., Lab]) -> None:
-    lab = make_lab(hosts=2, backend="vxlan")
+def test_two_flannelpy_hosts_vxlan_dual_stack(make_lab: Callable[..., Lab], tmp_path: Path) -> None:
+    lab = make_lab(hosts=2, backend="vxlan", agent_flags=[f"-docker-daemon-json={tmp_path}/daemon-{{host}}.json"])
     assert_pings(lab)
+    for i in (1, 2):  # Docker's bridge gets the IPv6 subnet too (its first address, as FLANNEL_IPV6_SUBNET)
+        daemon = json.loads((tmp_path / f"daemon-{i}.json").read_text())
+        assert daemon["ipv6"] is True and daemon["fixed-cidr-v6"] == str(IPv6Interface(lab.host(i).subnet6).network)
+        assert daemon["bip"] == lab.host(i).subnet
     for i, peer in ((1, 2), (2, 1)):
         h, p = lab.host(i), lab.host(peer)
         value = lab.lease_value(i)
