@@ -135,3 +135,37 @@ def test_metrics_text_is_what_prometheus_clients_own_counter_and_histogram_write
     want = [line for line in generate_latest(ref).decode().splitlines() if "_created" not in line]
     got = ours.render().decode().splitlines()
     assert got[:len(want)] == want
+
+
+def test_health_server_loads_hypercorn_at_its_first_client(tmp_path):
+    got = _run(f"""
+        import json, sys
+        import httpx, trio
+        from flannelpy.ops.health import serve_health
+        from flannelpy.ops.metrics import Metrics
+        from flannelpy.ops.state import AgentState
+
+        async def main():
+            out = {{}}
+            async with trio.open_nursery() as nursery:
+                after = trio.Event()
+                ends = await nursery.start(lambda task_status: serve_health(
+                    AgentState(), Metrics(), "127.0.0.1", 0, "{tmp_path}/s.sock", after=after, task_status=task_status))
+                after.set()
+                await trio.sleep(0.2)  # the server task runs on to its wait
+                out["before"] = "hypercorn" in sys.modules
+                async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=ends.unix)) as client:
+                    r = await client.get("http://flanneld/healthz")
+                    out["unix"] = [r.status_code, r.text]
+                    r = await client.get("http://flanneld/readyz")
+                    out["again"] = [r.status_code, r.text]
+                out["after"] = "hypercorn" in sys.modules
+                nursery.cancel_scope.cancel()
+            print(json.dumps(out))
+
+        trio.run(main)
+    """)
+    assert got["before"] is False
+    assert got["unix"] == [200, "flanneld is running"]
+    assert got["again"] == [503, "flanneld is not ready yet"]
+    assert got["after"] is True

@@ -170,7 +170,9 @@ async def serve_health(state: AgentState, metrics: Metrics, ip: str, port: int, 
 
     `after` (the agent's start-up): the sockets are bound and listening at once (so a second
     agent sees the status socket taken, and clients queue in the backlog), but hypercorn, a
-    ~0.1 s import, is loaded and served only once `after` is set: not on the start-up path.
+    ~0.1 s import, is loaded and served only once `after` is set: not on the start-up path;
+    and only once the first client connects (it waits in the backlog meanwhile): an agent
+    nobody asks never holds hypercorn, h2 and wsproto (~1.8 MiB).
 
     `unix_socket_optional` (the default -status-socket): when it cannot be served, e.g. because
     another flanneld on this machine serves it, warn and run without it, as flanneld (which has
@@ -205,6 +207,12 @@ async def serve_health(state: AgentState, metrics: Metrics, ip: str, port: int, 
     if not socks:
         task_status.started(HealthEndpoints(None, None))
         return
+    parts = []
+    if tcp:
+        parts.append(f"http://{tcp[0]}:{tcp[1]}")
+    if unix:
+        parts.append(f"unix:{unix}")
+    logged = False
     if after is not None:
         for s in socks:
             s.listen(128)
@@ -212,6 +220,9 @@ async def serve_health(state: AgentState, metrics: Metrics, ip: str, port: int, 
         task_status = trio.TASK_STATUS_IGNORED
         try:
             await after.wait()
+            log.info("serving /healthz /readyz /metrics /status on %s", ", ".join(parts))
+            logged = True
+            await _first_client(socks)
         except BaseException:
             for s in socks:
                 s.close()
@@ -230,26 +241,34 @@ async def serve_health(state: AgentState, metrics: Metrics, ip: str, port: int, 
     config.graceful_timeout = 3.0  # flanneld gives its healthz server 3 s on shutdown
     config.keep_alive_timeout = 5.0
     config.include_server_header = False
-    parts = []
-    if tcp:
-        parts.append(f"http://{tcp[0]}:{tcp[1]}")
-    if unix:
-        parts.append(f"unix:{unix}")
     try:
         await serve(make_app(state, metrics), config, mode="asgi",
-                    task_status=_Started(task_status, HealthEndpoints(tcp, unix), parts))
+                    task_status=_Started(task_status, HealthEndpoints(tcp, unix), [] if logged else parts))
     finally:
         if unix:
             _remove_socket(unix, unix_inode)
 
 
+async def _first_client(socks: list[socket.socket]) -> None:
+    """Until one of the listening sockets has a connection waiting (it stays in the backlog)."""
+    async with trio.open_nursery() as nursery:
+        async def wait_one(sock: socket.socket) -> None:
+            await trio.lowlevel.wait_readable(sock)
+            nursery.cancel_scope.cancel()
+
+        for sock in socks:
+            nursery.start_soon(wait_one, sock)
+
+
 class _Started:
-    """Adapts hypercorn's started(binds) to ours, logging once the listeners exist."""
+    """Adapts hypercorn's started(binds) to ours, logging once the listeners exist (unless
+    that was said already: parts empty)."""
 
     def __init__(self, outer: trio.TaskStatus[HealthEndpoints], value: HealthEndpoints, parts: list[str]) -> None:
         self.outer, self.value, self.parts = outer, value, parts
 
     def started(self, _binds: Any = None) -> None:
-        log.info("serving /healthz /readyz /metrics /status on %s", ", ".join(self.parts))
+        if self.parts:
+            log.info("serving /healthz /readyz /metrics /status on %s", ", ".join(self.parts))
         if self.outer is not trio.TASK_STATUS_IGNORED:
             self.outer.started(self.value)
