@@ -165,19 +165,6 @@ def check_before_lease(opts: AgentOptions, config: NetworkConfig | None = None) 
         check_tools()
 
 
-# Backends with an IPv6 data plane (EnableIPv6).  flanneld's udp backend has none either: it would
-# lease an IPv6 subnet and carry no IPv6 traffic.
-IPV6_BACKENDS = ("vxlan", "host-gw")
-
-
-def ipv6_refusal(backend_type: str, enable_ipv6: bool) -> str | None:
-    """Why EnableIPv6 cannot run with this backend, or None (checked before the interface is chosen)."""
-    if enable_ipv6 and backend_type not in IPV6_BACKENDS:
-        return (f"EnableIPv6 with the {backend_type or 'udp'} backend: it has no IPv6 data plane (nor has "
-                f"flanneld's); use {' or '.join(IPV6_BACKENDS)}, or set EnableIPv6 to false")
-    return None
-
-
 def backend_refusal(backend_type: str, ext: ExternalInterface) -> str | None:
     """Why the backend cannot run with this external interface, or None; decided before the
     lease (flanneld's hostgw.New refuses at the same point, before RegisterNetwork)."""
@@ -260,7 +247,7 @@ async def run_agent(opts: AgentOptions) -> None:
             sdnotify.notify(f"STATUS=reading the network config at {key} (retrying while etcd or the key is missing)")
             store, raw_config = await wait_for_config(opts.etcd, opts.etcd_api, log=log)
             store.on_watch_reconnect = metrics.watch_reconnects.inc
-            config = parse_config(raw_config, allow_ipv6=True)
+            config = parse_config(raw_config)
             store.dual_stack = config.enable_ipv6  # dual-stack lease keys are read from here on
             log.info("network config: Network %s, SubnetLen %d, SubnetMin %s, SubnetMax %s, backend %s%s",
                      config.network, config.subnet_len, config.subnet_min, config.subnet_max, config.backend_type,
@@ -275,9 +262,6 @@ async def run_agent(opts: AgentOptions) -> None:
 
                 check_nft()  # before the lease: a refused start leaves nothing in etcd
 
-            refusal = ipv6_refusal(config.backend_type, config.enable_ipv6)
-            if refusal is not None:
-                raise FlannelError(refusal)
             ext = await select_interface(netlink, list(opts.ifaces), list(opts.iface_regexes),
                                          opts.iface_can_reach, opts.public_ip,
                                          public_ipv6=opts.public_ipv6, ipv6=config.enable_ipv6)

@@ -13,7 +13,7 @@ from flannelpy.errors import OutOfSubnets
 from flannelpy.subnet.allocation import FREE_CANDIDATES, free_ipv6_subnets, lease_fits, plan_acquisition
 from flannelpy.subnet.lease import Lease, LeaseAttrs
 
-DUAL = parse_config('{"Network":"10.42.0.0/16","EnableIPv6":true,"IPv6Network":"fd42::/48"}', allow_ipv6=True)
+DUAL = parse_config('{"Network":"10.42.0.0/16","Backend":{"Type":"vxlan"},"EnableIPv6":true,"IPv6Network":"fd42::/48"}')
 V4 = parse_config('{"Network":"10.42.0.0/16"}')
 ME = IPv4Address("10.199.0.11")
 
@@ -35,8 +35,8 @@ def test_ipv6_walk_jumps_over_large_taken_ranges_and_stops_at_max():
     # A taken /50 holds 16,384 /64s: jumped over in one step.
     got = free_ipv6_subnets(DUAL, [IPv6Network("fd42::/50"), IPv6Network("fd42:0:0:4001::/80")], limit=2)
     assert [str(n) for n in got] == ["fd42:0:0:4000::/64", "fd42:0:0:4002::/64"]
-    cfg = parse_config('{"Network":"10.42.0.0/16","EnableIPv6":true,"IPv6Network":"fd42::/48",'
-                       '"IPv6SubnetMin":"fd42:0:0:fffe::"}', allow_ipv6=True)
+    cfg = parse_config('{"Network":"10.42.0.0/16","Backend":{"Type":"vxlan"},"EnableIPv6":true,"IPv6Network":"fd42::/48",'
+                       '"IPv6SubnetMin":"fd42:0:0:fffe::"}')
     assert [str(n) for n in free_ipv6_subnets(cfg, [])] == ["fd42:0:0:fffe::/64", "fd42:0:0:ffff::/64"]
 
 
@@ -102,16 +102,16 @@ def test_previous_ipv6_subnet_held_by_another_lease_is_not_reused():
 
 
 def test_lost_races_are_excluded_on_both_halves():
-    cfg = parse_config('{"Network":"10.42.0.0/16","SubnetMin":"10.42.1.0","SubnetMax":"10.42.2.0","EnableIPv6":true,'
-                       '"IPv6Network":"fd42::/48","IPv6SubnetMax":"fd42:0:0:2::"}', allow_ipv6=True)
+    cfg = parse_config('{"Network":"10.42.0.0/16","SubnetMin":"10.42.1.0","SubnetMax":"10.42.2.0","Backend":{"Type":"vxlan"},"EnableIPv6":true,'
+                       '"IPv6Network":"fd42::/48","IPv6SubnetMax":"fd42:0:0:2::"}')
     plan = plan_acquisition(cfg, [], ME, None, exclude=[IPv4Network("10.42.1.0/24")],
                             exclude_ipv6=[IPv6Network("fd42:0:0:1::/64")])
     assert (str(plan.create), str(plan.create_ipv6)) == ("10.42.2.0/24", "fd42:0:0:2::/64")
 
 
 def test_out_of_ipv6_subnets_is_named():
-    cfg = parse_config('{"Network":"10.42.0.0/16","EnableIPv6":true,"IPv6Network":"fd42::/48",'
-                       '"IPv6SubnetMax":"fd42:0:0:2::"}', allow_ipv6=True)
+    cfg = parse_config('{"Network":"10.42.0.0/16","Backend":{"Type":"vxlan"},"EnableIPv6":true,"IPv6Network":"fd42::/48",'
+                       '"IPv6SubnetMax":"fd42:0:0:2::"}')
     taken = [lease("10.42.1.0/24", "fd42:0:0:1::/64"), lease("10.42.2.0/24", "fd42:0:0:2::/64")]
     with pytest.raises(OutOfSubnets, match=r"every /64 between IPv6SubnetMin fd42:0:0:1:: and IPv6SubnetMax "
                                            r"fd42:0:0:2:: of fd42::/48 is leased"):
@@ -121,8 +121,8 @@ def test_out_of_ipv6_subnets_is_named():
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 40), st.sampled_from([62, 64, 70])), max_size=25))
 def test_ipv6_walk_never_returns_a_taken_or_misaligned_subnet(specs):
-    cfg = parse_config('{"Network":"10.42.0.0/16","EnableIPv6":true,"IPv6Network":"fd42::/48",'
-                       '"IPv6SubnetMax":"fd42:0:0:40::"}', allow_ipv6=True)
+    cfg = parse_config('{"Network":"10.42.0.0/16","Backend":{"Type":"vxlan"},"EnableIPv6":true,"IPv6Network":"fd42::/48",'
+                       '"IPv6SubnetMax":"fd42:0:0:40::"}')
     taken = [IPv6Network(((0xFD42 << 112) | (a << 64) | (b << 58), plen), strict=False) for a, b, plen in specs]
     free = free_ipv6_subnets(cfg, taken)
     expected = [n for n in (IPv6Network(((0xFD42 << 112) | (i << 64), 64)) for i in range(1, 0x41))

@@ -7,7 +7,7 @@ from ipaddress import IPv6Address, IPv6Network
 
 import pytest
 
-from flannelpy.config.network import IPV6_NOT_YET, parse_config, validate_config
+from flannelpy.config.network import parse_config, validate_config
 from flannelpy.errors import ConfigError
 
 
@@ -22,7 +22,7 @@ DROP = object()
 
 def test_issue_config_defaults_as_flanneld_computes_them():
     # The config measured with flanneld v0.20.2 in issue #14: keys like 10.42.63.0-24&fd42:0:0:1f::-64.
-    c = parse_config(dual(), allow_ipv6=True)
+    c = parse_config(dual())
     assert c.enable_ipv4 and c.enable_ipv6
     assert c.ipv6_network == IPv6Network("fd42::/48")
     assert c.ipv6_subnet_len == 64
@@ -44,14 +44,14 @@ def test_issue_config_defaults_as_flanneld_computes_them():
     ("fd42:1:2:3::/48", 64, "fd42:1:2:1::", "fd42:1:2:ffff::"),  # masked like net.ParseCIDR
 ])
 def test_ipv6_subnet_len_default_and_bounds(network, subnet_len, smin, smax):
-    c = parse_config(dual(IPv6Network=network), allow_ipv6=True)
+    c = parse_config(dual(IPv6Network=network))
     assert (c.ipv6_subnet_len, str(c.ipv6_subnet_min), str(c.ipv6_subnet_max)) == (subnet_len, smin, smax)
 
 
 def test_explicit_ipv6_fields_case_insensitive():
     c = parse_config(json.dumps({"network": "10.42.0.0/16", "enableipv6": True, "ipv6network": "fd42::/48",
-                                 "IPV6SUBNETLEN": 80, "ipv6subnetmin": "fd42:0:0:2::", "Ipv6SubnetMax": "fd42:0:0:3::"}),
-                     allow_ipv6=True)
+                                 "IPV6SUBNETLEN": 80, "ipv6subnetmin": "fd42:0:0:2::", "Ipv6SubnetMax": "fd42:0:0:3::",
+                                 "backend": {"type": "vxlan"}}))
     assert c.ipv6_subnet_len == 80
     assert (str(c.ipv6_subnet_min), str(c.ipv6_subnet_max)) == ("fd42:0:0:2::", "fd42:0:0:3::")
     assert c.contains_ipv6_subnet(IPv6Network("fd42:0:0:2:1::/80"))
@@ -106,7 +106,7 @@ def test_v4_only_config_has_no_ipv6_side_and_fits_only_v4_only_leases():
 ])
 def test_every_ipv6_error_names_the_field(fields, message):
     with pytest.raises(ConfigError) as info:
-        parse_config(dual(**fields), allow_ipv6=True)
+        parse_config(dual(**fields))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -122,27 +122,36 @@ def test_undecodable_ipv6_fields_are_refused_even_when_disabled(fields, message)
         parse_config(dual(EnableIPv6=DROP, **fields))
 
 
-def test_agent_path_still_refuses_enable_ipv6_in_one_line():
-    # parse_config without allow_ipv6 is what agent.py calls: no IPv6 data plane yet.
+UDP_REFUSAL = "EnableIPv6 with the udp backend: it has no IPv6 data plane (nor has flanneld's); use vxlan or host-gw"
+
+
+@pytest.mark.parametrize("backend", [DROP, {"Type": "udp"}, {"Type": "UDP", "Port": 8285}])
+def test_enable_ipv6_with_udp_is_refused_in_one_line(backend):
+    # flanneld's udp backend has no IPv6 data plane either; no Backend at all means udp.
     with pytest.raises(ConfigError) as info:
-        parse_config(dual())
-    assert str(info.value) == IPV6_NOT_YET
-    assert "\n" not in IPV6_NOT_YET
+        parse_config(dual(Backend=backend))
+    assert str(info.value).startswith(UDP_REFUSAL)
+    assert "\n" not in str(info.value)
 
 
-def test_validate_reports_ipv6_problems_beside_the_refusal():
-    problems = [str(p) for p in validate_config(dual(IPv6SubnetLen=127, SubnetLen=31))]
-    assert IPV6_NOT_YET in problems
+@pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
+def test_enable_ipv6_runs_with_vxlan_and_host_gw(backend):
+    assert parse_config(dual(Backend={"Type": backend})).enable_ipv6
+
+
+def test_validate_reports_ipv6_problems_beside_the_others():
+    problems = [str(p) for p in validate_config(dual(IPv6SubnetLen=127, SubnetLen=31, Backend={"Type": "udp"}))]
+    assert any(p.startswith(UDP_REFUSAL) for p in problems)
     assert any(p.startswith("IPv6SubnetLen: 127 is too long") for p in problems)
     assert any(p.startswith("SubnetLen: 31 is too long") for p in problems)
-    assert validate_config(dual(), allow_ipv6=True) == []
-    assert [str(p) for p in validate_config(dual())] == [IPV6_NOT_YET]
+    assert validate_config(dual()) == []
 
 
-def test_ctl_config_validate_refuses_what_the_agent_refuses():
+def test_ctl_config_validate_accepts_what_the_agent_runs_and_refuses_what_it_refuses():
     from flannelpy.cli.flannelctl.config import check
 
     cfg, problems = check(dual())
-    assert cfg is None and problems == [IPV6_NOT_YET]
-    cfg, problems = check(dual(IPv6Network="fe80::/64"))
-    assert cfg is None and IPV6_NOT_YET in problems and any("link-local" in p for p in problems)
+    assert cfg is not None and cfg.enable_ipv6 and problems == []
+    cfg, problems = check(dual(IPv6Network="fe80::/64", Backend={"Type": "udp"}))
+    assert cfg is None and any(p.startswith(UDP_REFUSAL) for p in problems)
+    assert any("link-local" in p for p in problems)

@@ -11,7 +11,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
-from flannelpy.agent import backend_refusal, ipv6_refusal
+from flannelpy.agent import backend_refusal
 from flannelpy.errors import FlannelError, LeaseValueError
 from flannelpy.etcd.store import WatchBatch
 from flannelpy.hostnet.interface import (
@@ -219,10 +219,8 @@ def test_public_ipv6_flag_checked(text, says):
 # --- what the agent refuses --------------------------------------------------------------------
 
 
-def test_ipv6_refused_for_udp_and_host_gw_through_nat():
-    assert ipv6_refusal("vxlan", True) is None and ipv6_refusal("host-gw", True) is None
-    assert ipv6_refusal("udp", False) is None
-    assert "EnableIPv6 with the udp backend: it has no IPv6 data plane" in ipv6_refusal("udp", True)
+def test_ipv6_refused_for_host_gw_through_nat():
+    # (EnableIPv6 with udp is refused by the config check: tests/test_dualstack_config.py)
     ext = ExternalInterface("eth0", 2, A("10.0.0.5"), A("10.0.0.5"), 1500, A6("fd99::5"), A6("2001:db8::5"))
     assert "public IPv6 2001:db8::5 differs from interface eth0 address fd99::5" in backend_refusal("host-gw", ext)
     assert backend_refusal("vxlan", ext) is None

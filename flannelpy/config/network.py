@@ -213,31 +213,31 @@ def _parse_ipv4(name: str, text: str) -> IPv4Address:
         raise ConfigError(f"{name}: {shown(text)!r} is not an IPv4 address") from None
 
 
-def parse_config(text: str | bytes, *, allow_ipv6: bool = False) -> NetworkConfig:
+def parse_config(text: str | bytes) -> NetworkConfig:
     """Parse and check a network config; raise ConfigError naming the first problem."""
-    problems = check_config(text, allow_ipv6=allow_ipv6)
+    problems = check_config(text)
     if isinstance(problems, NetworkConfig):
         return problems
     raise problems[0]
 
 
-def validate_config(text: str | bytes, *, allow_ipv6: bool = False) -> list[ConfigError]:
+def validate_config(text: str | bytes) -> list[ConfigError]:
     """Every problem in a config (empty when it is valid), for `flannelctl config validate`."""
-    result = check_config(text, collect=True, allow_ipv6=allow_ipv6)
+    result = check_config(text, collect=True)
     return [] if isinstance(result, NetworkConfig) else result
 
 
 # What the agent says while it has no IPv6 data plane (devices, routes, ip6tables): the IPv6 fields are
 # still checked in full, so a config is judged by every rule at once, but running it is refused.
-IPV6_NOT_YET = "EnableIPv6: true is not supported by flannelpy yet; remove it or set it to false"
+# Backends with an IPv6 data plane (EnableIPv6).  flanneld's udp backend has none either: it would
+# lease an IPv6 subnet and carry no IPv6 traffic.
+IPV6_BACKENDS = ("vxlan", "host-gw")
 
 
-def check_config(text: str | bytes, collect: bool = False, *,
-                 allow_ipv6: bool = False) -> NetworkConfig | list[ConfigError]:
+def check_config(text: str | bytes, collect: bool = False) -> NetworkConfig | list[ConfigError]:
     """Parse a config.  With collect=False the first error is raised; with collect=True
     every independent error is returned as a list (checks that depend on an invalid
-    field are skipped).  allow_ipv6=False refuses EnableIPv6 (IPV6_NOT_YET) after checking
-    its fields; True is for code that handles the IPv6 side (codecs, allocation, tests)."""
+    field are skipped)."""
     errors: list[ConfigError] = []
 
     def fail(err: ConfigError) -> None:
@@ -275,8 +275,6 @@ def check_config(text: str | bytes, collect: bool = False, *,
         fail(ConfigError("EnableIPv4: false (IPv6-only) is not supported with etcd, by flanneld either: "
                          "flanneld v0.20.2 leases every such host under 0.0.0.0-0 with PublicIP 0.0.0.0, so a "
                          "second host takes the first one's subnet; set EnableIPv4 to true and give a Network"))
-    if enable_ipv6 and not allow_ipv6:
-        fail(ConfigError(IPV6_NOT_YET))
 
     network: IPv4Network | None = None
     raw_network = field_value("Network", str)
@@ -324,6 +322,9 @@ def check_config(text: str | bytes, collect: bool = False, *,
                 fail(ConfigError("Backend.Type: missing; unknown backend type: \"\" (e.g. \"vxlan\", \"udp\", \"host-gw\")"))
             for err in backend_option_errors(backend_type, backend):
                 fail(err)
+    if enable_ipv6 and backend_type not in IPV6_BACKENDS:
+        fail(ConfigError(f"EnableIPv6 with the {backend_type or 'udp'} backend: it has no IPv6 data plane (nor has "
+                         f"flanneld's); use {' or '.join(IPV6_BACKENDS)}, or set EnableIPv6 to false"))
 
     subnet_min = subnet_max = None
     if network is not None:
