@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from flannelpy.cli.flannelctl import main
 
 PREFIX = "/fpop/network"
@@ -96,3 +98,36 @@ def test_leases_has_the_tls_and_auth_options_of_config(capsys):
         for opt in ("--etcd-cafile", "--etcd-certfile", "--etcd-keyfile", "--etcd-username", "--etcd-password",
                     "--etcd-api", "--etcd-transport", "/etc/sysconfig/flanneld"):
             assert opt in text, (argv, opt)
+
+
+DUAL_CONFIG = ('{"Network":"10.42.0.0/16","EnableIPv6":true,"IPv6Network":"fd42::/48",'
+               '"Backend":{"Type":"vxlan"}}')
+DUAL_VALUE = ('{"PublicIP":"10.199.0.11","PublicIPv6":"fd99::11","BackendType":"vxlan",'
+              '"BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:11"},'
+              '"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:12"}}')
+
+
+DUAL_VALUE_OUTSIDE = ('{"PublicIP":"10.199.0.12","PublicIPv6":"fd99::12","BackendType":"vxlan",'
+                      '"BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:21"},'
+                      '"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:22"}}')
+
+
+@pytest.mark.parametrize("api", ["v3", "v2"])
+def test_leases_of_a_dual_stack_network_show_both_sides(etcd, capsys, api):
+    """issue #14: flanneld's dual keys (`10.42.63.0-24&fd42:0:0:1f::-64`) are listed, not skipped, and an IPv6
+    subnet outside IPv6Network is refused as the agents refuse it."""
+    put = (lambda k, v: etcd.etcdctl("put", k, v)) if api == "v3" else (lambda k, v: etcd.etcdctl("set", k, v, api=2))
+    put(f"{PREFIX}/config", DUAL_CONFIG)
+    put(f"{PREFIX}/subnets/10.42.63.0-24&fd42:0:0:1f::-64", DUAL_VALUE)
+    put(f"{PREFIX}/subnets/10.42.64.0-24&fd43:0:0:1::-64", DUAL_VALUE_OUTSIDE)
+    base = ["leases", "--etcd-endpoints", etcd.endpoint, "--etcd-prefix", PREFIX, "--etcd-api", api]
+    assert main(base + ["--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["subnet"], r["ipv6_subnet"], r["public_ipv6"]) for r in rows] == [
+        ("10.42.63.0/24", "fd42:0:0:1f::/64", "fd99::11"), ("10.42.64.0/24", "fd43:0:0:1::/64", "fd99::12")]
+    assert rows[0]["refused"] is None
+    assert "fd43:0:0:1::/64" in rows[1]["refused"] and "fd42::/48" in rows[1]["refused"]
+    assert main(base) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:6] == ["SUBNET", "PUBLIC", "IP", "IPV6", "SUBNET", "PUBLIC"]
+    assert lines[1].split()[:4] == ["10.42.63.0/24", "10.199.0.11", "fd42:0:0:1f::/64", "fd99::11"]

@@ -42,7 +42,8 @@ def refusals(leases: list[Lease], config: NetworkConfig | None) -> dict[Any, Ref
     """Pure: why each lease would be refused, in listing order (none judged without a valid config)."""
     if config is None:
         return {}
-    return judge_listing(AdmissionRules(network=config.network), leases)
+    ipv6_network = config.ipv6_network if config.enable_ipv6 else None
+    return judge_listing(AdmissionRules(network=config.network, ipv6_network=ipv6_network), leases)
 
 
 def lease_rows(leases: list[Lease], now: float, refused: dict[Any, Refusal] | None = None) -> list[dict[str, Any]]:
@@ -54,6 +55,9 @@ def lease_rows(leases: list[Lease], now: float, refused: dict[Any, Refusal] | No
         rows.append({
             "subnet": str(lease.subnet),
             "public_ip": str(lease.attrs.public_ip),
+            # dual stack (EnableIPv6): the key's IPv6 subnet and PublicIPv6; None in an IPv4-only network
+            "ipv6_subnet": str(lease.ipv6_subnet) if lease.ipv6_subnet is not None else None,
+            "public_ipv6": str(lease.attrs.public_ipv6) if lease.attrs.public_ipv6 is not None else None,
             "backend": lease.attrs.backend_type or "udp",  # the udp backend never writes BackendType
             "vtep_mac": lease.attrs.vtep_mac,
             "vni": lease.attrs.vni,
@@ -66,9 +70,14 @@ def lease_rows(leases: list[Lease], now: float, refused: dict[Any, Refusal] | No
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("SUBNET", "PUBLIC IP", "BACKEND", "VTEP MAC", "EXPIRES IN", "REFUSED")
+    """The table; IPv6 columns only when some lease has an IPv6 side (dual stack)."""
+    dual = any(r.get("ipv6_subnet") or r.get("public_ipv6") for r in rows)
+    head: tuple[str, ...] = ("SUBNET", "PUBLIC IP", "BACKEND", "VTEP MAC", "EXPIRES IN", "REFUSED")
     body = [(r["subnet"], r["public_ip"], r["backend"], r["vtep_mac"] or "-", r["expires_in"], r["refused"] or "-")
             for r in rows]
+    if dual:
+        head = head[:2] + ("IPV6 SUBNET", "PUBLIC IPV6") + head[2:]
+        body = [b[:2] + (r.get("ipv6_subnet") or "-", r.get("public_ipv6") or "-") + b[2:] for b, r in zip(body, rows)]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body)) + "\n"
 
@@ -78,8 +87,11 @@ async def _fetch(options: EtcdOptions, api: str) -> tuple[list[Lease], str | Non
 
     store = await open_store(options, api)
     try:
-        leases, _rev = await store.list_leases()
         config = await store.get_config()
+        # a dual-stack network's keys (`10.42.63.0-24&fd42:0:0:1f::-64`) are read as the agents read them
+        parsed = check_config(config, collect=True) if config is not None else None
+        store.dual_stack = isinstance(parsed, NetworkConfig) and parsed.enable_ipv6
+        leases, _rev = await store.list_leases()
     finally:
         await store.aclose()
     return leases, config
