@@ -21,7 +21,7 @@ from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
 A, A6, N6 = IPv4Address, IPv6Address, IPv6Network
 CONFIG = parse_config(json.dumps({"Network": "10.55.0.0/16", "EnableIPv6": True, "IPv6Network": "fd55::/48",
-                                  "Backend": {"Type": "host-gw"}}), allow_ipv6=True)
+                                  "Backend": {"Type": "host-gw"}}))
 
 
 def lease_of(side: str, v6: bool = True) -> Lease:

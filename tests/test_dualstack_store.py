@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.etcd, pytest.mark.parametrize("api", ["v3", "v3-grpc",
 
 PREFIX = "/coreos.com/network"
 CONFIG = parse_config('{"Network":"10.42.0.0/16","EnableIPv6":true,"IPv6Network":"fd42::/48",'
-                      '"Backend":{"Type":"vxlan"}}', allow_ipv6=True)
+                      '"Backend":{"Type":"vxlan"}}')
 DATA = LeaseData("vxlan", {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"}, {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:66"})
 PAIR = (IPv4Network("10.42.63.0/24"), IPv6Network("fd42:0:0:1f::/64"))
 KEY = f"{PREFIX}/subnets/10.42.63.0-24&fd42:0:0:1f::-64"

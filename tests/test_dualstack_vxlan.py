@@ -41,7 +41,7 @@ SUBNET6 = {"a": N6("fd55:0:0:1::/64"), "b": N6("fd55:0:0:2::/64")}
 
 def config(**backend):
     return parse_config(json.dumps({"Network": NETWORK, "EnableIPv6": True, "IPv6Network": NETWORK6,
-                                    "Backend": {"Type": "vxlan", **backend}}), allow_ipv6=True)
+                                    "Backend": {"Type": "vxlan", **backend}}))
 
 
 def lease_of(side: str, mac: str, mac6: str | None, public6: str | None = None) -> Lease:
