@@ -225,7 +225,7 @@ def test_flannelctl_lab_up_ipv6_pings_both_families(root: None) -> None:
 
 @pytest.mark.parametrize("extra, says", [
     (["--backend", "udp"], "--ipv6 with --backend udp: dual stack runs on vxlan or host-gw"),
-    (["--docker"], "--ipv6: only the namespace lab runs dual stack"),
+    (["--machines"], "--ipv6: only the namespace and Docker labs run dual stack"),
 ])
 def test_flannelctl_lab_up_ipv6_refusals(root: None, extra: list[str], says: str) -> None:
     prefix = "fp6r" + secrets.token_hex(2)

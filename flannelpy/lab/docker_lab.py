@@ -22,6 +22,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from ipaddress import IPv6Interface
 from typing import Any
 
 from .dockerd import BUSYBOX, Dockerd, kill_leftovers, stop_dockerd, unmount_under
@@ -120,11 +121,18 @@ class DockerLab(Lab):
                     doc = json.load(f)
             except (FileNotFoundError, json.JSONDecodeError):
                 doc = {}
-            if doc.get("bip") == host.subnet and doc.get("mtu") == host.mtu:
+            if doc.get("bip") == host.subnet and doc.get("mtu") == host.mtu and self._has_ipv6_side(host, doc):
                 return doc
             time.sleep(0.05)
         raise LabError(f"host {host.index}: {path} has no bip={host.subnet} mtu={host.mtu} after {timeout:.0f}s "
                        f"(has {doc}); last log lines:\n{self.tail_log(host.index)}")
+
+    def _has_ipv6_side(self, host: LabHost, doc: dict[str, Any]) -> bool:
+        """Dual stack: flanneld has also written ipv6 and fixed-cidr-v6 (our IPv6 subnet) for dockerd."""
+        if not self.ipv6:
+            return True
+        return (doc.get("ipv6") is True and bool(host.subnet6)
+                and doc.get("fixed-cidr-v6") == str(IPv6Interface(host.subnet6).network))
 
     def _start_docker(self, wait: float) -> None:
         for host in self.host_list:
@@ -148,6 +156,11 @@ class DockerLab(Lab):
         host.container_ip = d.container_ip(name)
         if not host.container_ip:
             raise LabError(f"host {host.index}: container {name} has no IP on docker0")
+        if self.ipv6:
+            host.container_ip6 = d.container_ip6(name)
+            if not host.container_ip6:
+                raise LabError(f"host {host.index}: container {name} has no IPv6 address on docker0 "
+                               f"(daemon.json: {self.daemon_json_path(host)})")
 
     def _ensure_forward_drop(self, host: LabHost) -> None:
         """Docker sets policy DROP when it enables forwarding; versions with --ip-forward-no-drop or a
@@ -160,13 +173,16 @@ class DockerLab(Lab):
 
     # --- use -------------------------------------------------------------------------------
 
-    def ping_report(self, src: int, dst: int, count: int = 1, timeout_s: int = 2) -> PingResult:
-        """Ping from the Docker container on host src to the one on host dst (docker exec)."""
+    def ping_report(self, src: int, dst: int, count: int = 1, timeout_s: int = 2, *,
+                    ipv6: bool = False) -> PingResult:
+        """Ping from the Docker container on host src to the one on host dst (docker exec);
+        ipv6: between their IPv6 addresses (dual stack)."""
         a, b = self.host(src), self.host(dst)
-        cmd = ["ping", "-c", str(count), "-W", str(timeout_s), b.container_ip or "(no container IP)"]
+        have_a, have_b = (a.container_ip6, b.container_ip6) if ipv6 else (a.container_ip, b.container_ip)
+        cmd = ["ping", *(["-6"] if ipv6 else []), "-c", str(count), "-W", str(timeout_s), have_b or "(no container IP)"]
         d = self.dockerd(a)
         tried = f"docker -H {d.host} exec {self.container_name(a)} {' '.join(cmd)}"
-        if not a.container_ip or not b.container_ip:
+        if not have_a or not have_b:
             return PingResult(False, tried, "a container has no address (its dockerd did not start it?)")
         try:
             proc = d.exec(self.container_name(a), cmd, check=False)

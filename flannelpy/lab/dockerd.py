@@ -147,6 +147,11 @@ class Dockerd:
         out = self.docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name).stdout
         return out.decode().strip()
 
+    def container_ip6(self, name: str) -> str:
+        """The container's IPv6 address on docker0 ("" when Docker runs without IPv6)."""
+        out = self.docker("inspect", "-f", "{{.NetworkSettings.GlobalIPv6Address}}", name).stdout
+        return out.decode().strip()
+
     def stop(self, timeout: float = 60) -> None:
         """SIGTERM and wait (dockerd stops containers, containerd and unmounts); SIGKILL if stuck."""
         if self.proc is None:

@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--ipv6", action="store_true",
                     help="dual stack: IPv6 on the underlay (fd99::/64), EnableIPv6 with IPv6Network "
                          f"{DEFAULT_IPV6_NETWORK} in the config, an IPv6 address in each container, IPv6 pings too "
-                         "(namespace lab, vxlan or host-gw)")
+                         "(namespace or --docker lab; vxlan or host-gw)")
     up.add_argument("--json", action="store_true", help="print the lab status and ping results as JSON")
     up.set_defaults(func=_up)
 
@@ -82,8 +82,8 @@ def _pings6(lab: Lab) -> tuple[dict[tuple[int, int], bool], dict]:
 
 def _up(args: argparse.Namespace) -> int:
     _require_root()
-    if args.ipv6 and (args.docker or args.machines):
-        raise LabError("--ipv6: only the namespace lab runs dual stack (not with --docker or --machines)")
+    if args.ipv6 and args.machines:
+        raise LabError("--ipv6: only the namespace and Docker labs run dual stack (not --machines)")
     if args.ipv6 and args.backend not in ("vxlan", "host-gw"):
         raise LabError(f"--ipv6 with --backend {args.backend}: dual stack runs on vxlan or host-gw "
                        "(flanneld's udp backend has no IPv6 data plane either)")
@@ -93,8 +93,9 @@ def _up(args: argparse.Namespace) -> int:
         from flannelpy.lab.docker_lab import DockerLab
 
         lab: Lab = DockerLab(prefix=args.prefix, hosts=args.hosts, backend=args.backend, etcd_api=args.etcd_api,
-                             etcd_prefix=args.etcd_prefix, workdir=args.workdir,
-                             config=default_config(args.backend, args.network))
+                             etcd_prefix=args.etcd_prefix, workdir=args.workdir, ipv6=args.ipv6,
+                             config=default_config(args.backend, args.network,
+                                                   ipv6_network=DEFAULT_IPV6_NETWORK if args.ipv6 else ""))
     else:
         lab = Lab(prefix=args.prefix, hosts=args.hosts, backend=args.backend, etcd_api=args.etcd_api,
                   etcd_prefix=args.etcd_prefix, workdir=args.workdir, ipv6=args.ipv6,
