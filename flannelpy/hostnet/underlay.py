@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from .netlink import NetlinkThread
@@ -19,43 +19,50 @@ from .netlink import NetlinkThread
 FLANNEL_DEVICE_PREFIX = "flannel"  # flannel.<VNI>, flannel0, flannel-wg, flannel.ipip
 _MAIN_TABLE = 254
 _SCOPE_LINK = 253
+_RTN_UNICAST = 1  # not local/broadcast/multicast/unreachable routes
 
 
 @dataclass(frozen=True)
 class Underlay:
-    """The host's IPv4 networks outside flannel's devices (plain values, so admission stays pure)."""
+    """The host's networks outside flannel's devices (plain values, so admission stays pure); the *6 fields
+    are the IPv6 side, which dual-stack admission protects the same way."""
 
     connected: tuple[tuple[IPv4Network, str], ...] = ()  # on-link networks and their device
     addresses: tuple[tuple[IPv4Address, str], ...] = ()  # the host's addresses and their device
     gateways: tuple[tuple[IPv4Address, IPv4Network], ...] = ()  # next hops and the route they serve
+    connected6: tuple[tuple[IPv6Network, str], ...] = ()
+    addresses6: tuple[tuple[IPv6Address, str], ...] = ()
+    gateways6: tuple[tuple[IPv6Address, IPv6Network], ...] = ()
 
 
 def _is_flannel(name: str | None) -> bool:
     return bool(name) and name.startswith(FLANNEL_DEVICE_PREFIX)  # type: ignore[union-attr]
 
 
-def read_underlay(ipr: Any) -> Underlay:
-    """Dump addresses and main-table routes (runs on the netlink thread)."""
-    names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in ipr.get_links()}
-    connected: dict[IPv4Network, str] = {}
-    addresses: list[tuple[IPv4Address, str]] = []
-    for msg in ipr.get_addr(family=socket.AF_INET):
+def _read_family(ipr: Any, names: dict[int, str], family: int) -> tuple[tuple, tuple, tuple]:
+    """(connected, addresses, gateways) of one address family."""
+    v6 = family == socket.AF_INET6
+    address, network = (IPv6Address, IPv6Network) if v6 else (IPv4Address, IPv4Network)
+    host_len = 128 if v6 else 32
+    connected: dict = {}
+    addresses: list = []
+    for msg in ipr.get_addr(family=family):
         name = names.get(msg["index"], "?")
         if _is_flannel(name):
             continue
         local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
         if not local:
             continue
-        addresses.append((IPv4Address(local), name))
-        net = IPv4Network(f"{local}/{msg['prefixlen']}", strict=False)
-        if net.prefixlen < 32:
+        addresses.append((address(local), name))
+        net = network(f"{local}/{msg['prefixlen']}", strict=False)
+        if net.prefixlen < host_len:
             connected.setdefault(net, name)
-    gateways: list[tuple[IPv4Address, IPv4Network]] = []
-    for msg in ipr.get_routes(family=socket.AF_INET, table=_MAIN_TABLE):
+    gateways: list = []
+    for msg in ipr.get_routes(family=family, table=_MAIN_TABLE):
         if (msg.get_attr("RTA_TABLE") or msg["table"]) != _MAIN_TABLE:
             continue
         name = names.get(msg.get_attr("RTA_OIF"), "")
-        dst = IPv4Network(f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}")
+        dst = network(f"{msg.get_attr('RTA_DST') or ('::' if v6 else '0.0.0.0')}/{msg['dst_len']}")
         hops = [(msg.get_attr("RTA_GATEWAY"), name)]
         for nh in msg.get_attr("RTA_MULTIPATH") or ():
             hops.append((nh.get_attr("RTA_GATEWAY"), names.get(nh["oif"], "")))
@@ -63,10 +70,21 @@ def read_underlay(ipr: Any) -> Underlay:
             if _is_flannel(dev):
                 continue
             if gateway:
-                gateways.append((IPv4Address(gateway), dst))
-            elif msg["scope"] == _SCOPE_LINK and dst.prefixlen > 0:
+                gateways.append((address(gateway), dst))
+            elif dst.prefixlen > 0 and (msg["type"] == _RTN_UNICAST if v6 else msg["scope"] == _SCOPE_LINK):
+                # IPv6 on-link routes have scope universe (the kernel never gives them scope link);
+                # the main table's ff00::/8 is type multicast
                 connected.setdefault(dst, dev or "?")
-    return Underlay(connected=tuple(connected.items()), addresses=tuple(addresses), gateways=tuple(gateways))
+    return tuple(connected.items()), tuple(addresses), tuple(gateways)
+
+
+def read_underlay(ipr: Any) -> Underlay:
+    """Dump addresses and main-table routes of both families (runs on the netlink thread)."""
+    names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in ipr.get_links()}
+    connected, addresses, gateways = _read_family(ipr, names, socket.AF_INET)
+    connected6, addresses6, gateways6 = _read_family(ipr, names, socket.AF_INET6)
+    return Underlay(connected=connected, addresses=addresses, gateways=gateways,
+                    connected6=connected6, addresses6=addresses6, gateways6=gateways6)
 
 
 async def read_host_underlay(netlink: NetlinkThread) -> Underlay:

@@ -230,23 +230,28 @@ class PrefixIndex(Generic[O]):
 # --- the host's own ranges --------------------------------------------------------------------
 
 
-def protected_ranges(network: IPv4Network, underlay: Underlay) -> list[tuple[IPv4Network, str]]:
-    """The parts of the host's underlay inside `network`, each described, that no lease may overlap.
+def protected_ranges(network: IPv4Network | IPv6Network, underlay: Underlay) -> list[tuple[IPv4Network | IPv6Network, str]]:
+    """The parts of the host's underlay inside `network`, each described, that no lease may overlap
+    (the underlay's IPv6 side for an IPv6Network).
 
     A connected network that contains the whole Network is left out: the operator carved the
     Network out of it on purpose (e.g. Network 10.244.0.0/16 on a flat 10.0.0.0/8), and the
     host's own addresses and gateways in it are still protected one by one."""
-    ranges: list[tuple[IPv4Network, str]] = []
-    for net, dev in underlay.connected:
+    v6 = network.version == 6
+    connected, addresses, gateways = ((underlay.connected6, underlay.addresses6, underlay.gateways6) if v6
+                                      else (underlay.connected, underlay.addresses, underlay.gateways))
+    host = IPv6Network if v6 else IPv4Network
+    ranges: list[tuple[IPv4Network | IPv6Network, str]] = []
+    for net, dev in connected:
         if net.overlaps(network) and not network.subnet_of(net):
             ranges.append((net, f"the network {net} connected on {dev}"))
-    for ip, dev in underlay.addresses:
+    for ip, dev in addresses:
         if ip in network:
-            ranges.append((IPv4Network(ip), f"this host's address {ip} on {dev}"))
-    for gateway, dst in underlay.gateways:
+            ranges.append((host(ip), f"this host's address {ip} on {dev}"))
+    for gateway, dst in gateways:
         if gateway in network:
             what = "the default route" if dst.prefixlen == 0 else f"the route to {dst}"
-            ranges.append((IPv4Network(gateway), f"the gateway {gateway} of {what}"))
+            ranges.append((host(gateway), f"the gateway {gateway} of {what}"))
     return ranges
 
 
@@ -301,6 +306,18 @@ class Admission:
         self._own_addresses = {ip for ip, _dev in rules.underlay.addresses}
         if rules.own_public_ip is not None:
             self._own_addresses.add(rules.own_public_ip)
+        # Dual stack: the same protection for the underlay's IPv6 side
+        self._protected6: PrefixIndex[str] = PrefixIndex(128)
+        self._connected6: PrefixIndex[tuple[IPv6Network, str]] = PrefixIndex(128)
+        self._own_addresses6: set[IPv6Address] = set()
+        if rules.ipv6_network is not None:
+            for net6, what in protected_ranges(rules.ipv6_network, rules.underlay):
+                self._protected6.add(net6, what)
+            for net6, dev in rules.underlay.connected6:
+                self._connected6.add(net6, (net6, dev))
+            self._own_addresses6 = {ip6 for ip6, _dev in rules.underlay.addresses6}
+            if rules.own_public_ipv6 is not None:
+                self._own_addresses6.add(rules.own_public_ipv6)
 
     # --- judging ----------------------------------------------------------------------------
 
@@ -374,17 +391,24 @@ class Admission:
                                          f"{rules.ipv6_network} allows (/{rules.min_ipv6_prefixlen} or longer)")
         if rules.own_ipv6_subnet is not None and net.overlaps(rules.own_ipv6_subnet):
             return refuse(OWN_SUBNET, f"IPv6 subnet {net} overlaps our own IPv6 subnet {rules.own_ipv6_subnet}")
+        protected = self._protected6.overlapping(net)
+        if protected is not None:
+            return refuse(UNDERLAY, f"IPv6 subnet {net} overlaps {protected}")
         if ip is None:
             return refuse(PUBLIC_IP, f"dual-stack lease (IPv6 subnet {net}) without a PublicIPv6")
         for special, what in _SPECIAL_PUBLIC_IPV6S:
             if ip in special:
                 return refuse(PUBLIC_IP, f"PublicIPv6 {ip} is {what}")
-        if rules.own_public_ipv6 is not None and ip == rules.own_public_ipv6:
+        if ip in self._own_addresses6:
             return refuse(OWN_ADDRESS, f"PublicIPv6 {ip} is an address of this host")
         if ip in net:
             return refuse(PUBLIC_IP, f"PublicIPv6 {ip} is inside the lease's own IPv6 subnet {net}")
         if rules.own_ipv6_subnet is not None and ip in rules.own_ipv6_subnet:
             return refuse(PUBLIC_IP, f"PublicIPv6 {ip} is inside our own IPv6 subnet {rules.own_ipv6_subnet}")
+        if (rules.onlink_backend and attrs.backend_type == rules.onlink_backend
+                and self._connected6.containing(_host_key(ip)) is None):
+            return refuse(UNREACHABLE, f"PublicIPv6 {ip} is on no IPv6 network this host is connected to; "
+                                       f"{rules.onlink_backend} needs its peers on the same link")
         mac = _vtep_mac_v6(lease)
         if mac is None and attrs.backend_type == "vxlan":
             return refuse(VTEP_MAC, "dual-stack vxlan lease without a VtepMAC in BackendV6Data")
