@@ -3,10 +3,14 @@ what switching between iptables and nftables removes.
 
 Everything here is pure.  flannelpy.hostnet.nftables runs `nft`; this module decides what it says.
 
-The names are flanneld >= 0.25's (pkg/trafficmngr/nftables): table `ip flannel-ipv4`, a `postrtg` chain
-(type nat, hook postrouting, priority srcnat) and a `forward` chain (type filter, hook forward, priority
-filter).  The rules have the effect of the iptables chains in iptables_rules.py, rule for rule, with two
-deliberate differences from flanneld's nftables code, which there diverges from its own iptables rules:
+The names are flanneld >= 0.25's (pkg/trafficmngr/nftables): table `ip flannel-ipv4` for Network and,
+with EnableIPv6, table `ip6 flannel-ipv6` for IPv6Network, each with a `postrtg` chain (type nat, hook
+postrouting, priority srcnat) and a `forward` chain (type filter, hook forward, priority filter).  The
+IPv6 table is the IPv4 one with `ip6` matches and ff00::/8 for 224.0.0.0/4, as flanneld's ip6tables rules
+are its iptables rules.  Every function takes an IPv6Network where it takes an IPv4Network; the family
+and table follow from the network.  The rules have the effect of the iptables chains in iptables_rules.py,
+rule for rule, with two deliberate differences from flanneld's nftables code, which there diverges from
+its own iptables rules:
 
 - the kube-proxy mark is matched under a mask (`meta mark & 0x4000 == 0x4000`, iptables' `--mark
   0x4000/0x4000`); flanneld writes `meta mark 0x4000`, which misses packets carrying other mark bits too;
@@ -15,7 +19,7 @@ deliberate differences from flanneld's nftables code, which there diverges from 
   rule, so host-to-overlay traffic is never masqueraded there.
 
 Rule text is written exactly as `nft list table` prints it (nftables 1.0.6, tested against the real
-`nft`), so "is this rule in place?" is a string comparison with the listing, and a rule someone else
+`nft`; IPv6 addresses compressed, as str(IPv6Network) writes them), so "is this rule in place?" is a string comparison with the listing, and a rule someone else
 put into one of these chains can be written back verbatim.
 """
 
@@ -25,7 +29,7 @@ import itertools
 import re
 import shlex
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from . import iptables_rules as IR
 
@@ -41,6 +45,23 @@ FWD_HEADER = "type filter hook forward priority filter; policy accept;"
 MASQ_CHAIN_COMMENT = "chain to manage traffic masquerading by flannel"
 FWD_CHAIN_COMMENT = "chain to accept flannel traffic"
 KUBE_PROXY_MARK_RULE = "meta mark & 0x00004000 == 0x00004000 return"  # never masquerade twice
+
+IPNetwork = IPv4Network | IPv6Network
+
+
+def family_for(network: IPNetwork) -> str:
+    """The nftables family of a network's table, which is also its address match (`ip saddr`, `ip6 saddr`)."""
+    return FAMILY_V4 if network.version == 4 else FAMILY_V6
+
+
+def table_for(network: IPNetwork) -> str:
+    return TABLE_V4 if network.version == 4 else TABLE_V6
+
+
+def _same_family(*networks: IPNetwork | None) -> None:
+    versions = {n.version for n in networks if n is not None}
+    if len(versions) > 1:
+        raise ValueError(f"nftables rules mix IPv4 and IPv6 networks: {', '.join(str(n) for n in networks if n)}")
 
 
 def table_comment(table: str) -> str:
@@ -66,52 +87,58 @@ class Ruleset:
     family: str
     table: str
     chains: tuple[Chain, ...]
-    own_networks: tuple[IPv4Network, ...] = ()
+    own_networks: tuple[IPNetwork, ...] = ()
 
     def chain(self, name: str) -> Chain | None:
         return next((c for c in self.chains if c.name == name), None)
 
 
-def _cidr(net: IPv4Network) -> str:
-    return str(net.network_address) if net.prefixlen == 32 else str(net)  # nft prints a /32 bare
+def _cidr(net: IPNetwork) -> str:
+    # nft prints a /32 (IPv6: /128) bare
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
 
-def masq_chain(network: IPv4Network, subnet: IPv4Network, *, random_fully: bool) -> Chain:
-    """The postrtg chain: iptables_rules.masq_rules' FLANNEL-POSTRTG, in the same order."""
-    n, p = _cidr(network), _cidr(subnet)
+def masq_chain(network: IPNetwork, subnet: IPNetwork, *, random_fully: bool) -> Chain:
+    """The postrtg chain: iptables_rules.masq_rules' FLANNEL-POSTRTG, in the same order (IPv6Network:
+    its ip6tables chain, in table flannel-ipv6)."""
+    _same_family(network, subnet)
+    n, p, ip = _cidr(network), _cidr(subnet), family_for(network)
     masquerade = "masquerade fully-random" if random_fully else "masquerade"
     return Chain(MASQ_CHAIN, MASQ_HEADER, MASQ_CHAIN_COMMENT, (
         KUBE_PROXY_MARK_RULE,
         # traffic inside the overlay keeps its source address
-        f"ip saddr {p} ip daddr {n} return",
-        f"ip saddr {n} ip daddr {p} return",
+        f"{ip} saddr {p} {ip} daddr {n} return",
+        f"{ip} saddr {n} {ip} daddr {p} return",
         # external traffic arriving for one of our containers is not masqueraded
-        f"ip saddr != {n} ip daddr {p} return",
-        f"ip saddr {n} ip daddr != {IR.MULTICAST_V4} {masquerade}",
-        f"ip saddr != {n} ip daddr {n} {masquerade}",
+        f"{ip} saddr != {n} {ip} daddr {p} return",
+        f"{ip} saddr {n} {ip} daddr != {IR.multicast_for(network)} {masquerade}",
+        f"{ip} saddr != {n} {ip} daddr {n} {masquerade}",
     ))
 
 
-def forward_chain(network: IPv4Network) -> Chain:
+def forward_chain(network: IPNetwork) -> Chain:
     """The forward chain: iptables_rules.forward_rules' FLANNEL-FWD."""
-    n = _cidr(network)
-    return Chain(FWD_CHAIN, FWD_HEADER, FWD_CHAIN_COMMENT, (f"ip saddr {n} accept", f"ip daddr {n} accept"))
+    n, ip = _cidr(network), family_for(network)
+    return Chain(FWD_CHAIN, FWD_HEADER, FWD_CHAIN_COMMENT, (f"{ip} saddr {n} accept", f"{ip} daddr {n} accept"))
 
 
 def desired_ruleset(
-    network: IPv4Network, subnet: IPv4Network, *, masq: bool, forward: bool, random_fully: bool,
-    previous_network: IPv4Network | None = None,
+    network: IPNetwork, subnet: IPNetwork, *, masq: bool, forward: bool, random_fully: bool,
+    previous_network: IPNetwork | None = None,
 ) -> Ruleset:
+    """What one flanneld wants in its table for one family: Network and our subnet (flannel-ipv4)
+    or, with EnableIPv6, IPv6Network and our IPv6 subnet (flannel-ipv6)."""
+    _same_family(network, subnet, previous_network)
     chains: list[Chain] = []
     if masq:
         chains.append(masq_chain(network, subnet, random_fully=random_fully))
     if forward:
         chains.append(forward_chain(network))
     own = (network,) if previous_network in (None, network) else (network, previous_network)
-    return Ruleset(FAMILY_V4, TABLE_V4, tuple(chains), own)
+    return Ruleset(family_for(network), table_for(network), tuple(chains), own)
 
 
-def empty_ruleset(family: str, table: str, own_networks: tuple[IPv4Network, ...] = ()) -> Ruleset:
+def empty_ruleset(family: str, table: str, own_networks: tuple[IPNetwork, ...] = ()) -> Ruleset:
     """No chains: applying it keeps only other instances' rules, removing ours (the switch back)."""
     return Ruleset(family, table, (), own_networks)
 
@@ -202,17 +229,22 @@ def tables_in(list_tables_output: str, family: str) -> set[str]:
 # --- ours or someone else's ----------------------------------------------------------------------
 
 _IPV4_CIDR = re.compile(r"(?<![\w.:])(\d{1,3}(?:\.\d{1,3}){3})(?:/(\d{1,2}))?(?![\w.:])")
+# hex groups with at least one colon (an IPv4 tail allowed: ::ffff:10.5.0.1); MACs and times fail to parse
+_IPV6_CIDR = re.compile(r"(?<![\w.:])([0-9A-Fa-f]*:[0-9A-Fa-f:.]*)(?:/(\d{1,3}))?(?![\w.:/])")
+_MULTICAST = (IR.MULTICAST_V4, IR.MULTICAST_V6)
 
 
-def rule_networks(rule: str) -> list[IPv4Network]:
-    """The IPv4 networks (or addresses, as /32) a rule's text names."""
-    found = []
-    for addr, length in _IPV4_CIDR.findall(_QUOTED.sub("", rule)):
-        try:
-            found.append(IPv4Network(f"{addr}/{length or 32}", strict=False))
-        except ValueError:
-            pass
-    return found
+def rule_networks(rule: str) -> list[IPNetwork]:
+    """The networks (or addresses, as /32 or /128) a rule's text names, either family, in text order."""
+    text = _QUOTED.sub("", rule)
+    found: list[tuple[int, IPNetwork]] = []
+    for pattern, cls, full in ((_IPV4_CIDR, IPv4Network, 32), (_IPV6_CIDR, IPv6Network, 128)):
+        for m in pattern.finditer(text):
+            try:
+                found.append((m.start(), cls(f"{m[1]}/{m[2] or full}", strict=False)))
+            except ValueError:
+                pass
+    return [net for _, net in sorted(found, key=lambda pair: pair[0])]
 
 
 def is_ours(rule: str, ruleset: Ruleset) -> bool:
@@ -220,8 +252,8 @@ def is_ours(rule: str, ruleset: Ruleset) -> bool:
     The multicast range is everyone's, so it decides nothing."""
     if any(rule in c.rules for c in ruleset.chains):
         return True
-    nets = [n for n in rule_networks(rule) if str(n) != IR.MULTICAST_V4]
-    return any(net.subnet_of(own) for net in nets for own in ruleset.own_networks)
+    nets = [n for n in rule_networks(rule) if str(n) not in _MULTICAST]
+    return any(net.version == own.version and net.subnet_of(own) for net in nets for own in ruleset.own_networks)
 
 
 def differences(ruleset: Ruleset, listed: ListedTable | None) -> list[str]:
@@ -342,12 +374,13 @@ def _quote(text: str) -> str:
 
 
 def iptables_removal_payload(
-    saved: IR.SavedTables, network: IPv4Network, subnet: IPv4Network,
-    previous_network: IPv4Network | None = None,
+    saved: IR.SavedTables, network: IPNetwork, subnet: IPNetwork,
+    previous_network: IPNetwork | None = None,
 ) -> tuple[str, int]:
     """An iptables-restore --noflush batch removing this flanneld's FLANNEL-POSTRTG / FLANNEL-FWD
     rules, and, when no other instance's rules remain in them, the chains and the jumps to them.
-    Returns (payload, rules removed); ('', 0) when there is nothing.
+    Returns (payload, rules removed); ('', 0) when there is nothing.  IPv6Network: `saved` is
+    ip6tables-save's and the batch is for ip6tables-restore.
 
     Docker's DOCKER-USER is not touched: an nftables accept cannot undo a drop decided in
     iptables' own FORWARD chain, so that one rule is still what lets overlay traffic past Docker
@@ -393,7 +426,7 @@ def _jumps_to(spec: str, chain: str) -> bool:
                for opt, target in itertools.pairwise(toks))
 
 
-def docker_user_payload(saved: IR.SavedTables, network: IPv4Network) -> str:
+def docker_user_payload(saved: IR.SavedTables, network: IPNetwork) -> str:
     """The batch putting our Network-to-Network accept back into Docker's DOCKER-USER ('' when the
     chain does not exist or the rule is in place).
 
