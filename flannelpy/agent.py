@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv6Interface
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from typing import Awaitable, Callable, Sequence
 
 import trio
@@ -35,7 +35,6 @@ from flannelpy.hostnet.interface import ExternalInterface, select_interface
 from flannelpy.hostnet.netlink import NetlinkThread
 from flannelpy.subnet.envfile import (
     SubnetEnv,
-    PreviousEnv,
     check_subnet_file,
     read_previous_env,
     subnet_env_matches,
@@ -45,6 +44,8 @@ from flannelpy.subnet.lease import Lease, LeaseEvent
 from flannelpy.subnet.manager import LeaseManager
 
 log = logging.getLogger("flanneld")
+
+IPNetwork = IPv4Network | IPv6Network
 
 SUBNET_ENV_CHECK_S = 2.0  # how often a removed or altered subnet.env is noticed and rewritten
 UNDO_STEP_TIMEOUT_S = 5.0  # one undo step (e.g. deleting the lease while etcd is away) gives up after this
@@ -140,13 +141,10 @@ async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:
 def check_before_lease(opts: AgentOptions, config: NetworkConfig | None = None) -> None:
     """Everything about the local files and tools that a start needs, checked before etcd is
     touched: a refused start must not leave a lease behind (FlannelError names what is wrong).
-    With the config (read from etcd, before the lease): what EnableIPv6 needs too."""
+    With the config (read from etcd, before the lease): what EnableIPv6 needs too (ip6tables, unless
+    EnableNFTables puts the IPv6 rules in nftables table flannel-ipv6)."""
     if config is not None:
-        if config.enable_ipv6 and (opts.ip_masq or opts.iptables_forward_rules):
-            if config.enable_nftables:
-                raise FlannelError("EnableIPv6 with EnableNFTables: flannelpy's nftables mode has no IPv6 rules "
-                                   "(table flannel-ipv6) yet; set EnableNFTables to false (ip6tables rules), or run "
-                                   "with -ip-masq=false -iptables-forward-rules=false")
+        if config.enable_ipv6 and (opts.ip_masq or opts.iptables_forward_rules) and not config.enable_nftables:
             from flannelpy.hostnet.iptables import check_tools as check_iptables
 
             check_iptables(ipv6=True)
@@ -294,9 +292,11 @@ async def run_agent(opts: AgentOptions) -> None:
             metrics.attach_backend(backend)
 
             if opts.ip_masq or opts.iptables_forward_rules:
-                await nursery.start(_run_iptables, opts, config, lease, previous_network, previous_subnet)
+                await nursery.start(_run_rules, opts, config, config.network, lease.subnet,
+                                    previous_network, previous_subnet)
                 if lease.ipv6_subnet is not None and config.ipv6_network is not None:
-                    await nursery.start(_run_ip6tables, opts, config, lease, previous)
+                    await nursery.start(_run_rules, opts, config, config.ipv6_network, lease.ipv6_subnet,
+                                        previous.ipv6_network, previous.ipv6_subnet)
 
             env = SubnetEnv(network=config.network, subnet=lease.subnet, mtu=backend.mtu(), ipmasq=opts.ip_masq,
                             ipv6_network=config.ipv6_network if lease.ipv6_subnet is not None else None,
@@ -389,16 +389,18 @@ async def keep_subnet_env(path: str, env: SubnetEnv, period: float = SUBNET_ENV_
         log.warning("%s was removed or altered; rewrote it", path)
 
 
-async def _run_iptables(opts: AgentOptions, config: NetworkConfig, lease: Lease, previous_network, previous_subnet,
-                        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """The masquerade and forward rules: iptables by default, nftables with EnableNFTables.  Each
-    mode removes what the other left (as flanneld does at start-up), after its own rules are in
-    place, so the host is never without either."""
+async def _run_rules(opts: AgentOptions, config: NetworkConfig, network: IPNetwork, subnet: IPNetwork,
+                     previous_network: IPNetwork | None, previous_subnet: IPNetwork | None,
+                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """The masquerade and forward rules of one family: Network and our subnet, or (EnableIPv6)
+    IPv6Network and our IPv6 subnet.  iptables (ip6tables) by default, nftables table flannel-ipv4
+    (flannel-ipv6) with EnableNFTables.  Each mode removes what the other left for this family (as
+    flanneld does at start-up), after its own rules are in place, so the host is never without either."""
     if config.enable_nftables:
         from flannelpy.hostnet.nftables import NftablesManager
 
         nft = NftablesManager(
-            config.network, lease.subnet,
+            network, subnet,
             masq=opts.ip_masq, forward=opts.iptables_forward_rules, random_fully_disable=not opts.ip_masq_random_fully,
             resync_s=opts.iptables_resync_s, previous_network=previous_network,
         )
@@ -409,7 +411,7 @@ async def _run_iptables(opts: AgentOptions, config: NetworkConfig, lease: Lease,
     from flannelpy.hostnet.nftables import remove_flannel_tables
 
     manager = IptablesManager(
-        config.network, lease.subnet,
+        network, subnet,
         masq=opts.ip_masq, forward=opts.iptables_forward_rules, random_fully_disable=not opts.ip_masq_random_fully,
         netns=None,
         resync_s=opts.iptables_resync_s, previous_network=previous_network, previous_subnet=previous_subnet,
@@ -417,26 +419,10 @@ async def _run_iptables(opts: AgentOptions, config: NetworkConfig, lease: Lease,
     async with trio.open_nursery() as rules:
         await rules.start(manager.run)
         try:
-            await remove_flannel_tables(config.network, lease.subnet, previous_network)
+            await remove_flannel_tables(network, subnet, previous_network)
         except FlannelError as err:
             log.error("could not remove flannel's nftables tables (EnableNFTables is off): %s", err)
         task_status.started()
-
-
-async def _run_ip6tables(opts: AgentOptions, config: NetworkConfig, lease: Lease, previous: PreviousEnv,
-                         *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """EnableIPv6: flanneld's masquerade and forward rules for IPv6Network and our IPv6 subnet,
-    through ip6tables (check_before_lease refused nftables mode with IPv6)."""
-    from flannelpy.hostnet.iptables import IptablesManager
-
-    assert config.ipv6_network is not None and lease.ipv6_subnet is not None
-    manager = IptablesManager(
-        config.ipv6_network, lease.ipv6_subnet,
-        masq=opts.ip_masq, forward=opts.iptables_forward_rules, random_fully_disable=not opts.ip_masq_random_fully,
-        netns=None, resync_s=opts.iptables_resync_s,
-        previous_network=previous.ipv6_network, previous_subnet=previous.ipv6_subnet,
-    )
-    await manager.run(task_status=task_status)
 
 
 def _update_docker(opts: AgentOptions, env: SubnetEnv, undo: StartupUndo) -> None:

@@ -2,7 +2,8 @@
 the same chains as flannel-ipv4 with `ip6` matches and ff00::/8; rendering, parsing, ours versus another
 instance's, the switch from ip6tables (pure)."""
 
-from ipaddress import IPv4Network, IPv6Network as N6
+from ipaddress import IPv4Network
+from ipaddress import IPv6Network as N6
 
 import pytest
 
