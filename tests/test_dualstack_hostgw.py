@@ -40,9 +40,12 @@ def test_v6_route_diff_with_the_kernel_metric():
     diff = route_diff([(SUBNET6["b"], want)], [have, stale], underlay_index=2, network=N6("fd55::/48"),
                       remove_unexplained=True, priority=IPV6_DEFAULT_METRIC)
     assert diff.add == [] and diff.remove == [stale]
-    change = KernelChange("route", True, 0, socket.AF_INET6, 2, None, 254, None, FLANNEL_RTPROT)
+    change = KernelChange("route", True, 0, socket.AF_INET6, 2, None, 254, N6("fd55:0:0:7::/64"), FLANNEL_RTPROT)
     assert change_matters(change, underlay_index=2, network=N6("fd55::/48"), family=socket.AF_INET6)
     assert not change_matters(change, underlay_index=2, network=N6("fd55::/48"))  # not the IPv4 side's
+    # a route outside IPv6Network (an RA's default route, say) wakes no repair pass
+    ra = KernelChange("route", False, 0, socket.AF_INET6, 2, None, 254, N6("::/0"), 9)
+    assert not change_matters(ra, underlay_index=2, network=N6("fd55::/48"), family=socket.AF_INET6)
 
 
 @pytest.mark.root

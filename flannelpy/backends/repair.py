@@ -104,8 +104,10 @@ class RepairLoop:
 
     def __init__(self, what: str, netlink: NetlinkThread, repair: Callable[[], Awaitable[object]],
                  notice: Callable[[KernelChange], bool], interval: float = RESYNC_INTERVAL,
-                 *, quiet_interval: float | None = None, urgent: Callable[[], bool] | None = None) -> None:
+                 *, quiet_interval: float | None = None, urgent: Callable[[], bool] | None = None,
+                 monitor_groups: int = KernelMonitor.GROUPS) -> None:
         self.what = what
+        self.monitor_groups = monitor_groups  # KernelMonitor.GROUPS_V6 for a backend's IPv6 side
         self.netlink = netlink
         self.repair = repair
         self.notice = notice
@@ -160,7 +162,7 @@ class RepairLoop:
 
     def _open_monitor(self) -> KernelMonitor | None:
         try:
-            return KernelMonitor(self.netlink.netns)
+            return KernelMonitor(self.netlink.netns, self.monitor_groups)
         except OSError as exc:
             log.warning("%s: cannot listen to kernel notifications (%s); checking every %gs only",
                         self.what, exc, self.interval)

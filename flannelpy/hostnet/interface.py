@@ -15,7 +15,7 @@ import logging
 import re
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
 from flannelpy.errors import FlannelError
@@ -273,10 +273,11 @@ def _attr(msg: Any, name: str) -> Any:
     return msg.get_attr(name)
 
 
-def route_get_hops(ipr: Any, dst: IPv4Address) -> list[tuple[int | None, IPv4Address | None]]:
-    """`ip route get <dst>` as (oif, gateway) pairs; [] when there is no route."""
+def route_get_hops(ipr: Any, dst: IPv4Address | IPv6Address) -> list[tuple[int | None, Any]]:
+    """`ip route get <dst>` as (oif, gateway) pairs (either family); [] when there is no route."""
+    family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
     try:
-        msgs = ipr.route("get", dst=str(dst))
+        msgs = ipr.route("get", dst=str(dst), family=family)
     except NetlinkError as exc:
         if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL):
             return []
@@ -284,7 +285,7 @@ def route_get_hops(ipr: Any, dst: IPv4Address) -> list[tuple[int | None, IPv4Add
     hops = []
     for msg in msgs:
         gw = _attr(msg, "RTA_GATEWAY")
-        hops.append((_attr(msg, "RTA_OIF"), IPv4Address(gw) if gw else None))
+        hops.append((_attr(msg, "RTA_OIF"), ip_address(gw) if gw else None))
     return hops
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import trio
 
@@ -24,6 +24,8 @@ RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
 
 _KINDS = {16: ("link", False), 17: ("link", True), 20: ("addr", False), 21: ("addr", True),
           24: ("route", False), 25: ("route", True), 28: ("neigh", False), 29: ("neigh", True)}
@@ -43,7 +45,7 @@ class KernelChange:
     ifindex: int | None = None  # link/addr/neigh: the device; route: RTA_OIF
     ifname: str | None = None  # link only
     table: int | None = None  # route only
-    dst: IPv4Network | None = None  # route only (IPv4)
+    dst: IPv4Network | IPv6Network | None = None  # route only
     proto: int | None = None  # route only
     state: int | None = None  # neigh only (NUD_* bits)
     lladdr: str | None = None  # neigh only: the MAC (an FDB entry's key)
@@ -83,6 +85,10 @@ def _decode(name: str, deleted: bool, msg: Message) -> KernelChange:
             raw = attrs.get(RTA_DST)
             base = IPv4Address(raw[:4]) if raw is not None and len(raw) >= 4 else IPv4Address(0)
             dst = IPv4Network((base, dst_len), strict=False)
+        elif family == socket.AF_INET6:
+            raw = attrs.get(RTA_DST)
+            base6 = IPv6Address(raw[:16]) if raw is not None and len(raw) >= 16 else IPv6Address(0)
+            dst = IPv6Network((base6, dst_len), strict=False)
         return KernelChange(name, deleted, msg.sender, family, u32(attrs.get(RTA_OIF)), None,
                             u32(attrs.get(RTA_TABLE)) or table, dst, proto)
     family, _p1, _p2, index, state, _fl, _type = NDMSG.unpack(msg.body)
@@ -92,9 +98,11 @@ def _decode(name: str, deleted: bool, msg: Message) -> KernelChange:
 
 
 class KernelMonitor:
-    """Notifications of link, IPv4 address, IPv4 route and neighbour changes."""
+    """Notifications of link, address, route and neighbour changes (IPv4's, or IPv6's with GROUPS_V6)."""
 
     GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
+    # the IPv6 side of a dual-stack backend: an IPv4-only agent is not woken by the host's IPv6 churn (RAs)
+    GROUPS_V6 = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
 
     def __init__(self, netns: str | None = None, groups: int = GROUPS) -> None:
         self._sock = open_socket(netns, groups, blocking=False)

@@ -29,7 +29,7 @@ from flannelpy.backends.repair import RESYNC_INTERVAL, RepairLoop, RepairReport,
 from flannelpy.errors import FlannelError
 from flannelpy.hostnet import rtnl
 from flannelpy.hostnet.interface import main_routes6
-from flannelpy.hostnet.monitor import KernelChange
+from flannelpy.hostnet.monitor import KernelChange, KernelMonitor
 from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, KernelDumps, NetlinkError, delete_route
 from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
@@ -115,7 +115,8 @@ class HostGwBackend(Backend):
         self._lock = trio.Lock()
         self.repairs: dict[str, int] = {}
         self.loop = RepairLoop("host-gw IPv6" if ipv6 else "host-gw", self.netlink, self.reconcile_once,
-                               self._notice, interval=check_interval)
+                               self._notice, interval=check_interval,
+                               monitor_groups=KernelMonitor.GROUPS_V6 if ipv6 else KernelMonitor.GROUPS)
         self.v6: HostGwBackend | None = None
         if self.config.enable_ipv6 and not ipv6:
             self.v6 = HostGwBackend(*args, check_interval=check_interval, family=socket.AF_INET6, **kwargs)

@@ -89,9 +89,8 @@ def route_diff(wanted: Iterable[tuple[IPNetwork, Route]], present: Iterable[Kern
 def change_matters(change: KernelChange, *, underlay_index: int, network: IPNetwork,
                    family: int = socket.AF_INET) -> bool:
     """Whether a kernel notification (not caused by us) may have touched our routes: a route
-    inside Network changed, or the underlay went down or up (which drops routes silently).
-    IPv6 (family AF_INET6): the monitor gives no destination, so any main-table route change via
-    the underlay counts."""
+    inside Network (IPv6Network for family AF_INET6) changed, or the underlay went down or up (which
+    drops routes silently)."""
     if change.kind == "overflow":
         return True
     if change.kind == "link":
@@ -99,7 +98,5 @@ def change_matters(change: KernelChange, *, underlay_index: int, network: IPNetw
     if change.kind == "route":
         if change.family != family or change.table != MAIN_TABLE:
             return False
-        if family == socket.AF_INET6:
-            return change.dst is None and change.ifindex in (underlay_index, None)
         return change.dst is not None and change.dst.subnet_of(network)
     return False

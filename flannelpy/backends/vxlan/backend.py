@@ -47,7 +47,7 @@ from flannelpy.config.network import NetworkConfig
 from flannelpy.errors import ConfigError, FlannelError
 from flannelpy.hostnet import rtnl
 from flannelpy.hostnet.interface import main_routes6, route_get_hops
-from flannelpy.hostnet.monitor import KernelChange
+from flannelpy.hostnet.monitor import KernelChange, KernelMonitor
 from flannelpy.hostnet.netlink import (
     FLANNEL_RTPROT,
     MAIN_TABLE,
@@ -445,12 +445,8 @@ class VxlanBackend(Backend):
         if device_mtu < min_mtu:
             raise ConfigError(f"Backend.MTU: {underlay_mtu} leaves {device_mtu} for {device_name(vni, ipv6)}; "
                               f"need at least {min_mtu + overhead}")
+        # IPv6 too, as flanneld: a peer whose PublicIPv6 is on our link gets `<v6 subnet> via <PublicIPv6>`
         self.direct_routing: bool = config.backend_option("DirectRouting", bool, False)
-        if ipv6 and self.direct_routing:
-            # flannelpy's DirectRouting test (route_get_hops) reads IPv4 routes only.
-            log.warning("DirectRouting: IPv6 peers are reached through %s, not by direct routes",
-                        device_name(vni, ipv6))
-            self.direct_routing = False
         self.network: IPv4Network | IPv6Network = config.ipv6_network if ipv6 else config.network  # type: ignore[assignment]
         self.spec = VxlanDeviceSpec(
             name=device_name(vni, ipv6),
@@ -478,7 +474,8 @@ class VxlanBackend(Backend):
         self._echoes = EchoFilter()  # our FDB changes, which the kernel announces as nobody's
         self.loop = RepairLoop(f"vxlan {self.spec.name}", netlink, self.reconcile_once, self._notice,
                                interval=resync_interval, quiet_interval=quiet_interval,
-                               urgent=lambda: bool(self._failed) or self._device_problem is not None)
+                               urgent=lambda: bool(self._failed) or self._device_problem is not None,
+                               monitor_groups=KernelMonitor.GROUPS_V6 if ipv6 else KernelMonitor.GROUPS)
         # Dual stack: the IPv6 device, run by the same code (see the module docstring).
         self.v6: VxlanBackend | None = None
         if config.enable_ipv6 and not ipv6:
