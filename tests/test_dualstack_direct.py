@@ -74,3 +74,13 @@ def test_the_monitor_decodes_ipv6_route_destinations():
     (change,) = parse_changes(header + body)
     assert (change.kind, change.deleted, change.family, change.dst, change.ifindex, change.proto) == (
         "route", True, socket.AF_INET6, IPv6Network("fd42:0:0:1f::/64"), 7, 70)
+
+
+def test_status_shows_the_ipv6_side(lab: Lab):
+    from flannelpy.cli.flannelctl.status import format_status
+
+    doc = lab.agent_status(1)
+    assert (doc["ipv6_network"], doc["ipv6_subnet"], doc["public_ipv6"]) == (
+        "fd42::/48", str(IPv6Interface(lab.host(1).subnet6).network), lab.host(1).ip6)
+    text = format_status(doc, time.time())
+    assert f"ipv6:       {doc['ipv6_subnet']} (network fd42::/48), public IPv6 {lab.host(1).ip6}" in text

@@ -33,6 +33,10 @@ class AgentState:
     interface: str | None = None
     public_ip: str | None = None
     mtu: int | None = None
+    # dual stack (EnableIPv6): IPv6Network, our IPv6 subnet and PublicIPv6; None in an IPv4-only network
+    ipv6_network: str | None = None
+    ipv6_subnet: str | None = None
+    public_ipv6: str | None = None
     lease_expiration: float | None = None  # unix time; None = no TTL (a reservation) or no lease yet
     # Ready = subnet.env written and the data plane (device, iptables, backend loop) programmed,
     # the same moment flanneld sends READY=1 (and, since v0.28.9, /readyz turns 200).
@@ -87,8 +91,12 @@ class AgentState:
         self.interface = ext.name
         self.public_ip = str(ext.public_ip)
         self.mtu = mtu
+        if config.enable_ipv6:
+            self.ipv6_network = str(config.ipv6_network)
+            self.ipv6_subnet = str(lease.ipv6_subnet) if lease.ipv6_subnet is not None else None
+            self.public_ipv6 = str(ext.public_ipv6) if ext.public_ipv6 is not None else None
         self.lease_expiration = lease.expiration
-        self.note(f"acquired lease {lease.subnet}")
+        self.note(f"acquired lease {lease.subnet}" + (f" {lease.ipv6_subnet}" if lease.ipv6_subnet else ""))
 
     def lease_renewed(self, lease: Lease) -> None:
         self.lease_expiration = lease.expiration
@@ -126,6 +134,9 @@ class AgentState:
             "interface": self.interface,
             "public_ip": self.public_ip,
             "mtu": self.mtu,
+            "ipv6_network": self.ipv6_network,
+            "ipv6_subnet": self.ipv6_subnet,
+            "public_ipv6": self.public_ipv6,
             "lease_expiration": self.lease_expiration,
             "lease_expires_in": None if self.lease_expiration is None else round(self.lease_expiration - now, 1),
             "leases_seen": self.leases_seen,

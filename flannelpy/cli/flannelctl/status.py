@@ -28,6 +28,9 @@ def format_status(doc: dict[str, Any], now: float) -> str:
         f"{doc.get('public_ip') or '-'}, MTU {doc.get('mtu') or '-'}",
         f"peers:      {doc.get('peers_programmed', 0)} programmed of {doc.get('leases_seen', 0)} leases seen",
     ]
+    if doc.get("ipv6_subnet"):  # dual stack
+        lines.insert(2, f"ipv6:       {doc['ipv6_subnet']} (network {doc.get('ipv6_network') or '-'}), public IPv6 "
+                        f"{doc.get('public_ipv6') or '-'}")
     exp = doc.get("lease_expiration")
     lines.append(f"lease:      expires in {int(exp - now)}s" if exp else "lease:      no expiry")
     at = doc.get("last_event_at")
