@@ -95,6 +95,23 @@ def split_counter_name(name: str) -> tuple[str, str, str] | None:
     return None
 
 
+def path_split(values: Mapping[str, int]) -> list[tuple[str, str, str, int]]:
+    """(metric, path, direction, value) for a backend with a kernel fast path beside the Python one (udp's tc-BPF
+    programs: their counters are `bpf_<tx|rx>_<packets|bytes>`, and `<tx|rx>_<packets|bytes>` are the totals over
+    both paths).  The Python path's share is the total minus the BPF part.  [] for a backend without bpf_* counters.
+    """
+    if not any(key.startswith("bpf_") for key in values):
+        return []
+    out = []
+    for metric in ("packets", "bytes"):
+        for direction in ("tx", "rx"):
+            bpf = values.get(f"bpf_{direction}_{metric}", 0)
+            total = values.get(f"{direction}_{metric}", 0)
+            out.append((metric, "bpf", direction, bpf))
+            out.append((metric, "python", direction, max(total - bpf, 0)))
+    return out
+
+
 class _StateCollector:
     """The agent's counters and histogram, and gauges derived from AgentState and backend
     counters, computed at scrape time."""
@@ -167,6 +184,13 @@ class _StateCollector:
             "drops": CounterMetricFamily("flannel_backend_drops", "Packets the backend dropped",
                                          labels=["backend", "direction", "reason"]),
         }
+        paths = {
+            "packets": CounterMetricFamily("flannel_backend_path_packets", "Packets forwarded, by the path that "
+                                           "carried them (udp: bpf = tc-BPF in the kernel, python = the forwarder)",
+                                           labels=["backend", "path", "direction"]),
+            "bytes": CounterMetricFamily("flannel_backend_path_bytes", "Bytes forwarded, by the path that carried them",
+                                         labels=["backend", "path", "direction"]),
+        }
         for backend, read in list(self.owner._counter_sources.items()):
             try:
                 values = read()
@@ -180,7 +204,9 @@ class _StateCollector:
                 metric, direction, reason = parts
                 labels = [backend, direction] + ([reason] if metric == "drops" else [])
                 families[metric].add_metric(labels, float(value))
-        for family in families.values():
+            for metric, path, direction, value in path_split(values):
+                paths[metric].add_metric([backend, path, direction], float(value))
+        for family in (*families.values(), *paths.values()):
             if family.samples:
                 yield family
 
