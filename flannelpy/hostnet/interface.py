@@ -15,12 +15,12 @@ import logging
 import re
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from typing import Any
 
 from flannelpy.errors import FlannelError
 
-from .netlink import MAIN_TABLE, RTNH_F_ONLINK, KernelRoute, NetlinkError, NetlinkThread
+from .netlink import NetlinkError, NetlinkThread
 
 log = logging.getLogger(__name__)
 
@@ -287,23 +287,6 @@ def route_get_hops(ipr: Any, dst: IPv4Address | IPv6Address) -> list[tuple[int |
         gw = _attr(msg, "RTA_GATEWAY")
         hops.append((_attr(msg, "RTA_OIF"), ip_address(gw) if gw else None))
     return hops
-
-
-def main_routes6(ipr: Any) -> list[KernelRoute]:
-    """The main table's IPv6 unicast routes as KernelRoutes, for the backends' IPv6 repair passes
-    (KernelDumps reads IPv4 only; this one goes through pyroute2, fine for a dual-stack host's
-    few hundred routes).  IPv6 routes always carry a metric: 1024 when added without one."""
-    routes = []
-    for msg in ipr.get_routes(family=socket.AF_INET6, table=MAIN_TABLE):
-        if msg.get_attr("RTA_TABLE", msg["table"]) != MAIN_TABLE or msg["type"] != 1:  # RTN_UNICAST
-            continue
-        gw = msg.get_attr("RTA_GATEWAY")
-        routes.append(KernelRoute(
-            dst=IPv6Network(f"{msg.get_attr('RTA_DST') or '::'}/{msg['dst_len']}", strict=False),  # type: ignore[arg-type]
-            gateway=IPv6Address(gw) if gw else None,  # type: ignore[arg-type]
-            oif=msg.get_attr("RTA_OIF"), proto=msg["proto"], priority=msg.get_attr("RTA_PRIORITY") or 0,
-            tos=msg["tos"], onlink=bool(msg["flags"] & RTNH_F_ONLINK)))
-    return routes
 
 
 def read_snapshot(ipr: Any, can_reach: IPv4Address | None) -> HostSnapshot:

@@ -27,7 +27,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -235,10 +235,10 @@ def _port_id_of(ipr: Any) -> int | None:
 
 @dataclass(frozen=True)
 class KernelRoute:
-    """One IPv4 route of the main table, as the kernel reports it."""
+    """One route of the main table (IPv4 or IPv6), as the kernel reports it."""
 
-    dst: IPv4Network
-    gateway: IPv4Address | None
+    dst: IPv4Network | IPv6Network
+    gateway: IPv4Address | IPv6Address | None
     oif: int | None
     proto: int
     priority: int = 0
@@ -248,9 +248,9 @@ class KernelRoute:
 
 @dataclass(frozen=True)
 class KernelNeigh:
-    """An IPv4 neighbour (ARP) entry on one device."""
+    """A neighbour entry (IPv4: ARP, IPv6: NDP) on one device."""
 
-    ip: IPv4Address
+    ip: IPv4Address | IPv6Address
     mac: str | None
     permanent: bool
 
@@ -260,7 +260,7 @@ class KernelFdb:
     """A bridge FDB entry of a vxlan device that sends to a remote VTEP (has NDA_DST)."""
 
     mac: str
-    dst: IPv4Address
+    dst: IPv4Address | IPv6Address
     permanent: bool
 
 
@@ -286,7 +286,8 @@ def dump_main_routes(ipr: Any) -> list[KernelRoute]:
 
 
 class KernelDumps:
-    """One dump each of the main table's routes, a device's neighbours, a device's FDB, read
+    """One dump each of the main table's routes, a device's neighbours, a device's FDB (either
+    family), the devices and addresses (for the start's reads), read
     with hostnet.rtnl (milliseconds for thousands of entries, where pyroute2 takes a second),
     and batches of requests that change them (transact: one send for many, as the backends'
     peer programming needs).
@@ -333,50 +334,80 @@ class KernelDumps:
                 continue  # the table changed under the dump: read it again
         raise OSError(errno.EAGAIN, "the kernel's table kept changing during the dump")
 
-    def routes(self) -> list[KernelRoute]:
-        """Every IPv4 unicast route of the main table."""
+    def all_routes(self, family: int = socket.AF_INET) -> list[rtnl.RouteInfo]:
+        """Every route of one family, every table and type, in the kernel's order."""
+        header = rtnl.RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+        return [rtnl.route_info(m) for m in self._dump(rtnl.RTM_GETROUTE, header)
+                if m.type == rtnl.RTM_NEWROUTE and m.body[0] == family]
+
+    def routes(self, family: int = socket.AF_INET) -> list[KernelRoute]:
+        """Every unicast route of the main table, of one family (IPv6 routes always carry a
+        metric: 1024 when added without one)."""
+        v6 = family == socket.AF_INET6
+        address, network, size = (IPv6Address, IPv6Network, 16) if v6 else (IPv4Address, IPv4Network, 4)
         out = []
-        for msg in self._dump(rtnl.RTM_GETROUTE, rtnl.RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)):
-            family, dst_len, _src, tos, table, proto, _scope, rtype, flags = rtnl.RTMSG.unpack(msg.body)
-            a = msg.attrs
-            if family != socket.AF_INET or (rtnl.u32(a.get(_RTA_TABLE)) or table) != MAIN_TABLE or rtype != 1:
+        for r in self.all_routes(family):
+            if r.table != MAIN_TABLE or r.type != 1:
                 continue  # other tables; local, broadcast, blackhole... routes (RTN_UNICAST is 1)
-            dst = a.get(_RTA_DST)
-            gw = a.get(_RTA_GATEWAY)
+            gw = r.gateway
             out.append(KernelRoute(
-                dst=IPv4Network((IPv4Address(dst[:4]) if dst else IPv4Address(0), dst_len), strict=False),
-                gateway=IPv4Address(gw[:4]) if gw and len(gw) >= 4 else None,
-                oif=rtnl.u32(a.get(_RTA_OIF)),
-                proto=proto,
-                priority=rtnl.u32(a.get(_RTA_PRIORITY)) or 0,
-                tos=tos,
-                onlink=bool(flags & RTNH_F_ONLINK),
+                dst=network((address(r.dst[:size]) if r.dst else address(0), r.dst_len), strict=False),
+                gateway=address(gw[:size]) if gw and len(gw) >= size else None,
+                oif=r.oif, proto=r.proto, priority=r.priority, tos=r.tos,
+                onlink=bool(r.flags & RTNH_F_ONLINK),
             ))
         return out
 
-    def neighbours(self, index: int) -> list[KernelNeigh]:
-        """IPv4 neighbour entries of device `index`."""
+    def neighbours(self, index: int, family: int = socket.AF_INET) -> list[KernelNeigh]:
+        """Neighbour entries (IPv4: ARP, IPv6: NDP) of device `index`."""
+        size, address = (16, IPv6Address) if family == socket.AF_INET6 else (4, IPv4Address)
         out = []
-        for msg in self._dump(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0)):
-            family, _p1, _p2, ifindex, state, _fl, _type = rtnl.NDMSG.unpack(msg.body)
+        for msg in self._dump(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(family, 0, 0, 0, 0, 0, 0)):
+            fam, _p1, _p2, ifindex, state, _fl, _type = rtnl.NDMSG.unpack(msg.body)
             dst = msg.attrs.get(_NDA_DST)
-            if family != socket.AF_INET or ifindex != index or not dst or len(dst) != 4:
+            if fam != family or ifindex != index or not dst or len(dst) != size:
                 continue
             mac = msg.attrs.get(_NDA_LLADDR)
-            out.append(KernelNeigh(IPv4Address(dst), _mac(mac), bool(state & NUD_PERMANENT)))
+            out.append(KernelNeigh(address(dst), _mac(mac), bool(state & NUD_PERMANENT)))
         return out
 
-    def fdb(self, index: int) -> list[KernelFdb]:
-        """FDB entries of vxlan device `index` that point at a remote IPv4 VTEP (have NDA_DST)."""
+    def fdb(self, index: int, family: int = socket.AF_INET) -> list[KernelFdb]:
+        """FDB entries of vxlan device `index` that point at a remote VTEP of `family` (have NDA_DST)."""
+        size, address = (16, IPv6Address) if family == socket.AF_INET6 else (4, IPv4Address)
         out = []
         for msg in self._dump(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(socket.AF_BRIDGE, 0, 0, 0, 0, 0, 0)):
-            family, _p1, _p2, ifindex, state, _fl, _type = rtnl.NDMSG.unpack(msg.body)
+            fam, _p1, _p2, ifindex, state, _fl, _type = rtnl.NDMSG.unpack(msg.body)
             dst = msg.attrs.get(_NDA_DST)
             mac = _mac(msg.attrs.get(_NDA_LLADDR))
-            if family != socket.AF_BRIDGE or ifindex != index or not dst or len(dst) != 4 or mac is None:
+            if fam != socket.AF_BRIDGE or ifindex != index or not dst or len(dst) != size or mac is None:
                 continue
-            out.append(KernelFdb(mac, IPv4Address(dst), bool(state & NUD_PERMANENT)))
+            out.append(KernelFdb(mac, address(dst), bool(state & NUD_PERMANENT)))
         return out
+
+    def links(self) -> list[rtnl.LinkInfo]:
+        """Every device, in the kernel's order."""
+        return [rtnl.link_info(m) for m in self._dump(rtnl.RTM_GETLINK, rtnl.IFINFOMSG.pack(0, 0, 0, 0, 0, 0))
+                if m.type == 16]  # RTM_NEWLINK
+
+    def link(self, name: str) -> rtnl.LinkInfo | None:
+        """The device called `name`, None when there is none."""
+        return next((link for link in self.links() if link.name == name), None)
+
+    def addresses(self, family: int, index: int = 0) -> list[rtnl.AddrInfo]:
+        """Addresses of one family (of device `index` only, when given), in the kernel's order."""
+        return [a for a in (rtnl.addr_info(m) for m in self._dump(rtnl.RTM_GETADDR,
+                                                                 rtnl.IFADDRMSG.pack(family, 0, 0, 0, 0)))
+                if a.family == family and (not index or a.index == index)]
+
+    def route_get(self, dst: IPv4Address | IPv6Address) -> list[rtnl.RouteInfo]:
+        """`ip route get <dst>`: the route the kernel would use; OSError (ENETUNREACH...) when none."""
+        family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
+        payload = rtnl.RTMSG.pack(family, dst.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + rtnl._attr(rtnl.RTA_DST, dst.packed)
+        self._socket()
+        assert self._sock is not None
+        self._seq += 1
+        return [rtnl.route_info(m) for m in rtnl.ask(self._sock, rtnl.RTM_GETROUTE, payload, self._seq)
+                if m.type == rtnl.RTM_NEWROUTE]
 
     def close(self) -> None:
         if self._sock is not None:
@@ -384,7 +415,6 @@ class KernelDumps:
             self._sock = None
 
 
-_RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_PRIORITY, _RTA_TABLE = 1, 4, 5, 6, 15
 _NDA_DST, _NDA_LLADDR = 1, 2
 
 

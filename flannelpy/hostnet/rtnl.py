@@ -155,6 +155,114 @@ def dump(sock: socket.socket, mtype: int, header: bytes, seq: int) -> list[Messa
             out.append(msg)
 
 
+def ask(sock: socket.socket, mtype: int, payload: bytes, seq: int) -> list[Message]:
+    """Send one request that is not a dump (RTM_GETROUTE for one destination, RTM_GETLINK for
+    one device) on a blocking socket; its replies, or OSError with the kernel's errno."""
+    sock.send(NLMSG.pack(NLMSG.size + len(payload), mtype, NLM_F_REQUEST, seq, 0) + payload)
+    while True:
+        out = [m for m in messages(sock.recv(1 << 20)) if m.seq == seq]
+        for msg in out:
+            if msg.type == NLMSG_ERROR:
+                code = -struct.unpack("=i", msg.body[:4])[0]
+                if code:
+                    raise OSError(code, os.strerror(code))
+        if out:
+            return [m for m in out if m.type != NLMSG_ERROR]
+
+
+# --- decoding: routes, links, addresses as plain values --------------------------------------
+
+RTM_GETLINK, RTM_GETADDR = 18, 22
+RTA_PRIORITY, RTA_MULTIPATH = 6, 9
+RTNEXTHOP = struct.Struct("=HBBi")  # len, flags, hops, ifindex
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO = 1, 3, 4, 18
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """A route message's fields as the kernel sent them (addresses packed, 4 or 16 bytes)."""
+
+    family: int
+    dst: bytes | None
+    dst_len: int
+    tos: int
+    table: int  # RTA_TABLE when present (tables above 255), else rtm_table
+    proto: int
+    scope: int
+    type: int
+    flags: int
+    gateway: bytes | None
+    oif: int | None
+    priority: int
+    multipath: tuple[tuple[bytes | None, int], ...] = ()  # (gateway, oif) of each next hop
+
+
+def route_info(msg: Message) -> RouteInfo:
+    family, dst_len, _src, tos, table, proto, scope, rtype, flags = RTMSG.unpack(msg.body)
+    a = msg.attrs
+    hops: list[tuple[bytes | None, int]] = []
+    raw = a.get(RTA_MULTIPATH)
+    at = 0
+    while raw is not None and at + RTNEXTHOP.size <= len(raw):
+        length, _fl, _hops, ifindex = RTNEXTHOP.unpack_from(raw, at)
+        if length < RTNEXTHOP.size:
+            break
+        hops.append((attributes(raw, at + RTNEXTHOP.size, at + length).get(RTA_GATEWAY), ifindex))
+        at += (length + 3) & ~3
+    return RouteInfo(family, a.get(RTA_DST), dst_len, tos, u32(a.get(RTA_TABLE)) or table, proto, scope, rtype,
+                     flags, a.get(RTA_GATEWAY), u32(a.get(RTA_OIF)), u32(a.get(RTA_PRIORITY)) or 0, tuple(hops))
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """A device as RTM_NEWLINK describes it; `kind` and `data` (IFLA_INFO_DATA's attributes)
+    say what type of device it is (vxlan...)."""
+
+    index: int
+    name: str
+    flags: int
+    mtu: int
+    mac: str | None
+    kind: str | None
+    data: dict[int, bytes] | None
+
+
+def link_info(msg: Message) -> LinkInfo:
+    _family, _pad, _type, index, flags, _change = IFINFOMSG.unpack(msg.body)
+    a = msg.attrs
+    kind = data = None
+    info = a.get(IFLA_LINKINFO)
+    if info is not None:
+        nested = attributes(info, 0, len(info))
+        raw_kind = nested.get(IFLA_INFO_KIND)
+        kind = raw_kind.rstrip(b"\0").decode() if raw_kind is not None else None
+        raw_data = nested.get(IFLA_INFO_DATA)
+        data = attributes(raw_data, 0, len(raw_data)) if raw_data is not None else None
+    name = a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace")
+    mac = a.get(IFLA_ADDRESS)
+    return LinkInfo(index, name, flags, u32(a.get(IFLA_MTU)) or 0, mac.hex(":") if mac and len(mac) == 6 else None,
+                    kind, data)
+
+
+@dataclass(frozen=True)
+class AddrInfo:
+    """An address: IFA_LOCAL (the interface's own) and IFA_ADDRESS (the peer on point-to-point
+    links, else the same), packed."""
+
+    family: int
+    index: int
+    prefixlen: int
+    local: bytes | None
+    address: bytes | None
+
+
+def addr_info(msg: Message) -> AddrInfo:
+    family, prefixlen, _flags, _scope, index = IFADDRMSG.unpack(msg.body)
+    return AddrInfo(family, index, prefixlen, msg.attrs.get(IFA_LOCAL), msg.attrs.get(IFA_ADDRESS))
+
+
 # --- requests that change the kernel, many per send ---------------------------------------
 #
 # pyroute2 builds, sends and waits for the ACK of one request at a time (~0.3 ms of Python
@@ -193,6 +301,16 @@ def _mac_bytes(mac: str) -> bytes:
     return raw
 
 
+def _family_of(*addresses: bytes) -> int:
+    """AF_INET or AF_INET6 from packed addresses, which must all be of one family."""
+    sizes = {len(a) for a in addresses}
+    if sizes == {4}:
+        return socket.AF_INET
+    if sizes == {16}:
+        return socket.AF_INET6
+    raise ValueError(f"not one address family: {' '.join(a.hex() for a in addresses)}")
+
+
 def neigh_request(add: bool, family: int, ifindex: int, ip: bytes, mac: str | None, *, state: int,
                   ntf_flags: int = 0) -> Request:
     """Replace (add=True) or delete a neighbour (AF_INET: ARP) or bridge FDB (AF_BRIDGE) entry."""
@@ -209,13 +327,15 @@ def neigh_request(add: bool, family: int, ifindex: int, ip: bytes, mac: str | No
 
 def route_request(add: bool, dst: bytes, dst_len: int, gateway: bytes, *, oif: int | None, table: int,
                   protocol: int, flags: int = 0) -> Request:
-    """Replace (add=True) or delete an IPv4 unicast route.  A delete with protocol 0 matches
-    any protocol (as `ip route del` does); a non-zero one only routes of that protocol."""
+    """Replace (add=True) or delete a unicast route; its family is its addresses' (4 bytes:
+    IPv4, 16: IPv6, both the same).  A delete with protocol 0 matches any protocol (as `ip
+    route del` does); a non-zero one only routes of that protocol."""
+    family = _family_of(dst, gateway)
     if add:
-        head = RTMSG.pack(socket.AF_INET, dst_len, 0, 0, table if table < 256 else 0, protocol,
+        head = RTMSG.pack(family, dst_len, 0, 0, table if table < 256 else 0, protocol,
                           RT_SCOPE_UNIVERSE, RTN_UNICAST, flags)
     else:
-        head = RTMSG.pack(socket.AF_INET, dst_len, 0, 0, table if table < 256 else 0, protocol,
+        head = RTMSG.pack(family, dst_len, 0, 0, table if table < 256 else 0, protocol,
                           RT_SCOPE_NOWHERE, 0, flags)
     attrs = _attr(RTA_TABLE, struct.pack("=I", table)) + _attr(RTA_DST, dst) + _attr(RTA_GATEWAY, gateway)
     if oif is not None:

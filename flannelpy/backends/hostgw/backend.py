@@ -28,7 +28,6 @@ from flannelpy.backends.base import Backend, LeaseData
 from flannelpy.backends.repair import RESYNC_INTERVAL, RepairLoop, RepairReport, describe_failures
 from flannelpy.errors import FlannelError
 from flannelpy.hostnet import rtnl
-from flannelpy.hostnet.interface import main_routes6
 from flannelpy.hostnet.monitor import KernelChange, KernelMonitor
 from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, KernelDumps, NetlinkError, delete_route
 from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
@@ -51,13 +50,8 @@ def _replace(ipr: Any, route: Route) -> None:
 def _route_request(add: bool, route: Route) -> rtnl.Request:
     """_replace's request, or its delete: protocol FLANNEL_RTPROT on both, so a delete never
     takes someone else's route to the same subnet."""
-    req = rtnl.route_request(add, route.dst.network_address.packed, route.dst.prefixlen, route.gw.packed,
-                             oif=route.oif, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
-    if route.dst.version == 6:
-        # rtnl.route_request builds IPv4 routes; with 16-byte addresses it is an IPv6 one once
-        # rtm_family (the payload's first byte) says so.
-        req = rtnl.Request(req.type, req.flags, bytes([socket.AF_INET6]) + req.payload[1:])
-    return req
+    return rtnl.route_request(add, route.dst.network_address.packed, route.dst.prefixlen, route.gw.packed,
+                              oif=route.oif, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
 
 
 def _transact(_ipr: Any, dumps: KernelDumps, requests: list[rtnl.Request]) -> list[int]:
@@ -67,11 +61,11 @@ def _transact(_ipr: Any, dumps: KernelDumps, requests: list[rtnl.Request]) -> li
 def _reconcile(ipr: Any, dumps: KernelDumps, wanted: list[tuple[IPNetwork, Route]], underlay_index: int,
                network: IPNetwork, remove_unexplained: bool) -> RepairReport:
     """One pass: one route dump, the pure diff, one netlink call per difference; each call's
-    failure is recorded, never raised.  IPv6 (network is an IPv6Network): its routes, read through
-    pyroute2, and their kernel default metric."""
+    failure is recorded, never raised.  IPv6 (network is an IPv6Network): its routes and their
+    kernel default metric."""
     report = RepairReport()
     ipv6 = network.version == 6
-    diff = route_diff(wanted, main_routes6(ipr) if ipv6 else dumps.routes(), underlay_index=underlay_index,
+    diff = route_diff(wanted, dumps.routes(socket.AF_INET6 if ipv6 else socket.AF_INET), underlay_index=underlay_index,
                       network=network, remove_unexplained=remove_unexplained,
                       priority=IPV6_DEFAULT_METRIC if ipv6 else 0)
     for have in diff.remove:

@@ -46,7 +46,7 @@ from flannelpy.backends.repair import (
 from flannelpy.config.network import NetworkConfig
 from flannelpy.errors import ConfigError, FlannelError
 from flannelpy.hostnet import rtnl
-from flannelpy.hostnet.interface import main_routes6, route_get_hops
+from flannelpy.hostnet.interface import route_get_hops
 from flannelpy.hostnet.monitor import KernelChange, KernelMonitor
 from flannelpy.hostnet.netlink import (
     FLANNEL_RTPROT,
@@ -278,41 +278,20 @@ def _plan_requests(index: int, plan: PeerPlan, add: bool, with_route: bool) -> l
         else:
             req = rtnl.route_request(add, r.dst.network_address.packed, r.dst.prefixlen, r.gateway.packed,
                                      oif=None, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
-        if r.dst.version == 6:
-            req = _as_ipv6_route(req)
         out.append((f"route {r.dst}", req))
     return out
-
-
-def _as_ipv6_route(req: rtnl.Request) -> rtnl.Request:
-    """rtnl.route_request builds IPv4 routes only; the same request with 16-byte addresses is an
-    IPv6 one once its rtmsg says AF_INET6 (the first byte of the payload: rtm_family)."""
-    return rtnl.Request(req.type, req.flags, bytes([socket.AF_INET6]) + req.payload[1:])
 
 
 def _transact(_ipr: Any, dumps: KernelDumps, requests: list[rtnl.Request]) -> list[int]:
     return dumps.transact(requests)
 
 
-def _kernel_state(ipr: Any, dumps: KernelDumps, index: int, ipv6: bool
+def _kernel_state(dumps: KernelDumps, index: int, ipv6: bool
                   ) -> tuple[list[KernelRoute], list[KernelNeigh], list[KernelFdb]]:
-    """The main table's routes, the device's neighbours and its FDB entries to remote VTEPs:
-    IPv4 through the fast dumps (KernelDumps), IPv6 through pyroute2, as KernelDumps reads IPv4 only."""
-    if not ipv6:
-        return dumps.routes(), dumps.neighbours(index), dumps.fdb(index)
-    routes = main_routes6(ipr)
-    neighs = []
-    for msg in ipr.get_neighbours(family=socket.AF_INET6, ifindex=index):
-        dst, mac = msg.get_attr("NDA_DST"), msg.get_attr("NDA_LLADDR")
-        if msg["ifindex"] == index and dst:
-            neighs.append(KernelNeigh(IPv6Address(dst), mac.lower() if mac else None,
-                                      bool(msg["state"] & NUD_PERMANENT)))
-    fdbs = []
-    for msg in ipr.get_neighbours(family=socket.AF_BRIDGE, ifindex=index):
-        dst, mac = msg.get_attr("NDA_DST"), msg.get_attr("NDA_LLADDR")
-        if msg["ifindex"] == index and dst and mac and ":" in dst:
-            fdbs.append(KernelFdb(mac.lower(), IPv6Address(dst), bool(msg["state"] & NUD_PERMANENT)))
-    return routes, neighs, fdbs
+    """The main table's routes, the device's neighbours and its FDB entries to remote VTEPs, of
+    the device's family, one fast dump each (KernelDumps)."""
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    return dumps.routes(family), dumps.neighbours(index, family), dumps.fdb(index, family)
 
 
 def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, base: IPv4Address | IPv6Address,
@@ -355,7 +334,7 @@ def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, ba
         report.device = "; ".join(filter(None, [report.device, f"{spec.name}: " + ", ".join(address_changes)]))
 
     ipv6 = base.version == 6
-    routes, neighs, fdbs = _kernel_state(ipr, dumps, index, ipv6)
+    routes, neighs, fdbs = _kernel_state(dumps, index, ipv6)
     diff = entry_diff(wanted, routes, neighs, fdbs,
                       device_index=index, underlay_index=spec.vtep_index, network=network,
                       remove_unexplained=remove_unexplained, route_priority=IPV6_DEFAULT_METRIC if ipv6 else 0)
