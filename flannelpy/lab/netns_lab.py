@@ -20,6 +20,10 @@ SIGKILL) is found by the lab's namespace names (flannelpy.lab.leftovers).
 From the host's own namespace the lab's addresses are not reachable (10.250.0.1 would follow the
 default route off the machine).  With `forward_etcd` (what `flannelctl lab up` uses) etcd is also
 served on 127.0.0.1:<port> in the host's namespace by flannelpy.lab.portforward.
+
+With `etcd_tls` (`flannelctl lab up --etcd-tls both|server-only`) etcd serves https with
+--client-cert-auth, certificates from flannelpy.lab.pki in <workdir>/pki; "server-only" is the classic
+guide's cluster whose JSON gateway cannot serve, so the agents' `-etcd-transport auto` picks gRPC.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from flannelpy.subnet.envfile import parse_env_file
 
 from .etcd_server import EtcdServer
 from .leftovers import find_leftovers, lab_namespaces, list_namespaces, processes_in, stop_processes
+from .pki import PkiError, PkiFiles, check_mode, make_pki
 
 UNDERLAY_NET = IPv4Network("10.250.0.0/24")
 UNDERLAY_NET6 = IPv6Network("fd99::/64")  # the underlay's IPv6 side (Lab.ipv6)
@@ -198,6 +203,8 @@ class Lab:
     forward_pid: int = 0
     # Dual stack: IPv6 on the underlay (fd99::/64) and, unless `config` is given, EnableIPv6 in it.
     ipv6: bool = False
+    # etcd over TLS with client certificates: "" (plain http), "both" or "server-only" (flannelpy.lab.pki)
+    etcd_tls: str = ""
 
     def __post_init__(self) -> None:
         if not self.workdir:
@@ -206,6 +213,10 @@ class Lab:
             self.config = default_config(self.backend, ipv6_network=DEFAULT_IPV6_NETWORK if self.ipv6 else "")
         if not 1 <= self.hosts <= 200:
             raise LabError(f"--hosts {self.hosts}: must be between 1 and 200")
+        try:
+            check_mode(self.etcd_tls)
+        except PkiError as err:
+            raise LabError(str(err)) from None
         self._etcd: EtcdServer | None = None
         # Popen handles of agents started by this process: stop_agent reaps through them so the
         # exit status is not lost to subprocess's reaping of dropped Popen objects.
@@ -220,12 +231,21 @@ class Lab:
 
     @property
     def etcd_endpoint(self) -> str:
-        return f"http://{ETCD_IP}:{ETCD_CLIENT_PORT}"
+        return f"{self._scheme}://{ETCD_IP}:{ETCD_CLIENT_PORT}"
 
     @property
     def host_etcd_endpoint(self) -> str:
         """etcd as reachable from the host's own namespace ("" without forward_etcd)."""
-        return f"http://127.0.0.1:{self.host_etcd_port}" if self.host_etcd_port else ""
+        return f"{self._scheme}://127.0.0.1:{self.host_etcd_port}" if self.host_etcd_port else ""
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.etcd_tls else "http"
+
+    @property
+    def pki(self) -> PkiFiles | None:
+        """The lab's certificates (<workdir>/pki) with etcd_tls, else None."""
+        return PkiFiles(os.path.join(self.workdir, "pki")) if self.etcd_tls else None
 
     @property
     def state_file(self) -> str:
@@ -288,13 +308,15 @@ class Lab:
         if not left.empty():
             raise LabError(f"lab {self.prefix!r} has leftovers of an earlier run ({left.describe()}); "
                            f"remove them with `{down_command(self.prefix, self.workdir)}`, or use another --prefix")
-        for tool in ("etcd", "etcdctl", "nsenter", "ip", "busybox"):
+        for tool in ("etcd", "etcdctl", "nsenter", "ip", "busybox", *(["openssl"] if self.etcd_tls else [])):
             if shutil.which(tool) is None:
                 raise LabError(f"{tool} not found: install it (see .ci/setup)")
         os.makedirs(self.workdir, exist_ok=True)
         try:
             self.save()  # before anything exists: from here on `lab down` finds what this build makes
             self._build_underlay()
+            if self.pki is not None:
+                self._make_pki(self.pki)
             self._start_etcd()
             if self.forward_etcd:
                 self._start_forwarder()
@@ -316,10 +338,17 @@ class Lab:
             run("ip", "-n", ns, "addr", "add", f"{UNDERLAY_NET6.network_address + 1}/64", "dev", "br0", "nodad")
         run("ip", "-n", ns, "link", "set", "br0", "up")
 
+    def _make_pki(self, pki: PkiFiles) -> None:
+        # 127.0.0.1 too: the forwarder serves the same etcd (same certificate) on the host's loopback.
+        try:
+            make_pki(pki.dir, [ETCD_IP, "127.0.0.1"], self.etcd_tls)
+        except PkiError as err:
+            raise LabError(str(err)) from None
+
     def _start_etcd(self) -> None:
         etcd = EtcdServer(data_dir=os.path.join(self.workdir, "etcd"), name="lab", enable_v2=True,
                           listen_ip=ETCD_IP, netns=self.underlay_ns,
-                          client_port=ETCD_CLIENT_PORT, peer_port=ETCD_PEER_PORT)
+                          client_port=ETCD_CLIENT_PORT, peer_port=ETCD_PEER_PORT, tls=self.pki)
         os.makedirs(etcd.data_dir, exist_ok=True)
         self._etcd = etcd
         self.etcd_pid = etcd.launch()
@@ -356,9 +385,10 @@ class Lab:
         finally:
             listener.close()  # the forwarder holds its own copy
         deadline = time.monotonic() + timeout
+        verify = self.etcd.ssl_context() if self.etcd_tls else True
         while True:
             try:
-                if httpx.get(f"{self.host_etcd_endpoint}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.host_etcd_endpoint}/health", timeout=2, verify=verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -372,7 +402,7 @@ class Lab:
         if self._etcd is None:
             self._etcd = EtcdServer(data_dir=os.path.join(self.workdir, "etcd"), name="lab", enable_v2=True,
                                     listen_ip=ETCD_IP, netns=self.underlay_ns,
-                                    client_port=ETCD_CLIENT_PORT, peer_port=ETCD_PEER_PORT)
+                                    client_port=ETCD_CLIENT_PORT, peer_port=ETCD_PEER_PORT, tls=self.pki)
         return self._etcd
 
     def etcdctl(self, *args: str, api: int = 3, check: bool = True) -> subprocess.CompletedProcess:
@@ -409,6 +439,8 @@ class Lab:
         return [
             own_command("flanneld"),
             f"-etcd-endpoints={self.etcd_endpoint}",
+            *([f"-etcd-cafile={self.pki.ca}", f"-etcd-certfile={self.pki.client_cert}",
+               f"-etcd-keyfile={self.pki.client_key}"] if self.pki else []),
             f"-etcd-prefix={self.etcd_prefix}",
             "-iface=eth0",
             f"-subnet-file={host.subnet_file}",
@@ -633,7 +665,9 @@ class Lab:
                      "namespace": self.underlay_ns, "pid": self.etcd_pid,
                      "running": bool(self.etcd_pid) and _pid_alive(self.etcd_pid),
                      "forwarder_pid": self.forward_pid,
-                     "forwarder_running": bool(self.forward_pid) and _pid_alive(self.forward_pid)},
+                     "forwarder_running": bool(self.forward_pid) and _pid_alive(self.forward_pid),
+                     **({"tls": self.etcd_tls, "cacert": self.pki.ca, "cert": self.pki.client_cert,
+                         "key": self.pki.client_key} if self.pki else {})},
             "etcd_prefix": self.etcd_prefix,
             "config": self.config,
             "hosts": [
@@ -686,15 +720,26 @@ def status_lines(st: dict[str, Any]) -> list[str]:
     lines = [f"lab {st['prefix']}: backend {st.get('backend_running') or st['backend']}, "
              f"{len(st['hosts'])} host{'s' if len(st['hosts']) != 1 else ''}, etcd prefix {prefix}"]
     state = f"{'running' if etcd['running'] else 'stopped'}"
+    # With TLS every command needs the lab's CA and client certificate (etcd runs --client-cert-auth).
+    ctl_tls = f" --etcd-cafile {etcd['cacert']} --etcd-certfile {etcd['cert']} --etcd-keyfile {etcd['key']}" \
+        if etcd.get("tls") else ""
+    etcdctl_tls = f" --cacert={etcd['cacert']} --cert={etcd['cert']} --key={etcd['key']}" if etcd.get("tls") else ""
     if etcd.get("endpoint"):
         forwarder = "" if etcd.get("forwarder_running", True) else ", forwarder stopped"
         lines.append(f"etcd: {etcd['endpoint']} from this shell ({state} in netns {etcd['namespace']}{forwarder}), e.g.")
-        lines.append(f"  flannelctl leases --etcd-endpoints {etcd['endpoint']} --etcd-prefix {prefix}")
-        lines.append(f"  etcdctl --endpoints={etcd['endpoint']} get --prefix {prefix}")
+        lines.append(f"  flannelctl leases --etcd-endpoints {etcd['endpoint']} --etcd-prefix {prefix}{ctl_tls}")
+        lines.append(f"  etcdctl --endpoints={etcd['endpoint']}{etcdctl_tls} get --prefix {prefix}")
     else:
         lines.append(f"etcd: {state} in netns {etcd['namespace']}, reached from this shell with")
-        lines.append(f"  nsenter --net=/var/run/netns/{etcd['namespace']} etcdctl --endpoints={etcd['endpoint_in_lab']} "
-                     f"get --prefix {prefix}")
+        lines.append(f"  nsenter --net=/var/run/netns/{etcd['namespace']} etcdctl --endpoints={etcd['endpoint_in_lab']}"
+                     f"{etcdctl_tls} get --prefix {prefix}")
+    if etcd.get("tls") == "server-only":
+        lines.append("etcd TLS: client certificates required; the server certificate has extendedKeyUsage serverAuth "
+                     "only, so etcd's JSON gateway cannot serve: v3 clients with -etcd-transport auto (the agents, "
+                     "flannelctl) use etcd's gRPC API (agent logs: 'etcd v3 transport: gRPC, because ...')")
+    elif etcd.get("tls"):
+        lines.append("etcd TLS: client certificates required; the server certificate has extendedKeyUsage "
+                     "serverAuth,clientAuth, so etcd's JSON gateway serves v3 clients (no gRPC needed)")
     lines.append(f"{'HOST':<5} {'NETNS':<12} {'UNDERLAY IP':<13} {'SUBNET':<16} {'MTU':<5} {'CONTAINER IP':<14} AGENT")
     for h in st["hosts"]:
         agent = f"pid {h['agent_pid']}" if h["agent_running"] else "stopped"

@@ -18,6 +18,7 @@ from flannelpy.lab.netns_lab import (
     ping_lines,
     print_status,
 )
+from flannelpy.lab.pki import TLS_MODES
 
 BACKENDS = ("vxlan", "udp", "host-gw", "none")
 
@@ -47,6 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="dual stack: IPv6 on the underlay (fd99::/64), EnableIPv6 with IPv6Network "
                          f"{DEFAULT_IPV6_NETWORK} in the config, an IPv6 address in each container, IPv6 pings too "
                          "(namespace or --docker lab; vxlan or host-gw)")
+    up.add_argument("--etcd-tls", choices=TLS_MODES, default="",
+                    help="etcd over https with client certificates (made with openssl in WORKDIR/pki): 'both' gives "
+                         "etcd a server certificate with serverAuth,clientAuth (the agents use its JSON gateway), "
+                         "'server-only' one with serverAuth only, the classic guide's cluster (the gateway cannot "
+                         "serve; the agents' -etcd-transport auto uses gRPC)")
     up.add_argument("--json", action="store_true", help="print the lab status and ping results as JSON")
     up.set_defaults(func=_up)
 
@@ -87,6 +93,9 @@ def _up(args: argparse.Namespace) -> int:
     if args.ipv6 and args.backend not in ("vxlan", "host-gw"):
         raise LabError(f"--ipv6 with --backend {args.backend}: dual stack runs on vxlan or host-gw "
                        "(flanneld's udp backend has no IPv6 data plane either)")
+    if args.etcd_tls and args.machines:
+        raise LabError("--etcd-tls: only the namespace and Docker labs run a TLS etcd (not --machines, whose "
+                       "provisioning is vagrant/'s, unchanged)")
     if args.machines:
         return _up_machines(args)
     if args.docker:
@@ -94,11 +103,12 @@ def _up(args: argparse.Namespace) -> int:
 
         lab: Lab = DockerLab(prefix=args.prefix, hosts=args.hosts, backend=args.backend, etcd_api=args.etcd_api,
                              etcd_prefix=args.etcd_prefix, workdir=args.workdir, ipv6=args.ipv6,
+                             etcd_tls=args.etcd_tls,
                              config=default_config(args.backend, args.network,
                                                    ipv6_network=DEFAULT_IPV6_NETWORK if args.ipv6 else ""))
     else:
         lab = Lab(prefix=args.prefix, hosts=args.hosts, backend=args.backend, etcd_api=args.etcd_api,
-                  etcd_prefix=args.etcd_prefix, workdir=args.workdir, ipv6=args.ipv6,
+                  etcd_prefix=args.etcd_prefix, workdir=args.workdir, ipv6=args.ipv6, etcd_tls=args.etcd_tls,
                   config=default_config(args.backend, args.network,
                                         ipv6_network=DEFAULT_IPV6_NETWORK if args.ipv6 else ""))
     lab.forward_etcd = True  # etcd on 127.0.0.1 of this namespace, where a user tries first
