@@ -169,3 +169,56 @@ def test_health_server_loads_hypercorn_at_its_first_client(tmp_path):
     assert got["unix"] == [200, "flanneld is running"]
     assert got["again"] == [503, "flanneld is not ready yet"]
     assert got["after"] is True
+
+
+def _log_until(path: str, offset: int, wanted: str, timeout: float = 60.0) -> str:
+    """The agent's log from `offset` on, once it contains `wanted` (the agent writes it; we wait
+    for that line, not for a time)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(path, errors="replace") as f:
+            f.seek(offset)
+            text = f.read()
+        if wanted in text or time.monotonic() > deadline:
+            assert wanted in text, f"no {wanted!r} in the agent's log:\n{text[-3000:]}"
+            return text
+        time.sleep(0.05)
+
+
+def test_a_restart_that_finds_the_device_in_place_never_loads_iproute():
+    """The start's reads (interface, underlay, the vxlan device and its address, the first kernel
+    check) go through hostnet.rtnl: pyroute2's IPRoute is loaded only to change something, which
+    the first start does (it creates flannel.1) and a restart with everything in place does not."""
+    import os
+    import secrets
+
+    import pytest
+
+    from flannelpy.lab.netns_lab import Lab
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    lab = Lab(prefix=f"fpls{secrets.token_hex(2)}", hosts=2, backend="vxlan", with_containers=False)
+    lab.workdir = f"/tmp/{lab.prefix}"  # short: unix socket paths are limited to 108 bytes
+    checked = "flannel.1: first kernel check with the whole peer set: 1 peers"
+    loaded = "loading pyroute2's IPRoute"
+    try:
+        lab.up()
+        log = lab.host(1).log_file
+        first = _log_until(log, 0, checked)
+        assert "created device flannel.1" in first and loaded in first
+        assert first.index(loaded) < first.index("created device flannel.1")
+        offset = os.path.getsize(log)
+        lab.stop_agent(1)
+        lab.start_agent(1)
+        again = _log_until(log, offset, checked)
+        assert "reusing device flannel.1" in again and "nothing to repair" in again
+        assert loaded not in again, again
+        # and the data plane it found is the one it wants: host 2's subnet routed onto flannel.1
+        peer = lab.wait_subnet_env(2)["FLANNEL_SUBNET"]
+        routes = lab.ip_json(1, "route", "show", "dev", "flannel.1")
+        assert any(peer.split("/")[0].rsplit(".", 1)[0] in r["dst"] for r in routes), routes
+    finally:
+        lab.down()

@@ -20,7 +20,7 @@ from typing import Any
 
 from flannelpy.errors import FlannelError
 
-from .netlink import NetlinkError, NetlinkThread
+from .netlink import MAIN_TABLE, KernelDumps, NetlinkThread
 
 log = logging.getLogger(__name__)
 
@@ -269,56 +269,40 @@ def choose_interface(snap: HostSnapshot, flags: InterfaceFlags) -> ExternalInter
 # --- reading the kernel (runs on the netlink thread) -------------------------------------
 
 
-def _attr(msg: Any, name: str) -> Any:
-    return msg.get_attr(name)
-
-
-def route_get_hops(ipr: Any, dst: IPv4Address | IPv6Address) -> list[tuple[int | None, Any]]:
+def route_get_hops(dumps: KernelDumps, dst: IPv4Address | IPv6Address) -> list[tuple[int | None, Any]]:
     """`ip route get <dst>` as (oif, gateway) pairs (either family); [] when there is no route."""
-    family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
     try:
-        msgs = ipr.route("get", dst=str(dst), family=family)
-    except NetlinkError as exc:
-        if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL):
+        found = dumps.route_get(dst)
+    except OSError as exc:
+        if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL):
             return []
         raise
-    hops = []
-    for msg in msgs:
-        gw = _attr(msg, "RTA_GATEWAY")
-        hops.append((_attr(msg, "RTA_OIF"), ip_address(gw) if gw else None))
-    return hops
+    return [(r.oif, ip_address(r.gateway) if r.gateway else None) for r in found]
 
 
-def read_snapshot(ipr: Any, can_reach: IPv4Address | None) -> HostSnapshot:
-    links = []
+def read_snapshot(dumps: KernelDumps, can_reach: IPv4Address | None) -> HostSnapshot:
+    """Devices, their addresses of both families, the IPv4 default route's device and (when
+    asked) the route to `can_reach`, all in the kernel's order (runs on the netlink thread)."""
     addrs: dict[int, list[IPv4Address]] = {}
-    for msg in ipr.get_addr(family=socket.AF_INET):
+    for a in dumps.addresses(socket.AF_INET):
         # IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on point-to-point links)
-        addrs.setdefault(msg["index"], []).append(IPv4Address(_attr(msg, "IFA_LOCAL") or _attr(msg, "IFA_ADDRESS")))
+        raw = a.local or a.address
+        if raw:
+            addrs.setdefault(a.index, []).append(IPv4Address(raw))
     addrs6: dict[int, list[IPv6Address]] = {}
-    for msg in ipr.get_addr(family=socket.AF_INET6):
-        addrs6.setdefault(msg["index"], []).append(IPv6Address(_attr(msg, "IFA_ADDRESS") or _attr(msg, "IFA_LOCAL")))
-    for msg in ipr.get_links():
-        links.append(
-            LinkFacts(
-                name=_attr(msg, "IFLA_IFNAME"),
-                index=msg["index"],
-                mtu=_attr(msg, "IFLA_MTU") or 0,
-                addrs=tuple(addrs.get(msg["index"], ())),
-                addrs6=tuple(addrs6.get(msg["index"], ())),
-            )
-        )
-    default_index = None
-    for msg in ipr.get_routes(family=socket.AF_INET, table=254):
-        if msg["dst_len"] == 0 and _attr(msg, "RTA_TABLE") in (None, 254):
-            oif = _attr(msg, "RTA_OIF")
-            if oif:
-                default_index = oif
-                break
+    for a in dumps.addresses(socket.AF_INET6):
+        raw = a.address or a.local
+        if raw:
+            addrs6.setdefault(a.index, []).append(IPv6Address(raw))
+    links = tuple(LinkFacts(name=link.name, index=link.index, mtu=link.mtu, addrs=tuple(addrs.get(link.index, ())),
+                            addrs6=tuple(addrs6.get(link.index, ())))
+                  for link in dumps.links())
+    default_index = next((r.oif for r in dumps.all_routes(socket.AF_INET)
+                          if r.table == MAIN_TABLE and r.dst_len == 0 and r.oif), None)
     reach = None
     if can_reach is not None:
-        reach = tuple(oif for oif, _gw in route_get_hops(ipr, can_reach) if oif) or None
-    return HostSnapshot(links=tuple(links), default_index=default_index, reach_indexes=reach)
+        reach = tuple(oif for oif, _gw in route_get_hops(dumps, can_reach) if oif) or None
+    return HostSnapshot(links=links, default_index=default_index, reach_indexes=reach)
 
 
 async def select_interface(
@@ -327,7 +311,7 @@ async def select_interface(
 ) -> ExternalInterface:
     """The external interface per the flags (see module doc); FlannelError when none fits."""
     flags = check_flags(list(ifaces), list(iface_regexes), can_reach, public_ip, public_ipv6, ipv6)
-    snap = await nl.call(read_snapshot, flags.can_reach)
+    snap = await nl.read(read_snapshot, flags.can_reach)
     ext = choose_interface(snap, flags)
     log.info("using interface %s with address %s (public %s, mtu %d)", ext.name, ext.ip, ext.public_ip, ext.mtu)
     if ext.ip6 is not None:

@@ -12,8 +12,10 @@ package __init__ imports every API it has (NDB with sqlite3, IPDB, conntrack, ip
 wireguard...), ~0.1 s and ~5 MiB that flanneld never uses.  `_bare_pyroute2()` registers the
 package without running its __init__ (which still runs, once, if anyone asks the package itself
 for a name: `from pyroute2 import NDB` keeps working), and IPRoute is imported on first use, by
-the netlink thread, not when this module is imported: a start-up pays for it only once it
-needs the kernel, and `flannelctl` commands that never do, never.
+the netlink thread, not when this module is imported, and only for a request that goes through
+it: reads go through KernelDumps (hostnet/rtnl.py), so pyroute2 is loaded for the first change
+(a device to create, an address to add), and a restart that finds everything in place, like
+`flannelctl` commands that never touch the kernel, never loads it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Container, TypeVar
 
 import outcome
 import trio
@@ -121,7 +123,7 @@ class NetlinkThread:
         self._thread = threading.Thread(target=self._serve, name="netlink", daemon=True)
         self._started = False
         self._port_id: int | None = None
-        self._port_known = threading.Event()
+        self.iproute_loaded = False  # whether pyroute2's IPRoute was needed (a change) in this run
         self._dumps: KernelDumps | None = None
 
     @property
@@ -131,17 +133,17 @@ class NetlinkThread:
 
     @property
     def port_id(self) -> int | None:
-        """The netlink port id of our socket: the kernel stamps it on the notifications of
-        changes we made, so a monitor can skip its own echoes.  None when unknown."""
-        self.start()
-        self._port_known.wait(5)
+        """The netlink port id of the IPRoute socket: the kernel stamps it on the notifications of
+        changes we made, so a monitor can skip its own echoes.  None when unknown, or while no
+        change was asked for (the socket is made for the first)."""
         return self._port_id
 
     @property
-    def own_ports(self) -> frozenset[int]:
+    def own_ports(self) -> Container[int]:
         """Port ids of both our sockets that change the kernel (pyroute2's and KernelDumps'
-        batch socket): notifications stamped with one of them are our own echoes."""
-        return frozenset(p for p in (self.port_id, self.dumps.port_id) if p)
+        batch socket): notifications stamped with one of them are our own echoes.  A live view:
+        pyroute2's socket may be opened after it is taken."""
+        return _OwnPorts(self, self.dumps.port_id)
 
     @property
     def dumps(self) -> "KernelDumps":
@@ -156,14 +158,7 @@ class NetlinkThread:
             self._thread.start()
 
     def _serve(self) -> None:
-        # groups=0: this socket only asks; notifications nobody reads would pile up in it
-        # (hostnet.monitor has its own socket for them).
-        iproute = _iproute_class()
-        ipr = iproute(netns=self._netns, groups=0) if self._netns else iproute(groups=0)
-        try:
-            self._port_id = _port_id_of(ipr)
-        finally:
-            self._port_known.set()
+        ipr = _LazyIPRoute(self._make_iproute)
         try:
             while True:
                 job = self._jobs.get()
@@ -175,8 +170,25 @@ class NetlinkThread:
         finally:
             ipr.close()
 
+    def _make_iproute(self, why: str) -> Any:
+        # Said once per process: a start that finds everything in place never gets here.
+        log.info("netlink: loading pyroute2's IPRoute (first request through it: ipr.%s)", why)
+        iproute = _iproute_class()
+        # groups=0: this socket only asks; notifications nobody reads would pile up in it
+        # (hostnet.monitor has its own socket for them).
+        ipr = iproute(netns=self._netns, groups=0) if self._netns else iproute(groups=0)
+        self._port_id = _port_id_of(ipr)
+        self.iproute_loaded = True
+        return ipr
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(dumps, *args) on the netlink thread: a read through KernelDumps, no pyroute2."""
+        dumps = self.dumps
+        return await self.call(lambda _ipr: fn(dumps, *args))
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(ipr, *args) on the netlink thread and return its result (or raise)."""
+        """Run fn(ipr, *args) on the netlink thread and return its result (or raise); `ipr` is
+        pyroute2's IPRoute, made when fn first uses it."""
         self.start()
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
@@ -217,6 +229,35 @@ class NetlinkThread:
             self._started = False
         if self._dumps is not None:
             self._dumps.close()
+
+
+class _OwnPorts:
+    def __init__(self, thread: NetlinkThread, batch_port: int | None) -> None:
+        self._thread = thread
+        self._batch_port = batch_port
+
+    def __contains__(self, port: object) -> bool:
+        return bool(port) and port in (self._batch_port, self._thread.port_id)
+
+
+class _LazyIPRoute:
+    """Stands for the netlink thread's IPRoute and makes it on first use.  Reads go through
+    KernelDumps (hostnet.rtnl), so only a change to the kernel (a device to create, an address
+    to add...) needs pyroute2: importing IPRoute costs ~75 ms and ~5.7 MiB (asyncio,
+    unittest.mock, multiprocessing), which a restart that finds everything in place never pays."""
+
+    def __init__(self, make: Callable[[str], Any]) -> None:
+        self._make = make
+        self._ipr: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._ipr is None:
+            self._ipr = self._make(name)
+        return getattr(self._ipr, name)
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
 
 
 def _port_id_of(ipr: Any) -> int | None:

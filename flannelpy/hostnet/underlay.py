@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from .netlink import NetlinkThread
+from .netlink import KernelDumps, NetlinkThread
 
 FLANNEL_DEVICE_PREFIX = "flannel"  # flannel.<VNI>, flannel0, flannel-wg, flannel.ipip
 _MAIN_TABLE = 254
@@ -39,54 +39,59 @@ def _is_flannel(name: str | None) -> bool:
     return bool(name) and name.startswith(FLANNEL_DEVICE_PREFIX)  # type: ignore[union-attr]
 
 
-def _read_family(ipr: Any, names: dict[int, str], family: int) -> tuple[tuple, tuple, tuple]:
+def _read_family(dumps: KernelDumps, names: dict[int, str], family: int) -> tuple[tuple, tuple, tuple]:
     """(connected, addresses, gateways) of one address family."""
     v6 = family == socket.AF_INET6
     address, network = (IPv6Address, IPv6Network) if v6 else (IPv4Address, IPv4Network)
     host_len = 128 if v6 else 32
     connected: dict = {}
     addresses: list = []
-    for msg in ipr.get_addr(family=family):
-        name = names.get(msg["index"], "?")
+    for a in dumps.addresses(family):
+        name = names.get(a.index, "?")
         if _is_flannel(name):
             continue
-        local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        local = a.local or a.address
         if not local:
             continue
         addresses.append((address(local), name))
-        net = network(f"{local}/{msg['prefixlen']}", strict=False)
+        net = network((address(local), a.prefixlen), strict=False)
         if net.prefixlen < host_len:
             connected.setdefault(net, name)
     gateways: list = []
-    for msg in ipr.get_routes(family=family, table=_MAIN_TABLE):
-        if (msg.get_attr("RTA_TABLE") or msg["table"]) != _MAIN_TABLE:
+    for r in dumps.all_routes(family):
+        if r.table != _MAIN_TABLE:
             continue
-        name = names.get(msg.get_attr("RTA_OIF"), "")
-        dst = network(f"{msg.get_attr('RTA_DST') or ('::' if v6 else '0.0.0.0')}/{msg['dst_len']}")
-        hops = [(msg.get_attr("RTA_GATEWAY"), name)]
-        for nh in msg.get_attr("RTA_MULTIPATH") or ():
-            hops.append((nh.get_attr("RTA_GATEWAY"), names.get(nh["oif"], "")))
+        name = names.get(r.oif or 0, "")
+        dst = network((address(r.dst) if r.dst else address(0), r.dst_len))
+        hops = [(r.gateway, name), *((gw, names.get(oif, "")) for gw, oif in r.multipath)]
         for gateway, dev in hops:
             if _is_flannel(dev):
                 continue
             if gateway:
                 gateways.append((address(gateway), dst))
-            elif dst.prefixlen > 0 and (msg["type"] == _RTN_UNICAST if v6 else msg["scope"] == _SCOPE_LINK):
+            elif dst.prefixlen > 0 and (r.type == _RTN_UNICAST if v6 else r.scope == _SCOPE_LINK):
                 # IPv6 on-link routes have scope universe (the kernel never gives them scope link);
                 # the main table's ff00::/8 is type multicast
                 connected.setdefault(dst, dev or "?")
     return tuple(connected.items()), tuple(addresses), tuple(gateways)
 
 
-def read_underlay(ipr: Any) -> Underlay:
-    """Dump addresses and main-table routes of both families (runs on the netlink thread)."""
-    names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in ipr.get_links()}
-    connected, addresses, gateways = _read_family(ipr, names, socket.AF_INET)
-    connected6, addresses6, gateways6 = _read_family(ipr, names, socket.AF_INET6)
+def read_underlay(dumps: KernelDumps | Any) -> Underlay:
+    """Dump devices, addresses and main-table routes of both families (runs on the netlink
+    thread).  Given pyroute2's IPRoute instead (tools, tests), reads its namespace the same way."""
+    if not isinstance(dumps, KernelDumps):
+        own = KernelDumps(dumps.status.get("netns"))
+        try:
+            return read_underlay(own)
+        finally:
+            own.close()
+    names = {link.index: link.name for link in dumps.links()}
+    connected, addresses, gateways = _read_family(dumps, names, socket.AF_INET)
+    connected6, addresses6, gateways6 = _read_family(dumps, names, socket.AF_INET6)
     return Underlay(connected=connected, addresses=addresses, gateways=gateways,
                     connected6=connected6, addresses6=addresses6, gateways6=gateways6)
 
 
 async def read_host_underlay(netlink: NetlinkThread) -> Underlay:
     """`read_underlay` through the agent's netlink thread."""
-    return await netlink.call(read_underlay)
+    return await netlink.read(read_underlay)

@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any, Callable, Mapping, Sequence
@@ -108,29 +109,33 @@ def _ignore(codes: tuple[int, ...], fn: Callable[[], Any]) -> None:
             raise
 
 
-def _read_device(ipr: Any, name: str) -> tuple[int, VxlanDeviceFacts] | None:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
+# IFLA_VXLAN_* attributes of a vxlan device's IFLA_INFO_DATA
+_VXLAN_ID, _VXLAN_LINK, _VXLAN_LOCAL, _VXLAN_LEARNING, _VXLAN_PORT, _VXLAN_LOCAL6, _VXLAN_GBP = 1, 3, 4, 7, 15, 17, 23
+
+
+def _read_device(dumps: KernelDumps, name: str) -> tuple[int, VxlanDeviceFacts] | None:
+    """The device called `name` and what it is, read through rtnl (no pyroute2)."""
+    link = dumps.link(name)
+    if link is None:
         return None
-    msg = ipr.get_links(found[0])[0]
-    info = msg.get_attr("IFLA_LINKINFO")
-    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
-    mac = msg.get_attr("IFLA_ADDRESS")
-    mtu, up = msg.get_attr("IFLA_MTU"), bool(msg["flags"] & IFF_UP)
-    if kind != "vxlan" or data is None:
-        return found[0], VxlanDeviceFacts(kind or "", None, None, None, None, False, False, mac, mtu, up)
-    local = data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6")  # flannel-v6.<VNI>: LOCAL6
-    return found[0], VxlanDeviceFacts(
+    up = bool(link.flags & IFF_UP)
+    data = link.data
+    if link.kind != "vxlan" or data is None:
+        return link.index, VxlanDeviceFacts(link.kind or "", None, None, None, None, False, False, link.mac,
+                                            link.mtu, up)
+    local = data.get(_VXLAN_LOCAL) or data.get(_VXLAN_LOCAL6)  # flannel-v6.<VNI>: LOCAL6
+    port = data.get(_VXLAN_PORT)
+    learning = data.get(_VXLAN_LEARNING)
+    return link.index, VxlanDeviceFacts(
         kind="vxlan",
-        vni=data.get_attr("IFLA_VXLAN_ID"),
-        vtep_index=data.get_attr("IFLA_VXLAN_LINK"),
+        vni=rtnl.u32(data.get(_VXLAN_ID)),
+        vtep_index=rtnl.u32(data.get(_VXLAN_LINK)),
         local=ip_address(local) if local else None,
-        port=data.get_attr("IFLA_VXLAN_PORT"),
-        gbp=bool(data.get_attr("IFLA_VXLAN_GBP")),
-        learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
-        mac=mac.lower() if mac else None,
-        mtu=mtu,
+        port=struct.unpack("!H", port[:2])[0] if port and len(port) >= 2 else None,  # network order
+        gbp=_VXLAN_GBP in data,  # a flag: present or not
+        learning=bool(learning and learning[0]),
+        mac=link.mac,
+        mtu=link.mtu,
         up=up,
     )
 
@@ -139,14 +144,17 @@ def _link_mac(ipr: Any, index: int) -> str:
     return ipr.get_links(index)[0].get_attr("IFLA_ADDRESS").lower()
 
 
-def _ensure_device(ipr: Any, spec: VxlanDeviceSpec, new_mac: str) -> tuple[int, str, bool]:
+def _ensure_device(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, new_mac: str) -> tuple[int, str, bool]:
     """Reuse a compatible device (keeping its MAC) or (re)create it with new_mac; bring it
-    up and check its MAC.  Returns (ifindex, mac, created)."""
-    existing = _read_device(ipr, spec.name)
+    up and check its MAC.  Returns (ifindex, mac, created).  A device that is already right is
+    only read (through rtnl), so pyroute2 is not needed for it."""
+    existing = _read_device(dumps, spec.name)
     if existing is not None:
         index, facts = existing
         reasons = incompatibilities(spec, facts)
         if not reasons:
+            if facts.mtu == spec.mtu and facts.up and facts.mac:
+                return index, facts.mac, False
             ipr.link("set", index=index, mtu=spec.mtu)
             ipr.link("set", index=index, state="up")
             return index, _link_mac(ipr, index), False
@@ -195,16 +203,14 @@ def _create_device(ipr: Any, spec: VxlanDeviceSpec, new_mac: str) -> int:
     return index
 
 
-def _configure_address(ipr: Any, index: int, base: IPv4Address | IPv6Address,
+def _configure_address(ipr: Any, dumps: KernelDumps, index: int, base: IPv4Address | IPv6Address,
                        network: IPv4Network | IPv6Network) -> list[str]:
-    """Exactly `<base>/32` inside Network on the device (IPv6: `<base>/128` inside IPv6Network);
-    returns what was changed."""
+    """Exactly `<base>/32` inside Network on the device (IPv6: `<base>/128` inside IPv6Network),
+    and the device up; returns what was changed.  Read through rtnl: pyroute2 only for a change."""
     plen_own = base.max_prefixlen
     family = socket.AF_INET if base.version == 4 else socket.AF_INET6
-    have = [
-        (ip_address(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")), m["prefixlen"])
-        for m in ipr.get_addr(index=index, family=family)
-    ]
+    have = [(ip_address(a.local or a.address), a.prefixlen) for a in dumps.addresses(family, index)
+            if a.local or a.address]
     changes = []
     for ip, plen in addresses_to_remove(have, base, network):
         log.info("removing stale address %s/%d from vxlan device", ip, plen)
@@ -213,7 +219,9 @@ def _configure_address(ipr: Any, index: int, base: IPv4Address | IPv6Address,
     if (base, plen_own) not in have:
         _ignore((errno.EEXIST,), lambda: ipr.addr("add", index=index, address=str(base), prefixlen=plen_own))
         changes.append(f"address {base}/{plen_own} restored")
-    ipr.link("set", index=index, state="up")
+    link = next((link for link in dumps.links() if link.index == index), None)
+    if changes or link is None or not link.flags & IFF_UP:
+        ipr.link("set", index=index, state="up")
     return changes
 
 
@@ -301,7 +309,7 @@ def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, ba
     routes, neighbours and FDB, the pure diff, and the netlink calls that close it.  Every
     call's failure is recorded, never raised, so one bad entry cannot stop the others."""
     report = RepairReport()
-    found = _read_device(ipr, spec.name)
+    found = _read_device(dumps, spec.name)
     index, facts = found if found is not None else (None, None)
     repair = device_repair(spec, mac, facts)
     if repair.needed:
@@ -325,7 +333,7 @@ def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, ba
         report.device = repair.describe(spec, facts, mac)
     assert index is not None
     try:
-        address_changes = _configure_address(ipr, index, base, network)
+        address_changes = _configure_address(ipr, dumps, index, base, network)
     except NetlinkError as exc:
         report.device_error = f"{spec.name}: cannot set address {base}/{base.max_prefixlen}: {_reason(exc)}"
         report.checked = False
@@ -447,6 +455,7 @@ class VxlanBackend(Backend):
         self._failed: dict[IPv4Network, str] = {}
         self._mac_holders: dict[str, set[IPv4Network]] = {}
         self._synced = False  # the agent applied the whole peer set: unexplained entries may go
+        self._checked_synced = False  # a pass has checked the kernel since then
         self._device_problem: str | None = None
         self._lock = trio.Lock()  # a pass's snapshot, dump and fixes never interleave with apply
         self.repairs: dict[str, int] = {}
@@ -529,7 +538,8 @@ class VxlanBackend(Backend):
         return stable_vtep_mac(machine_id, public, self.spec.vni)  # type: ignore[arg-type]
 
     async def prepare(self) -> LeaseData:
-        index, mac, created = await self.netlink.call(_ensure_device, self.spec, self._new_device_mac())
+        index, mac, created = await self.netlink.call(_ensure_device, self.netlink.dumps, self.spec,
+                                                      self._new_device_mac())
         self.index, self.mac = index, mac
         self._created_now = created
         if self.netlink.netns is None:
@@ -564,15 +574,15 @@ class VxlanBackend(Backend):
                 raise FlannelError(f"EnableIPv6: our lease {lease.key} has no IPv6 subnet")
             await self.v6.start(own6)
         self._own_base = lease.subnet.network_address
-        await self.netlink.call(_configure_address, self._need_device(),
+        await self.netlink.call(_configure_address, self.netlink.dumps, self._need_device(),
                                 lease.subnet.network_address, self.network)
 
     async def _is_direct(self, lease: Lease) -> bool:
         if not self.direct_routing:
             return False
         try:
-            hops = await self.netlink.call(route_get_hops, lease.attrs.public_ip)
-        except NetlinkError as exc:
+            hops = await self.netlink.read(route_get_hops, lease.attrs.public_ip)
+        except OSError as exc:
             log.warning("peer %s: no route to %s (%s); using vxlan, not a direct route",
                         lease.subnet, lease.attrs.public_ip, _reason(exc))
             return False
@@ -726,9 +736,9 @@ class VxlanBackend(Backend):
             return RepairReport(checked=False)  # before start(): nothing is ours yet
         async with self._lock:
             wanted = list(self._wanted.items())
+            synced = self._synced
             index, report = await self.netlink.call(
-                _reconcile, self.netlink.dumps, self.spec, self.mac, self._own_base, self.network, wanted,
-                self._synced)
+                _reconcile, self.netlink.dumps, self.spec, self.mac, self._own_base, self.network, wanted, synced)
             if index is not None:
                 self.index = index
             self._device_problem = report.device_error
@@ -741,6 +751,11 @@ class VxlanBackend(Backend):
                     else:
                         self._mark_ok(subnet)
         self._count(report)
+        if report.checked and synced and not self._checked_synced:
+            # Once: from here on the kernel holds what the peer set wants (or the errors say why not).
+            self._checked_synced = True
+            log.info("%s: first kernel check with the whole peer set: %d peers, %s", self.spec.name, len(wanted),
+                     "repaired" if report.changed else "nothing to repair")
         if report.device_error:
             log.error("%s", report.device_error)
         if report.changed:
