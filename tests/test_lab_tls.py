@@ -230,3 +230,24 @@ def test_cli_refuses_tls_where_it_cannot_work(names: tuple[str, str]) -> None:
     for proc in (machines, bad):
         assert "Traceback" not in proc.stderr
     assert namespaces(prefix) == [] and os.listdir(workdir) == []
+
+
+@pytest.mark.root
+@pytest.mark.etcd
+@pytest.mark.docker
+@pytest.mark.slow
+def test_cli_docker_lab_with_server_only_tls(names: tuple[str, str]) -> None:
+    """The Docker lab inherits the TLS etcd: flanneld on gRPC writes daemon.json, containers ping."""
+    prefix, workdir = names
+    lab = ["lab", "--prefix", prefix, "--workdir", workdir]
+    up = flannelctl(*lab, "up", "--docker", "--etcd-tls", "server-only", "--json", timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    doc = json.loads(up.stdout)
+    assert doc["etcd"]["tls"] == "server-only" and [p["ok"] for p in doc["pings"]] == [True, True]
+    assert all(h["docker"]["bip"] == h["subnet"] for h in doc["hosts"]), doc["hosts"]
+    for h in doc["hosts"]:
+        with open(h["log"]) as f:
+            assert GRPC_LINE in f.read()
+    down = flannelctl(*lab, "down", timeout=300)
+    assert down.returncode == 0, down.stderr
+    assert namespaces(prefix) == [] and not os.path.exists(workdir)
