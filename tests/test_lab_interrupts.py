@@ -130,7 +130,10 @@ def test_killed_lab_up_without_state_is_named_and_removed(lab_names):
     proc = subprocess.Popen(["flannelctl", "lab", "--prefix", prefix, "--workdir", workdir, "up"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not any(p.netns.endswith("-h1") for p in find_leftovers(prefix).processes):  # etcd up, an agent started
+    # etcd up and host 1's flanneld started: not just any process in -h1 (lab up's own short-lived
+    # `nsenter ... sysctl` runs there before the agent, and an nsenter is flanneld only once it has exec'd)
+    while not any(p.netns.endswith("-h1") and p.describe().startswith("flanneld (pid ")
+                  for p in find_leftovers(prefix).processes):
         assert time.monotonic() < deadline and proc.poll() is None, "lab up never started an agent"
         time.sleep(0.05)
     proc.kill()

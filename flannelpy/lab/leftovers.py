@@ -172,7 +172,7 @@ def remove_leftovers(prefix: str, workdir: str) -> Leftovers:
 
 
 # What a lab's workdir holds (netns_lab, docker_lab); a directory with anything else is not removed.
-_WORKDIR_ENTRIES = re.compile(r"^(lab\.json(\.tmp)?|etcd|etcd-forward\.log|docker|h[0-9]+)$")
+_WORKDIR_ENTRIES = re.compile(r"^(lab\.json(\.tmp)?|etcd|etcd-forward\.log|docker|pki|h[0-9]+)$")
 
 
 def looks_like_lab_workdir(path: str) -> bool:
