@@ -152,4 +152,18 @@ def test_killed_lab_up_without_state_is_named_and_removed(lab_names):
 
     out = assert_down_removes_everything(prefix, workdir)
     assert f"lab {prefix}: no state file; removed what was left: namespaces {prefix}-" in out
-    assert not os.path.exists(workdir)  # only lab files were in it
+    assert not os.path.exists(workdir), os.listdir(workdir)  # only lab files were in it
+
+
+@pytest.mark.parametrize("entries, lab_only", [
+    (["lab.json", "etcd", "etcd-forward.log", "h1", "h2", "pki", "docker"], True),
+    ([".lab.json.fa8hs_sn", "etcd", "h1"], True),  # atomic_write's temporary file, a lab up killed while saving
+    (["etcd", "notes.txt"], False),  # someone else's file: the directory is not removed
+    ([".lab.json.x", "h1"], False),
+])
+def test_a_lab_workdir_is_recognised_by_what_a_lab_puts_there(tmp_path, entries, lab_only):
+    from flannelpy.lab.leftovers import looks_like_lab_workdir
+
+    for name in entries:
+        (tmp_path / name).mkdir()
+    assert looks_like_lab_workdir(str(tmp_path)) is lab_only

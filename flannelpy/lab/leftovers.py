@@ -172,7 +172,8 @@ def remove_leftovers(prefix: str, workdir: str) -> Leftovers:
 
 
 # What a lab's workdir holds (netns_lab, docker_lab); a directory with anything else is not removed.
-_WORKDIR_ENTRIES = re.compile(r"^(lab\.json(\.tmp)?|etcd|etcd-forward\.log|docker|pki|h[0-9]+)$")
+# .lab.json.XXXXXXXX: fileutil.atomic_write's temporary file, left by a lab up killed while saving
+_WORKDIR_ENTRIES = re.compile(r"^(lab\.json(\.tmp)?|\.lab\.json\.[A-Za-z0-9_]{8}|etcd|etcd-forward\.log|docker|pki|h[0-9]+)$")
 
 
 def looks_like_lab_workdir(path: str) -> bool:
