@@ -114,7 +114,9 @@ def test_interrupted_lab_up_leaves_nothing_lab_down_cannot_remove(lab_names, sig
     up, sent = signal_after(["flannelctl", "lab", "--prefix", prefix, "--workdir", workdir, "up"], delay, sig)
     output = up.stdout + up.stderr
     assert "Traceback" not in output, output
-    if sent and up.returncode != 0:
+    if sent and up.returncode == -sig and up.stdout.rstrip().endswith("to remove the lab"):
+        pass  # the signal came as the finished lab up was exiting (default action then): a whole lab, removed below
+    elif sent and up.returncode != 0:
         assert up.returncode == 128 + sig, output
         last = up.stderr.strip().splitlines()[-1]
         assert last.startswith("flannelctl: ") and signal.Signals(sig).name in last, output
