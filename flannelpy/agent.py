@@ -297,6 +297,9 @@ async def run_agent(opts: AgentOptions) -> None:
                 if lease.ipv6_subnet is not None and config.ipv6_network is not None:
                     await nursery.start(_run_rules, opts, config, config.ipv6_network, lease.ipv6_subnet,
                                         previous.ipv6_network, previous.ipv6_subnet)
+            if lease.ipv6_subnet is None and previous.ipv6_network is not None and previous.ipv6_subnet is not None:
+                # EnableIPv6 was on in the run that wrote subnet.env and is off now: its IPv6 rules must go
+                await _drop_previous_ipv6_rules(previous.ipv6_network, previous.ipv6_subnet)
 
             env = SubnetEnv(network=config.network, subnet=lease.subnet, mtu=backend.mtu(), ipmasq=opts.ip_masq,
                             ipv6_network=config.ipv6_network if lease.ipv6_subnet is not None else None,
@@ -423,6 +426,20 @@ async def _run_rules(opts: AgentOptions, config: NetworkConfig, network: IPNetwo
         except FlannelError as err:
             log.error("could not remove flannel's nftables tables (EnableNFTables is off): %s", err)
         task_status.started()
+
+
+async def _drop_previous_ipv6_rules(network6: IPNetwork, subnet6: IPNetwork) -> None:
+    """Remove the masquerade/forward rules a dual-stack run left for IPv6Network and its IPv6 subnet (ip6tables
+    chains and nftables table flannel-ipv6; other instances' rules stay).  A failure is logged, not fatal: the
+    IPv4 network runs whatever IPv6 rules are left."""
+    from flannelpy.hostnet.nftables import NftablesManager, remove_flannel_tables
+
+    why = f"EnableIPv6 is off (the previous run had IPv6 subnet {subnet6})"
+    try:
+        await NftablesManager(network6, subnet6, masq=True, forward=True).remove_iptables_chains(why)
+        await remove_flannel_tables(network6, subnet6)
+    except FlannelError as err:
+        log.error("%s: could not remove its IPv6 rules: %s", why, err)
 
 
 def _update_docker(opts: AgentOptions, env: SubnetEnv, undo: StartupUndo) -> None:

@@ -149,10 +149,10 @@ class NftablesManager:
     def _xtables_present(self) -> bool:
         return all(shutil.which(f"{self.xtables}-{verb}") is not None for verb in ("save", "restore"))
 
-    async def remove_iptables_chains(self) -> int:
+    async def remove_iptables_chains(self, why: str = "EnableNFTables") -> int:
         """Switching to nftables: remove this instance's FLANNEL-POSTRTG / FLANNEL-FWD rules (ip6tables'
         for IPv6Network), and the chains and their jumps when no other instance uses them.  Returns
-        the rules removed."""
+        the rules removed; `why` opens the log line."""
         if not self._xtables_present():
             return 0  # no iptables on this host: nothing of ours can be there
         save, restore = f"{self.xtables}-save", f"{self.xtables}-restore"
@@ -163,7 +163,7 @@ class NftablesManager:
             if payload:
                 await self._run([restore, "--noflush", "--wait"], payload.encode())
         if payload:
-            log.info("EnableNFTables: removed %d flannel %s rules (FLANNEL-POSTRTG, FLANNEL-FWD)", count, self.xtables)
+            log.info("%s: removed %d flannel %s rules (FLANNEL-POSTRTG, FLANNEL-FWD)", why, count, self.xtables)
         return count
 
     async def ensure_docker_user(self) -> bool:
