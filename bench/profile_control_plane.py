@@ -219,7 +219,12 @@ def main() -> None:
     p.add_argument("--py-spy", default=shutil.which("py-spy") or "/tmp/pyspy-venv/bin/py-spy")
     p.add_argument("--commit", default="HEAD", help="profile flannelpy as of this commit (git archive)")
     p.add_argument("--keep", help="copy the raw py-spy files into this directory")
+    p.add_argument("--phases", default="cold,join,calls",
+                   help="comma list of: cold (the cold start under py-spy), join, calls (etcd requests per lease)")
     args = p.parse_args()
+    phases = set(args.phases.split(","))
+    if not phases or phases - {"cold", "join", "calls"}:
+        sys.exit(f"--phases: {args.phases!r}: a comma list of cold, join, calls")
     if os.geteuid() != 0:
         sys.exit("profile_control_plane.py needs root (network namespaces)")
     if not os.access(args.py_spy, os.X_OK):
@@ -240,19 +245,20 @@ def main() -> None:
             rig.stop(1)
             rig.stop(2)
             # 1. cold start under py-spy
-            rig.fill_to(args.peers - 1)
-            lab.spy_out = os.path.join(tmp, "cold.raw")
-            r = rig.cold_start("flannelpy-spy")
-            time.sleep(0.5)
-            stop_spied(lab, 2)
-            cold = read_profile(lab.spy_out)
-            print(f"cold start with {args.peers} peers under py-spy: {r['seconds']:.2f} s to all routes "
-                  f"(first at {r['first']:.2f} s)", flush=True)
-            print(report(f"cold start, {args.peers} peers (whole process, exec -> all programmed + 0.5 s)", cold),
-                  flush=True)
+            if "cold" in phases:
+                rig.fill_to(args.peers - 1)
+                lab.spy_out = os.path.join(tmp, "cold.raw")
+                r = rig.cold_start("flannelpy-spy")
+                time.sleep(0.5)
+                stop_spied(lab, 2)
+                cold = read_profile(lab.spy_out)
+                print(f"cold start with {args.peers} peers under py-spy: {r['seconds']:.2f} s to all routes "
+                      f"(first at {r['first']:.2f} s)", flush=True)
+                print(report(f"cold start, {args.peers} peers (whole process, exec -> all programmed + 0.5 s)",
+                             cold), flush=True)
             # 2. joins at 10 and at --peers peers
             join_profiles = {}
-            for peers in (10, args.peers):
+            for peers in ((10, args.peers) if "join" in phases else ()):
                 rig.stop(2)
                 rig.fill_to(peers - 1)
                 r = rig.cold_start("flannelpy")
@@ -269,15 +275,18 @@ def main() -> None:
                 join_profiles[peers] = read_profile(out)
                 print(report(f"{args.joins} joins with {peers} peers present ({wall:.1f} s, incl. the revoke)",
                              join_profiles[peers], per=args.joins, per_label=" per join"), flush=True)
-            lo, hi = join_profiles[10], join_profiles[args.peers]
-            print(f"== what grows from 10 to {args.peers} peers (ms per join, inclusive):")
-            growth = {k: (hi.inclusive[k] - lo.inclusive.get(k, 0)) * 1000.0 / RATE / args.joins
-                      for k in hi.inclusive}
-            for name, ms in sorted(growth.items(), key=lambda kv: -kv[1])[:20]:
-                print(f"    {ms:+8.2f}  {name}")
+            if join_profiles:
+                lo, hi = join_profiles[10], join_profiles[args.peers]
+                print(f"== what grows from 10 to {args.peers} peers (ms per join, inclusive):")
+                growth = {k: (hi.inclusive[k] - lo.inclusive.get(k, 0)) * 1000.0 / RATE / args.joins
+                          for k in hi.inclusive}
+                for name, ms in sorted(growth.items(), key=lambda kv: -kv[1])[:20]:
+                    print(f"    {ms:+8.2f}  {name}")
             rig.stop(2)
             # 3. etcd requests per lease, flannelpy and flanneld
-            kinds = ["flannelpy"] + (["flanneld"] if have_flanneld else [])
+            kinds = (["flannelpy"] + (["flanneld"] if have_flanneld else [])) if "calls" in phases else []
+            if kinds:
+                rig.fill_to(args.peers - 1)
             for kind in kinds:
                 before = etcd_calls(res, lab)
                 rig.cold_start(kind)
