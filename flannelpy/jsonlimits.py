@@ -87,6 +87,15 @@ def _int(text: str) -> int | float:
     return int(text) if digits <= MAX_INT_DIGITS else OutOfRangeNumber(text)
 
 
+# One decoder each, built once (json.loads builds a new one per call when given hooks).  The
+# parse_int hook only matters for an integer of more than MAX_INT_DIGITS digits, which needs such
+# a run of digits somewhere in the text (`\d`: a superset of the ASCII digits JSON takes); without
+# one, the C scanner's own int() gives the same value with no Python call per integer.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_float, parse_int=_int)
+_DECODER_PLAIN_INTS = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_float)
+_LONG_DIGITS = re.compile(r"\d{%d}" % (MAX_INT_DIGITS + 1))
+
+
 def load_json(text: str | bytes, *, max_bytes: int, max_depth: int) -> Any:
     """Parse `text` (UTF-8 when bytes); JsonLimitError for anything that is not a value within limits."""
     if len(text) > max_bytes:
@@ -96,11 +105,17 @@ def load_json(text: str | bytes, *, max_bytes: int, max_depth: int) -> Any:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise JsonLimitError(f"is not valid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    depth = nesting_depth(text)
-    if depth > max_depth:
-        raise JsonLimitError(f"nests {depth} levels deep, more than the limit of {max_depth}")
+    # Nesting never exceeds the number of opening brackets (those inside strings included), so a
+    # text with few of them (every lease value) needs no scan.
+    if not isinstance(text, str) or text.count("[") + text.count("{") > max_depth:
+        depth = nesting_depth(text)
+        if depth > max_depth:
+            raise JsonLimitError(f"nests {depth} levels deep, more than the limit of {max_depth}")
+    decoder = _DECODER if _LONG_DIGITS.search(text) else _DECODER_PLAIN_INTS
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_float, parse_int=_int)
+        if text.startswith("\ufeff"):  # as json.loads refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return decoder.decode(text)
     except JsonLimitError:
         raise
     except json.JSONDecodeError as exc:
@@ -109,12 +124,19 @@ def load_json(text: str | bytes, *, max_bytes: int, max_depth: int) -> Any:
         raise JsonLimitError(f"is not valid JSON: {type(exc).__name__}: {shown(str(exc))}") from None
 
 
+# What a parse yields besides containers and OutOfRangeNumber: skipped without a call.
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def has_out_of_range_number(value: Any) -> bool:
     """True when an OutOfRangeNumber sits anywhere in a parsed value (depth already bounded)."""
-    if isinstance(value, OutOfRangeNumber):
-        return True
     if isinstance(value, dict):
-        return any(has_out_of_range_number(v) for v in value.values())
-    if isinstance(value, list):
-        return any(has_out_of_range_number(v) for v in value)
+        items: Any = value.values()
+    elif isinstance(value, list):
+        items = value
+    else:
+        return isinstance(value, OutOfRangeNumber)
+    for item in items:
+        if type(item) not in _SCALARS and has_out_of_range_number(item):
+            return True
     return False

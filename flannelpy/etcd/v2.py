@@ -13,6 +13,8 @@ import logging
 import re
 import time
 from calendar import timegm
+from contextlib import aclosing
+from datetime import date
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import quote
@@ -75,6 +77,28 @@ class V2Error(FlannelError):
 
 
 _EXP_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+# The date and time of a match that are plain ASCII digits, as etcd writes them.
+_EXP_FIELDS_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})", re.ASCII)
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
+def _utc_seconds(text: str) -> int:
+    """timegm(strptime(text, "%Y-%m-%dT%H:%M:%S")) for `YYYY-MM-DDTHH:MM:SS`, without strptime's cost.
+
+    Only a date and time inside the ranges both accept is computed here (the same arithmetic as
+    timegm); anything else (leap seconds, other digits, a day past the month's end) goes through
+    strptime, which raises what it raised before."""
+    m = _EXP_FIELDS_RE.fullmatch(text)
+    if m is not None:
+        year, month, day, hour, minute, second = map(int, m.groups())
+        if hour <= 23 and minute <= 59 and second <= 59:
+            try:
+                days = date(year, month, day).toordinal() - _EPOCH_ORDINAL
+            except ValueError:
+                pass  # year 0, month 13, the 31st of a 30-day month, ...
+            else:
+                return ((days * 24 + hour) * 60 + minute) * 60 + second
+    return timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
 
 
 def parse_expiration(text: str | None) -> float | None:
@@ -84,7 +108,7 @@ def parse_expiration(text: str | None) -> float | None:
     m = _EXP_RE.match(text)
     if not m:
         raise LeaseValueError(f"expiration {text!r} is not an RFC 3339 time")
-    base = timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S"))
+    base = _utc_seconds(m.group(1))
     frac = float("0." + m.group(2)) if m.group(2) else 0.0
     tz = m.group(3)
     offset = 0
@@ -151,6 +175,12 @@ class V2Store:
         self._endpoints = [e.rstrip("/") for e in options.endpoints]
         self._current = 0  # the endpoint that answered last; tried first
         self._skip_log = SkipLog(log)
+        # The last list_leases' leases by key, with the node fields they were decoded from, so that
+        # the next listing decodes only what changed (a start lists twice: to acquire, then for the
+        # peers).  Kept only while no watch runs: a watch drops it, so it costs no memory later.
+        self._listed: dict[str, tuple[tuple[Any, Any, Any], Lease]] = {}
+        self._listed_for: tuple[str, bool] | None = None
+        self._watches = 0
         self._tls = tls_setup(options)  # to name a refused TLS handshake
         auth = (options.username, options.password) if options.username else None
         self._client = httpx.AsyncClient(
@@ -242,10 +272,15 @@ class V2Store:
 
     async def list_leases(self, *, expiry: bool = True) -> tuple[list[Lease], int]:
         # `expiry` costs nothing here: every node of the listing carries its expiration.
-        leases, _skipped, index = await self._list()
+        leases, _skipped, index = await self._list(remember=self._watches == 0)
         return leases, index
 
-    async def _list(self) -> tuple[list[Lease], list[str], int]:
+    async def _list(self, *, remember: bool = False) -> tuple[list[Lease], list[str], int]:
+        """Every lease under the subnets key (and the keys skipped as undecodable), at an index.
+
+        `remember`: keep this listing's leases for the next one (see _listed).  A node is decoded
+        again unless its key, modifiedIndex, value and expiration are those of the remembered
+        lease, the whole input of node_to_lease, so the result is the same either way."""
         try:
             _, doc, index = await self._request(
                 "GET", self.subnets_key, params={"recursive": "true", "quorum": "true"})
@@ -253,16 +288,32 @@ class V2Store:
             if err.code == KEY_NOT_FOUND:
                 return [], [], err.index
             raise
+        prefix = self._lease_key_prefix
+        dual_stack = self.dual_stack
+        previous = self._listed if self._listed_for == (prefix, dual_stack) else {}
+        listed: dict[str, tuple[tuple[Any, Any, Any], Lease]] = {}
         leases: list[Lease] = []
         skipped: list[str] = []
         for node in doc.get("node", {}).get("nodes") or []:
             if node.get("dir"):
                 continue
-            try:
-                leases.append(node_to_lease(node, self._lease_key_prefix, self.dual_stack))
-            except LeaseValueError as exc:
-                self._skip_log.skipped(exc)
-                skipped.append(node.get("key", ""))
+            key = node.get("key", "")
+            fields = (node.get("modifiedIndex"), node.get("value"), node.get("expiration"))
+            seen = previous.get(key) if type(key) is str else None
+            if seen is not None and seen[0] == fields:
+                lease = seen[1]
+            else:
+                try:
+                    lease = node_to_lease(node, prefix, dual_stack)
+                except LeaseValueError as exc:
+                    self._skip_log.skipped(exc)
+                    skipped.append(key)
+                    continue
+            if remember and type(key) is str:
+                listed[key] = (fields, lease)
+            leases.append(lease)
+        if remember:
+            self._listed, self._listed_for = listed, (prefix, dual_stack)
         return leases, skipped, index
 
     async def get_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> Lease | None:
@@ -322,9 +373,20 @@ class V2Store:
     async def watch_leases(self, after_revision: int, *, expiry: bool = True) -> AsyncIterator[WatchBatch]:
         """One WatchBatch per v2 event; a snapshot batch when the index was cleared, or when
         the watch is more than CATCH_UP_EVENTS behind etcd's index."""
+        self._watches += 1
+        self._listed, self._listed_for = {}, None  # from here on, events keep the leases current
+        try:
+            async with aclosing(self._watch(after_revision)) as batches:
+                async for batch in batches:
+                    yield batch
+        finally:
+            self._watches -= 1
+
+    async def _watch(self, after_revision: int) -> AsyncIterator[WatchBatch]:
         wait_index = after_revision + 1
         backoff = BACKOFF_MIN
         poll_timeout = httpx.Timeout(self.options.request_timeout, read=WATCH_POLL_SECONDS)
+        prefix = self._lease_key_prefix
         while True:
             try:
                 doc, header_index = await self._watch_once(wait_index, poll_timeout)
@@ -377,7 +439,7 @@ class V2Store:
                     yield WatchBatch(snapshot=tuple(leases), revision=listed_at, skipped=tuple(skipped))
                     continue
             try:
-                event = event_from_response(doc, self._lease_key_prefix, self.dual_stack)
+                event = event_from_response(doc, prefix, self.dual_stack)
             except LeaseValueError as exc:
                 log.warning("skipping watch event: %s", exc)
                 yield WatchBatch(revision=index, skipped=(node.get("key", ""),))

@@ -1,0 +1,209 @@
+"""The v2 listing's fast paths (issue #19) give what the long ways gave: the same leases, the same
+values, the same errors.  Pure checks against the reference code they replace, plus one real etcd
+for the reuse of a previous listing's leases."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from calendar import timegm
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+import trio
+from etcd_server import EtcdServer
+
+from flannelpy.errors import LeaseValueError
+from flannelpy.etcd.store import EtcdOptions
+from flannelpy.etcd.v2 import V2Store, _utc_seconds, parse_expiration
+from flannelpy.jsonlimits import (
+    JsonLimitError,
+    OutOfRangeNumber,
+    _float,
+    _int,
+    _refuse_constant,
+    has_out_of_range_number,
+    load_json,
+    nesting_depth,
+    shown,
+)
+from flannelpy.subnet.lease import SUBNET_TTL, LeaseAttrs, decode_attrs, parse_subnet_key, subnet_key
+
+PREFIX = "/coreos.com/network"
+GUARD = 30  # against a hung test only
+
+
+def _outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except Exception as exc:  # noqa: BLE001 - the type and text are what is compared
+        return ("error", type(exc), str(exc))
+
+
+# --- keys and addresses ----------------------------------------------------------------------
+
+def _reference_key(key: str, prefix: str | None = None) -> IPv4Network:
+    """parse_subnet_key's long way (ipaddress, then the canonical spelling), as it was."""
+    import re
+    name = key[len(prefix):] if prefix is not None else key.rsplit("/", 1)[-1]
+    m = re.fullmatch(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-([0-9]{1,2})", name, re.ASCII)
+    if not m:
+        raise LeaseValueError(f"lease key {key!r} is not of the form a.b.c.d-len")
+    try:
+        net = IPv4Network(f"{m.group(1)}/{m.group(2)}")
+    except ValueError as exc:
+        raise LeaseValueError(f"lease key {key!r}: {exc}") from None
+    if subnet_key(net) != name:
+        raise LeaseValueError(f"lease key {key!r} is not spelt as flanneld spells it ({subnet_key(net)!r})")
+    return net
+
+
+def test_key_fast_path_agrees_with_ipaddress():
+    rng = random.Random(19)
+    octets = ["0", "1", "9", "10", "99", "100", "199", "200", "249", "250", "255", "256", "299", "999", "00", "01",
+              "010", "007"]
+    lengths = ["0", "1", "8", "9", "16", "23", "24", "30", "31", "32", "33", "99", "00", "08", "024"]
+    names = {"0.0.0.0-0", "255.255.255.255-32", "10.5.52.0-24", "10.5.52.1-24", "10.5.52.0-23", "128.0.0.0-1"}
+    for _ in range(4000):
+        names.add(".".join(rng.choice(octets) for _ in range(4)) + "-" + rng.choice(lengths))
+    for name in sorted(names):
+        for key, prefix in ((name, None), (f"{PREFIX}/subnets/{name}", f"{PREFIX}/subnets/")):
+            got, want = _outcome(parse_subnet_key, key, prefix), _outcome(_reference_key, key, prefix)
+            assert got == want, key
+            if got[0] == "ok":
+                assert str(got[1]) == str(want[1]) and got[1].prefixlen == want[1].prefixlen
+
+
+@pytest.mark.parametrize("ip", ["10.0.0.1", "0.0.0.0", "255.255.255.255", "010.0.0.1", "10.0.0.256", "10.0.0",
+                                "10.0.0.1 ", "1.2.3.4.5", "١٠.0.0.1", "10.0.0.01", "", "::1"])
+def test_public_ip_fast_path_agrees_with_ipaddress(ip):
+    raw = json.dumps({"PublicIP": ip})
+    got = _outcome(decode_attrs, raw, "k")
+    try:
+        want = ("ok", LeaseAttrs(public_ip=IPv4Address(ip)))
+    except ValueError:
+        want = ("error", LeaseValueError, f"lease value at 'k': PublicIP {ip!r} is not an IPv4 address")
+    assert got == want
+
+
+# --- expiration ------------------------------------------------------------------------------
+
+def test_expiration_seconds_agree_with_strptime():
+    rng = random.Random(19)
+    years = [0, 1, 2, 4, 100, 1900, 1969, 1970, 2000, 2024, 2026, 2100, 9999]
+    for _ in range(30000):
+        year = rng.choice(years + [rng.randint(0, 9999)])
+        text = "%04d-%02d-%02dT%02d:%02d:%02d" % (year, rng.randint(0, 13), rng.randint(0, 32), rng.randint(0, 25),
+                                                 rng.randint(0, 61), rng.randint(0, 62))
+        want = _outcome(lambda t: timegm(time.strptime(t, "%Y-%m-%dT%H:%M:%S")), text)
+        assert _outcome(_utc_seconds, text) == want, text
+
+
+def test_expiration_as_etcd_writes_it():
+    assert parse_expiration("2026-12-01T02:25:01.123456789Z") == pytest.approx(
+        timegm((2026, 12, 1, 2, 25, 1)) + 0.123456789)
+    assert parse_expiration("2024-02-29T23:59:59-01:30") == timegm((2024, 3, 1, 1, 29, 59))
+    with pytest.raises(ValueError, match="day is out of range"):
+        parse_expiration("2023-02-29T00:00:00Z")  # as strptime said it
+
+
+# --- JSON within limits ----------------------------------------------------------------------
+
+def _reference_load(text, *, max_bytes: int, max_depth: int):
+    """load_json as it was: a full nesting scan and json.loads with every hook, each call."""
+    if len(text) > max_bytes:
+        raise JsonLimitError(f"is {len(text)} bytes long, more than the limit of {max_bytes}")
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise JsonLimitError(f"is not valid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    depth = nesting_depth(text)
+    if depth > max_depth:
+        raise JsonLimitError(f"nests {depth} levels deep, more than the limit of {max_depth}")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_float, parse_int=_int)
+    except JsonLimitError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise JsonLimitError(f"is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise JsonLimitError(f"is not valid JSON: {type(exc).__name__}: {shown(str(exc))}") from None
+
+
+JSON_CORPUS = [
+    '{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}',
+    "[" * 4 + "]" * 4, "[" * 5 + "]" * 5, "[" * 6 + "]" * 6, "[" * 40 + "]" * 40, "[" * 5000,
+    '{"a":"' + "[" * 30 + '"}', '["{{{{{{{{", {"b": [[1]]}]',
+    '{"n":123456789012345678901}', '{"n":12345678901234567890}', '{"n":-123456789012345678901}',
+    '{"s":"123456789012345678901234","n":5}', '{"n":' + "9" * 5000 + "}", '{"n":1e400}', '{"n":-1e400}',
+    '{"n":1.5}', '{"n":NaN}', '{"n":Infinity}', '{"n":-Infinity}', "\ufeff{}", '{"a":1} x', "", "  ", "nul",
+    '{"a":"\\ud800"}', "[1,2,3,true,false,null]", '"just a string"', "7", '{"VNI":1e2}',
+]
+
+
+@pytest.mark.parametrize("text", JSON_CORPUS)
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_load_json_agrees_with_the_long_way(text, as_bytes):
+    raw = text.encode() if as_bytes else text
+    got = _outcome(lambda t: load_json(t, max_bytes=16 * 1024, max_depth=5), raw)
+    want = _outcome(lambda t: _reference_load(t, max_bytes=16 * 1024, max_depth=5), raw)
+    assert repr(got) == repr(want)  # repr: OutOfRangeNumber (infinite) is never == itself as a float nan would
+
+
+def test_out_of_range_numbers_are_found_at_any_depth():
+    deep = load_json('{"a":[1,{"b":[true,null,"x",2.5,{"c":1e999}]}]}', max_bytes=1000, max_depth=16)
+    assert has_out_of_range_number(deep)
+    assert has_out_of_range_number(load_json("[" * 10 + "1" * 30 + "]" * 10, max_bytes=1000, max_depth=16))
+    assert has_out_of_range_number(OutOfRangeNumber("1e999"))
+    assert not has_out_of_range_number(load_json('{"a":[1,{"b":[true,null,"x",2.5,{"c":1e99}]}]}',
+                                                 max_bytes=1000, max_depth=16))
+    assert not has_out_of_range_number(load_json('{"a":"' + "1" * 30 + '"}', max_bytes=1000, max_depth=16))
+
+
+# --- a listing reuses what the previous one decoded, exactly ---------------------------------
+
+def _attrs(i: int) -> LeaseAttrs:
+    return LeaseAttrs(IPv4Address(f"10.0.0.{i}"), "vxlan", {"VNI": 1, "VtepMAC": f"aa:bb:cc:dd:ee:{i:02x}"})
+
+
+def _net(i: int) -> IPv4Network:
+    return IPv4Network(f"10.5.{i}.0/24")
+
+
+async def test_second_listing_reuses_unchanged_leases_only(etcd: EtcdServer):
+    async with V2Store(EtcdOptions(endpoints=(etcd.endpoint,))) as s, \
+            V2Store(EtcdOptions(endpoints=(etcd.endpoint,))) as fresh:
+        for i in (1, 2, 3, 4):
+            await s.create_lease(_net(i), _attrs(i), SUBNET_TTL)
+        etcd.etcdctl("mk", f"{PREFIX}/subnets/10.5.9.0-24", "not json", api=2)
+        first, _ = await s.list_leases()
+        by_subnet = {lease.subnet: lease for lease in first}
+        await s.renew_lease(_net(2), _attrs(2), SUBNET_TTL)  # same value, new index and expiration
+        await s.renew_lease(_net(3), _attrs(33), SUBNET_TTL)  # a new value
+        await s.delete_lease(_net(4))
+        await s.create_lease(_net(5), _attrs(5), 0)
+        second, index = await s.list_leases()
+        expected, expected_index = await fresh.list_leases()
+        assert sorted(second, key=lambda x: x.subnet) == sorted(expected, key=lambda x: x.subnet)
+        assert [x.store_ref for x in sorted(second, key=lambda x: x.subnet)] == \
+            [x.store_ref for x in sorted(expected, key=lambda x: x.subnet)]
+        assert index == expected_index
+        again = {lease.subnet: lease for lease in second}
+        assert set(again) == {_net(1), _net(2), _net(3), _net(5)}  # the garbage key skipped both times
+        assert again[_net(1)] is by_subnet[_net(1)]  # unchanged: not decoded again
+        assert again[_net(2)] is not by_subnet[_net(2)] and again[_net(2)].store_ref != by_subnet[_net(2)].store_ref
+        assert again[_net(3)].attrs == _attrs(33)
+        # A watch drops what was kept; listings while it runs keep nothing.
+        watch = s.watch_leases(index).__aiter__()
+        with trio.fail_after(GUARD):
+            await s.renew_lease(_net(1), _attrs(1), SUBNET_TTL)
+            batch = await watch.__anext__()
+        assert batch.events and s._listed == {}
+        third, _ = await s.list_leases()
+        assert s._listed == {} and len(third) == 4
+        await watch.aclose()
+        # With the watch closed, a listing is kept again for the next one.
+        fourth, _ = await s.list_leases()
+        assert len(s._listed) == 4 and sorted(fourth, key=lambda x: x.subnet) == sorted(third, key=lambda x: x.subnet)
