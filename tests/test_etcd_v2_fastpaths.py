@@ -195,6 +195,7 @@ async def test_second_listing_reuses_unchanged_leases_only(etcd: EtcdServer):
         assert again[_net(1)] is by_subnet[_net(1)]  # unchanged: not decoded again
         assert again[_net(2)] is not by_subnet[_net(2)] and again[_net(2)].store_ref != by_subnet[_net(2)].store_ref
         assert again[_net(3)].attrs == _attrs(33)
+        assert s._listed == {}  # used once, then dropped: a third listing decodes everything again
         # A watch drops what was kept; listings while it runs keep nothing.
         watch = s.watch_leases(index).__aiter__()
         with trio.fail_after(GUARD):
