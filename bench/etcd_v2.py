@@ -2,11 +2,21 @@
 
 Run: cd /work/main && PYTHONPATH=.:tests python3 bench/etcd_v2.py [N]
 Prints a table; nothing is asserted.
+
+    PYTHONPATH=.:tests .venv/bin/python bench/etcd_v2.py --list-trees A,B [--count 5000] [--rounds 3]
+
+The agent's start-up listings (issue #19), two commits side by side: N vxlan leases in a local etcd,
+then for each commit (`git archive`, run in a process of its own) a store lists twice, as a start
+does (acquire, then watch_peers); the CPU of each listing, rounds interleaved A B A B.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from ipaddress import IPv4Address, IPv4Network
 
@@ -55,7 +65,80 @@ async def bench(endpoint: str, n: int) -> list[tuple[str, int, float]]:
     return rows
 
 
+async def fill(endpoint: str, n: int) -> None:
+    async with V2Store(EtcdOptions(endpoints=(endpoint,))) as s:
+        async def some(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                attrs = LeaseAttrs(IPv4Address(f"10.251.{i // 256}.{i % 256}"), "vxlan",
+                                   {"VNI": 1, "VtepMAC": f"aa:bb:cc:dd:{i // 256:02x}:{i % 256:02x}"})
+                await s.create_lease(subnet(i), attrs, SUBNET_TTL)
+        async with trio.open_nursery() as nursery:
+            for k in range(8):
+                nursery.start_soon(some, k * n // 8, (k + 1) * n // 8)
+
+
+# Run in a child per tree: the editable install's import hook is taken out so the tree's own wins.
+_CHILD = """
+import resource, sys, trio
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path.insert(0, sys.argv[1])
+from flannelpy.etcd.store import EtcdOptions
+from flannelpy.etcd.v2 import V2Store
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+async def main():
+    async with V2Store(EtcdOptions(endpoints=(sys.argv[2],))) as s:
+        t0 = cpu(); a, _ = await s.list_leases(); t1 = cpu(); b, _ = await s.list_leases(); t2 = cpu()
+    assert sorted(a, key=lambda x: x.subnet) == sorted(b, key=lambda x: x.subnet)
+    print(len(a), t1 - t0, t2 - t1)
+trio.run(main)
+"""
+
+
+def list_trees(trees: list[str], n: int, rounds: int) -> None:
+    tmp = tempfile.mkdtemp(prefix="etcdv2-trees-")
+    try:
+        dirs = {}
+        for rev in trees:
+            dirs[rev] = os.path.join(tmp, rev)
+            os.makedirs(dirs[rev])
+            archive = subprocess.run(["git", "archive", rev, "flannelpy"], check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", dirs[rev]], input=archive, check=True)
+        rows: dict[str, list[tuple[float, float]]] = {rev: [] for rev in trees}
+        with EtcdServer() as server:
+            trio.run(fill, server.endpoint, n)
+            for _ in range(rounds):
+                for rev in trees:
+                    proc = subprocess.run([sys.executable, "-c", _CHILD, dirs[rev], server.endpoint], check=False,
+                                          capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        sys.exit(f"{rev}: {proc.stderr.strip()}")
+                    out = proc.stdout.split()
+                    assert int(out[0]) == n, out
+                    rows[rev].append((float(out[1]), float(out[2])))
+        print(f"{n} leases, {rounds} rounds interleaved; CPU ms of the process, median (min-max)")
+        print(f"{'tree':12} {'first listing':>22} {'second listing':>22} {'both':>8}")
+        for rev in trees:
+            firsts = sorted(r[0] * 1000 for r in rows[rev])
+            seconds = sorted(r[1] * 1000 for r in rows[rev])
+            both = sorted(sum(r) * 1000 for r in rows[rev])
+            med = lambda xs: xs[len(xs) // 2]  # noqa: E731
+            print(f"{rev:12} {med(firsts):8.0f} ({firsts[0]:.0f}-{firsts[-1]:.0f}) {med(seconds):10.0f} "
+                  f"({seconds[0]:.0f}-{seconds[-1]:.0f}) {med(both):8.0f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
+    if "--list-trees" in sys.argv:
+        args = sys.argv[1:]
+
+        def opt(name: str, default: str) -> str:
+            return args[args.index(name) + 1] if name in args else default
+
+        list_trees(opt("--list-trees", "").split(","), int(opt("--count", "5000")), int(opt("--rounds", "3")))
+        return
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     with EtcdServer() as server:
         rows = trio.run(bench, server.endpoint, n)
