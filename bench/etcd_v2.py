@@ -123,7 +123,7 @@ def list_trees(trees: list[str], n: int, rounds: int) -> None:
             firsts = sorted(r[0] * 1000 for r in rows[rev])
             seconds = sorted(r[1] * 1000 for r in rows[rev])
             both = sorted(sum(r) * 1000 for r in rows[rev])
-            med = lambda xs: xs[len(xs) // 2]  # noqa: E731
+            med = lambda xs: xs[len(xs) // 2]
             print(f"{rev:12} {med(firsts):8.0f} ({firsts[0]:.0f}-{firsts[-1]:.0f}) {med(seconds):10.0f} "
                   f"({seconds[0]:.0f}-{seconds[-1]:.0f}) {med(both):8.0f}")
     finally:

@@ -93,7 +93,7 @@ def _int(text: str) -> int | float:
 # one, the C scanner's own int() gives the same value with no Python call per integer.
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_float, parse_int=_int)
 _DECODER_PLAIN_INTS = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_float)
-_LONG_DIGITS = re.compile(r"\d{%d}" % (MAX_INT_DIGITS + 1))
+_LONG_DIGITS = re.compile(rf"\d{{{MAX_INT_DIGITS + 1}}}")
 
 
 def load_json(text: str | bytes, *, max_bytes: int, max_depth: int) -> Any:

@@ -94,8 +94,9 @@ def test_expiration_seconds_agree_with_strptime():
     years = [0, 1, 2, 4, 100, 1900, 1969, 1970, 2000, 2024, 2026, 2100, 9999]
     for _ in range(30000):
         year = rng.choice(years + [rng.randint(0, 9999)])
-        text = "%04d-%02d-%02dT%02d:%02d:%02d" % (year, rng.randint(0, 13), rng.randint(0, 32), rng.randint(0, 25),
-                                                 rng.randint(0, 61), rng.randint(0, 62))
+        month, day, hour, minute, second = (rng.randint(0, 13), rng.randint(0, 32), rng.randint(0, 25),
+                                            rng.randint(0, 61), rng.randint(0, 62))
+        text = f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}"
         want = _outcome(lambda t: timegm(time.strptime(t, "%Y-%m-%dT%H:%M:%S")), text)
         assert _outcome(_utc_seconds, text) == want, text
 
