@@ -16,7 +16,7 @@ from flannelpy.config.network import parse_config
 from flannelpy.errors import OutOfSubnets
 from flannelpy.etcd.store import EtcdOptions
 from flannelpy.etcd.v3 import V3Store
-from flannelpy.subnet.lease import SUBNET_TTL, EventKind
+from flannelpy.subnet.lease import SUBNET_TTL, EventKind, Lease
 from flannelpy.subnet.manager import LeaseManager, LeaseTaken
 
 pytestmark = pytest.mark.etcd
@@ -338,3 +338,29 @@ async def test_backlog_piled_up_during_apply_is_applied_by_net_effect(etcd):
             nursery.cancel_scope.cancel()
     assert calls[0] == [("added", "10.5.10.0/24")]
     assert calls[1:] == [[("added", "10.5.30.0/24")]]
+
+
+async def test_our_keys_renewal_seen_while_etcd_is_down_is_read_once_etcd_is_back(etcd):
+    """A renewal of our key seen on the watch makes the guard read the key's expiry (one get); an etcd restart at
+    that moment used to end the peer watch (and the agent) with StoreUnavailable.  It is retried now."""
+    from flannelpy.etcd.store import EXPIRY_NOT_READ
+
+    async with store_for(etcd) as store:
+        mgr = manager(store, previous_subnet=OUR_SUBNET)
+        mine = await mgr.acquire()
+        seen = Lease(mine.subnet, mine.attrs, EXPIRY_NOT_READ, (mine.store_ref or 0) + 1)  # as the watch gives it
+        etcd.stop()
+        done = trio.Event()
+
+        async def guard() -> None:
+            await mgr._own_state(seen)
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guard)
+            await trio.sleep(0.5)
+            assert not done.is_set()  # still waiting for etcd, not failed
+            await trio.to_thread.run_sync(etcd.start)
+            with trio.fail_after(30):
+                await done.wait()
+        assert mgr.current.subnet == OUR_SUBNET and mgr.current.expiration not in (None, EXPIRY_NOT_READ)

@@ -248,7 +248,9 @@ class LeaseManager:
             # Renewed by someone with our IP (or our own put seen late): adopt its expiry, read
             # now if the listing or watch did not (one TimeToLive call, for our key only).
             if lease.expiration == EXPIRY_NOT_READ:
-                fresh = await self.store.get_lease(lease.subnet, lease.ipv6_subnet)
+                # retried: an etcd restart here must not end the peer watch this runs on (and the agent)
+                fresh = await _retry_unavailable(functools.partial(self.store.get_lease, lease.subnet,
+                                                                   lease.ipv6_subnet))
                 if fresh is None:
                     await self._recreate()  # gone again already
                     return
