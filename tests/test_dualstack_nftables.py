@@ -1,16 +1,15 @@
 """NftablesManager for IPv6Network (EnableIPv6 with EnableNFTables, issue #14) against the real `nft`
-and ip6tables, inside network namespaces named fpn6-<rand>: table ip6 flannel-ipv6 beside
+and ip6tables, inside network namespaces named fpnf-<rand>: table ip6 flannel-ipv6 beside
 ip flannel-ipv4, resync, another instance's rules, the switch from and back to ip6tables, and IPv6
 masquerading through the table."""
 
 import logging
-import secrets
 import shutil
-import subprocess
 from ipaddress import IPv4Network
 from ipaddress import IPv6Network as N6
 
 import pytest
+import test_nftables as _v4
 import trio
 
 from flannelpy.hostnet import iptables_rules as IR
@@ -29,29 +28,8 @@ NET6, POD6, OLD_POD6 = N6("fd42::/48"), N6("fd42:0:0:1f::/64"), N6("fd42:0:0:9::
 NET6_B, POD6_B = N6("fd43::/48"), N6("fd43:0:0:3::/64")
 NET, POD = IPv4Network("10.5.0.0/16"), IPv4Network("10.5.72.0/24")
 
-
-def sh(*args, check=True, stdin=None):
-    return subprocess.run(args, check=check, capture_output=True, text=True, input=stdin)
-
-
-def in_ns(ns, *args, check=True, stdin=None):
-    return sh("nsenter", f"--net=/var/run/netns/{ns}", *args, check=check, stdin=stdin)
-
-
-@pytest.fixture
-def netns(root):
-    made = []
-    tag = secrets.token_hex(3)
-
-    def make(suffix=""):
-        name = f"fpn6-{tag}{suffix}"
-        sh("ip", "netns", "add", name)
-        made.append(name)
-        return name
-
-    yield make
-    for name in made:
-        sh("ip", "netns", "del", name, check=False)
+# the IPv4 tests' helpers and namespace fixture (fpnf-<rand>), not a copy of them
+sh, in_ns, netns = _v4.sh, _v4.in_ns, _v4.netns
 
 
 def mgr(ns, net=NET6, subnet=POD6, **kw):
