@@ -9,7 +9,7 @@ removing a refused lease never removes anything the backend has.
 from __future__ import annotations
 
 import time
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -254,6 +254,50 @@ def test_prefix_index_matches_brute_force(ops, probe):
     inside = index.inside(probe)
     assert (inside is not None) == any(n != probe and n.subnet_of(probe) for n in present)
     assert inside is None or (inside.subnet_of(probe) and inside != probe)
+
+
+@given(st.lists(st.tuples(st.booleans(), nets, st.sampled_from("abc")), max_size=40), nets)
+def test_prefix_index_with_shared_prefixes_matches_brute_force(ops, probe):
+    """Several owners may put the same prefix: it stays until the last of them removes it, and
+    every answer names an owner that holds such an entry now."""
+    index: PrefixIndex[str] = PrefixIndex()
+    present: set[tuple[IPv4Network, str]] = set()
+    for add, net, owner in ops:
+        if add:
+            index.add(net, owner)
+            present.add((net, owner))
+        else:
+            index.remove(net, owner)
+            present.discard((net, owner))
+    assert len(index) == len({net for net, _ in present})
+    containing = index.containing(probe)
+    assert (containing is not None) == any(probe.subnet_of(n) for n, _ in present)
+    assert containing is None or any(probe.subnet_of(n) and o == containing for n, o in present)
+    inside = index.inside(probe)
+    assert (inside is not None) == any(n != probe and n.subnet_of(probe) for n, _ in present)
+    assert inside is None or any(n != probe and n.subnet_of(probe) and o == inside for n, o in present)
+
+
+nets6 = st.builds(lambda addr, length: IPv6Network((addr & ((2**128 - 1) << (128 - length)) & (2**128 - 1), length)),
+                  st.sampled_from([0, 2**127, 0xfd00 << 112, (0xfd00 << 112) | (0xff << 56), 2**128 - 1])
+                  | st.integers(0, 2**128 - 1), st.integers(0, 128))
+
+
+@given(st.lists(st.tuples(st.booleans(), nets6), max_size=40), nets6)
+def test_prefix_index_v6_matches_brute_force(ops, probe):
+    index: PrefixIndex[IPv6Network] = PrefixIndex(128)
+    present: set[IPv6Network] = set()
+    for add, net in ops:
+        if add:
+            index.add(net, net)
+            present.add(net)
+        elif net in present:
+            index.remove(net, net)
+            present.discard(net)
+    inside = index.inside(probe)
+    assert (inside is not None) == any(n != probe and n.subnet_of(probe) for n in present)
+    containing = index.containing(probe)
+    assert (containing is not None) == any(probe.subnet_of(n) for n in present)
 
 
 # --- properties over random event sequences ---------------------------------------------------------

@@ -29,6 +29,7 @@ look-ups per prefix length (at most 33), never a walk over the peers.
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Generic, Hashable, Iterable, Sequence, TypeVar
@@ -132,10 +133,6 @@ def _host_key(ip: IPv4Address | IPv6Address) -> _Key:
     return ip.max_prefixlen, int(ip)
 
 
-def _net(key: _Key) -> IPv4Network:
-    return IPv4Network((key[1], key[0]))
-
-
 def _masks(bits: int) -> tuple[int, ...]:
     full = (1 << bits) - 1
     return tuple((full << (bits - length)) & full for length in range(bits + 1))
@@ -143,18 +140,29 @@ def _masks(bits: int) -> tuple[int, ...]:
 
 _MASKS = _masks(32)
 _MASKS6 = _masks(128)
+_ABSENT = object()
+
+
+class _Owners(dict):
+    """The owners of one prefix when there are several (one owner is held bare: most prefixes
+    have exactly one, and a dict per prefix would cost ~200 bytes a peer)."""
 
 
 class PrefixIndex(Generic[O]):
     """Prefixes, each with the owners that put it there, answering "which entry overlaps this
-    prefix" in at most 33 dict look-ups: one per shorter prefix (an entry containing it) and one
-    for the entries below it (each entry is also counted under all its supernets)."""
+    prefix": an entry containing it is one dict look-up per prefix length in use; an entry inside
+    it is one binary search, because the entries are also kept sorted by (address, length) and
+    whatever lies inside a prefix sorts right after it.  About 100 bytes per entry (an index of
+    every entry under each of its supernets answered the second question in one look-up, at
+    ~1.6 KiB per entry)."""
 
     def __init__(self, bits: int = 32) -> None:
         # bits: 32 for IPv4 prefixes, 128 for IPv6 (one index never mixes the two).
+        self._bits = bits
         self._masks = _MASKS if bits == 32 else _MASKS6
-        self._exact: dict[_Key, dict[O, None]] = {}
-        self._below: dict[_Key, dict[O, None]] = {}  # strict supernet -> owners of entries under it
+        # An entry's code is address << 8 | length: one int is its dict key and its sort key.
+        self._exact: dict[int, O | _Owners] = {}
+        self._sorted: list[int] = []
         # How many entries of each prefix length: `containing` looks only at lengths in use
         # (peers mostly share one SubnetLen, so that is one look-up instead of up to 33).
         self._lengths: dict[int, int] = {}
@@ -163,30 +171,36 @@ class PrefixIndex(Generic[O]):
     def __len__(self) -> int:
         return len(self._exact)
 
-    # Prefixes are IPv4Networks or (length, address) keys; keys (and keys as owners) are cheaper to
-    # hash than IPv4Network objects, which matters at 33 entries per prefix.
+    # Prefixes are IPv4Networks or (length, address) keys.
     def add(self, net: IPv4Network | _Key, owner: O) -> None:
         length, addr = _key(net)
-        owners = self._exact.setdefault((length, addr), {})
-        if owner not in owners:
-            owners[owner] = None
+        code = addr << 8 | length
+        held = self._exact.get(code, _ABSENT)
+        if held is _ABSENT:
+            self._exact[code] = owner
+            insort(self._sorted, code)
             self._count_length(length, +1)
-        below, masks = self._below, self._masks
-        for shorter in range(length):
-            key = (shorter, addr & masks[shorter])
-            owners = below.get(key)
-            if owners is None:
-                below[key] = {owner: None}
-            else:
-                owners[owner] = None
+        elif type(held) is _Owners:
+            held[owner] = None
+        elif held != owner:
+            self._exact[code] = _Owners({held: None, owner: None})
 
     def remove(self, net: IPv4Network | _Key, owner: O) -> None:
         length, addr = _key(net)
-        if owner in self._exact.get((length, addr), ()):
-            self._count_length(length, -1)
-        self._discard(self._exact, (length, addr), owner)
-        for shorter in range(length):
-            self._discard(self._below, (shorter, addr & self._masks[shorter]), owner)
+        code = addr << 8 | length
+        held = self._exact.get(code, _ABSENT)
+        if held is _ABSENT:
+            return
+        if type(held) is _Owners:
+            held.pop(owner, None)
+            if len(held) == 1:
+                self._exact[code] = next(iter(held))
+            return
+        if held != owner:
+            return
+        del self._exact[code]
+        del self._sorted[bisect_left(self._sorted, code)]
+        self._count_length(length, -1)
 
     def _count_length(self, length: int, delta: int) -> None:
         count = self._lengths.get(length, 0) + delta
@@ -198,12 +212,8 @@ class PrefixIndex(Generic[O]):
             self._lengths_longest_first = tuple(sorted(self._lengths, reverse=True))
 
     @staticmethod
-    def _discard(table: dict[_Key, dict[O, None]], key: _Key, owner: O) -> None:
-        owners = table.get(key)
-        if owners is not None:
-            owners.pop(owner, None)
-            if not owners:
-                del table[key]
+    def _first(held: O | _Owners) -> O:
+        return next(iter(held)) if type(held) is _Owners else held  # type: ignore[return-value]
 
     def containing(self, net: IPv4Network | _Key) -> O | None:
         """An owner of an entry equal to `net` or containing it."""
@@ -212,19 +222,39 @@ class PrefixIndex(Generic[O]):
         for shorter in self._lengths_longest_first:
             if shorter > length:
                 continue
-            owners = exact.get((shorter, addr & masks[shorter]))
-            if owners:
-                return next(iter(owners))
+            held = exact.get((addr & masks[shorter]) << 8 | shorter, _ABSENT)
+            if held is not _ABSENT:
+                return self._first(held)
         return None
 
     def inside(self, net: IPv4Network | _Key) -> O | None:
         """An owner of an entry strictly inside `net`."""
-        owners = self._below.get(_key(net))
-        return next(iter(owners)) if owners else None
+        length, addr = _key(net)
+        if length >= self._bits:
+            return None
+        # Entries at `addr` sort by length, so the first one after (addr, length) that still lies
+        # below the next prefix of this size is inside `net` (aligned prefixes cannot straddle it).
+        ordered = self._sorted
+        i = bisect_left(ordered, addr << 8 | (length + 1))
+        if i < len(ordered) and ordered[i] < (addr + (1 << (self._bits - length))) << 8:
+            return self._first(self._exact[ordered[i]])
+        return None
 
     def overlapping(self, net: IPv4Network | _Key) -> O | None:
         owner = self.containing(net)
         return owner if owner is not None else self.inside(net)
+
+
+def _within(net: IPv4Network | IPv6Network, outer: IPv4Network | IPv6Network) -> bool:
+    """`net` is `outer` or inside it.  By integers: subnet_of() and overlaps() would cache a
+    broadcast_address (and a __dict__) on every lease's subnet, ~300 bytes a peer for good."""
+    shift = net.max_prefixlen - outer.prefixlen
+    return (net.prefixlen >= outer.prefixlen
+            and int(net.network_address) >> shift == int(outer.network_address) >> shift)
+
+
+def _overlaps(a: IPv4Network | IPv6Network, b: IPv4Network | IPv6Network) -> bool:
+    return _within(a, b) or _within(b, a)
 
 
 # --- the host's own ranges --------------------------------------------------------------------
@@ -289,12 +319,12 @@ class Admission:
         self.rules = rules
         self.accepted: dict[IPv4Network, Lease] = {}
         self.refused: dict[IPv4Network, Refusal] = {}
-        self._subnets: PrefixIndex[_Key] = PrefixIndex()  # accepted subnets (as keys)
-        self._public_ips: PrefixIndex[_Key] = PrefixIndex()  # accepted PublicIPs -> their subnets
+        self._subnets: PrefixIndex[IPv4Network] = PrefixIndex()  # accepted subnets
+        self._public_ips: PrefixIndex[IPv4Network] = PrefixIndex()  # accepted PublicIPs -> their subnets
         self._macs: dict[str, IPv4Network] = {}  # VtepMAC -> the accepted lease holding it
         # Dual stack: accepted IPv6 subnets and PublicIPv6s (owners: their lease's IPv4 key), v6 VtepMACs.
-        self._subnets6: PrefixIndex[_Key] = PrefixIndex(128)
-        self._public_ips6: PrefixIndex[_Key] = PrefixIndex(128)
+        self._subnets6: PrefixIndex[IPv4Network] = PrefixIndex(128)
+        self._public_ips6: PrefixIndex[IPv4Network] = PrefixIndex(128)
         self._macs6: dict[str, IPv4Network] = {}
         self._waiting: dict[IPv4Network, dict[IPv4Network, None]] = {}  # blocker -> refused leases
         self._protected: PrefixIndex[str] = PrefixIndex()
@@ -333,12 +363,12 @@ class Admission:
         def refuse(code: str, reason: str) -> Refusal:
             return Refusal(lease, code, reason)
 
-        if not net.subnet_of(rules.network):
+        if not _within(net, rules.network):
             return refuse(OUTSIDE_NETWORK, f"subnet {net} is outside Network {rules.network}")
         if net.prefixlen < rules.min_prefixlen:
             return refuse(PREFIX_LENGTH, f"subnet {net} is larger than any SubnetLen Network {rules.network} "
                                          f"allows (/{rules.min_prefixlen} or longer)")
-        if rules.own_subnet is not None and net.overlaps(rules.own_subnet):
+        if rules.own_subnet is not None and _overlaps(net, rules.own_subnet):
             return refuse(OWN_SUBNET, f"subnet {net} overlaps our own subnet {rules.own_subnet}")
         protected = self._protected.overlapping(net)
         if protected is not None:
@@ -384,12 +414,12 @@ class Admission:
         def refuse(code: str, reason: str) -> Refusal:
             return Refusal(lease, code, reason)
 
-        if not net.subnet_of(rules.ipv6_network):
+        if not _within(net, rules.ipv6_network):
             return refuse(OUTSIDE_NETWORK, f"IPv6 subnet {net} is outside IPv6Network {rules.ipv6_network}")
         if net.prefixlen < rules.min_ipv6_prefixlen:
             return refuse(PREFIX_LENGTH, f"IPv6 subnet {net} is larger than any IPv6SubnetLen IPv6Network "
                                          f"{rules.ipv6_network} allows (/{rules.min_ipv6_prefixlen} or longer)")
-        if rules.own_ipv6_subnet is not None and net.overlaps(rules.own_ipv6_subnet):
+        if rules.own_ipv6_subnet is not None and _overlaps(net, rules.own_ipv6_subnet):
             return refuse(OWN_SUBNET, f"IPv6 subnet {net} overlaps our own IPv6 subnet {rules.own_ipv6_subnet}")
         protected = self._protected6.overlapping(net)
         if protected is not None:
@@ -429,18 +459,18 @@ class Admission:
         key = _key(net)
         found = self._subnets.overlapping(key)
         if found is not None:
-            other = _net(found)
+            other = found
             return Refusal(lease, OVERLAP, f"subnet {net} overlaps the accepted lease {other} "
                                            f"(PublicIP {self.accepted[other].attrs.public_ip})", other)
         found = self._subnets.containing(_host_key(ip))
         if found is not None:
-            other = _net(found)
+            other = found
             return Refusal(lease, PUBLIC_IP, f"PublicIP {ip} is inside the accepted lease {other}", other)
         found = self._public_ips.inside(key)
         if found is None:
             found = self._public_ips.containing(key)  # a /32 lease at an accepted PublicIP
         if found is not None:
-            other = _net(found)
+            other = found
             return Refusal(lease, OVERLAP, f"subnet {net} contains PublicIP {self.accepted[other].attrs.public_ip} "
                                            f"of the accepted lease {other}", other)
         mac = _vtep_mac(lease)
@@ -458,19 +488,19 @@ class Admission:
         assert net6 is not None and ip6 is not None
         found = self._subnets6.overlapping(net6)
         if found is not None:
-            other = _net(found)
+            other = found
             return Refusal(lease, OVERLAP, f"IPv6 subnet {net6} overlaps that of the accepted lease {other} "
                                            f"({self.accepted[other].ipv6_subnet})", other)
         found = self._subnets6.containing(_host_key(ip6))
         if found is not None:
-            other = _net(found)
+            other = found
             return Refusal(lease, PUBLIC_IP, f"PublicIPv6 {ip6} is inside the IPv6 subnet of the accepted lease "
                                              f"{other} ({self.accepted[other].ipv6_subnet})", other)
         found = self._public_ips6.inside(net6)
         if found is None:
             found = self._public_ips6.containing(net6)
         if found is not None:
-            other = _net(found)
+            other = found
             return Refusal(lease, OVERLAP, f"IPv6 subnet {net6} contains PublicIPv6 "
                                            f"{self.accepted[other].attrs.public_ipv6} of the accepted lease {other}",
                            other)
@@ -553,7 +583,7 @@ class Admission:
 
     def _accept(self, lease: Lease, step: AdmissionStep) -> None:
         self.accepted[lease.subnet] = lease
-        key = _key(lease.subnet)
+        key = lease.subnet  # the owner in every index: held by the lease anyway
         self._subnets.add(key, key)
         self._public_ips.add(_host_key(lease.attrs.public_ip), key)
         mac = _vtep_mac(lease)
@@ -569,7 +599,7 @@ class Admission:
         step.events.append(LeaseEvent(EventKind.ADDED, lease))
 
     def _unindex(self, lease: Lease) -> None:
-        key = _key(lease.subnet)
+        key = lease.subnet
         self._subnets.remove(key, key)
         self._public_ips.remove(_host_key(lease.attrs.public_ip), key)
         mac = _vtep_mac(lease)
