@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -158,7 +159,10 @@ def normalize_mac(text: str) -> str:
     """Lower-case colon form; accepts what Go's net.ParseMAC accepts for 48-bit MACs."""
     if not isinstance(text, str) or not _MAC_RE.match(text):
         raise LeaseValueError(f"VtepMAC {_show(text)} is not a MAC address")
-    return text.replace("-", ":").lower()
+    canon = text.replace("-", ":").lower()
+    # The same object when already canonical: every holder of a peer's MAC (the lease value, its
+    # FDB and ARP plans, admission's index) then shares one string instead of a copy each.
+    return text if canon == text else canon
 
 
 class ValueStyle(Enum):
@@ -168,7 +172,7 @@ class ValueStyle(Enum):
     LEGACY = "legacy"  # {"PublicIP":..,"BackendType":..,"BackendData":..} (no PublicIPv6 while it is null)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
 class LeaseAttrs:
     public_ip: IPv4Address
     backend_type: str = ""  # "" for the udp backend, which never sets it
@@ -205,7 +209,7 @@ def _data_vni(data: dict[str, Any] | None) -> int | None:
     return int(vni) if vni is not None else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
 class LeaseData:
     """What the backend puts in our lease value."""
 
@@ -214,7 +218,7 @@ class LeaseData:
     backend_v6_data: dict[str, Any] | None = None  # dual stack: BackendV6Data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
 class Lease:
     subnet: IPv4Network
     attrs: LeaseAttrs
@@ -236,7 +240,7 @@ class EventKind(Enum):
     REMOVED = "removed"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
 class LeaseEvent:
     kind: EventKind
     lease: Lease
@@ -299,7 +303,7 @@ def decode_attrs(raw: str | bytes, key: str = "") -> LeaseAttrs:
         if public_ipv6.ipv4_mapped is not None:
             # Go's ip.IP6 would write it back as a dotted quad: not an address flanneld advertises.
             raise LeaseValueError(f"{where}: PublicIPv6 {_show(v6)} is an IPv4-mapped address")
-    return LeaseAttrs(public_ip=public_ip, backend_type=btype.lower(), backend_data=bdata,
+    return LeaseAttrs(public_ip=public_ip, backend_type=sys.intern(btype.lower()), backend_data=bdata,
                       public_ipv6=public_ipv6, backend_v6_data=bdata_v6)
 
 

@@ -24,7 +24,7 @@ IPNetwork = Union[IPv4Network, IPv6Network]
 IPV6_DEFAULT_METRIC = 1024  # the metric of an IPv6 route added without one
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
 class Route:
     """A wanted route: `dst via gw dev <oif>`."""
 

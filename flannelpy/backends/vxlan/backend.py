@@ -449,11 +449,12 @@ class VxlanBackend(Backend):
         self.mac: str | None = None
         self._own_base: IPv4Address | None = None
         # Accepted peers and the entries they need (whether or not programming worked), the
-        # ones whose programming failed (-> why), and who holds each VTEP MAC, so removing a
-        # lease never deletes an FDB entry another accepted lease still needs.
+        # ones whose programming failed (-> why), and how many wanted plans hold each VTEP MAC, so
+        # removing a lease never deletes an FDB entry another accepted lease still needs (a count,
+        # not a set of subnets: each subnet holds one plan, and a set per MAC is ~240 bytes a peer).
         self._wanted: dict[IPv4Network, PeerPlan] = {}
         self._failed: dict[IPv4Network, str] = {}
-        self._mac_holders: dict[str, set[IPv4Network]] = {}
+        self._mac_holders: dict[str, int] = {}
         self._synced = False  # the agent applied the whole peer set: unexplained entries may go
         self._checked_synced = False  # a pass has checked the kernel since then
         self._device_problem: str | None = None
@@ -621,14 +622,15 @@ class VxlanBackend(Backend):
         """Record `plan` (None: forget) as the subnet's wanted entries; returns the old plan."""
         old = self._wanted.pop(subnet, None)
         if old is not None and old.fdb is not None:
-            holders = self._mac_holders.get(old.fdb.mac, set())
-            holders.discard(subnet)
-            if not holders:
+            holders = self._mac_holders.get(old.fdb.mac, 0) - 1
+            if holders > 0:
+                self._mac_holders[old.fdb.mac] = holders
+            else:
                 self._mac_holders.pop(old.fdb.mac, None)
         if plan is not None:
             self._wanted[subnet] = plan
             if plan.fdb is not None:
-                self._mac_holders.setdefault(plan.fdb.mac, set()).add(subnet)
+                self._mac_holders[plan.fdb.mac] = self._mac_holders.get(plan.fdb.mac, 0) + 1
         else:
             self._failed.pop(subnet, None)
         return old

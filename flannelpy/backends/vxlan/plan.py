@@ -109,7 +109,7 @@ def incompatibilities(spec: VxlanDeviceSpec, have: VxlanDeviceFacts) -> list[str
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
 class Neigh:
     """A permanent ARP (IPv6: neighbour) entry on the vxlan device: peer's base IP -> its VTEP MAC."""
 
@@ -117,7 +117,7 @@ class Neigh:
     mac: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
 class Fdb:
     """A permanent bridge FDB entry (NTF_SELF) on the vxlan device: VTEP MAC -> underlay IP."""
 
@@ -125,7 +125,7 @@ class Fdb:
     dst: IPAddress
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
 class Route:
     """`dst via gateway [dev <vxlan> onlink]`; on_vxlan=False is a plain underlay route."""
 
@@ -134,7 +134,7 @@ class Route:
     on_vxlan: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
 class PeerPlan:
     """Everything one peer lease needs in the kernel; neigh/fdb are None for direct routes."""
 
