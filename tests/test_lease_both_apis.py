@@ -135,3 +135,45 @@ async def test_peer_watch_survives_etcd_restart(etcd, api):
             nursery.cancel_scope.cancel()
     finally:
         await s.aclose()
+
+
+async def test_a_start_lists_once_and_misses_nothing_after_that_listing(etcd, api):
+    """issue #19: the peer watch starts from the listing acquire() planned from, at its revision:
+    one listing per start, and what changes between the two (a peer joins, our own key is
+    deleted) still arrives, by the watch."""
+    send, recv = trio.open_memory_channel(100)
+
+    async def apply(events):
+        await send.send([(e.kind, str(e.lease.subnet)) for e in events])
+
+    ctl_put(etcd, api, key("172.18.1.0/24"), '{"PublicIP":"10.0.0.1","BackendType":"vxlan",'
+            '"BackendData":{"VtepMAC":"02:00:00:00:00:01"}}')
+    s = store(etcd, api)
+    listings = 0
+    list_leases = s.list_leases
+
+    async def counted(**kw):
+        nonlocal listings
+        listings += 1
+        return await list_leases(**kw)
+
+    s.list_leases = counted
+    try:
+        mgr = manager(s, previous=IPv4Network("172.18.2.0/24"))
+        first = await mgr.acquire()
+        assert listings == 1
+        ctl_put(etcd, api, key("172.18.3.0/24"), '{"PublicIP":"10.0.0.3"}')
+        ctl_del(etcd, api, key(str(first.subnet)))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mgr.watch_peers, apply)
+            with trio.fail_after(30):
+                assert await recv.receive() == [(EventKind.ADDED, "172.18.1.0/24")]
+                assert await recv.receive() == [(EventKind.ADDED, "172.18.3.0/24")]
+                while mgr.recreations == 0:
+                    await mgr.changed.wait()
+            nursery.cancel_scope.cancel()
+        assert listings == 1 and mgr.current.subnet == first.subnet
+        leases, _ = await list_leases()
+        assert sorted(str(x.subnet) for x in leases) == ["172.18.1.0/24", "172.18.2.0/24", "172.18.3.0/24"]
+    finally:
+        await s.aclose()

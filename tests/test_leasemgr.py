@@ -246,8 +246,9 @@ def etcd_calls(etcd, method: str) -> int:
 
 
 async def test_peers_listed_and_watched_once_without_a_ttl_call_each(etcd):
-    """issue #19: the peer watcher also guards our key (one list, one watch), and no
-    TimeToLive call is made per peer lease (flanneld's kvToIPLease makes one each)."""
+    """issue #19: the peer watcher also guards our key (one watch), the listing acquire() planned
+    from is the peer watch's too (a start lists once), and no TimeToLive call is made per peer
+    lease (flanneld's kvToIPLease makes one each)."""
     lease_id = grant(etcd, 600)
     for i in range(1, 21):
         etcd.etcdctl("put", key(f"10.5.{i}.0/24"), f'{{"PublicIP":"10.0.0.{i}","PublicIPv6":null}}',
@@ -259,16 +260,23 @@ async def test_peers_listed_and_watched_once_without_a_ttl_call_each(etcd):
 
     async with store_for(etcd) as store:
         mgr = manager(store, previous_subnet=OUR_SUBNET)  # not one of the peers' keys put below
-        first = await mgr.acquire()
         ttl0, watch0, range0 = (etcd_calls(etcd, m) for m in ("LeaseTimeToLive", "Watch", "Range"))
+        first = await mgr.acquire()
+        # A peer that comes between acquire's listing and the peer watch: the watch starts at that
+        # listing's revision, so it is not missed.
+        etcd.etcdctl("put", key("10.5.21.0/24"), '{"PublicIP":"10.0.0.21","PublicIPv6":null}',
+                     "--lease", lease_id)
         async with trio.open_nursery() as nursery:
             await nursery.start(mgr.watch_peers, apply)
             await nursery.start(mgr.keep_lease)
-            assert len(got) == 20
+            with trio.fail_after(30):
+                while len(got) < 21:
+                    await trio.sleep(0.02)
+            assert len(got) == 21 and mgr.recreations == 0  # our own create came by the watch: no alarm
             etcd.etcdctl("put", key("10.5.99.0/24"), '{"PublicIP":"10.0.0.99","PublicIPv6":null}',
                          "--lease", lease_id)
             with trio.fail_after(30):
-                while len(got) < 21:
+                while len(got) < 22:
                     await trio.sleep(0.02)
             # Our key deleted: re-created by the guard that rides on the peer watch.
             etcd.etcdctl("del", key(str(first.subnet)))
@@ -281,7 +289,7 @@ async def test_peers_listed_and_watched_once_without_a_ttl_call_each(etcd):
             assert adopted.expiration is not None and abs(adopted.expiration - (time.time() + 300)) < 10
             nursery.cancel_scope.cancel()
     assert etcd_calls(etcd, "LeaseTimeToLive") - ttl0 == 1  # the adoption only
-    assert etcd_calls(etcd, "Range") - range0 == 2  # watch_peers' listing + that adoption's get
+    assert etcd_calls(etcd, "Range") - range0 == 2  # the one listing (acquire's) + that adoption's get
     # one watch stream in all (the gateway opens a gRPC Watch per stream; counted when it ends)
     assert etcd_calls(etcd, "Watch") - watch0 <= 1
 

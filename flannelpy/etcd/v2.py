@@ -175,12 +175,6 @@ class V2Store:
         self._endpoints = [e.rstrip("/") for e in options.endpoints]
         self._current = 0  # the endpoint that answered last; tried first
         self._skip_log = SkipLog(log)
-        # The last list_leases' leases by key, with what they were decoded from (_node_fields), so
-        # that the next listing decodes only what changed (a start lists twice: to acquire, then for
-        # the peers).  Used by one listing at most, kept only while no watch runs (a watch drops it).
-        self._listed: dict[str, tuple[tuple[int, int, int], Lease]] = {}
-        self._listed_for: tuple[str, bool] | None = None
-        self._watches = 0
         self._tls = tls_setup(options)  # to name a refused TLS handshake
         auth = (options.username, options.password) if options.username else None
         self._client = httpx.AsyncClient(
@@ -272,15 +266,11 @@ class V2Store:
 
     async def list_leases(self, *, expiry: bool = True) -> tuple[list[Lease], int]:
         # `expiry` costs nothing here: every node of the listing carries its expiration.
-        leases, _skipped, index = await self._list(remember=self._watches == 0)
+        leases, _skipped, index = await self._list()
         return leases, index
 
-    async def _list(self, *, remember: bool = False) -> tuple[list[Lease], list[str], int]:
-        """Every lease under the subnets key (and the keys skipped as undecodable), at an index.
-
-        `remember`: keep this listing's leases for the next one (see _listed).  A node is decoded
-        again unless its key, modifiedIndex, value and expiration (node_to_lease's whole input)
-        are those of the remembered lease (_node_fields), so the result is the same either way."""
+    async def _list(self) -> tuple[list[Lease], list[str], int]:
+        """Every lease under the subnets key (and the keys skipped as undecodable), at an index."""
         try:
             _, doc, index = await self._request(
                 "GET", self.subnets_key, params={"recursive": "true", "quorum": "true"})
@@ -290,34 +280,16 @@ class V2Store:
             raise
         prefix = self._lease_key_prefix
         dual_stack = self.dual_stack
-        previous = self._listed if self._listed_for == (prefix, dual_stack) else {}
-        if self._listed:
-            # Used once: a listing that reuses one keeps none of its own (two listings' worth of
-            # small objects alive at once left the start's RSS ~0.4 KiB per lease higher).
-            self._listed, self._listed_for, remember = {}, None, False
-        listed: dict[str, tuple[tuple[int, int, int], Lease]] = {}
         leases: list[Lease] = []
         skipped: list[str] = []
         for node in doc.get("node", {}).get("nodes") or []:
             if node.get("dir"):
                 continue
-            key = node.get("key", "")
-            fields = _node_fields(node) if type(key) is str else None
-            seen = previous.get(key) if fields is not None else None
-            if seen is not None and seen[0] == fields:
-                lease = seen[1]
-            else:
-                try:
-                    lease = node_to_lease(node, prefix, dual_stack)
-                except LeaseValueError as exc:
-                    self._skip_log.skipped(exc)
-                    skipped.append(key)
-                    continue
-            if remember and fields is not None:
-                listed[key] = (fields, lease)
-            leases.append(lease)
-        if remember:
-            self._listed, self._listed_for = listed, (prefix, dual_stack)
+            try:
+                leases.append(node_to_lease(node, prefix, dual_stack))
+            except LeaseValueError as exc:
+                self._skip_log.skipped(exc)
+                skipped.append(node.get("key", ""))
         return leases, skipped, index
 
     async def get_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> Lease | None:
@@ -377,14 +349,9 @@ class V2Store:
     async def watch_leases(self, after_revision: int, *, expiry: bool = True) -> AsyncIterator[WatchBatch]:
         """One WatchBatch per v2 event; a snapshot batch when the index was cleared, or when
         the watch is more than CATCH_UP_EVENTS behind etcd's index."""
-        self._watches += 1
-        self._listed, self._listed_for = {}, None  # from here on, events keep the leases current
-        try:
-            async with aclosing(self._watch(after_revision)) as batches:
-                async for batch in batches:
-                    yield batch
-        finally:
-            self._watches -= 1
+        async with aclosing(self._watch(after_revision)) as batches:
+            async for batch in batches:
+                yield batch
 
     async def _watch(self, after_revision: int) -> AsyncIterator[WatchBatch]:
         wait_index = after_revision + 1
@@ -487,17 +454,6 @@ class V2Store:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def _node_fields(node: dict[str, Any]) -> tuple[int, int, int] | None:
-    """What identifies a node's content: its modifiedIndex and the hashes of its value and
-    expiration (str hashes are keyed per process: nobody can aim a collision at them), or None
-    when a field is not of the type etcd writes (such a node is always decoded).  Hashes, not the
-    strings: keeping a whole listing's strings alive until the next one raised the start's RSS."""
-    index, value, expiration = node.get("modifiedIndex"), node.get("value"), node.get("expiration")
-    if type(index) is not int or type(value) is not str or (expiration is not None and type(expiration) is not str):
-        return None
-    return index, hash(value), hash(expiration)
 
 
 def _int(value: Any) -> int:

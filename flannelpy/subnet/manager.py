@@ -89,6 +89,7 @@ class LeaseManager:
         self.underlay = underlay or Underlay()
         self.on_admission = on_admission  # every admission step (refusals: metrics, /status)
         self.admission: Admission | None = None
+        self.tracker: LeaseTracker | None = None
         self._current: Lease | None = None
         # Set (then replaced) whenever `current` changes: `await mgr.changed.wait()`.
         self.changed = trio.Event()
@@ -97,6 +98,10 @@ class LeaseManager:
         # watch_peers guards our key from its own watch: keep_lease then opens none of its own,
         # so every event is read, parsed and logged once.
         self._peer_watch_guards = False
+        # The listing acquire() planned from, with its revision, until watch_peers takes it: a
+        # start lists the leases once, and the watch from that revision brings our own create or
+        # renew (and whatever else came since) like any later change.
+        self._acquire_listing: tuple[list[Lease], int] | None = None
 
     # --- state ----------------------------------------------------------------------------
 
@@ -129,12 +134,16 @@ class LeaseManager:
                 await trio.sleep(delay)
                 delay = min(delay * 2, _STARTUP_BACKOFF[1])
 
+    def _keep_listing(self, leases: list[Lease], rev: int) -> None:
+        # Only before the peer watch runs: a later acquire's listing would be held for nothing.
+        self._acquire_listing = (leases, rev) if self.tracker is None else None
+
     async def _acquire_once(self) -> Lease:
         exclude: list[IPv4Network] = []
         exclude_ipv6: list[IPv6Network] = []
         for _ in range(RACE_RETRIES + 1):
             # Expiries are not read: the plan only asks whether our lease has a TTL at all.
-            leases, _rev = await self.store.list_leases(expiry=False)
+            leases, rev = await self.store.list_leases(expiry=False)
             plan = plan_acquisition(self.config, leases, self.public_ip, self.previous_subnet, self.rng, exclude,
                                     previous_ipv6_subnet=self.previous_ipv6_subnet, exclude_ipv6=exclude_ipv6)
             for old in plan.delete:
@@ -148,6 +157,7 @@ class LeaseManager:
                 log.info("reusing lease %s of public IP %s%s", _shown(lease), self.public_ip,
                          " (a reservation, no TTL)" if ttl == 0 else "")
                 self._set_current(lease)
+                self._keep_listing(leases, rev)
                 return lease
             assert plan.create is not None
             lease = await self.store.create_lease(plan.create, self.attrs, self.ttl, plan.create_ipv6)
@@ -156,6 +166,7 @@ class LeaseManager:
                 log.info("allocated lease %s%s", _shown(lease),
                          " (previous subnet from subnet.env)" if plan.create == self.previous_subnet else "")
                 self._set_current(lease)
+                self._keep_listing(leases, rev)
                 return lease
             log.info("subnet %s was taken by another host while we created it; trying another",
                      _shown(Lease(plan.create, self.attrs, ipv6_subnet=plan.create_ipv6)))
@@ -302,8 +313,13 @@ class LeaseManager:
         admission = Admission(self.admission_rules())
         self.admission = admission
         self._peer_watch_guards = True
-        leases, rev = await _retry_unavailable(functools.partial(self.store.list_leases, expiry=False))
-        await self._check_listing(leases)
+        handed, self._acquire_listing = self._acquire_listing, None
+        if handed is not None:
+            # Our key is not checked in it: our own write came after it and the watch brings it.
+            leases, rev = handed
+        else:
+            leases, rev = await _retry_unavailable(functools.partial(self.store.list_leases, expiry=False))
+            await self._check_listing(leases)
         events = self._admit(admission, tracker.reset(leases))
         if events:
             await apply(events)
