@@ -14,6 +14,7 @@ import trio
 from etcd_server import free_port
 
 from flannelpy.etcd.store import EtcdOptions, StoreUnavailable
+from flannelpy.etcd import v3 as v3_module
 from flannelpy.etcd.v3 import EtcdError, V3Store, prefix_range_end
 from flannelpy.subnet.lease import EventKind, LeaseAttrs
 from flannelpy.subnet.tracker import LeaseTracker
@@ -118,6 +119,58 @@ async def test_list_decodes_old_shapes_and_skips_garbage(etcd, transport):
         mine = by_net[NET]
         assert mine.attrs == VX and mine.store_ref == created.store_ref
         assert abs(mine.expiration - (time.time() + 86400)) < 5
+
+
+async def test_list_in_pages_is_one_consistent_listing(etcd, transport, monkeypatch):
+    """issue #19: a listing reads LIST_PAGE keys per request, every page at the first page's
+    revision, so a put landing between pages is not half in it; garbage is skipped in any page."""
+    monkeypatch.setattr(v3_module, "LIST_PAGE", 3)
+    for i in range(1, 11):
+        etcd.etcdctl("put", f"{PREFIX}/subnets/10.5.{i}.0-24", f'{{"PublicIP":"10.0.0.{i}","PublicIPv6":null}}')
+    etcd.etcdctl("put", f"{PREFIX}/subnets/10.5.5.128-25", "not json")
+    async with V3Store(opts(etcd, transport)) as store:
+        ranges = []
+        post = store._post
+
+        async def spy(path, body, **kw):
+            doc = await post(path, body, **kw)
+            if path == "/v3/kv/range":
+                ranges.append(body)
+                if len(ranges) == 1:  # between the first page and the second
+                    etcd.etcdctl("put", f"{PREFIX}/subnets/10.5.99.0-24", '{"PublicIP":"10.0.0.99","PublicIPv6":null}')
+            return doc
+
+        store._post = spy
+        leases, rev = await store.list_leases(expiry=False)
+        assert sorted(str(x.subnet) for x in leases) == sorted(f"10.5.{i}.0/24" for i in range(1, 11))
+        assert len(ranges) == 4 and all(r["limit"] == "3" for r in ranges)
+        assert "revision" not in ranges[0] and {r["revision"] for r in ranges[1:]} == {str(rev)}
+        store._post = post
+        again, rev2 = await store.list_leases(expiry=False)
+        assert rev2 > rev and len(again) == 11
+
+
+async def test_list_whose_revision_is_compacted_between_pages_starts_over(etcd, transport, monkeypatch):
+    monkeypatch.setattr(v3_module, "LIST_PAGE", 2)
+    for i in range(1, 6):
+        etcd.etcdctl("put", f"{PREFIX}/subnets/10.5.{i}.0-24", f'{{"PublicIP":"10.0.0.{i}","PublicIPv6":null}}')
+    async with V3Store(opts(etcd, transport)) as store:
+        post, firsts = store._post, []
+
+        async def spy(path, body, **kw):
+            doc = await post(path, body, **kw)
+            if path == "/v3/kv/range" and "revision" not in body:
+                firsts.append(body)
+                if len(firsts) == 1:
+                    etcd.etcdctl("del", f"{PREFIX}/subnets/10.5.5.0-24")
+                    head = json.loads(etcd.etcdctl("get", "x", "-w", "json").stdout)["header"]["revision"]
+                    etcd.etcdctl("compact", str(head))
+            return doc
+
+        store._post = spy
+        leases, rev = await store.list_leases(expiry=False)
+        assert len(firsts) == 2  # the first listing's second page was refused: a new listing
+        assert sorted(str(x.subnet) for x in leases) == [f"10.5.{i}.0/24" for i in range(1, 5)]
 
 
 async def test_delete_and_config(etcd, transport):

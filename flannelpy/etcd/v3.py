@@ -56,6 +56,11 @@ log = logging.getLogger("flanneld.etcd")
 BACKOFF_MIN_S = 0.1  # flanneld's watch reconnect backoff: 100 ms doubling to 5 s
 BACKOFF_MAX_S = 5.0
 _TTL_CONCURRENCY = 16
+# Keys per range request of a listing, all pages at one revision.  A page's JSON decodes to ~1 KiB
+# of short-lived objects per key; a whole 1000-lease listing at once left ~1 KiB per peer of
+# RSS behind for good (the pages they had filled stay with the leases kept from them).
+LIST_PAGE = 250
+_LIST_RESTARTS = 3  # a listing whose revision is compacted between pages starts over
 
 
 class _Compacted(Exception):
@@ -325,10 +330,34 @@ class V3Store:
         return leases, _rev
 
     async def _list(self, expiry: bool = True) -> tuple[list[Lease], int, list[str]]:
-        doc = await self._post("/v3/kv/range", {
-            "key": _b64(self.subnets_prefix), "range_end": _b64(prefix_range_end(self.subnets_prefix))})
-        leases, skipped = await self._kvs_to_leases(doc.get("kvs") or [], expiry)
-        return leases, int(doc["header"]["revision"]), skipped
+        """Every lease under the subnets prefix at one revision, read LIST_PAGE keys at a time."""
+        for attempt in range(_LIST_RESTARTS + 1):
+            try:
+                return await self._list_pages(expiry)
+            except EtcdError as err:
+                if "compacted" not in err.etcd_message or attempt == _LIST_RESTARTS:
+                    raise
+                log.info("listing leases: its revision was compacted between pages; listing again")
+        raise AssertionError("unreachable")
+
+    async def _list_pages(self, expiry: bool) -> tuple[list[Lease], int, list[str]]:
+        start, end = _b64(self.subnets_prefix), _b64(prefix_range_end(self.subnets_prefix))
+        leases: list[Lease] = []
+        skipped: list[str] = []
+        revision = 0
+        while True:
+            body = {"key": start, "range_end": end, "limit": str(LIST_PAGE)}
+            if revision:
+                body["revision"] = str(revision)  # the first page's: one consistent listing
+            doc = await self._post("/v3/kv/range", body)
+            revision = revision or int(doc["header"]["revision"])
+            kvs = doc.get("kvs") or []
+            page, bad = await self._kvs_to_leases(kvs, expiry)
+            leases += page
+            skipped += bad
+            if not doc.get("more") or not kvs:
+                return leases, revision, skipped
+            start = _b64(_unb64(kvs[-1].get("key", "")) + b"\0")  # the first key after the page's last
 
     async def get_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> Lease | None:
         """The lease stored for one subnet, or None (also None when its value is undecodable)."""
