@@ -168,16 +168,21 @@ class RepairLoop:
                         self.what, exc, self.interval)
             return None
 
+    def _noticed(self, changes: list[KernelChange]) -> bool:
+        """notice() every change (it may record what broke), not just until a first relevant one."""
+        relevant = False
+        for change in changes:
+            relevant = self.notice(change) or relevant
+        return relevant
+
     async def _watch(self, monitor: KernelMonitor) -> None:
         own = await trio.to_thread.run_sync(lambda: self.netlink.own_ports)
         self.monitoring = True
         try:
             while True:
-                changes = await monitor.changes()
-                # notice() is called for every foreign change (it may record what broke), not
-                # just until the first relevant one.
-                relevant = [c for c in changes if c.sender not in own and self.notice(c)]
-                if relevant:
+                # Our own changes are skipped undecoded (a start echoes one per entry it adds);
+                # no batch is held while the next is awaited.
+                if self._noticed(await monitor.changes(own)):
                     self.wake()
         except OSError as exc:  # the periodic pass still runs: degrade, never end the agent
             log.warning("%s: kernel notifications failed (%s); checking every %gs only", self.what, exc, self.interval)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Container
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
@@ -34,7 +35,7 @@ RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 NDA_LLADDR = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # thousands in a batch at a start
 class KernelChange:
     """One notification.  kind "overflow" means notifications were lost (assume anything)."""
 
@@ -54,12 +55,13 @@ class KernelChange:
 OVERFLOW = KernelChange("overflow")
 
 
-def parse_changes(data: bytes) -> list[KernelChange]:
-    """Decode one datagram of rtnetlink notifications; what is not understood is skipped."""
+def parse_changes(data: bytes, skip_senders: Container[int] = ()) -> list[KernelChange]:
+    """Decode one datagram of rtnetlink notifications; what is not understood is skipped, and so
+    is what a socket in `skip_senders` made (our own changes: not decoded at all)."""
     out: list[KernelChange] = []
     for msg in messages(data):
         kind = _KINDS.get(msg.type)
-        if kind is None:
+        if kind is None or msg.sender in skip_senders:
             continue
         try:
             out.append(_decode(kind[0], kind[1], msg))
@@ -107,8 +109,9 @@ class KernelMonitor:
     def __init__(self, netns: str | None = None, groups: int = GROUPS) -> None:
         self._sock = open_socket(netns, groups, blocking=False)
 
-    async def changes(self) -> list[KernelChange]:
-        """Wait for notifications; return every one pending now (OVERFLOW if some were lost)."""
+    async def changes(self, skip_senders: Container[int] = ()) -> list[KernelChange]:
+        """Wait for notifications; return every one pending now (OVERFLOW if some were lost),
+        except those made by a socket in `skip_senders`."""
         await trio.lowlevel.wait_readable(self._sock)
         out: list[KernelChange] = []
         while True:
@@ -121,7 +124,7 @@ class KernelMonitor:
                     out.append(OVERFLOW)
                     continue
                 raise
-            out.extend(parse_changes(data))
+            out.extend(parse_changes(data, skip_senders))
 
     def close(self) -> None:
         self._sock.close()

@@ -46,6 +46,11 @@ class Message:
     attrs: dict[int, bytes]
 
 
+# One netlink datagram per recv: the kernel caps a dump's skb at 32 KiB and sends each ACK as its
+# own small one, so 64 KiB always holds it whole.  (A 1 MiB buffer made every recv -- one per ACK
+# -- a 1 MiB allocation, which set the start's RSS high-water mark.)
+_RECV_BYTES = 1 << 16
+
 def attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
     while start + 4 <= end:
@@ -141,7 +146,7 @@ def dump(sock: socket.socket, mtype: int, header: bytes, seq: int) -> list[Messa
     out: list[Message] = []
     interrupted = False
     while True:
-        data = sock.recv(1 << 20)
+        data = sock.recv(_RECV_BYTES)
         for msg in messages(data):
             if msg.seq != seq:
                 continue  # a late reply to an earlier, abandoned request
@@ -163,7 +168,7 @@ def ask(sock: socket.socket, mtype: int, payload: bytes, seq: int) -> list[Messa
     one device) on a blocking socket; its replies, or OSError with the kernel's errno."""
     sock.send(NLMSG.pack(NLMSG.size + len(payload), mtype, NLM_F_REQUEST, seq, 0) + payload)
     while True:
-        out = [m for m in messages(sock.recv(1 << 20)) if m.seq == seq]
+        out = [m for m in messages(sock.recv(_RECV_BYTES)) if m.seq == seq]
         for msg in out:
             if msg.type == NLMSG_ERROR:
                 code = -struct.unpack("=i", msg.body[:4])[0]
@@ -372,7 +377,7 @@ def transact(sock: socket.socket, requests: list[Request], first_seq: int) -> li
         sock.send(b"".join(chunk))  # each message is 4-byte aligned already (attributes are padded)
         pending = i - start
         while pending:
-            data = sock.recv(1 << 20)
+            data = sock.recv(_RECV_BYTES)
             for msg in messages(data):
                 index = msg.seq - first_seq
                 if msg.type != NLMSG_ERROR or not start <= index < i or results[index] is not None:
