@@ -9,6 +9,8 @@ sys.path, so it is taken out first.  Otherwise this is exactly the `flanneld` co
 
 FLANNELPY_BENCH_CPROFILE=FILE: run under cProfile (the trio thread only) and write the stats to
 FILE when the agent exits (SIGTERM ends it cleanly).  Handled here, not in flannelpy.
+FLANNELPY_BENCH_TRACEMALLOC=FILE: trace allocations from the start; each SIGUSR2 writes what is
+held then (total, and the biggest holders by line) to FILE.  RSS is then not comparable.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ def main() -> int:
         sys.path.insert(0, os.path.abspath(tree))
     sys.argv = ["flanneld", *args]
     profile_to = os.environ.pop("FLANNELPY_BENCH_CPROFILE", "")
+    trace_to = os.environ.pop("FLANNELPY_BENCH_TRACEMALLOC", "")
+    heap_to = os.environ.pop("FLANNELPY_BENCH_HEAP", "")
+    if heap_to:
+        _heap_report(heap_to)
+    if trace_to:
+        _trace_allocations(trace_to)
     from flannelpy.cli.flanneld import main as flanneld_main
 
     if not profile_to:
@@ -35,6 +43,98 @@ def main() -> int:
         return prof.runcall(flanneld_main, args)
     finally:
         prof.dump_stats(profile_to)
+
+
+def _heap_report(path: str) -> None:
+    """On SIGUSR1, write pymalloc's arena statistics, then RSS before and after glibc's
+    malloc_trim(0): how much of the RSS is Python's free-but-kept memory (no tracing cost)."""
+    import ctypes
+    import signal
+
+    def rss_kib() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+    def report(*_: object) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        saved = os.dup(2)
+        try:
+            os.dup2(fd, 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        before = rss_kib()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        os.write(fd, f"\nRSS {before} KiB, after malloc_trim(0) {rss_kib()} KiB\n".encode())
+        os.close(fd)
+
+    signal.signal(signal.SIGUSR1, report)
+
+
+def _trace_allocations(path: str) -> None:
+    import signal
+    import tracemalloc
+
+    tracemalloc.start(8)
+
+    def dump(*_: object) -> None:
+        import gc
+
+        gc.collect()
+        snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+        current, peak = tracemalloc.get_traced_memory()
+        with open(path, "w") as f:
+            f.write(f"held {current} B, peak {peak} B\n")
+            for stat in snap.statistics("lineno")[:60]:
+                f.write(f"{stat}\n")
+            f.write("\nby call path:\n")
+            for stat in snap.statistics("traceback")[:25]:
+                f.write(f"{stat}\n" + "".join(f"    {line}\n" for line in stat.traceback.format()))
+
+    signal.signal(signal.SIGUSR2, dump)
+    if os.environ.get("FLANNELPY_BENCH_TRACE_PEAK"):
+        _watch_peak(path)
+
+
+def _watch_peak(path: str) -> None:
+    """Keep a snapshot of the highest point held so far (checked every 2 ms), and on SIGUSR2
+    also write what that peak held beyond the final state: the short-lived allocations that
+    set the RSS high-water mark."""
+    import signal
+    import threading
+    import time
+    import tracemalloc
+
+    best: list = [0, None]
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            current, _ = tracemalloc.get_traced_memory()
+            if current > best[0] + 100_000:
+                best[:] = [current, tracemalloc.take_snapshot()]
+            time.sleep(0.002)
+
+    threading.Thread(target=poll, daemon=True).start()
+    previous = signal.getsignal(signal.SIGUSR2)
+
+    def dump(*args: object) -> None:
+        stop.set()  # the dump's own allocations are no peak of the agent's
+        time.sleep(0.01)
+        final = tracemalloc.take_snapshot()
+        previous(*args)  # type: ignore[operator, misc]
+        if best[1] is None:
+            return
+        with open(path, "a") as f:
+            f.write(f"\npeak held {best[0]} B; at the peak beyond the end, by line:\n")
+            for stat in best[1].compare_to(final, "lineno")[:40]:
+                f.write(f"{stat}\n")
+            f.write("\nby call path:\n")
+            for stat in best[1].compare_to(final, "traceback")[:12]:
+                f.write(f"{stat}\n" + "".join(f"    {line}\n" for line in stat.traceback.format()))
+
+    signal.signal(signal.SIGUSR2, dump)
 
 
 if __name__ == "__main__":
