@@ -1,7 +1,8 @@
 """The agent's wiring, top to bottom: one trio nursery, each long-running loop a task.
 
 Start-up follows flanneld's order: config from etcd, external interface, backend device,
-lease, iptables, subnet.env, data plane, READY=1, then the renewal/watch loops.  SIGTERM and
+lease, iptables (beside the backend's start on the lease), subnet.env, data plane, READY=1,
+then the renewal/watch loops.  SIGTERM and
 SIGINT cancel the nursery and the process exits 0, keeping the lease and (except for udp,
 whose TUN goes with the process) the data plane, so a restart is seamless.
 
@@ -288,18 +289,25 @@ async def run_agent(opts: AgentOptions) -> None:
             lease = await leases.acquire()
             undo.push(f"delete lease {lease.subnet}", leases.release)
             log.info("acquired lease %s (expires %s)", lease.subnet, _when(lease))
-            await backend.start(lease)
-            metrics.attach_backend(backend)
 
-            if opts.ip_masq or opts.iptables_forward_rules:
-                await nursery.start(_run_rules, opts, config, config.network, lease.subnet,
-                                    previous_network, previous_subnet)
-                if lease.ipv6_subnet is not None and config.ipv6_network is not None:
-                    await nursery.start(_run_rules, opts, config, config.ipv6_network, lease.ipv6_subnet,
-                                        previous.ipv6_network, previous.ipv6_subnet)
-            if lease.ipv6_subnet is None and previous.ipv6_network is not None and previous.ipv6_subnet is not None:
-                # EnableIPv6 was on in the run that wrote subnet.env and is off now: its IPv6 rules must go
-                await _drop_previous_ipv6_rules(previous.ipv6_network, previous.ipv6_subnet)
+            async def put_rules_in_place() -> None:
+                # Started beside the backend's start (they share nothing; the tools are processes
+                # to wait for), and done before subnet.env: subnet.env and READY=1 mean the rules
+                # are in place.  Each family's rules task then keeps them, in this nursery.
+                if opts.ip_masq or opts.iptables_forward_rules:
+                    await nursery.start(_run_rules, opts, config, config.network, lease.subnet,
+                                        previous_network, previous_subnet)
+                    if lease.ipv6_subnet is not None and config.ipv6_network is not None:
+                        await nursery.start(_run_rules, opts, config, config.ipv6_network, lease.ipv6_subnet,
+                                            previous.ipv6_network, previous.ipv6_subnet)
+                if lease.ipv6_subnet is None and previous.ipv6_network is not None and previous.ipv6_subnet is not None:
+                    # EnableIPv6 was on in the run that wrote subnet.env and is off now: its IPv6 rules must go
+                    await _drop_previous_ipv6_rules(previous.ipv6_network, previous.ipv6_subnet)
+
+            async with trio.open_nursery() as beside:
+                beside.start_soon(put_rules_in_place)
+                await backend.start(lease)
+            metrics.attach_backend(backend)
 
             env = SubnetEnv(network=config.network, subnet=lease.subnet, mtu=backend.mtu(), ipmasq=opts.ip_masq,
                             ipv6_network=config.ipv6_network if lease.ipv6_subnet is not None else None,

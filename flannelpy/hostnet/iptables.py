@@ -7,6 +7,7 @@ our IPv6 subnet (EnableIPv6) it runs ip6tables-save/-restore instead, under the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from ipaddress import IPv4Network, IPv6Network
@@ -16,7 +17,7 @@ import trio
 from flannelpy.errors import FlannelError
 from flannelpy.hostnet.rulelock import IPTABLES as RULES_LOCK
 from flannelpy.hostnet.rulelock import host_lock
-from flannelpy.hostnet.tools import netns_prefix, run_tool
+from flannelpy.hostnet.tools import netns_prefix, run_together, run_tool
 
 from . import iptables_rules as R
 
@@ -106,8 +107,9 @@ class IptablesManager:
         return self._desired
 
     async def save(self) -> R.SavedTables:
-        text = await self._run(["iptables-save", "-t", "nat"]) + await self._run(["iptables-save", "-t", "filter"])
-        return R.parse_save(text)
+        nat, filter_ = await run_together(functools.partial(self._run, ["iptables-save", "-t", "nat"]),
+                                          functools.partial(self._run, ["iptables-save", "-t", "filter"]))
+        return R.parse_save(nat + filter_)
 
     async def _restore(self, payload: str) -> None:
         args = ["iptables-restore", "--noflush"] + (["--wait"] if self._wait else [])
@@ -122,22 +124,37 @@ class IptablesManager:
         POSTROUTING/FORWARD for the previous or current network.  Returns what was deleted."""
         await self._desired_rules()
         async with self._lock, host_lock(RULES_LOCK):
-            saved = await self.save()
-            rules = R.previous_masq_rules(self.previous_network, self.previous_subnet, self.network, self.subnet)
-            nets = [(self.network, self.subnet)]
-            if self.previous_network is not None:
-                nets.append((self.previous_network, self.previous_subnet))
-            rules += [r for r in R.legacy_rules(saved, nets) if r not in rules]
-            present = [r for r in rules if saved.count(r)]
-            payload = R.delete_payload(present, saved)
-            if payload:
-                log.info(
-                    "Current network or subnet (%s, %s) differs from previous (%s, %s) or old rules exist; "
-                    "removing %d old iptables rules",
-                    self.network, self.subnet, self.previous_network, self.previous_subnet, len(present),
-                )
-                await self._restore(payload)
+            present, _saved = await self._cleanup_locked(await self.save())
             return present
+
+    async def _cleanup_locked(self, saved: R.SavedTables) -> tuple[list[R.Rule], R.SavedTables | None]:
+        """cleanup_previous with the tables already read; also returns them as they are now
+        (None when this deleted something: read them again)."""
+        rules = R.previous_masq_rules(self.previous_network, self.previous_subnet, self.network, self.subnet)
+        nets = [(self.network, self.subnet)]
+        if self.previous_network is not None:
+            nets.append((self.previous_network, self.previous_subnet))
+        rules += [r for r in R.legacy_rules(saved, nets) if r not in rules]
+        present = [r for r in rules if saved.count(r)]
+        payload = R.delete_payload(present, saved)
+        if not payload:
+            return present, saved
+        log.info(
+            "Current network or subnet (%s, %s) differs from previous (%s, %s) or old rules exist; "
+            "removing %d old iptables rules",
+            self.network, self.subnet, self.previous_network, self.previous_subnet, len(present),
+        )
+        await self._restore(payload)
+        return present, None
+
+    async def apply_at_start(self) -> None:
+        """cleanup_previous, then ensure, under one hold of the locks and from one reading of the
+        tables when the clean-up finds nothing to delete; `iptables --version` runs alongside
+        that reading.  (Each tool run is a process; this is the agent's start path.)"""
+        async with self._lock, host_lock(RULES_LOCK):
+            desired, saved = await run_together(self._desired_rules, self.save)
+            _present, still = await self._cleanup_locked(saved)
+            await self._ensure_locked(desired, still)
 
     async def ensure(self) -> bool:
         """Install every rule, in order, as one atomic batch if anything is missing; True if it ran."""
@@ -145,20 +162,24 @@ class IptablesManager:
             return False
         desired = await self._desired_rules()
         async with self._lock, host_lock(RULES_LOCK):
-            for attempt in (1, 2):
-                saved = await self.save()
-                # the first time, rebuild even if all is present, to restore the order
-                if self._bootstrapped and not R.missing_rules(desired, saved):
-                    return False
-                try:
-                    await self._restore(R.restore_payload(desired, saved))
-                    self._bootstrapped = True
-                    return True
-                except FlannelError:
-                    # someone (Docker) changed the tables between save and restore; -D of a
-                    # vanished rule fails the batch, so look again once
-                    if attempt == 2:
-                        raise
+            return await self._ensure_locked(desired, None)
+
+    async def _ensure_locked(self, desired: R.Desired, saved_now: R.SavedTables | None) -> bool:
+        """ensure() with the locks held; `saved_now`: the tables as just read (None: read them)."""
+        for attempt in (1, 2):
+            saved = saved_now if saved_now is not None and attempt == 1 else await self.save()
+            # the first time, rebuild even if all is present, to restore the order
+            if self._bootstrapped and not R.missing_rules(desired, saved):
+                return False
+            try:
+                await self._restore(R.restore_payload(desired, saved))
+                self._bootstrapped = True
+                return True
+            except FlannelError:
+                # someone (Docker) changed the tables between save and restore; -D of a
+                # vanished rule fails the batch, so look again once
+                if attempt == 2:
+                    raise
         return False
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -166,8 +187,7 @@ class IptablesManager:
         if not self.enabled:
             task_status.started()
             return
-        await self.cleanup_previous()
-        await self.ensure()
+        await self.apply_at_start()
         log.info("%s rules in place (masq=%s, forward=%s)", self.family, self.masq, self.forward)
         task_status.started()
         while True:

@@ -51,6 +51,7 @@ class Message:
 # -- a 1 MiB allocation, which set the start's RSS high-water mark.)
 _RECV_BYTES = 1 << 16
 
+
 def attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
     while start + 4 <= end:

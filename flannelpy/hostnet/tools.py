@@ -3,6 +3,9 @@ network namespace, with a failure turned into one FlannelError line naming the c
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import trio
 
 from flannelpy.errors import FlannelError
@@ -24,3 +27,24 @@ async def run_tool(prefix: list[str], args: list[str], stdin: bytes = b"", *, pa
         why = " ".join(proc.stderr.decode(errors="replace").split())  # errors are one line
         raise FlannelError(f"{' '.join(args)} failed (exit {proc.returncode}): {why}")
     return proc.stdout.decode(errors="replace")
+
+
+async def run_together(*jobs: Callable[[], Awaitable[Any]]) -> list[Any]:
+    """Await the jobs concurrently (tool runs are processes: a start waits for the slowest, not
+    the sum); their results in order.  A job's error is raised as itself, as a sequential call
+    would raise it (not inside an ExceptionGroup), and cancels the others."""
+    results: list[Any] = [None] * len(jobs)
+
+    async def one(i: int, job: Callable[[], Awaitable[Any]]) -> None:
+        results[i] = await job()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i, job in enumerate(jobs):
+                nursery.start_soon(one, i, job)
+    except BaseExceptionGroup as group:
+        errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+        if len(errors) == 1 and not isinstance(errors[0], BaseExceptionGroup):
+            raise errors[0] from None
+        raise
+    return results
