@@ -104,6 +104,29 @@ async def test_incompatible_own_lease_deleted_then_previous_subnet_used(etcd):
         assert lease2.subnet not in (IPv4Network("10.5.10.0/24"), IPv4Network("10.5.11.0/24"))
 
 
+async def test_own_lease_deleted_at_acquire_is_no_peer_of_the_watch_that_follows(etcd):
+    """The peer watch starts from acquire's listing: a lease of ours that acquire deleted (it no
+    longer fits the config) is not in it, so it is neither applied nor refused as a peer."""
+    etcd.etcdctl("put", key("10.6.1.0/24"), '{"PublicIP":"192.168.64.3"}')  # ours, outside Network now
+    etcd.etcdctl("put", key("10.5.10.0/24"), '{"PublicIP":"10.0.0.99","PublicIPv6":null}')  # someone else's
+    got: list = []
+
+    async def apply(events):
+        got.extend((e.kind, str(e.lease.subnet)) for e in events)
+
+    refused: list = []
+    async with store_for(etcd) as store:
+        mgr = manager(store, previous_subnet=IPv4Network("10.5.11.0/24"),
+                      on_admission=lambda step: refused.extend(str(r.subnet) for r in step.refused))
+        await mgr.acquire()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mgr.watch_peers, apply)
+            await trio.sleep(0.5)  # the deletion's own watch event, if it were a peer, lands here
+            nursery.cancel_scope.cancel()
+    assert got == [(EventKind.ADDED, "10.5.10.0/24")]
+    assert refused == []  # not even refused (as outside Network) for a moment
+
+
 async def test_ten_concurrent_acquirers_get_distinct_subnets(etcd):
     results = {}
 

@@ -150,6 +150,8 @@ class LeaseManager:
                 log.info("found lease %s for our IP %s but it does not fit the current config; deleting it",
                          _shown(old), self.public_ip)
                 await self.store.delete_lease(old.subnet, old.ipv6_subnet)
+            if plan.delete:  # the listing handed to the peer watch must not show them as peers
+                leases = [lease for lease in leases if all(lease is not old for old in plan.delete)]
             if plan.reuse is not None:
                 # A reservation (no TTL) stays one; a lease gets a fresh TTL.
                 ttl = 0 if plan.reuse.expiration is None else self.ttl
