@@ -217,6 +217,11 @@ async def remove_flannel_tables(network: IPv4Network | IPv6Network, subnet: IPv4
         return False
     manager = NftablesManager(network, subnet, masq=True, forward=True, previous_network=previous_network,
                               netns=netns)
+    ours = {(manager.family, manager.table)} | (set() if manager.ipv6 else {(R.FAMILY_V6, R.TABLE_V6)})
+    # One `nft list tables` first: the usual iptables start finds none of ours and is done.
+    listed = await run_tool(netns_prefix(netns), ["nft", "list", "tables"], package="nftables")
+    if not ours & {tuple(line.split()[1:3]) for line in listed.splitlines() if line.startswith("table ")}:
+        return False
     removed = await manager.remove()
     if removed:
         log.info("EnableNFTables is off: removed flannel's nftables rules (table %s %s)", manager.family,
