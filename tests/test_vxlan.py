@@ -182,6 +182,31 @@ async def test_changed_mac_replaces_entries_and_drops_old_fdb(root):
         assert be.programmed_peers == 1
 
 
+async def test_a_batch_larger_than_a_round_is_applied_in_rounds_in_order(root, monkeypatch):
+    """apply() sends APPLY_CHUNK events per netlink round; a batch spanning several rounds ends as
+    the same batch in one round would: 40 peers added, a MAC change and a removal in later rounds."""
+    import flannelpy.backends.vxlan.backend as vxlan_backend
+
+    monkeypatch.setattr(vxlan_backend, "APPLY_CHUNK", 7)
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        be, _mac = await up(a, "a")
+
+        def peer(i: int, mac_last: int) -> Lease:
+            return Lease(IPv4Network(f"10.55.{100 + i}.0/24"),
+                         LeaseAttrs(A(f"192.168.100.{10 + i}"), "vxlan", {"VNI": 1, "VtepMAC": f"0a:00:00:00:{i:02x}:{mac_last:02x}"}))
+
+        batch = [LeaseEvent(EventKind.ADDED, peer(i, 1)) for i in range(40)]
+        batch += [LeaseEvent(EventKind.ADDED, peer(3, 2)), LeaseEvent(EventKind.REMOVED, peer(39, 1))]
+        await be.apply(batch)
+        assert be.programmed_peers == 39
+        assert sorted(f[0] for f in fdbs(a.ns) if f[1]) == sorted(
+            f"0a:00:00:00:{i:02x}:{2 if i == 3 else 1:02x}" for i in range(39))
+        assert len(neighs(a.ns)) == 39 and routes_text(a.ns, "10.55.139.0/24") == ""
+        assert ("10.55.103.0", "0a:00:00:00:03:02", ["PERMANENT"]) in neighs(a.ns)
+        assert routes_text(a.ns, "10.55.103.0/24") == "10.55.103.0/24 via 10.55.103.0 dev flannel.1 proto 70 onlink"
+
+
 async def test_other_backend_types_are_ignored(root, caplog):
     async with two_hosts() as (hosts, _):
         a = hosts["a"]

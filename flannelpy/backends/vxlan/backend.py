@@ -96,6 +96,7 @@ log = logging.getLogger(__name__)
 NTF_SELF = 0x02
 IFF_UP = 0x1
 MIN_DEVICE_MTU = 68
+APPLY_CHUNK = 256  # peer events per netlink round of apply()
 
 
 # --- netlink-thread functions: fn(ipr, ...) ------------------------------------------------
@@ -598,25 +599,30 @@ class VxlanBackend(Backend):
         if self.v6 is not None:
             await self.v6.apply(self.v6._view_events(events))
         async with self._lock:
-            groups: list[_Group] = []
-            for event in events:
-                lease = event.lease
-                if not self.accepts(lease):
-                    log.info("ignoring lease %s: backend type %r is not vxlan",
-                             lease.subnet, lease.attrs.backend_type)
-                    continue
-                if event.kind is EventKind.ADDED:
-                    await self._queue_add(index, lease, groups)
-                else:
-                    await self._queue_remove(index, lease, groups)
-            requests = [req for g in groups for _what, req in g.steps]
-            if not requests:
-                return
-            try:
-                codes = await self.netlink.call(_transact, self.netlink.dumps, requests)
-            except OSError as exc:  # the socket itself failed: every add is retried by the next pass
-                codes = [exc.errno or errno.EIO] * len(requests)
-            await self._settle(index, groups, codes)
+            # A round per APPLY_CHUNK events: a 1000-peer start no longer holds all its ~3000
+            # requests at once (their short-lived objects set the RSS high-water mark).
+            for first in range(0, len(events), APPLY_CHUNK):
+                await self._apply_locked(index, events[first:first + APPLY_CHUNK])
+
+    async def _apply_locked(self, index: int, events: Sequence[LeaseEvent]) -> None:
+        groups: list[_Group] = []
+        for event in events:
+            lease = event.lease
+            if not self.accepts(lease):
+                log.info("ignoring lease %s: backend type %r is not vxlan", lease.subnet, lease.attrs.backend_type)
+                continue
+            if event.kind is EventKind.ADDED:
+                await self._queue_add(index, lease, groups)
+            else:
+                await self._queue_remove(index, lease, groups)
+        requests = [req for g in groups for _what, req in g.steps]
+        if not requests:
+            return
+        try:
+            codes = await self.netlink.call(_transact, self.netlink.dumps, requests)
+        except OSError as exc:  # the socket itself failed: every add is retried by the next pass
+            codes = [exc.errno or errno.EIO] * len(requests)
+        await self._settle(index, groups, codes)
 
     def _hold(self, subnet: IPv4Network, plan: PeerPlan | None) -> PeerPlan | None:
         """Record `plan` (None: forget) as the subnet's wanted entries; returns the old plan."""
