@@ -353,7 +353,7 @@ def cmd_churn(args: argparse.Namespace) -> dict:
     """Put CHURN_COUNT leases (in --threads parallel clients), then delete them all, paced so that
     puts + deletes come to --rate events/s, for --seconds; the last round's delete always runs."""
     etcd = Etcd(args.etcd, args.api)
-    lease_id = etcd.grant(600)
+    lease_id = etcd.grant(int(args.seconds) + 600)  # outlives the run (a 600 s soak lost its lease)
     key_prefix = f"{args.prefix.rstrip('/')}/subnets/{'.'.join(str(CHURN_NET.network_address).split('.')[:2])}."
     keys = [lease_key(args.prefix, fake_peer(CHURN_FIRST + j)[0]) for j in range(CHURN_COUNT)]
     values = [lease_value(*fake_peer(CHURN_FIRST + j)[1:]) for j in range(CHURN_COUNT)]
