@@ -13,7 +13,6 @@ import logging
 import re
 import time
 from calendar import timegm
-from contextlib import aclosing
 from datetime import date
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Any, AsyncIterator, Callable
@@ -349,11 +348,6 @@ class V2Store:
     async def watch_leases(self, after_revision: int, *, expiry: bool = True) -> AsyncIterator[WatchBatch]:
         """One WatchBatch per v2 event; a snapshot batch when the index was cleared, or when
         the watch is more than CATCH_UP_EVENTS behind etcd's index."""
-        async with aclosing(self._watch(after_revision)) as batches:
-            async for batch in batches:
-                yield batch
-
-    async def _watch(self, after_revision: int) -> AsyncIterator[WatchBatch]:
         wait_index = after_revision + 1
         backoff = BACKOFF_MIN
         poll_timeout = httpx.Timeout(self.options.request_timeout, read=WATCH_POLL_SECONDS)
