@@ -7,7 +7,6 @@ our IPv6 subnet (EnableIPv6) it runs ip6tables-save/-restore instead, under the 
 
 from __future__ import annotations
 
-import functools
 import logging
 import shutil
 from ipaddress import IPv4Network, IPv6Network
@@ -17,7 +16,7 @@ import trio
 from flannelpy.errors import FlannelError
 from flannelpy.hostnet.rulelock import IPTABLES as RULES_LOCK
 from flannelpy.hostnet.rulelock import host_lock
-from flannelpy.hostnet.tools import netns_prefix, run_together, run_tool
+from flannelpy.hostnet.tools import netns_prefix, run_together, run_tool, save_nat_and_filter
 
 from . import iptables_rules as R
 
@@ -107,9 +106,7 @@ class IptablesManager:
         return self._desired
 
     async def save(self) -> R.SavedTables:
-        nat, filter_ = await run_together(functools.partial(self._run, ["iptables-save", "-t", "nat"]),
-                                          functools.partial(self._run, ["iptables-save", "-t", "filter"]))
-        return R.parse_save(nat + filter_)
+        return R.parse_save(await save_nat_and_filter(self._prefix, f"{self.family}-save"))
 
     async def _restore(self, payload: str) -> None:
         args = ["iptables-restore", "--noflush"] + (["--wait"] if self._wait else [])

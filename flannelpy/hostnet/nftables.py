@@ -25,7 +25,7 @@ from flannelpy.errors import FlannelError
 from flannelpy.hostnet.rulelock import IPTABLES as IPTABLES_LOCK
 from flannelpy.hostnet.rulelock import NFTABLES as NFT_LOCK
 from flannelpy.hostnet.rulelock import host_lock
-from flannelpy.hostnet.tools import netns_prefix, run_tool
+from flannelpy.hostnet.tools import netns_prefix, run_tool, save_nat_and_filter
 
 from . import iptables_rules as IR
 from . import nftables_rules as R
@@ -157,7 +157,7 @@ class NftablesManager:
             return 0  # no iptables on this host: nothing of ours can be there
         save, restore = f"{self.xtables}-save", f"{self.xtables}-restore"
         async with host_lock(IPTABLES_LOCK):
-            text = await self._run([save, "-t", "nat"]) + await self._run([save, "-t", "filter"])
+            text = await save_nat_and_filter(self._prefix, save)
             payload, count = R.iptables_removal_payload(IR.parse_save(text), self.network, self.subnet,
                                                         self.previous_network)
             if payload:

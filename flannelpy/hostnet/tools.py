@@ -3,6 +3,7 @@ network namespace, with a failure turned into one FlannelError line naming the c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -48,3 +49,12 @@ async def run_together(*jobs: Callable[[], Awaitable[Any]]) -> list[Any]:
             raise errors[0] from None
         raise
     return results
+
+
+async def save_nat_and_filter(prefix: list[str], save: str) -> str:
+    """`<save> -t nat` and `<save> -t filter` (iptables-save or ip6tables-save), run at once: the
+    two tables flannel's rules live in, as one iptables-save text."""
+    nat, filter_ = await run_together(
+        functools.partial(run_tool, prefix, [save, "-t", "nat"], package="iptables"),
+        functools.partial(run_tool, prefix, [save, "-t", "filter"], package="iptables"))
+    return nat + filter_
