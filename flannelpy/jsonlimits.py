@@ -96,15 +96,21 @@ _DECODER_PLAIN_INTS = json.JSONDecoder(parse_constant=_refuse_constant, parse_fl
 _LONG_DIGITS = re.compile(rf"\d{{{MAX_INT_DIGITS + 1}}}")
 
 
-def load_json(text: str | bytes, *, max_bytes: int, max_depth: int) -> Any:
-    """Parse `text` (UTF-8 when bytes); JsonLimitError for anything that is not a value within limits."""
+def text_within_size(text: str | bytes, max_bytes: int) -> str:
+    """`text` as a str (UTF-8 when bytes), refused when longer than `max_bytes` or not UTF-8."""
     if len(text) > max_bytes:
         raise JsonLimitError(f"is {len(text)} bytes long, more than the limit of {max_bytes}")
     if isinstance(text, (bytes, bytearray)):
         try:
-            text = bytes(text).decode("utf-8")
+            return bytes(text).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise JsonLimitError(f"is not valid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return text
+
+
+def load_json(text: str | bytes, *, max_bytes: int, max_depth: int) -> Any:
+    """Parse `text` (UTF-8 when bytes); JsonLimitError for anything that is not a value within limits."""
+    text = text_within_size(text, max_bytes)
     # Nesting never exceeds the number of opening brackets (those inside strings included), so a
     # text with few of them (every lease value) needs no scan.
     if not isinstance(text, str) or text.count("[") + text.count("{") > max_depth:

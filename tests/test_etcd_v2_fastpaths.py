@@ -24,12 +24,13 @@ from flannelpy.jsonlimits import (
     load_json,
     nesting_depth,
     shown,
+    text_within_size,
 )
 from flannelpy.subnet.lease import (
     LeaseAttrs,
     decode_attrs,
     parse_subnet_key,
-    subnet_key,
+    subnet_the_long_way,
 )
 
 PREFIX = "/coreos.com/network"
@@ -52,13 +53,7 @@ def _reference_key(key: str, prefix: str | None = None) -> IPv4Network:
     m = re.fullmatch(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-([0-9]{1,2})", name, re.ASCII)
     if not m:
         raise LeaseValueError(f"lease key {key!r} is not of the form a.b.c.d-len")
-    try:
-        net = IPv4Network(f"{m.group(1)}/{m.group(2)}")
-    except ValueError as exc:
-        raise LeaseValueError(f"lease key {key!r}: {exc}") from None
-    if subnet_key(net) != name:
-        raise LeaseValueError(f"lease key {key!r} is not spelt as flanneld spells it ({subnet_key(net)!r})")
-    return net
+    return subnet_the_long_way(key, name, m.group(1), m.group(2))
 
 
 def test_key_fast_path_agrees_with_ipaddress():
@@ -115,13 +110,7 @@ def test_expiration_as_etcd_writes_it():
 
 def _reference_load(text, *, max_bytes: int, max_depth: int):
     """load_json as it was: a full nesting scan and json.loads with every hook, each call."""
-    if len(text) > max_bytes:
-        raise JsonLimitError(f"is {len(text)} bytes long, more than the limit of {max_bytes}")
-    if isinstance(text, (bytes, bytearray)):
-        try:
-            text = bytes(text).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise JsonLimitError(f"is not valid JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    text = text_within_size(text, max_bytes)
     depth = nesting_depth(text)
     if depth > max_depth:
         raise JsonLimitError(f"nests {depth} levels deep, more than the limit of {max_depth}")

@@ -97,8 +97,14 @@ def parse_subnet_key(key: str, prefix: str | None = None) -> IPv4Network:
         plen = int(plen_text)
         if plen <= 32 and not addr & (0xFFFFFFFF >> plen):
             return IPv4Network((addr, plen))
+    return subnet_the_long_way(key, name, m.group(1), m.group(2))
+
+
+def subnet_the_long_way(key: str, name: str, address: str, length: str) -> IPv4Network:
+    """What ipaddress makes of a key's `address-length` name, refused unless spelt as subnet_key
+    spells it; every refusal names what is wrong (parse_subnet_key's fast path agrees with it)."""
     try:
-        net = IPv4Network(f"{m.group(1)}/{m.group(2)}")
+        net = IPv4Network(f"{address}/{length}")
     except ValueError as exc:
         raise LeaseValueError(f"lease key {key!r}: {exc}") from None
     if subnet_key(net) != name:
