@@ -92,12 +92,13 @@ def measure(ns: str, peers: int, reps: int) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {"vxlan": [], "host-gw": []}
         for rep in range(reps + 1):  # the first of each is a warm-up (imports, first socket)
             t0 = time.perf_counter()
-            _index, report = nl.call_sync(vxlan._reconcile, nl.dumps, spec, MAC, IPv6Address("fd42:0:ff:1::"),
-                                          IPv6Network(NETWORK6), wanted, True)
+            _index, report = nl.call_sync(lambda _ipr: vxlan._reconcile(
+                nl.dumps, spec, MAC, IPv6Address("fd42:0:ff:1::"), IPv6Network(NETWORK6), wanted, True))
             t1 = time.perf_counter()
             if report.changed or report.device_error:
                 raise SystemExit(f"vxlan pass changed something: {report.summary()} {report.device_error}")
-            report = nl.call_sync(hostgw._reconcile, nl.dumps, wanted_hg, u0, IPv6Network("fd43::/48"), True)
+            report = nl.call_sync(lambda _ipr: hostgw._reconcile(
+                nl.dumps, wanted_hg, u0, IPv6Network("fd43::/48"), True))
             t2 = time.perf_counter()
             if report.changed:
                 raise SystemExit(f"host-gw pass changed something: {report.summary()}")

@@ -187,10 +187,10 @@ def _log_until(path: str, offset: int, wanted: str, timeout: float = 60.0) -> st
         time.sleep(0.05)
 
 
-def test_a_restart_that_finds_the_device_in_place_never_loads_iproute():
-    """The start's reads (interface, underlay, the vxlan device and its address, the first kernel
-    check) go through hostnet.rtnl: pyroute2's IPRoute is loaded only to change something, which
-    the first start does (it creates flannel.1) and a restart with everything in place does not."""
+def test_a_vxlan_agent_never_loads_iproute_neither_creating_its_device_nor_finding_it():
+    """The vxlan backend reads and changes the kernel through hostnet.rtnl only: the first start
+    creates flannel.1 (device, MAC, address) and a restart finds it in place, and neither loads
+    pyroute2's IPRoute (~75 ms and ~6 MiB of RSS for as long as the agent runs)."""
     import os
     import secrets
 
@@ -208,8 +208,10 @@ def test_a_restart_that_finds_the_device_in_place_never_loads_iproute():
         lab.up()  # both agents started at once: host 1 may have synced before host 2's lease existed
         log = lab.host(1).log_file
         first = _log_until(log, 0, checked)
-        assert "created device flannel.1" in first and loaded in first
-        assert first.index(loaded) < first.index("created device flannel.1")
+        assert "created device flannel.1" in first
+        assert loaded not in first, first
+        mac = lab.ip_json(1, "link", "show", "flannel.1")[0]["address"]
+        assert f"mac {mac})" in first  # the MAC it was created with is the one it has
         offset = os.path.getsize(log)
         lab.stop_agent(1)
         lab.start_agent(1)
@@ -217,9 +219,18 @@ def test_a_restart_that_finds_the_device_in_place_never_loads_iproute():
         assert f"{checked}: 1 peers, nothing to repair" in again
         assert "reusing device flannel.1" in again
         assert loaded not in again, again
-        # and the data plane it found is the one it wants: host 2's subnet routed onto flannel.1
+        # and the data plane it made is the one it wants: flanneld's device, our subnet's base
+        # address on it, host 2's subnet routed onto it
         from ipaddress import IPv4Interface
 
+        link = lab.ip_json(1, "-d", "link", "show", "flannel.1")[0]
+        info = link["linkinfo"]["info_data"]
+        assert link["linkinfo"]["info_kind"] == "vxlan" and info["id"] == 1 and info["port"] == 8472
+        assert info["learning"] is False and link["mtu"] == lab.ip_json(1, "link", "show", "eth0")[0]["mtu"] - 50
+        assert "UP" in link["flags"]
+        own = IPv4Interface(lab.wait_subnet_env(1)["FLANNEL_SUBNET"]).network
+        addrs = [(a["local"], a["prefixlen"]) for a in lab.ip_json(1, "-4", "addr", "show", "flannel.1")[0]["addr_info"]]
+        assert addrs == [(str(own.network_address), 32)]
         peer = IPv4Interface(lab.wait_subnet_env(2)["FLANNEL_SUBNET"]).network
         routes = lab.ip_json(1, "route", "show", "dev", "flannel.1")
         assert str(peer) in [r["dst"] for r in routes], routes

@@ -5,6 +5,7 @@ real kernel, in a namespace of this test."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import socket
@@ -46,8 +47,8 @@ def test_route_info_reads_multipath_next_hops():
     assert info.multipath == ((bytes([10, 0, 0, 1]), 2), (bytes([10, 0, 1, 1]), 3))
 
 
-def _ip(ns: str, *args: str) -> None:
-    subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True)
+def _ip(ns: str, *args: str) -> str:
+    return subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture
@@ -129,3 +130,78 @@ def test_ask_raises_the_kernels_error():
     finally:
         a.close()
         b.close()
+
+
+@root
+def test_link_and_address_requests_do_what_ip_link_and_ip_addr_do(ns):
+    """A vxlan device made, changed and removed with the request builders, checked with iproute2:
+    the kind's attributes (IPv6 local, port in network order, learning off, the GBP flag), the MAC
+    and MTU set at creation, up/MTU/MAC changes, addresses of both families, and the kernel's
+    refusals as errnos (a name taken, an address twice, a missing device)."""
+    from flannelpy.backends.vxlan.backend import _vxlan_info_data
+    from flannelpy.backends.vxlan.plan import VxlanDeviceSpec
+
+    _ip(ns, "link", "add", "u0", "type", "veth", "peer", "name", "u1")
+    _ip(ns, "addr", "add", "fd77::1/64", "dev", "u0", "nodad")
+    dumps = KernelDumps(ns)
+    try:
+        u0 = dumps.link("u0").index
+        spec = VxlanDeviceSpec(name="fpv.9", vni=9, vtep_index=u0, local=IPv6Address("fd77::1"), port=4790,
+                               gbp=True, learning=False, mtu=1380)
+        create = rtnl.link_create_request("fpv.9", "vxlan", _vxlan_info_data(spec), mac="0e:11:22:33:44:55", mtu=1380)
+        assert dumps.transact([create, create]) == [0, errno.EEXIST]
+        link = json.loads(_ip(ns, "-j", "-d", "link", "show", "fpv.9"))[0]
+        info = link["linkinfo"]["info_data"]
+        assert (link["address"], link["mtu"], link["linkinfo"]["info_kind"]) == ("0e:11:22:33:44:55", 1380, "vxlan")
+        assert (info["id"], info["local6"], info["port"], info["learning"], info.get("gbp")) == \
+            (9, "fd77::1", 4790, False, True)
+        assert info["link"] == "u0"
+        index = dumps.link("fpv.9").index
+        assert "UP" not in link["flags"]
+
+        assert dumps.transact([rtnl.link_set_request(index, up=True, mtu=1300, mac="0e:11:22:33:44:66")]) == [0]
+        link = json.loads(_ip(ns, "-j", "link", "show", "fpv.9"))[0]
+        assert ("UP" in link["flags"], link["mtu"], link["address"]) == (True, 1300, "0e:11:22:33:44:66")
+        assert dumps.transact([rtnl.link_set_request(index, up=False)]) == [0]
+        link = json.loads(_ip(ns, "-j", "link", "show", "fpv.9"))[0]
+        assert ("UP" in link["flags"], link["mtu"]) == (False, 1300)  # only what was named changed
+
+        v4 = rtnl.addr_request(True, index, IPv4Address("10.5.7.0").packed, 32)
+        v6 = rtnl.addr_request(True, index, IPv6Address("fd42:0:0:7::").packed, 128)
+        assert dumps.transact([v4, v6, v4]) == [0, 0, errno.EEXIST]
+        have = {(a["family"], a["local"], a["prefixlen"])
+                for a in json.loads(_ip(ns, "-j", "addr", "show", "fpv.9"))[0]["addr_info"] if a["scope"] != "link"}
+        assert have == {("inet", "10.5.7.0", 32), ("inet6", "fd42:0:0:7::", 128)}
+        assert dumps.transact([rtnl.addr_request(False, index, IPv4Address("10.5.7.0").packed, 32)]) == [0]
+        assert dumps.transact([rtnl.addr_request(False, index, IPv4Address("10.5.7.0").packed, 32)]) == \
+            [errno.EADDRNOTAVAIL]
+
+        assert dumps.transact([rtnl.link_delete_request(index), rtnl.link_delete_request(index)]) == \
+            [0, errno.ENODEV]
+        assert dumps.link("fpv.9") is None
+    finally:
+        dumps.close()
+
+
+@root
+def test_delete_route_request_removes_exactly_that_route(ns):
+    """Two routes to one subnet differing only in metric (as a DirectRouting route and someone
+    else's can): the request made from one KernelRoute deletes that one and leaves the other."""
+    from flannelpy.hostnet.netlink import delete_route_request
+
+    _ip(ns, "link", "add", "u0", "type", "veth", "peer", "name", "u1")
+    _ip(ns, "addr", "add", "10.77.0.1/24", "dev", "u0")
+    _ip(ns, "link", "set", "u0", "up")
+    _ip(ns, "link", "set", "u1", "up")
+    _ip(ns, "route", "add", "10.5.9.0/24", "via", "10.77.0.9", "proto", str(FLANNEL_RTPROT), "metric", "5")
+    _ip(ns, "route", "add", "10.5.9.0/24", "via", "10.77.0.8", "proto", "static", "metric", "7")
+    dumps = KernelDumps(ns)
+    try:
+        ours = [r for r in dumps.routes() if str(r.dst) == "10.5.9.0/24" and r.proto == FLANNEL_RTPROT]
+        assert len(ours) == 1 and ours[0].priority == 5
+        assert dumps.transact([delete_route_request(ours[0])]) == [0]
+        left = [(str(r.gateway), r.priority) for r in dumps.routes() if str(r.dst) == "10.5.9.0/24"]
+        assert left == [("10.77.0.8", 7)]
+        assert dumps.transact([delete_route_request(ours[0])]) == [errno.ESRCH]
+    finally:
+        dumps.close()

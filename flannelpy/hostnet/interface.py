@@ -311,7 +311,7 @@ async def select_interface(
 ) -> ExternalInterface:
     """The external interface per the flags (see module doc); FlannelError when none fits."""
     flags = check_flags(list(ifaces), list(iface_regexes), can_reach, public_ip, public_ipv6, ipv6)
-    snap = await nl.read(read_snapshot, flags.can_reach)
+    snap = await nl.rtnl_call(read_snapshot, flags.can_reach)
     ext = choose_interface(snap, flags)
     log.info("using interface %s with address %s (public %s, mtu %d)", ext.name, ext.ip, ext.public_ip, ext.mtu)
     if ext.ip6 is not None:

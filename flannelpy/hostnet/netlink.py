@@ -1,7 +1,8 @@
-"""One thread owns pyroute2's synchronous IPRoute; trio tasks await calls into it.
+"""One thread owns the netlink sockets (KernelDumps' plain rtnl socket, and pyroute2's
+synchronous IPRoute where the udp backend needs it); trio tasks await calls into it.
 
-pyroute2's asyncio API does not run under trio, and an IPRoute socket must not be used
-from several threads at once, so every netlink call goes through this single worker.
+pyroute2's asyncio API does not run under trio, and neither socket may be used from several
+threads at once, so every netlink call goes through this single worker.
 
 Also here: what the kernel holds, as plain values (KernelRoute, KernelNeigh, KernelFdb) and
 KernelDumps, which reads them (one dump per table), so the backends' pure plans can compare "what should
@@ -13,9 +14,8 @@ wireguard...), ~0.1 s and ~5 MiB that flanneld never uses.  `_bare_pyroute2()` r
 package without running its __init__ (which still runs, once, if anyone asks the package itself
 for a name: `from pyroute2 import NDB` keeps working), and IPRoute is imported on first use, by
 the netlink thread, not when this module is imported, and only for a request that goes through
-it: reads go through KernelDumps (hostnet/rtnl.py), so pyroute2 is loaded for the first change
-(a device to create, an address to add), and a restart that finds everything in place, like
-`flannelctl` commands that never touch the kernel, never loads it.
+it: reads and the vxlan/host-gw backends' changes go through KernelDumps (hostnet/rtnl.py; use
+rtnl_call), so only the udp backend's TUN set-up loads it.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ RTNH_F_ONLINK = 0x04
 
 
 class NetlinkThread:
-    """Runs `fn(ipr, *args)` on the thread that owns the IPRoute socket."""
+    """Runs `fn(ipr, *args)` (call) or `fn(dumps, *args)` (rtnl_call) on the thread that owns the
+    netlink sockets."""
 
     def __init__(self, netns: str | None = None) -> None:
         # netns: operate inside /var/run/netns/<netns> (tests); None = this process's namespace.
@@ -181,8 +182,9 @@ class NetlinkThread:
         self.iproute_loaded = True
         return ipr
 
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(dumps, *args) on the netlink thread: a read through KernelDumps, no pyroute2."""
+    async def rtnl_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(dumps, *args) on the netlink thread: reads and changes through KernelDumps'
+        plain rtnl socket, no pyroute2."""
         dumps = self.dumps
         return await self.call(lambda _ipr: fn(dumps, *args))
 
@@ -364,6 +366,12 @@ class KernelDumps:
         self._seq += len(requests)
         return rtnl.transact(sock, requests, first)
 
+    def change(self, request: rtnl.Request, what: str) -> None:
+        """One request that changes the kernel; NetlinkError(errno) when it is refused."""
+        code = self.transact([request])[0]
+        if code:
+            raise NetlinkError(code, f"{what}: {os.strerror(code)}")
+
     def _dump(self, mtype: int, header: bytes) -> list[rtnl.Message]:
         self._socket()
         assert self._sock is not None
@@ -463,13 +471,10 @@ def _mac(raw: bytes | None) -> str | None:
     return raw.hex(":") if raw and len(raw) == 6 else None
 
 
-def delete_route(ipr: Any, route: KernelRoute) -> None:
-    """Delete exactly this route (protocol included, so nobody else's matches)."""
-    kwargs: dict[str, Any] = dict(dst=str(route.dst), table=MAIN_TABLE, proto=route.proto, tos=route.tos)
-    if route.priority:
-        kwargs["priority"] = route.priority
-    if route.gateway is not None:
-        kwargs["gateway"] = str(route.gateway)
-    if route.oif is not None:
-        kwargs["oif"] = route.oif
-    ipr.route("del", **kwargs)
+def delete_route_request(route: KernelRoute) -> rtnl.Request:
+    """The request that deletes exactly this main-table route: its protocol, tos, metric,
+    gateway and device included, so nobody else's route to the same subnet matches."""
+    return rtnl.route_request(False, route.dst.network_address.packed, route.dst.prefixlen,
+                              route.gateway.packed if route.gateway is not None else None,
+                              oif=route.oif, table=MAIN_TABLE, protocol=route.proto, tos=route.tos,
+                              priority=route.priority)

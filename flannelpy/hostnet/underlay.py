@@ -94,4 +94,4 @@ def read_underlay(dumps: KernelDumps | Any) -> Underlay:
 
 async def read_host_underlay(netlink: NetlinkThread) -> Underlay:
     """`read_underlay` through the agent's netlink thread."""
-    return await netlink.read(read_underlay)
+    return await netlink.rtnl_call(read_underlay)

@@ -29,7 +29,7 @@ from flannelpy.backends.repair import RESYNC_INTERVAL, RepairLoop, RepairReport,
 from flannelpy.errors import FlannelError
 from flannelpy.hostnet import rtnl
 from flannelpy.hostnet.monitor import KernelChange, KernelMonitor
-from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, KernelDumps, NetlinkError, delete_route
+from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, KernelDumps, delete_route_request
 from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
 from .plan import IPV6_DEFAULT_METRIC, IPNetwork, Route, change_matters, missing_routes, route_diff
@@ -41,54 +41,42 @@ CHECK_INTERVAL = RESYNC_INTERVAL  # flanneld's route checker period, seconds
 __all__ = ["HostGwBackend", "Route", "missing_routes", "CHECK_INTERVAL"]
 
 
-def _replace(ipr: Any, route: Route) -> None:
-    # "replace" swaps a conflicting route to the same dst atomically (flanneld deletes, then adds).
-    ipr.route("replace", dst=str(route.dst), gateway=str(route.gw), oif=route.oif, table=MAIN_TABLE,
-              proto=FLANNEL_RTPROT)
-
-
 def _route_request(add: bool, route: Route) -> rtnl.Request:
-    """_replace's request, or its delete: protocol FLANNEL_RTPROT on both, so a delete never
-    takes someone else's route to the same subnet."""
+    """Replace (add) or delete the route: "replace" swaps a conflicting route to the same dst
+    atomically (flanneld deletes, then adds).  Protocol FLANNEL_RTPROT on both, so a delete
+    never takes someone else's route to the same subnet."""
     return rtnl.route_request(add, route.dst.network_address.packed, route.dst.prefixlen, route.gw.packed,
                               oif=route.oif, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
 
 
-def _transact(_ipr: Any, dumps: KernelDumps, requests: list[rtnl.Request]) -> list[int]:
-    return dumps.transact(requests)
-
-
-def _reconcile(ipr: Any, dumps: KernelDumps, wanted: list[tuple[IPNetwork, Route]], underlay_index: int,
+def _reconcile(dumps: KernelDumps, wanted: list[tuple[IPNetwork, Route]], underlay_index: int,
                network: IPNetwork, remove_unexplained: bool) -> RepairReport:
-    """One pass: one route dump, the pure diff, one netlink call per difference; each call's
-    failure is recorded, never raised.  IPv6 (network is an IPv6Network): its routes and their
-    kernel default metric."""
+    """One pass: one route dump, the pure diff, one batch of requests that closes it; each
+    request's failure is recorded, never raised.  IPv6 (network is an IPv6Network): its routes
+    and their kernel default metric."""
     report = RepairReport()
     ipv6 = network.version == 6
     diff = route_diff(wanted, dumps.routes(socket.AF_INET6 if ipv6 else socket.AF_INET), underlay_index=underlay_index,
                       network=network, remove_unexplained=remove_unexplained,
                       priority=IPV6_DEFAULT_METRIC if ipv6 else 0)
-    for have in diff.remove:
-        try:
-            delete_route(ipr, have)
+    requests = [delete_route_request(have) for have in diff.remove] + [_route_request(True, r) for _s, r in diff.add]
+    if not requests:
+        return report
+    try:
+        codes = dumps.transact(requests)
+    except OSError as exc:  # the socket itself failed: the next pass tries again
+        codes = [exc.errno or errno.EIO] * len(requests)
+    for have, code in zip(diff.remove, codes):
+        if not code:
             report.removed.append(f"route {have.dst} via {have.gateway}")
-        except NetlinkError as exc:
-            if exc.code != errno.ESRCH:
-                report.errors.append(f"route {have.dst}: {_reason(exc)}")
-    for subnet, route in diff.add:
-        try:
-            _replace(ipr, route)
+        elif code != errno.ESRCH:
+            report.errors.append(f"route {have.dst}: {os.strerror(code)}")
+    for (subnet, route), code in zip(diff.add, codes[len(diff.remove):]):
+        if code:
+            report.failures[subnet] = os.strerror(code)
+        else:
             report.added.append(f"route {route.dst} via {route.gw}")
-        except NetlinkError as exc:
-            report.failures[subnet] = _reason(exc)
     return report
-
-
-def _reason(exc: BaseException) -> str:
-    """A netlink error as the operator reads it: "Network is unreachable", not "(101, ...)"."""
-    if isinstance(exc, NetlinkError) and exc.code:
-        return os.strerror(exc.code)
-    return str(exc)
 
 
 class HostGwBackend(Backend):
@@ -204,7 +192,7 @@ class HostGwBackend(Backend):
                 return
             requests = [_route_request(add, route) for add, route in steps]
             try:
-                codes = await self.netlink.call(_transact, self.netlink.dumps, requests)
+                codes = await self.netlink.rtnl_call(KernelDumps.transact, requests)
             except OSError as exc:  # the socket itself failed: adds are retried by the next pass
                 codes = [exc.errno or errno.EIO] * len(requests)
             for (add, route), code in zip(steps, codes):
@@ -233,8 +221,7 @@ class HostGwBackend(Backend):
         """Make the routes match the accepted leases now."""
         async with self._lock:
             wanted = list(self.routes.items())
-            report = await self.netlink.call(_reconcile, self.netlink.dumps, wanted, self.ext.index,
-                                             self.network, self._synced)
+            report = await self.netlink.rtnl_call(_reconcile, wanted, self.ext.index, self.network, self._synced)
             for subnet, _route in wanted:
                 if subnet in report.failures:
                     self._mark_failed(subnet, report.failures[subnet])

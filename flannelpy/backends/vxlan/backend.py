@@ -60,7 +60,7 @@ from flannelpy.hostnet.netlink import (
     KernelRoute,
     NetlinkError,
     NetlinkThread,
-    delete_route,
+    delete_route_request,
 )
 from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
@@ -99,7 +99,7 @@ MIN_DEVICE_MTU = 68
 APPLY_CHUNK = 256  # peer events per netlink round of apply()
 
 
-# --- netlink-thread functions: fn(ipr, ...) ------------------------------------------------
+# --- netlink-thread functions: fn(dumps, ...), through hostnet.rtnl ------------------------
 
 
 def _ignore(codes: tuple[int, ...], fn: Callable[[], Any]) -> None:
@@ -115,7 +115,7 @@ _VXLAN_ID, _VXLAN_LINK, _VXLAN_LOCAL, _VXLAN_LEARNING, _VXLAN_PORT, _VXLAN_LOCAL
 
 
 def _read_device(dumps: KernelDumps, name: str) -> tuple[int, VxlanDeviceFacts] | None:
-    """The device called `name` and what it is, read through rtnl (no pyroute2)."""
+    """The device called `name` and what it is."""
     link = dumps.link(name)
     if link is None:
         return None
@@ -141,14 +141,29 @@ def _read_device(dumps: KernelDumps, name: str) -> tuple[int, VxlanDeviceFacts] 
     )
 
 
-def _link_mac(ipr: Any, index: int) -> str:
-    return ipr.get_links(index)[0].get_attr("IFLA_ADDRESS").lower()
+def _link_mac(dumps: KernelDumps, name: str) -> str | None:
+    link = dumps.link(name)
+    return link.mac if link is not None else None
 
 
-def _ensure_device(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, new_mac: str) -> tuple[int, str, bool]:
+def _vxlan_info_data(spec: VxlanDeviceSpec) -> bytes:
+    """IFLA_INFO_DATA of `ip link add ... type vxlan id VNI dev UNDERLAY local IP dstport PORT
+    [nolearning] [gbp]`, the device flanneld makes."""
+    local = (rtnl.link_attr(_VXLAN_LOCAL6, spec.local.packed) if spec.local.version == 6
+             else rtnl.link_attr(_VXLAN_LOCAL, spec.local.packed))
+    data = (rtnl.link_attr(_VXLAN_ID, struct.pack("=I", spec.vni))
+            + rtnl.link_attr(_VXLAN_LINK, struct.pack("=I", spec.vtep_index))
+            + local
+            + rtnl.link_attr(_VXLAN_PORT, struct.pack("!H", spec.port))  # network order
+            + rtnl.link_attr(_VXLAN_LEARNING, bytes([1 if spec.learning else 0])))
+    if spec.gbp:
+        data += rtnl.link_attr(_VXLAN_GBP, b"")  # a flag: present or not
+    return data
+
+
+def _ensure_device(dumps: KernelDumps, spec: VxlanDeviceSpec, new_mac: str) -> tuple[int, str, bool]:
     """Reuse a compatible device (keeping its MAC) or (re)create it with new_mac; bring it
-    up and check its MAC.  Returns (ifindex, mac, created).  A device that is already right is
-    only read (through rtnl), so pyroute2 is not needed for it."""
+    up and check its MAC.  Returns (ifindex, mac, created)."""
     existing = _read_device(dumps, spec.name)
     if existing is not None:
         index, facts = existing
@@ -156,58 +171,48 @@ def _ensure_device(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, new_mac:
         if not reasons:
             if facts.mtu == spec.mtu and facts.up and facts.mac:
                 return index, facts.mac, False
-            ipr.link("set", index=index, mtu=spec.mtu)
-            ipr.link("set", index=index, state="up")
-            return index, _link_mac(ipr, index), False
+            dumps.change(rtnl.link_set_request(index, mtu=spec.mtu, up=True), f"{spec.name}: mtu {spec.mtu} up")
+            return index, _link_mac(dumps, spec.name) or "", False
         log.warning("%s exists but is incompatible (%s); recreating it", spec.name, "; ".join(reasons))
-        ipr.link("del", index=index)
-    return _create_device(ipr, spec, new_mac), new_mac, True
+        dumps.change(rtnl.link_delete_request(index), f"deleting {spec.name}")
+    return _create_device(dumps, spec, new_mac), new_mac, True
 
 
-def _create_device(ipr: Any, spec: VxlanDeviceSpec, new_mac: str) -> int:
+def _create_device(dumps: KernelDumps, spec: VxlanDeviceSpec, new_mac: str) -> int:
     """Create the device with exactly `new_mac`, up; never leaves a half-made one behind."""
-    local_attr = "vxlan_local6" if spec.local.version == 6 else "vxlan_local"
-    kwargs: dict[str, Any] = dict(
-        ifname=spec.name,
-        kind="vxlan",
-        vxlan_id=spec.vni,
-        vxlan_link=spec.vtep_index,
-        **{local_attr: str(spec.local)},
-        vxlan_port=spec.port,
-        vxlan_learning=1 if spec.learning else 0,
-        address=new_mac,  # set at creation so udev/systemd cannot pick another
-        mtu=spec.mtu,
-    )
-    if spec.gbp:
-        kwargs["vxlan_gbp"] = True
     try:
-        ipr.link("add", **kwargs)
+        # The MAC is set at creation so udev/systemd cannot pick another.
+        dumps.change(rtnl.link_create_request(spec.name, "vxlan", _vxlan_info_data(spec), mac=new_mac, mtu=spec.mtu),
+                     f"{spec.name}: creating")
     except NetlinkError as exc:
         raise FlannelError(f"creating vxlan device {spec.name} (vni {spec.vni}, port {spec.port}, "
-                           f"local {spec.local}): {exc}") from None
-    index = ipr.link_lookup(ifname=spec.name)[0]
+                           f"local {spec.local}): {_reason(exc)}") from None
+    link = dumps.link(spec.name)
+    if link is None:  # deleted by someone else between the two requests
+        raise FlannelError(f"{spec.name} vanished right after it was created")
+    index = link.index
     try:
-        ipr.link("set", index=index, state="up")
-        mac = _link_mac(ipr, index)
+        dumps.change(rtnl.link_set_request(index, up=True), f"{spec.name}: up")
+        mac = _link_mac(dumps, spec.name)
         if mac != new_mac:
             # Something (udev MACAddressPolicy) changed it after creation: put ours back,
             # since the MAC we advertise must be the one the device answers to.
             log.warning("%s came up with MAC %s instead of %s; setting it back", spec.name, mac, new_mac)
-            ipr.link("set", index=index, address=new_mac)
-            mac = _link_mac(ipr, index)
+            dumps.change(rtnl.link_set_request(index, mac=new_mac), f"{spec.name}: address {new_mac}")
+            mac = _link_mac(dumps, spec.name)
             if mac != new_mac:
                 raise FlannelError(f"{spec.name}: MAC is {mac} after bring-up, expected {new_mac}")
     except Exception:
         # Never leave a half-configured device behind.
-        _ignore((errno.ENODEV,), lambda: ipr.link("del", index=index))
+        _ignore((errno.ENODEV,), lambda: dumps.change(rtnl.link_delete_request(index), f"deleting {spec.name}"))
         raise
     return index
 
 
-def _configure_address(ipr: Any, dumps: KernelDumps, index: int, base: IPv4Address | IPv6Address,
+def _configure_address(dumps: KernelDumps, index: int, base: IPv4Address | IPv6Address,
                        network: IPv4Network | IPv6Network) -> list[str]:
     """Exactly `<base>/32` inside Network on the device (IPv6: `<base>/128` inside IPv6Network),
-    and the device up; returns what was changed.  Read through rtnl: pyroute2 only for a change."""
+    and the device up; returns what was changed."""
     plen_own = base.max_prefixlen
     family = socket.AF_INET if base.version == 4 else socket.AF_INET6
     have = [(ip_address(a.local or a.address), a.prefixlen) for a in dumps.addresses(family, index)
@@ -215,38 +220,17 @@ def _configure_address(ipr: Any, dumps: KernelDumps, index: int, base: IPv4Addre
     changes = []
     for ip, plen in addresses_to_remove(have, base, network):
         log.info("removing stale address %s/%d from vxlan device", ip, plen)
-        _ignore((errno.EADDRNOTAVAIL,), lambda: ipr.addr("del", index=index, address=str(ip), prefixlen=plen))
+        _ignore((errno.EADDRNOTAVAIL,),
+                lambda: dumps.change(rtnl.addr_request(False, index, ip.packed, plen), f"address {ip}/{plen}"))
         changes.append(f"address {ip}/{plen} removed")
     if (base, plen_own) not in have:
-        _ignore((errno.EEXIST,), lambda: ipr.addr("add", index=index, address=str(base), prefixlen=plen_own))
+        _ignore((errno.EEXIST,),
+                lambda: dumps.change(rtnl.addr_request(True, index, base.packed, plen_own), f"address {base}/{plen_own}"))
         changes.append(f"address {base}/{plen_own} restored")
     link = next((link for link in dumps.links() if link.index == index), None)
     if changes or link is None or not link.flags & IFF_UP:
-        ipr.link("set", index=index, state="up")
+        dumps.change(rtnl.link_set_request(index, up=True), f"device {index}: up")
     return changes
-
-
-def _neigh(ipr: Any, cmd: str, index: int, n: Neigh) -> None:
-    if n.ip.version == 6:
-        ipr.neigh(cmd, dst=str(n.ip), lladdr=n.mac, ifindex=index, state=NUD_PERMANENT, family=socket.AF_INET6)
-        return
-    ipr.neigh(cmd, dst=str(n.ip), lladdr=n.mac, ifindex=index, state=NUD_PERMANENT)
-
-
-def _fdb(ipr: Any, cmd: str, index: int, f: Fdb) -> None:
-    ipr.fdb(cmd, ifindex=index, lladdr=f.mac, dst=str(f.dst), state=NUD_PERMANENT, flags=NTF_SELF)
-
-
-def _route(ipr: Any, cmd: str, index: int, r: Route) -> None:
-    # Our protocol marks the route as ours (see FLANNEL_RTPROT).  A delete names it too, so
-    # that a DirectRouting route someone else made to the same subnet is never taken away.
-    if r.on_vxlan:
-        # ...except on our own device, where every route is ours whoever marked it.
-        mark = {} if cmd == "del" else {"proto": FLANNEL_RTPROT}
-        ipr.route(cmd, dst=str(r.dst), gateway=str(r.gateway), oif=index,
-                  flags=RTNH_F_ONLINK, table=MAIN_TABLE, **mark)
-    else:
-        ipr.route(cmd, dst=str(r.dst), gateway=str(r.gateway), proto=FLANNEL_RTPROT, table=MAIN_TABLE)
 
 
 _GONE = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV)
@@ -264,35 +248,39 @@ class _Group:
     steps: list[tuple[str, rtnl.Request]]
 
 
+def _neigh_request(add: bool, index: int, n: Neigh) -> rtnl.Request:
+    family = socket.AF_INET if n.ip.version == 4 else socket.AF_INET6
+    return rtnl.neigh_request(add, family, index, n.ip.packed, n.mac, state=NUD_PERMANENT)
+
+
+def _fdb_request(add: bool, index: int, f: Fdb) -> rtnl.Request:
+    return rtnl.neigh_request(add, socket.AF_BRIDGE, index, f.dst.packed, f.mac, state=NUD_PERMANENT,
+                              ntf_flags=NTF_SELF)
+
+
+def _route_request(add: bool, index: int, r: Route) -> rtnl.Request:
+    # Our protocol marks the route as ours (see FLANNEL_RTPROT).  A delete names it too, so
+    # that a DirectRouting route someone else made to the same subnet is never taken away...
+    if r.on_vxlan:
+        # ...except on our own device, where every route is ours whoever marked it: a delete
+        # matches any protocol (0).
+        return rtnl.route_request(add, r.dst.network_address.packed, r.dst.prefixlen, r.gateway.packed,
+                                  oif=index, table=MAIN_TABLE, protocol=FLANNEL_RTPROT if add else 0,
+                                  flags=RTNH_F_ONLINK)
+    return rtnl.route_request(add, r.dst.network_address.packed, r.dst.prefixlen, r.gateway.packed,
+                              oif=None, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
+
+
 def _plan_requests(index: int, plan: PeerPlan, add: bool, with_route: bool) -> list[tuple[str, rtnl.Request]]:
-    """The plan's entries as rtnetlink requests, in flanneld's order (neighbour, FDB, route),
-    each as pyroute2's neigh/fdb/route calls (_neigh, _fdb, _route) send it."""
+    """The plan's entries as rtnetlink requests, in flanneld's order (neighbour, FDB, route)."""
     out: list[tuple[str, rtnl.Request]] = []
     if plan.neigh is not None:
-        n = plan.neigh
-        family = socket.AF_INET if n.ip.version == 4 else socket.AF_INET6
-        out.append((f"neigh {n.ip}", rtnl.neigh_request(add, family, index, n.ip.packed, n.mac,
-                                                         state=NUD_PERMANENT)))
+        out.append((f"neigh {plan.neigh.ip}", _neigh_request(add, index, plan.neigh)))
     if plan.fdb is not None:
-        f = plan.fdb
-        out.append((f"fdb {f.mac} dst {f.dst}", rtnl.neigh_request(add, socket.AF_BRIDGE, index, f.dst.packed, f.mac,
-                                                                   state=NUD_PERMANENT, ntf_flags=NTF_SELF)))
+        out.append((f"fdb {plan.fdb.mac} dst {plan.fdb.dst}", _fdb_request(add, index, plan.fdb)))
     if with_route:
-        r = plan.route
-        if r.on_vxlan:
-            # Ours on our own device whoever marked it: a delete matches any protocol (0).
-            req = rtnl.route_request(add, r.dst.network_address.packed, r.dst.prefixlen, r.gateway.packed,
-                                     oif=index, table=MAIN_TABLE, protocol=FLANNEL_RTPROT if add else 0,
-                                     flags=RTNH_F_ONLINK)
-        else:
-            req = rtnl.route_request(add, r.dst.network_address.packed, r.dst.prefixlen, r.gateway.packed,
-                                     oif=None, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
-        out.append((f"route {r.dst}", req))
+        out.append((f"route {plan.route.dst}", _route_request(add, index, plan.route)))
     return out
-
-
-def _transact(_ipr: Any, dumps: KernelDumps, requests: list[rtnl.Request]) -> list[int]:
-    return dumps.transact(requests)
 
 
 def _kernel_state(dumps: KernelDumps, index: int, ipv6: bool
@@ -303,12 +291,13 @@ def _kernel_state(dumps: KernelDumps, index: int, ipv6: bool
     return dumps.routes(family), dumps.neighbours(index, family), dumps.fdb(index, family)
 
 
-def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, base: IPv4Address | IPv6Address,
+def _reconcile(dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, base: IPv4Address | IPv6Address,
                network: IPv4Network | IPv6Network, wanted: list[tuple[IPNetwork, PeerPlan]],
                remove_unexplained: bool) -> tuple[int | None, RepairReport]:
     """One pass: the device first (re-created with our MAC if gone), then one dump each of
-    routes, neighbours and FDB, the pure diff, and the netlink calls that close it.  Every
-    call's failure is recorded, never raised, so one bad entry cannot stop the others."""
+    routes, neighbours and FDB, the pure diff, and one batch of requests that closes it (the
+    removals, then the additions).  Every request's failure is recorded, never raised, so one
+    bad entry cannot stop the others."""
     report = RepairReport()
     found = _read_device(dumps, spec.name)
     index, facts = found if found is not None else (None, None)
@@ -317,16 +306,13 @@ def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, ba
         try:
             if repair.recreate:
                 if index is not None:
-                    ipr.link("del", index=index)
-                index = _create_device(ipr, spec, mac)
+                    dumps.change(rtnl.link_delete_request(index), f"deleting {spec.name}")
+                index = _create_device(dumps, spec, mac)
             else:
                 assert index is not None
-                if repair.set_mac:
-                    ipr.link("set", index=index, address=mac)
-                if repair.set_mtu:
-                    ipr.link("set", index=index, mtu=spec.mtu)
-                if repair.set_up:
-                    ipr.link("set", index=index, state="up")
+                dumps.change(rtnl.link_set_request(index, mac=mac if repair.set_mac else None,
+                                                   mtu=spec.mtu if repair.set_mtu else None,
+                                                   up=True if repair.set_up else None), f"{spec.name}: settings")
         except (NetlinkError, FlannelError) as exc:
             report.device_error = f"{spec.name} broken ({repair.recreate or 'settings'}), repair failed: {_reason(exc)}"
             report.checked = False
@@ -334,7 +320,7 @@ def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, ba
         report.device = repair.describe(spec, facts, mac)
     assert index is not None
     try:
-        address_changes = _configure_address(ipr, dumps, index, base, network)
+        address_changes = _configure_address(dumps, index, base, network)
     except NetlinkError as exc:
         report.device_error = f"{spec.name}: cannot set address {base}/{base.max_prefixlen}: {_reason(exc)}"
         report.checked = False
@@ -343,6 +329,7 @@ def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, ba
         report.device = "; ".join(filter(None, [report.device, f"{spec.name}: " + ", ".join(address_changes)]))
 
     ipv6 = base.version == 6
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
     routes, neighs, fdbs = _kernel_state(dumps, index, ipv6)
     diff = entry_diff(wanted, routes, neighs, fdbs,
                       device_index=index, underlay_index=spec.vtep_index, network=network,
@@ -350,35 +337,28 @@ def _reconcile(ipr: Any, dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, ba
     if diff.empty:
         return index, report
 
-    def attempt(what: str, action: Callable[[], None]) -> str | None:
-        try:
-            action()
-        except NetlinkError as exc:
-            if exc.code in _GONE and what.startswith("-"):
-                return None  # already gone is what a removal wanted
-            return _reason(exc)
-        return None
-
-    for r in diff.remove_routes:
-        err = attempt("-route", lambda: delete_route(ipr, r))
-        (report.errors.append(f"route {r.dst}: {err}") if err else report.removed.append(f"route {r.dst}"))
-    for n in diff.remove_neighs:
-        err = attempt("-neigh", lambda: ipr.neigh("del", dst=str(n.ip), ifindex=index,
-                                                  **({"family": socket.AF_INET6} if ipv6 else {})))
-        (report.errors.append(f"neigh {n.ip}: {err}") if err else report.removed.append(f"neigh {n.ip}"))
-    for f in diff.remove_fdbs:
-        err = attempt("-fdb", lambda: _fdb(ipr, "del", index, Fdb(f.mac, f.dst)))
-        (report.errors.append(f"fdb {f.mac} dst {f.dst}: {err}") if err else report.removed.append(f"fdb {f.mac}"))
-    # flanneld's order per peer: neighbour, FDB, route (an onlink route wants the rest first).
-    for subnet, n in diff.add_neighs:
-        err = attempt("neigh", lambda: _neigh(ipr, "replace", index, n))
-        _record_add(report, subnet, f"neigh {n.ip}", err)
-    for subnet, f in diff.add_fdbs:
-        err = attempt("fdb", lambda: _fdb(ipr, "replace", index, f))
-        _record_add(report, subnet, f"fdb {f.mac}", err)
-    for subnet, r in diff.add_routes:
-        err = attempt("route", lambda: _route(ipr, "replace", index, r))
-        _record_add(report, subnet, f"route {r.dst}", err)
+    # Removals: (what the report says, its request); already gone is what a removal wanted.
+    removals: list[tuple[str, rtnl.Request]] = []
+    removals += [(f"route {r.dst}", delete_route_request(r)) for r in diff.remove_routes]
+    removals += [(f"neigh {n.ip}", rtnl.neigh_request(False, family, index, n.ip.packed, None, state=0))
+                 for n in diff.remove_neighs]
+    removals += [(f"fdb {f.mac}", _fdb_request(False, index, Fdb(f.mac, f.dst))) for f in diff.remove_fdbs]
+    # Additions in flanneld's order: neighbours, FDB, routes (an onlink route wants the rest first).
+    additions: list[tuple[IPNetwork, str, rtnl.Request]] = []
+    additions += [(subnet, f"neigh {n.ip}", _neigh_request(True, index, n)) for subnet, n in diff.add_neighs]
+    additions += [(subnet, f"fdb {f.mac}", _fdb_request(True, index, f)) for subnet, f in diff.add_fdbs]
+    additions += [(subnet, f"route {r.dst}", _route_request(True, index, r)) for subnet, r in diff.add_routes]
+    try:
+        codes = dumps.transact([req for _what, req in removals] + [req for _s, _what, req in additions])
+    except OSError as exc:  # the socket itself failed: everything is tried again by the next pass
+        codes = [exc.errno or errno.EIO] * (len(removals) + len(additions))
+    for (what, _req), code in zip(removals, codes):
+        if code and code not in _GONE:
+            report.errors.append(f"{what}: {os.strerror(code)}")
+        elif not code:
+            report.removed.append(what)
+    for (subnet, what, _req), code in zip(additions, codes[len(removals):]):
+        _record_add(report, subnet, what, os.strerror(code) if code else None)
     return index, report
 
 
@@ -540,8 +520,7 @@ class VxlanBackend(Backend):
         return stable_vtep_mac(machine_id, public, self.spec.vni)  # type: ignore[arg-type]
 
     async def prepare(self) -> LeaseData:
-        index, mac, created = await self.netlink.call(_ensure_device, self.netlink.dumps, self.spec,
-                                                      self._new_device_mac())
+        index, mac, created = await self.netlink.rtnl_call(_ensure_device, self.spec, self._new_device_mac())
         self.index, self.mac = index, mac
         self._created_now = created
         if self.netlink.netns is None:
@@ -560,7 +539,8 @@ class VxlanBackend(Backend):
         # Start-up failed: a device we made in this run, never advertised, must not linger.
         if getattr(self, "_created_now", False) and self.index is not None:
             index = self.index
-            await self.netlink.call(lambda ipr: _ignore(_GONE, lambda: ipr.link("del", index=index)))
+            await self.netlink.rtnl_call(lambda dumps: _ignore(
+                _GONE, lambda: dumps.change(rtnl.link_delete_request(index), f"deleting {self.spec.name}")))
             log.info("removed %s: start-up did not complete", self.spec.name)
             self.index = None
 
@@ -576,14 +556,14 @@ class VxlanBackend(Backend):
                 raise FlannelError(f"EnableIPv6: our lease {lease.key} has no IPv6 subnet")
             await self.v6.start(own6)
         self._own_base = lease.subnet.network_address
-        await self.netlink.call(_configure_address, self.netlink.dumps, self._need_device(),
-                                lease.subnet.network_address, self.network)
+        await self.netlink.rtnl_call(_configure_address, self._need_device(), lease.subnet.network_address,
+                                     self.network)
 
     async def _is_direct(self, lease: Lease) -> bool:
         if not self.direct_routing:
             return False
         try:
-            hops = await self.netlink.read(route_get_hops, lease.attrs.public_ip)
+            hops = await self.netlink.rtnl_call(route_get_hops, lease.attrs.public_ip)
         except OSError as exc:
             log.warning("peer %s: no route to %s (%s); using vxlan, not a direct route",
                         lease.subnet, lease.attrs.public_ip, _reason(exc))
@@ -594,7 +574,7 @@ class VxlanBackend(Backend):
 
     async def apply(self, events: Sequence[LeaseEvent]) -> None:
         """Program a batch of events with one round of netlink requests (hostnet.rtnl.transact:
-        many per send) instead of three request/ACK round trips per peer through pyroute2."""
+        many per send) instead of three request/ACK round trips per peer."""
         index = self._need_device()
         if self.v6 is not None:
             await self.v6.apply(self.v6._view_events(events))
@@ -619,7 +599,7 @@ class VxlanBackend(Backend):
         if not requests:
             return
         try:
-            codes = await self.netlink.call(_transact, self.netlink.dumps, requests)
+            codes = await self.netlink.rtnl_call(KernelDumps.transact, requests)
         except OSError as exc:  # the socket itself failed: every add is retried by the next pass
             codes = [exc.errno or errno.EIO] * len(requests)
         await self._settle(index, groups, codes)
@@ -715,7 +695,7 @@ class VxlanBackend(Backend):
             if g.role == "remove":
                 log.info("peer %s removed", g.subnet)
         if undo:
-            for c in await self.netlink.call(_transact, self.netlink.dumps, undo):
+            for c in await self.netlink.rtnl_call(KernelDumps.transact, undo):
                 if c and c not in _GONE:
                     log.warning("rollback step failed: %s", os.strerror(c))
 
@@ -745,8 +725,8 @@ class VxlanBackend(Backend):
         async with self._lock:
             wanted = list(self._wanted.items())
             synced = self._synced
-            index, report = await self.netlink.call(
-                _reconcile, self.netlink.dumps, self.spec, self.mac, self._own_base, self.network, wanted, synced)
+            index, report = await self.netlink.rtnl_call(
+                _reconcile, self.spec, self.mac, self._own_base, self.network, wanted, synced)
             if index is not None:
                 self.index = index
             self._device_problem = report.device_error
