@@ -419,7 +419,8 @@ async def _run_rules(opts: AgentOptions, config: NetworkConfig, network: IPNetwo
         return
 
     from flannelpy.hostnet.iptables import IptablesManager
-    from flannelpy.hostnet.nftables import remove_flannel_tables
+    from flannelpy.hostnet.nftables import list_tables, remove_listed_flannel_tables
+    from flannelpy.hostnet.tools import run_together
 
     manager = IptablesManager(
         network, subnet,
@@ -427,10 +428,20 @@ async def _run_rules(opts: AgentOptions, config: NetworkConfig, network: IPNetwo
         netns=None,
         resync_s=opts.iptables_resync_s, previous_network=previous_network, previous_subnet=previous_subnet,
     )
-    async with trio.open_nursery() as rules:
-        await rules.start(manager.run)
+    async def list_nft_tables() -> str | None | FlannelError:
         try:
-            await remove_flannel_tables(network, subnet, previous_network)
+            return await list_tables()
+        except FlannelError as err:
+            return err
+
+    async with trio.open_nursery() as rules:
+        # nftables' tables are listed while the rules are put in place (a process each), and
+        # removed, if any of ours is there, only once the iptables rules are.
+        _started, listed = await run_together(lambda: rules.start(manager.run), list_nft_tables)
+        try:
+            if isinstance(listed, FlannelError):
+                raise listed
+            await remove_listed_flannel_tables(network, subnet, listed, previous_network)
         except FlannelError as err:
             log.error("could not remove flannel's nftables tables (EnableNFTables is off): %s", err)
         task_status.started()

@@ -72,8 +72,17 @@ async def test_rules_present_after_ensure(netns):
     assert chain(ns, "filter", "FLANNEL-FWD") == want(fwd, "FLANNEL-FWD")
     assert chain(ns, "filter", "FORWARD") == want(fwd, "FORWARD")
     assert await m.missing() == []
-    # a second manager (agent restart) rebuilds without duplicating the jumps
+    # a second manager (agent restart) finds everything in place and in order: it writes nothing
+    again = mgr(ns)
+    assert not await again.ensure() and again.applied == 0
+    # one that finds our rules out of order (or a jump twice) rebuilds, without duplicating the jumps
+    first = want(masq, "FLANNEL-POSTRTG")[0]
+    in_ns(ns, "iptables", "-t", "nat", "-D", "FLANNEL-POSTRTG", *shlex.split(first))
+    in_ns(ns, "iptables", "-t", "nat", "-A", "FLANNEL-POSTRTG", *shlex.split(first))
+    in_ns(ns, "iptables", "-A", "FORWARD", *shlex.split(want(fwd, "FORWARD")[0]))
+    assert await m.missing() == []
     assert await mgr(ns).ensure()
+    assert chain(ns, "nat", "FLANNEL-POSTRTG") == want(masq, "FLANNEL-POSTRTG")
     assert chain(ns, "nat", "POSTROUTING") == want(masq, "POSTROUTING")
     assert chain(ns, "filter", "FORWARD") == want(fwd, "FORWARD")
 

@@ -289,3 +289,38 @@ def test_rule_networks_reads_source_and_destination():
     assert R.rule_networks('! -s 10.5.0.0/16 -d 10.5.72.0/24 -m comment --comment "flanneld masq" -j RETURN') == [
         NET, POD]
     assert R.rule_networks("-m mark --mark 0x4000/0x4000 -j RETURN") == []
+
+
+def test_settled_means_a_rebuild_would_change_nothing():
+    """A restart writes nothing when settled(): checked against what a rebuild makes (_apply of
+    restore_payload) for every case, so the two can never disagree."""
+    a = R.desired_rules(NET, POD, masq=True, forward=True, random_fully=True)
+    b = R.desired_rules(NET_B, POD_B, masq=True, forward=True, random_fully=True)
+    fresh = _apply(R.restore_payload(a, R.SavedTables()), R.SavedTables())
+    assert R.settled(a, fresh)
+    assert not R.settled(a, R.SavedTables())  # nothing there
+
+    def edited(state: R.SavedTables, table: str, chain: str, change) -> R.SavedTables:
+        tables = {t: {c: list(specs) for c, specs in chains.items()} for t, chains in state.tables.items()}
+        tables[table][chain] = change(tables[table][chain])
+        return R.SavedTables(tables)
+
+    masq = fresh.chain("nat", "FLANNEL-POSTRTG")
+    swapped = edited(fresh, "nat", "FLANNEL-POSTRTG", lambda r: [r[1], r[0], *r[2:]])
+    assert R.missing_rules(a, swapped) == [] and not R.settled(a, swapped)  # all there, out of order
+    doubled = edited(fresh, "nat", "POSTROUTING", lambda r: r + r)
+    assert R.missing_rules(a, doubled) == [] and not R.settled(a, doubled)  # a jump twice
+    intruder = "-s 192.0.2.0/24 -j ACCEPT"
+    before = edited(fresh, "filter", "FLANNEL-FWD", lambda r: [intruder, *r])
+    after = edited(fresh, "filter", "FLANNEL-FWD", lambda r: [*r, intruder])
+    assert not R.settled(a, before) and R.settled(a, after)  # someone else's rule: after ours only
+    # two instances: after b's rebuild, b's rules lead and a's follow: settled for b, not for a
+    both = _apply(R.restore_payload(b, fresh), fresh)
+    assert R.settled(b, both) and not R.settled(a, both)
+    for state in (fresh, swapped, doubled, before, after, both):
+        for who in (a, b):
+            rebuilt = _apply(R.restore_payload(who, state), state)
+            assert R.settled(who, rebuilt)
+            if R.settled(who, state):
+                assert all(rebuilt.chain(t, c) == state.chain(t, c) for t, c in who.chains), (who, state)
+    assert masq == [r.spec_text for r in a.rules if r.chain == "FLANNEL-POSTRTG"]

@@ -165,8 +165,11 @@ class IptablesManager:
         """ensure() with the locks held; `saved_now`: the tables as just read (None: read them)."""
         for attempt in (1, 2):
             saved = saved_now if saved_now is not None and attempt == 1 else await self.save()
-            # the first time, rebuild even if all is present, to restore the order
-            if self._bootstrapped and not R.missing_rules(desired, saved):
+            # The first time, rebuild unless all is present and in order (a restart); after
+            # that, only what is missing matters (rebuilding for order would fight other instances).
+            if self._bootstrapped and not R.missing_rules(desired, saved) or (
+                    not self._bootstrapped and R.settled(desired, saved)):
+                self._bootstrapped = True
                 return False
             try:
                 await self._restore(R.restore_payload(desired, saved))

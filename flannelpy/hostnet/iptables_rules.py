@@ -278,6 +278,22 @@ def missing_rules(desired: Desired, saved: SavedTables) -> list[str]:
     return missing
 
 
+def settled(desired: Desired, saved: SavedTables) -> bool:
+    """Whether the tables already are what a rebuild (restore_payload) would make them: nothing
+    missing, each chain of ours holding our rules in order followed by the other instances', and
+    each jump into them present once.  A restart that finds this writes nothing."""
+    if missing_rules(desired, saved):
+        return False
+    foreign = foreign_rules(desired, saved)
+    for table, chain in desired.chains:
+        rebuilt = [r.spec_text for r in desired.rules if (r.table, r.chain) == (table, chain)]
+        rebuilt += [spec for t, c, spec in foreign if (t, c) == (table, chain)]
+        if saved.chain(table, chain) != rebuilt:
+            return False
+    owned = set(desired.chains)
+    return all(saved.count(r) == 1 for r in desired.rules if (r.table, r.chain) not in owned)
+
+
 def restore_payload(desired: Desired, saved: SavedTables, cleanup: list[Rule] = ()) -> str:
     """One iptables-restore --noflush batch that (re)builds everything in order, atomically.
 

@@ -207,19 +207,32 @@ class NftablesManager:
                 log.error("nftables resync failed: %s", err)
 
 
+async def list_tables(netns: str | None = None) -> str | None:
+    """`nft list tables` (None when nft is absent, since then no table of ours can exist)."""
+    if shutil.which("nft") is None:
+        return None
+    return await run_tool(netns_prefix(netns), ["nft", "list", "tables"], package="nftables")
+
+
 async def remove_flannel_tables(network: IPv4Network | IPv6Network, subnet: IPv4Network | IPv6Network,
                                 previous_network: IPv4Network | IPv6Network | None = None,
                                 netns: str | None = None) -> bool:
     """Switching back to iptables: remove what nftables mode left for this family, from flannel-ipv4
-    or, given IPv6Network, flannel-ipv6 (nothing when nft is absent, since then no table of ours can
-    exist)."""
-    if shutil.which("nft") is None:
+    or, given IPv6Network, flannel-ipv6."""
+    return await remove_listed_flannel_tables(network, subnet, await list_tables(netns), previous_network, netns)
+
+
+async def remove_listed_flannel_tables(network: IPv4Network | IPv6Network, subnet: IPv4Network | IPv6Network,
+                                       listed: str | None,
+                                       previous_network: IPv4Network | IPv6Network | None = None,
+                                       netns: str | None = None) -> bool:
+    """remove_flannel_tables with list_tables() already read (None: nft is absent)."""
+    if listed is None:
         return False
     manager = NftablesManager(network, subnet, masq=True, forward=True, previous_network=previous_network,
                               netns=netns)
     ours = {(manager.family, manager.table)} | (set() if manager.ipv6 else {(R.FAMILY_V6, R.TABLE_V6)})
-    # One `nft list tables` first: the usual iptables start finds none of ours and is done.
-    listed = await run_tool(netns_prefix(netns), ["nft", "list", "tables"], package="nftables")
+    # The usual iptables start finds none of ours in the listing and is done.
     if not ours & {tuple(line.split()[1:3]) for line in listed.splitlines() if line.startswith("table ")}:
         return False
     removed = await manager.remove()
