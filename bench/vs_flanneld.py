@@ -12,7 +12,9 @@ with its defaults (`-etcd-api auto` picks the API where the config is).  Measure
   startup  agent restart -> subnet.env rewritten, lease kept (host 2; 2 ms polling)
   rss      idle RSS with 2 hosts (both hosts run the agent under test)
   cold     cold start (fresh flannel.1) with N remote leases in etcd -> every peer's ARP entry,
-           FDB entry and route present; per-peer cost (T(N) - T(1 peer)) / N; CPU; RSS after
+           FDB entry and route present; per-peer cost (T(N) - T(1 peer)) / N, and the same less
+           the kernel's own cost per peer at N (the backend's requests sent alone from a fresh
+           namespace: IPv4 route inserts get slower as the table grows); CPU; RSS after
   join     lease put -> its ARP+FDB+route, 40 joins with 10 / 300 / 1000 peers present, p50/p99;
            RSS growth per extra peer (10 -> 1000); idle CPU with 1000 peers over --idle-seconds
   churn    a writer puts 100 leases and removes them (v3: one range delete; v2: 100 deletes),
@@ -47,7 +49,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
 from benchlib import (
@@ -188,6 +190,11 @@ def measures(args: argparse.Namespace) -> list[Measure]:
             f"perpeer_{n}", f"cold start: cost per extra peer at {n}", "ms",
             f"flannelpy's ≤ its cost at {small}" if big else "",
             (lambda fd, fp, r, s=small: fp <= (r.med(f"perpeer_{s}", "flannelpy") or 0) * 1.0) if big else None))
+        out.append(Measure(f"kernel_{n}", f"  (the kernel alone: {n} peers' ARP+FDB+route, per peer)", "ms"))
+        out.append(Measure(
+            f"perpeer_own_{n}", f"cold start: cost per extra peer at {n}, less the kernel's", "ms",
+            f"≤ its own at {small}" if big else "",
+            (lambda fd, fp, r, s=small: fp <= (r.med(f"perpeer_own_{s}", "flannelpy") or 0) * 1.0) if big else None))
         out.append(Measure(f"coldcpu_{n}", f"cold start {n}: agent CPU until all routes", "s"))
         out.append(Measure(f"coldrss_{n}", f"cold start {n}: RSS 3 s after", "MiB"))
     small_j, big_j = min(args.join_sizes), max(args.join_sizes)
@@ -245,6 +252,45 @@ def render(results: list[Results], args: argparse.Namespace, markdown: bool) -> 
         return "\n".join(lines)
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [head, *rows])
+
+
+def kernel_alone(netns: str, n: int) -> float:
+    """ms per peer for the kernel alone to take n fake peers' ARP entry, FDB entry and onlink
+    route: the requests flannelpy's vxlan backend sends, in its batches, from a fresh namespace
+    with nothing else running in it.  Both agents pay this; it grows with the table size (IPv4
+    route inserts: ~0.035 ms each into 1000 routes, ~0.1 ms into 5000, on this kernel)."""
+    from nsprobe import fake_peer
+
+    from flannelpy.backends.vxlan.backend import APPLY_CHUNK, _plan_requests
+    from flannelpy.backends.vxlan.plan import Fdb, Neigh, PeerPlan, Route
+    from flannelpy.hostnet.netlink import KernelDumps
+
+    lab_run("ip", "netns", "add", netns)
+    dumps = KernelDumps(netns)
+    try:
+        for args in (["link", "add", "u0", "type", "veth", "peer", "name", "u1"],
+                     ["addr", "add", "10.250.0.1/16", "dev", "u0"], ["link", "set", "u0", "up"],
+                     ["link", "add", "flannel.1", "type", "vxlan", "id", "1", "dev", "u0", "local", "10.250.0.1",
+                      "dstport", "8472", "nolearning"], ["link", "set", "flannel.1", "up"]):
+            lab_run("ip", "-n", netns, *args)
+        index = dumps.link("flannel.1").index
+        batches: list[list[Any]] = [[]]
+        for i in range(n):
+            subnet, mac, public = fake_peer(i)
+            gateway = subnet.network_address
+            plan = PeerPlan(Route(subnet, gateway, True), Neigh(gateway, mac), Fdb(mac, IPv4Address(public)))
+            if len(batches[-1]) == 3 * APPLY_CHUNK:
+                batches.append([])
+            batches[-1] += [req for _what, req in _plan_requests(index, plan, True, True)]
+        t0 = time.perf_counter()
+        codes = [c for batch in batches for c in dumps.transact(batch)]
+        seconds = time.perf_counter() - t0
+        if any(codes):
+            raise RuntimeError(f"kernel_alone: {sum(1 for c in codes if c)} requests refused ({os.strerror(max(codes))})")
+        return seconds / n * 1e3
+    finally:
+        dumps.close()
+        lab_run("ip", "netns", "del", netns, check=False)
 
 
 # --- the rig: one lab per API ----------------------------------------------------------------
@@ -394,6 +440,12 @@ class Rig:
                     self.out.add(f"coldcpu_{n}", kind, r["cpu"], "s")
                     self.out.add(f"coldrss_{n}", kind, rss, "MiB")
                     self.out.add(f"perpeer_{n}", kind, (r["seconds"] - median(base[kind])) / n * 1e3, "ms")
+                if n:
+                    kernel = kernel_alone(self.res.prefix + "k", n)
+                    self.out.add(f"kernel_{n}", "flannelpy", kernel, "ms")
+                    for kind in KINDS:
+                        own = self.out.values[f"perpeer_{n}"][kind][-1] - kernel
+                        self.out.add(f"perpeer_own_{n}", kind, own, "ms")
             self.stop(HOST_B)  # the next fill must not be applied by a running agent
         self.remove_fakes()
 
