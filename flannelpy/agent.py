@@ -21,7 +21,7 @@ import signal
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
-from typing import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
 import trio
 
@@ -43,6 +43,9 @@ from flannelpy.subnet.envfile import (
 )
 from flannelpy.subnet.lease import Lease, LeaseEvent
 from flannelpy.subnet.manager import LeaseManager
+
+if TYPE_CHECKING:
+    from flannelpy.hostnet.iptables import TablesBeforeLease
 
 log = logging.getLogger("flanneld")
 
@@ -260,6 +263,14 @@ async def run_agent(opts: AgentOptions) -> None:
                 from flannelpy.hostnet.nftables import check_tools as check_nft
 
                 check_nft()  # before the lease: a refused start leaves nothing in etcd
+            tables_before = None
+            if not config.enable_nftables and (opts.ip_masq or opts.iptables_forward_rules):
+                # Read while the interface, backend and lease are set up: a restart whose rules
+                # are all in place then has nothing left to run between its lease and subnet.env.
+                from flannelpy.hostnet.iptables import TablesBeforeLease
+
+                tables_before = TablesBeforeLease()
+                nursery.start_soon(tables_before.read)
 
             ext = await select_interface(netlink, list(opts.ifaces), list(opts.iface_regexes),
                                          opts.iface_can_reach, opts.public_ip,
@@ -296,7 +307,7 @@ async def run_agent(opts: AgentOptions) -> None:
                 # are in place.  Each family's rules task then keeps them, in this nursery.
                 if opts.ip_masq or opts.iptables_forward_rules:
                     await nursery.start(_run_rules, opts, config, config.network, lease.subnet,
-                                        previous_network, previous_subnet)
+                                        previous_network, previous_subnet, tables_before)
                     if lease.ipv6_subnet is not None and config.ipv6_network is not None:
                         await nursery.start(_run_rules, opts, config, config.ipv6_network, lease.ipv6_subnet,
                                             previous.ipv6_network, previous.ipv6_subnet)
@@ -402,11 +413,13 @@ async def keep_subnet_env(path: str, env: SubnetEnv, period: float = SUBNET_ENV_
 
 async def _run_rules(opts: AgentOptions, config: NetworkConfig, network: IPNetwork, subnet: IPNetwork,
                      previous_network: IPNetwork | None, previous_subnet: IPNetwork | None,
+                     before: TablesBeforeLease | None = None,
                      *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """The masquerade and forward rules of one family: Network and our subnet, or (EnableIPv6)
     IPv6Network and our IPv6 subnet.  iptables (ip6tables) by default, nftables table flannel-ipv4
     (flannel-ipv6) with EnableNFTables.  Each mode removes what the other left for this family (as
-    flanneld does at start-up), after its own rules are in place, so the host is never without either."""
+    flanneld does at start-up), after its own rules are in place, so the host is never without either.
+    `before`: the IPv4 tables as read before the lease (iptables mode)."""
     if config.enable_nftables:
         from flannelpy.hostnet.nftables import NftablesManager
 
@@ -428,7 +441,12 @@ async def _run_rules(opts: AgentOptions, config: NetworkConfig, network: IPNetwo
         netns=None,
         resync_s=opts.iptables_resync_s, previous_network=previous_network, previous_subnet=previous_subnet,
     )
+
     async def list_nft_tables() -> str | None | FlannelError:
+        if before is not None:
+            await before.wait()
+            if before.error is None:
+                return before.nft_tables
         try:
             return await list_tables()
         except FlannelError as err:
@@ -437,7 +455,7 @@ async def _run_rules(opts: AgentOptions, config: NetworkConfig, network: IPNetwo
     async with trio.open_nursery() as rules:
         # nftables' tables are listed while the rules are put in place (a process each), and
         # removed, if any of ours is there, only once the iptables rules are.
-        _started, listed = await run_together(lambda: rules.start(manager.run), list_nft_tables)
+        _started, listed = await run_together(lambda: rules.start(manager.run, before), list_nft_tables)
         try:
             if isinstance(listed, FlannelError):
                 raise listed

@@ -39,6 +39,45 @@ def check_tools(ipv6: bool = False) -> None:
             )
 
 
+class TablesBeforeLease:
+    """The firewall as a start reads it before its lease (a subnet is needed to know the rules,
+    not to read the tables): `iptables --version`, the nat and filter tables and `nft list
+    tables`, read at once while the interface, the backend and the lease are being set up.
+
+    The read takes no lock: a start that finds everything in place and in order from it writes
+    nothing (as a read under the lock that wrote nothing would); anything to change is read
+    again under the lock."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns  # tests: /var/run/netns/<netns>; None: ours
+        self._done = trio.Event()
+        self.version: str | None = None
+        self.saved: R.SavedTables | None = None
+        self.nft_tables: str | None = None  # None: nft absent
+        self.error: FlannelError | None = None
+
+    async def read(self) -> None:
+        """Read everything at once; a failure is kept (the start's own path then reports it)."""
+        from flannelpy.hostnet.nftables import list_tables
+
+        netns = self.netns
+        prefix = netns_prefix(netns)
+        try:
+            self.version, saved, self.nft_tables = await run_together(
+                lambda: run_tool(prefix, ["iptables", "--version"], package="iptables"),
+                lambda: save_nat_and_filter(prefix, "iptables-save"),
+                lambda: list_tables(netns))
+            self.saved = R.parse_save(saved)
+        except (FlannelError, ValueError) as err:
+            self.error = err if isinstance(err, FlannelError) else FlannelError(f"iptables-save: {err}")
+            self.saved = None
+        finally:
+            self._done.set()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+
 class IptablesManager:
     """Keeps flanneld's masq (nat FLANNEL-POSTRTG) and forward (filter FLANNEL-FWD) rules in place.
 
@@ -90,10 +129,13 @@ class IptablesManager:
     def _check_binaries(self) -> None:
         check_tools(self.ipv6)
 
-    async def _desired_rules(self) -> R.Desired:
+    async def _desired_rules(self, version_text: str | None = None) -> R.Desired:
+        """Our rules; `version_text`: `iptables --version` as already read (None: run it)."""
         if self._desired is None:
             self._check_binaries()
-            version = R.parse_version(await self._run(["iptables", "--version"]))
+            if version_text is None:
+                version_text = await self._run(["iptables", "--version"])
+            version = R.parse_version(version_text)
             self._wait = R.has_random_fully(version)  # --wait arrived in the same release (1.6.2)
             self._desired = R.desired_rules(
                 self.network,
@@ -124,15 +166,19 @@ class IptablesManager:
             present, _saved = await self._cleanup_locked(await self.save())
             return present
 
-    async def _cleanup_locked(self, saved: R.SavedTables) -> tuple[list[R.Rule], R.SavedTables | None]:
-        """cleanup_previous with the tables already read; also returns them as they are now
-        (None when this deleted something: read them again)."""
+    def _cleanup_rules(self, saved: R.SavedTables) -> list[R.Rule]:
+        """The rules cleanup_previous deletes from these tables (those present)."""
         rules = R.previous_masq_rules(self.previous_network, self.previous_subnet, self.network, self.subnet)
         nets = [(self.network, self.subnet)]
         if self.previous_network is not None:
             nets.append((self.previous_network, self.previous_subnet))
         rules += [r for r in R.legacy_rules(saved, nets) if r not in rules]
-        present = [r for r in rules if saved.count(r)]
+        return [r for r in rules if saved.count(r)]
+
+    async def _cleanup_locked(self, saved: R.SavedTables) -> tuple[list[R.Rule], R.SavedTables | None]:
+        """cleanup_previous with the tables already read; also returns them as they are now
+        (None when this deleted something: read them again)."""
+        present = self._cleanup_rules(saved)
         payload = R.delete_payload(present, saved)
         if not payload:
             return present, saved
@@ -144,10 +190,19 @@ class IptablesManager:
         await self._restore(payload)
         return present, None
 
-    async def apply_at_start(self) -> None:
+    async def apply_at_start(self, before: TablesBeforeLease | None = None) -> None:
         """cleanup_previous, then ensure, under one hold of the locks and from one reading of the
         tables when the clean-up finds nothing to delete; `iptables --version` runs alongside
-        that reading.  (Each tool run is a process; this is the agent's start path.)"""
+        that reading.  (Each tool run is a process; this is the agent's start path.)  `before`:
+        the tables as read before the lease; when they show nothing to clean up and everything in
+        place and in order (a restart), nothing is run at all."""
+        if before is not None and not self.ipv6 and before.netns == self.netns:
+            await before.wait()
+            if before.saved is not None and before.version is not None:
+                desired = await self._desired_rules(before.version)
+                if not self._cleanup_rules(before.saved) and R.settled(desired, before.saved):
+                    self._bootstrapped = True
+                    return
         async with self._lock, host_lock(RULES_LOCK):
             desired, saved = await run_together(self._desired_rules, self.save)
             _present, still = await self._cleanup_locked(saved)
@@ -182,12 +237,13 @@ class IptablesManager:
                     raise
         return False
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Clean up, install, report started, then re-check every resync_s seconds forever."""
+    async def run(self, before: TablesBeforeLease | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Clean up, install, report started, then re-check every resync_s seconds forever.
+        `before`: the tables as the start read them before its lease (apply_at_start)."""
         if not self.enabled:
             task_status.started()
             return
-        await self.apply_at_start()
+        await self.apply_at_start(before)
         log.info("%s rules in place (masq=%s, forward=%s)", self.family, self.masq, self.forward)
         task_status.started()
         while True:
