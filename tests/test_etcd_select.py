@@ -75,6 +75,27 @@ async def test_auto_both_prefers_v3(etcd):
     assert await _wait(opts(etcd)) == ("v3", V3_CFG)
 
 
+async def test_auto_with_the_config_in_v3_never_asks_v2(etcd, monkeypatch):
+    """The v3 answer decides when it holds the key: no v2 client is made and no v2 request sent
+    (a start's round trip saved).  With v3's key missing, v2 is asked, as before."""
+    made: list[str] = []
+    real_make = select.make_store
+
+    def counting_make(options, api):
+        made.append(api)
+        return real_make(options, api)
+
+    monkeypatch.setattr(select, "make_store", counting_make)
+    etcd.etcdctl("put", f"{PREFIX}/config", V3_CFG)
+    etcd.etcdctl("mk", f"{PREFIX}/config", V2_CFG, api=2)
+    assert await _wait(opts(etcd)) == ("v3", V3_CFG)
+    assert made == ["v3"]
+    etcd.etcdctl("del", f"{PREFIX}/config")
+    made.clear()
+    assert await _wait(opts(etcd)) == ("v2", V2_CFG)
+    assert made == ["v3", "v2"]
+
+
 async def test_explicit_api_reads_only_that_keyspace(etcd):
     etcd.etcdctl("put", f"{PREFIX}/config", V3_CFG)
     etcd.etcdctl("mk", f"{PREFIX}/config", V2_CFG, api=2)

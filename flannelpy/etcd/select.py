@@ -164,13 +164,17 @@ async def open_store(options: EtcdOptions, api: str) -> Store:
     """A store for "v3" or "v2"; "auto" probes once: where the config is (v3 first), else v3."""
     if check_api(api) != "auto":
         return make_store(options, api)
-    stores = {a: make_store(options, a) for a in ("v3", "v2")}
+    stores: dict[str, Store] = {}
+    chosen = "v3"
     try:
-        probes = [await probe(stores[a], a) for a in ("v3", "v2")]
+        for a in ("v3", "v2"):  # v2 is asked only when v3 does not hold the key
+            stores[a] = make_store(options, a)
+            if (await probe(stores[a], a)).state == "found":
+                chosen = a
+                break
     except BaseException:
         await _close_all(list(stores.values()))
         raise
-    chosen = next((p.api for p in probes if p.state == "found"), "v3")
     await _close_all([s for a, s in stores.items() if a != chosen])
     return stores[chosen]
 
@@ -182,11 +186,17 @@ async def wait_for_config(options: EtcdOptions, api: str, *, log: logging.Logger
     Each distinct situation (unreachable, key missing, v2 disabled, ...) is logged once.
     """
     apis = ["v3", "v2"] if check_api(api) == "auto" else [api]
-    stores = {a: make_store(options, a) for a in apis}
+    stores: dict[str, Store] = {}  # made on first use: a v3 config found needs no v2 client
     last_situation: tuple[tuple[str, str], ...] | None = None
     try:
         while True:
-            probes = [await probe(stores[a], a) for a in apis]
+            probes: list[Probe] = []
+            for a in apis:
+                if a not in stores:
+                    stores[a] = make_store(options, a)
+                probes.append(await probe(stores[a], a))
+                if probes[-1].state == "found":
+                    break  # an earlier API holding the key wins, whatever the later ones hold
             chosen = choose(probes)
             if chosen is not None and chosen.config is not None:
                 await _close_all([s for a, s in stores.items() if a != chosen.api])
