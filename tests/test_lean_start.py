@@ -236,3 +236,20 @@ def test_a_vxlan_agent_never_loads_iproute_neither_creating_its_device_nor_findi
         assert str(peer) in [r["dst"] for r in routes], routes
     finally:
         lab.down()
+
+
+def test_the_agents_imports_are_frozen_out_of_the_collectors_walks():
+    """flanneld imports trio and the agent with the cyclic collector off, then freezes what they
+    made (it lives as long as the process), so full collections during a large start do not walk
+    it again and again; the collector itself is back on."""
+    got = _run("""
+        import gc, json
+        from flannelpy.cli.flanneld import load_agent
+        before = gc.get_freeze_count()
+        trio, options, run_agent = load_agent()
+        print(json.dumps({"before": before, "after": gc.get_freeze_count(), "enabled": gc.isenabled(),
+                          "run_agent": run_agent.__module__, "trio": trio.__name__}))
+    """)
+    assert got["before"] == 0 and got["after"] > 10000
+    assert got["enabled"] is True
+    assert (got["run_agent"], got["trio"]) == ("flannelpy.agent", "trio")
