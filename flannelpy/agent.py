@@ -1,8 +1,8 @@
 """The agent's wiring, top to bottom: one trio nursery, each long-running loop a task.
 
 Start-up follows flanneld's order: config from etcd, external interface, backend device,
-lease, iptables (beside the backend's start on the lease), subnet.env, data plane, READY=1,
-then the renewal/watch loops.  SIGTERM and
+lease, iptables (the tables read before the lease; the rules put in place beside the backend's
+start on it), subnet.env, data plane, READY=1, then the renewal/watch loops.  SIGTERM and
 SIGINT cancel the nursery and the process exits 0, keeping the lease and (except for udp,
 whose TUN goes with the process) the data plane, so a restart is seamless.
 
