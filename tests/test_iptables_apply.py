@@ -263,6 +263,13 @@ async def test_a_start_that_read_its_rules_in_place_before_the_lease_runs_nothin
     assert (restart.applied, reads) == (0, [])
     assert await restart.missing() == []
 
+    # a read older than BEFORE_LEASE_MAX_AGE_S when the lease came (etcd was slow) is not trusted
+    before.read_at -= 10
+    late = mgr(ns)
+    await late.apply_at_start(before)
+    assert reads and late.applied == 0  # read again under the lock: nothing to write
+    reads.clear()
+
     # a rule gone before the start read the tables: the usual path, which restores it
     in_ns(ns, "iptables", "-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD")
     before = TablesBeforeLease(ns)

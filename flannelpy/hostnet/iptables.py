@@ -23,6 +23,9 @@ from . import iptables_rules as R
 log = logging.getLogger(__name__)
 
 MISSING_MSG = "Some iptables rules are missing; deleting and recreating rules"
+# A read of the tables older than this when the lease arrives (etcd was slow) is not trusted: the
+# start reads them again under the lock.  A restart's lease comes within tens of milliseconds.
+BEFORE_LEASE_MAX_AGE_S = 2.0
 
 
 def check_tools(ipv6: bool = False) -> None:
@@ -46,7 +49,8 @@ class TablesBeforeLease:
 
     The read takes no lock: a start that finds everything in place and in order from it writes
     nothing (as a read under the lock that wrote nothing would); anything to change is read
-    again under the lock."""
+    again under the lock, and so is everything when the read is older than
+    BEFORE_LEASE_MAX_AGE_S by then."""
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns  # tests: /var/run/netns/<netns>; None: ours
@@ -55,6 +59,7 @@ class TablesBeforeLease:
         self.saved: R.SavedTables | None = None
         self.nft_tables: str | None = None  # None: nft absent
         self.error: FlannelError | None = None
+        self.read_at: float | None = None  # trio.current_time() when the read completed
 
     async def read(self) -> None:
         """Read everything at once; a failure is kept (the start's own path then reports it)."""
@@ -68,6 +73,7 @@ class TablesBeforeLease:
                 lambda: save_nat_and_filter(prefix, "iptables-save"),
                 lambda: list_tables(netns))
             self.saved = R.parse_save(saved)
+            self.read_at = trio.current_time()
         except (FlannelError, ValueError) as err:
             self.error = err if isinstance(err, FlannelError) else FlannelError(f"iptables-save: {err}")
             self.saved = None
@@ -198,7 +204,8 @@ class IptablesManager:
         place and in order (a restart), nothing is run at all."""
         if before is not None and not self.ipv6 and before.netns == self.netns:
             await before.wait()
-            if before.saved is not None and before.version is not None:
+            fresh = before.read_at is not None and trio.current_time() - before.read_at <= BEFORE_LEASE_MAX_AGE_S
+            if fresh and before.saved is not None and before.version is not None:
                 desired = await self._desired_rules(before.version)
                 if not self._cleanup_rules(before.saved) and R.settled(desired, before.saved):
                     self._bootstrapped = True
