@@ -205,3 +205,16 @@ def test_delete_route_request_removes_exactly_that_route(ns):
         assert dumps.transact([delete_route_request(ours[0])]) == [errno.ESRCH]
     finally:
         dumps.close()
+
+
+def test_a_failed_socket_is_every_requests_errno_not_an_exception():
+    """KernelDumps.transact never raises for a socket that failed: each request gets its errno,
+    which the backends record as failed and retry at their next pass."""
+    dumps = KernelDumps(None)
+    try:
+        dumps._socket().close()  # as if it had broken: every send now fails with EBADF
+        add = rtnl.route_request(True, IPv4Address("10.5.9.0").packed, 24, IPv4Address("10.77.0.9").packed,
+                                 oif=None, table=254, protocol=FLANNEL_RTPROT)
+        assert dumps.transact([add, add, add]) == [errno.EBADF] * 3
+    finally:
+        dumps.close()

@@ -360,11 +360,15 @@ class KernelDumps:
             return None
 
     def transact(self, requests: list[rtnl.Request]) -> list[int]:
-        """Send the requests in order, many per sendmsg; each one's errno (0: done)."""
-        sock = self._socket()
+        """Send the requests in order, many per sendmsg; each one's errno (0: done).  When the
+        socket itself fails (it cannot be opened, a send fails, no ACK within its timeout), that
+        errno is every request's: the callers record them as failed and their next pass retries."""
         first = self._seq + 1
         self._seq += len(requests)
-        return rtnl.transact(sock, requests, first)
+        try:
+            return rtnl.transact(self._socket(), requests, first)
+        except OSError as exc:
+            return [exc.errno or errno.EIO] * len(requests)
 
     def change(self, request: rtnl.Request, what: str) -> None:
         """One request that changes the kernel; NetlinkError(errno) when it is refused."""

@@ -62,10 +62,7 @@ def _reconcile(dumps: KernelDumps, wanted: list[tuple[IPNetwork, Route]], underl
     requests = [delete_route_request(have) for have in diff.remove] + [_route_request(True, r) for _s, r in diff.add]
     if not requests:
         return report
-    try:
-        codes = dumps.transact(requests)
-    except OSError as exc:  # the socket itself failed: the next pass tries again
-        codes = [exc.errno or errno.EIO] * len(requests)
+    codes = dumps.transact(requests)
     for have, code in zip(diff.remove, codes):
         if not code:
             report.removed.append(f"route {have.dst} via {have.gateway}")
@@ -191,10 +188,7 @@ class HostGwBackend(Backend):
             if not steps:
                 return
             requests = [_route_request(add, route) for add, route in steps]
-            try:
-                codes = await self.netlink.rtnl_call(KernelDumps.transact, requests)
-            except OSError as exc:  # the socket itself failed: adds are retried by the next pass
-                codes = [exc.errno or errno.EIO] * len(requests)
+            codes = await self.netlink.rtnl_call(KernelDumps.transact, requests)
             for (add, route), code in zip(steps, codes):
                 if add:
                     if self.routes.get(route.dst) != route:

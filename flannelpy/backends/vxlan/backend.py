@@ -348,10 +348,7 @@ def _reconcile(dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, base: IPv4Ad
     additions += [(subnet, f"neigh {n.ip}", _neigh_request(True, index, n)) for subnet, n in diff.add_neighs]
     additions += [(subnet, f"fdb {f.mac}", _fdb_request(True, index, f)) for subnet, f in diff.add_fdbs]
     additions += [(subnet, f"route {r.dst}", _route_request(True, index, r)) for subnet, r in diff.add_routes]
-    try:
-        codes = dumps.transact([req for _what, req in removals] + [req for _s, _what, req in additions])
-    except OSError as exc:  # the socket itself failed: everything is tried again by the next pass
-        codes = [exc.errno or errno.EIO] * (len(removals) + len(additions))
+    codes = dumps.transact([req for _what, req in removals] + [req for _s, _what, req in additions])
     for (what, _req), code in zip(removals, codes):
         if code and code not in _GONE:
             report.errors.append(f"{what}: {os.strerror(code)}")
@@ -598,10 +595,7 @@ class VxlanBackend(Backend):
         requests = [req for g in groups for _what, req in g.steps]
         if not requests:
             return
-        try:
-            codes = await self.netlink.rtnl_call(KernelDumps.transact, requests)
-        except OSError as exc:  # the socket itself failed: every add is retried by the next pass
-            codes = [exc.errno or errno.EIO] * len(requests)
+        codes = await self.netlink.rtnl_call(KernelDumps.transact, requests)
         await self._settle(index, groups, codes)
 
     def _hold(self, subnet: IPv4Network, plan: PeerPlan | None) -> PeerPlan | None:
