@@ -76,7 +76,6 @@ class TablesBeforeLease:
             self.read_at = trio.current_time()
         except (FlannelError, ValueError) as err:
             self.error = err if isinstance(err, FlannelError) else FlannelError(f"iptables-save: {err}")
-            self.saved = None
         finally:
             self._done.set()
 
@@ -204,10 +203,11 @@ class IptablesManager:
         place and in order (a restart), nothing is run at all."""
         if before is not None and not self.ipv6 and before.netns == self.netns:
             await before.wait()
-            fresh = before.read_at is not None and trio.current_time() - before.read_at <= BEFORE_LEASE_MAX_AGE_S
-            if fresh and before.saved is not None and before.version is not None:
-                desired = await self._desired_rules(before.version)
-                if not self._cleanup_rules(before.saved) and R.settled(desired, before.saved):
+            if before.version is not None:
+                desired = await self._desired_rules(before.version)  # a version does not age
+                saved = before.saved
+                fresh = before.read_at is not None and trio.current_time() - before.read_at <= BEFORE_LEASE_MAX_AGE_S
+                if fresh and saved is not None and not self._cleanup_rules(saved) and R.settled(desired, saved):
                     self._bootstrapped = True
                     return
         async with self._lock, host_lock(RULES_LOCK):

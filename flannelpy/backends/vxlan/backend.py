@@ -94,7 +94,6 @@ MACHINE_ID_FILE = "/etc/machine-id"
 log = logging.getLogger(__name__)
 
 NTF_SELF = 0x02
-IFF_UP = 0x1
 MIN_DEVICE_MTU = 68
 APPLY_CHUNK = 256  # peer events per netlink round of apply()
 
@@ -119,7 +118,7 @@ def _read_device(dumps: KernelDumps, name: str) -> tuple[int, VxlanDeviceFacts] 
     link = dumps.link(name)
     if link is None:
         return None
-    up = bool(link.flags & IFF_UP)
+    up = bool(link.flags & rtnl.IFF_UP)
     data = link.data
     if link.kind != "vxlan" or data is None:
         return link.index, VxlanDeviceFacts(link.kind or "", None, None, None, None, False, False, link.mac,
@@ -224,11 +223,11 @@ def _configure_address(dumps: KernelDumps, index: int, base: IPv4Address | IPv6A
                 lambda: dumps.change(rtnl.addr_request(False, index, ip.packed, plen), f"address {ip}/{plen}"))
         changes.append(f"address {ip}/{plen} removed")
     if (base, plen_own) not in have:
-        _ignore((errno.EEXIST,),
-                lambda: dumps.change(rtnl.addr_request(True, index, base.packed, plen_own), f"address {base}/{plen_own}"))
+        add = rtnl.addr_request(True, index, base.packed, plen_own)
+        _ignore((errno.EEXIST,), lambda: dumps.change(add, f"address {base}/{plen_own}"))
         changes.append(f"address {base}/{plen_own} restored")
     link = next((link for link in dumps.links() if link.index == index), None)
-    if changes or link is None or not link.flags & IFF_UP:
+    if changes or link is None or not link.flags & rtnl.IFF_UP:
         dumps.change(rtnl.link_set_request(index, up=True), f"device {index}: up")
     return changes
 
