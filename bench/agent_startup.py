@@ -11,7 +11,8 @@ exec puts the version's bin/ first), but the shim (+20-40 ms) from a plain shell
 each timed start after an untimed one of the same tree, as bench/vs_flanneld.py does for
 flanneld): start -> subnet.env, the agent's CPU time (all threads) at that moment, and its idle
 RSS 5 s after a start, as medians with the ratio B/A.  Each tree is `git archive REV`
-byte-compiled and run through fp_launch.py, so the work tree's state does not matter.
+byte-compiled and run through fp_launch.py, so the work tree's state does not matter, by an
+interpreter that imports it as a regular install does (benchlib.installed_python).
 
     python3 bench/agent_startup.py --trees 1055217,HEAD --runs 9
 """
@@ -26,7 +27,17 @@ import sys
 import tempfile
 import time
 
-from benchlib import Resources, Row, agent_pid, bench_lab, median, ns_cmd, table, wait_peers_programmed
+from benchlib import (
+    Resources,
+    Row,
+    agent_pid,
+    bench_lab,
+    installed_python,
+    median,
+    ns_cmd,
+    table,
+    wait_peers_programmed,
+)
 
 from flannelpy.lab.netns_lab import Lab
 
@@ -127,12 +138,14 @@ def _rss_mib(pid: int) -> float:
 def compare_trees(res: Resources, revs: list[str], runs: int, tmp: str, host: int = 1) -> list[Row]:
     """Interleaved restarts of host `host`'s agent from each tree in turn (see the docstring)."""
     trees = {rev: _snapshot(rev, tmp) for rev in revs}
+    # Each tree imported as a regular install is (no editable install's import hook).
+    pythons = {rev: installed_python(tree, os.path.join(tmp, f"python-{n}")) for n, (rev, tree) in enumerate(trees.items())}
     launch = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fp_launch.py")
-    current = {"tree": trees[revs[0]]}
+    current = {"tree": trees[revs[0]], "python": pythons[revs[0]]}
 
     class TreeLab(Lab):
         def agent_command(self, h):  # type: ignore[no-untyped-def]
-            return [sys.executable, launch, current["tree"], *super().agent_command(h)[1:]]
+            return [current["python"], launch, current["tree"], *super().agent_command(h)[1:]]
 
     lab = _tree_lab(res, TreeLab)
     wait_peers_programmed(lab)
@@ -140,7 +153,7 @@ def compare_trees(res: Resources, revs: list[str], runs: int, tmp: str, host: in
     got: dict[str, dict[str, list[float]]] = {rev: {"ms": [], "cpu": [], "rss": []} for rev in revs}
     for _ in range(runs):
         for rev in revs:
-            current["tree"] = trees[rev]
+            current["tree"], current["python"] = trees[rev], pythons[rev]
             lab.stop_agent(host)
             lab.start_agent(host)  # untimed: this tree's first start after the other's
             lab.wait_subnet_env(host, 30)

@@ -255,3 +255,28 @@ def table(rows: list[Row], markdown: bool = False) -> str:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def installed_python(tree: str, into: str) -> str:
+    """An interpreter that imports `tree`'s flannelpy as a regular (non-editable) install does,
+    for start-up figures that are a user's: a venv made from the base Python whose first .pth
+    line puts `tree` and then this venv's site-packages (the dependencies) on sys.path.  The
+    dev venv's other .pth files are copied, except the editable install's import hook, which
+    no user install has and which costs every start ~13 ms (it loads pathlib and more)."""
+    import glob
+    import shutil
+    import sysconfig
+
+    venv = os.path.join(into, "installed-venv")
+    if os.path.exists(os.path.join(venv, "bin", "python")):
+        return os.path.join(venv, "bin", "python")
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", venv], check=True)
+    deps = sysconfig.get_paths()["purelib"]
+    (target,) = glob.glob(os.path.join(venv, "lib", "python3*", "site-packages"))
+    with open(os.path.join(target, "00-flannelpy-bench.pth"), "w") as f:  # sorts first: the others may import from deps
+        f.write(f"{os.path.abspath(tree)}\n{deps}\n")
+    for pth in glob.glob(os.path.join(deps, "*.pth")):
+        if not os.path.basename(pth).startswith("__editable__"):
+            shutil.copy(pth, target)
+    return os.path.join(venv, "bin", "python")

@@ -24,7 +24,8 @@ with its defaults (`-etcd-api auto` picks the API where the config is).  Measure
 
 Every figure is printed as it is measured; the end is a table with flanneld, flannelpy, the
 ratio and the issue's goal.  flannelpy runs from `git archive HEAD` (the commit is in the
-header) unless `--tree live`.  The real flanneld comes from ../shared/anchors; without it the
+header) unless `--tree live`, imported as a regular install is (benchlib.installed_python: no
+editable install's import hook).  The real flanneld comes from ../shared/anchors; without it the
 script says so and exits 0.  Known quirks of those builds, designed around: v0.20.2 panics on
 SIGTERM (exit 2: harmless here), exits when its own lease is deleted (the churn range never
 covers a host's lease), and agents started at the same moment can miss peers (agents here are
@@ -60,6 +61,7 @@ from benchlib import (
     PROBE,
     Resources,
     cpu_seconds,
+    installed_python,
     machine_busy_seconds,
     median,
     ns_cmd,
@@ -93,6 +95,7 @@ class VsLab(Lab):
     kinds: dict[str, str] = field(default_factory=dict)  # host index (as str, for lab.json) -> kind
     flanneld_bin: str = ""
     fp_tree: str = "-"  # fp_launch.py's TREE: a `git archive` of flannelpy, or "-" for the work tree
+    fp_python: str = ""  # the interpreter for fp_launch.py (benchlib.installed_python for a tree); "" this one
 
     def agent_command(self, host: LabHost) -> list[str]:
         common = [f"-etcd-endpoints={self.etcd_endpoint}", f"-etcd-prefix={self.etcd_prefix}", "-iface=eth0",
@@ -100,7 +103,7 @@ class VsLab(Lab):
         if self.kinds.get(str(host.index), "flannelpy") == "flanneld":
             return [self.flanneld_bin, *common]
         # flannelpy's status socket is on by default (/run/flannel/flanneld.sock); one per host here.
-        return [sys.executable, FP_LAUNCH, self.fp_tree, *common, f"-status-socket={host.status_socket}"]
+        return [self.fp_python or sys.executable, FP_LAUNCH, self.fp_tree, *common, f"-status-socket={host.status_socket}"]
 
 
 def agent_pid(lab: Lab, i: int) -> int:
@@ -657,7 +660,8 @@ def run_api(res: Resources, api: str, letter: str, args: argparse.Namespace, tmp
     config = {"Network": BENCH_NETWORK, "SubnetMin": BENCH_SUBNET_MIN, "SubnetMax": BENCH_SUBNET_MAX,
               "Backend": {"Type": "vxlan"}}
     lab = VsLab(prefix=res.prefix + letter, hosts=2, backend="vxlan", etcd_api=api, config=json.dumps(config),
-                flanneld_bin=unpack_flanneld(REFERENCE[api], tmp), fp_tree=tree)
+                flanneld_bin=unpack_flanneld(REFERENCE[api], tmp), fp_tree=tree,
+                fp_python=installed_python(tree, tmp) if tree != "-" else "")
     res.labs.append(lab)
     print(f"[{api}] lab {lab.prefix}: flanneld {REFERENCE[api]} vs flannelpy", flush=True)
     lab.up()  # flannelpy on both hosts first (the lab's containers need a subnet.env)
