@@ -19,9 +19,8 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
-from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, NamedTuple, Sequence
 
 import trio
 
@@ -55,8 +54,7 @@ SUBNET_ENV_CHECK_S = 2.0  # how often a removed or altered subnet.env is noticed
 UNDO_STEP_TIMEOUT_S = 5.0  # one undo step (e.g. deleting the lease while etcd is away) gives up after this
 
 
-@dataclass(frozen=True)
-class AgentOptions:
+class AgentOptions(NamedTuple):
     etcd: EtcdOptions
     etcd_api: str
     ifaces: tuple[str, ...]

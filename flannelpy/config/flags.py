@@ -9,14 +9,13 @@ with empty values ignored; `-version` is checked before the environment, as in f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
 from flannelpy.errors import UsageError
 
 
-@dataclass(frozen=True)
-class FlagSpec:
+class FlagSpec(NamedTuple):
     name: str
     kind: type  # str, int, bool or list (repeatable string)
     default: Any

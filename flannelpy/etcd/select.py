@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import httpx
 import trio
@@ -78,8 +78,7 @@ def create_command(options: EtcdOptions, api: str, config: str = EXAMPLE_CONFIG)
     return f"etcdctl{endpoints} put {config_key(options)} '{config}'"
 
 
-@dataclass(frozen=True)
-class Probe:
+class Probe(NamedTuple):
     """What one API said about <prefix>/config."""
 
     api: str

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, NamedTuple, Protocol
 
 from flannelpy.errors import FlannelError
 from flannelpy.subnet.lease import Lease, LeaseAttrs, LeaseEvent
@@ -115,8 +115,7 @@ def unavailable(failures: list[ConnectFailure]) -> StoreUnavailable:
     return StoreUnavailable("no etcd endpoint answered: " + "; ".join(texts), kind=UNREACHABLE)
 
 
-@dataclass(frozen=True)
-class WatchBatch:
+class WatchBatch(NamedTuple):
     """What one watch step yields.
 
     Normally `events` holds the changes since the last batch.  When the store could not
@@ -127,7 +126,7 @@ class WatchBatch:
     events: tuple[LeaseEvent, ...] = ()
     snapshot: tuple[Lease, ...] | None = None
     revision: int = 0
-    skipped: tuple[str, ...] = field(default=())  # keys whose values could not be decoded
+    skipped: tuple[str, ...] = ()  # keys whose values could not be decoded
 
 
 class Store(Protocol):

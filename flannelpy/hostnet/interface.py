@@ -14,9 +14,8 @@ import errno
 import logging
 import re
 import socket
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
-from typing import Any
+from typing import Any, NamedTuple
 
 from flannelpy.errors import FlannelError
 
@@ -30,8 +29,7 @@ VAGRANT_NAT_IP = IPv4Address("10.0.2.15")
 _LINK_LOCAL = IPv4Network("169.254.0.0/16")
 
 
-@dataclass(frozen=True)
-class ExternalInterface:
+class ExternalInterface(NamedTuple):
     """The underlay interface flannel sends over (flanneld's ExtIface)."""
 
     name: str
@@ -45,8 +43,7 @@ class ExternalInterface:
     public_ipv6: IPv6Address | None = None
 
 
-@dataclass(frozen=True)
-class LinkFacts:
+class LinkFacts(NamedTuple):
     name: str
     index: int
     mtu: int
@@ -54,8 +51,7 @@ class LinkFacts:
     addrs6: tuple[IPv6Address, ...] = ()  # IPv6 addresses in kernel order
 
 
-@dataclass(frozen=True)
-class HostSnapshot:
+class HostSnapshot(NamedTuple):
     links: tuple[LinkFacts, ...]
     default_index: int | None = None  # oif of the IPv4 default route in the main table
     # oifs that `ip route get <can_reach>` returned; None when not asked or unreachable
@@ -95,8 +91,7 @@ def describe_links(snap: HostSnapshot) -> str:
     return ", ".join(parts) or "no interfaces"
 
 
-@dataclass(frozen=True)
-class InterfaceFlags:
+class InterfaceFlags(NamedTuple):
     """The validated interface flags."""
 
     ifaces: tuple[str, ...]

@@ -17,6 +17,7 @@ import itertools
 import shlex
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import NamedTuple
 
 MASQ_CHAIN = "FLANNEL-POSTRTG"
 FWD_CHAIN = "FLANNEL-FWD"
@@ -41,8 +42,7 @@ def _same_family(*networks: IPNetwork | None) -> None:
         raise ValueError(f"iptables rules mix IPv4 and IPv6 networks: {', '.join(str(n) for n in networks if n)}")
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     """One rule: `-A <chain> <spec>` in table `table`; spec tokens are unquoted."""
 
     table: str
@@ -178,8 +178,7 @@ def parse_save(text: str) -> SavedTables:
 # --- what we want, what is missing, how to get there -----------------------------------------------
 
 
-@dataclass(frozen=True)
-class Desired:
+class Desired(NamedTuple):
     """All rules one flanneld wants: chains it fills (rebuilt in order), and jumps into them.
 
     Several flanneld instances on one machine (different -etcd-prefix and Network) share

@@ -13,12 +13,21 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Container
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import NamedTuple
 
 import trio
 
-from .rtnl import IFADDRMSG, IFINFOMSG, NDMSG, RTMSG, Message, messages, open_socket, u32
+from .rtnl import (
+    IFADDRMSG,
+    IFINFOMSG,
+    NDMSG,
+    RTMSG,
+    Message,
+    messages,
+    open_socket,
+    u32,
+)
 
 # multicast groups (rtnetlink.h RTMGRP_*)
 RTMGRP_LINK = 0x1
@@ -35,8 +44,7 @@ RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 NDA_LLADDR = 2
 
 
-@dataclass(frozen=True, slots=True)  # thousands in a batch at a start
-class KernelChange:
+class KernelChange(NamedTuple):
     """One notification.  kind "overflow" means notifications were lost (assume anything)."""
 
     kind: str  # "link", "addr", "route", "neigh" or "overflow"

@@ -28,10 +28,9 @@ import queue
 import socket
 import sys
 import threading
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Container, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Container, NamedTuple, TypeVar
 
 import outcome
 import trio
@@ -276,8 +275,7 @@ def _port_id_of(ipr: Any) -> int | None:
 # --- what the kernel holds: plain values, one dump each -----------------------------------
 
 
-@dataclass(frozen=True)
-class KernelRoute:
+class KernelRoute(NamedTuple):
     """One route of the main table (IPv4 or IPv6), as the kernel reports it."""
 
     dst: IPv4Network | IPv6Network
@@ -289,8 +287,7 @@ class KernelRoute:
     onlink: bool = False
 
 
-@dataclass(frozen=True)
-class KernelNeigh:
+class KernelNeigh(NamedTuple):
     """A neighbour entry (IPv4: ARP, IPv6: NDP) on one device."""
 
     ip: IPv4Address | IPv6Address
@@ -298,8 +295,7 @@ class KernelNeigh:
     permanent: bool
 
 
-@dataclass(frozen=True)
-class KernelFdb:
+class KernelFdb(NamedTuple):
     """A bridge FDB entry of a vxlan device that sends to a remote VTEP (has NDA_DST)."""
 
     mac: str

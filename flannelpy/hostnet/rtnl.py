@@ -18,7 +18,7 @@ import os
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP_INTR, NLM_F_DUMP = 0x1, 0x2, 0x10, 0x300
@@ -34,8 +34,7 @@ IFINFOMSG = struct.Struct("=BBHiII")  # family, pad, type, index, flags, change
 IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     """One netlink message: its header, the raw family header, and its attributes by type."""
 
     type: int
@@ -189,8 +188,7 @@ IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 
 
-@dataclass(frozen=True)
-class RouteInfo:
+class RouteInfo(NamedTuple):
     """A route message's fields as the kernel sent them (addresses packed, 4 or 16 bytes)."""
 
     family: int
@@ -224,8 +222,7 @@ def route_info(msg: Message) -> RouteInfo:
                      flags, a.get(RTA_GATEWAY), u32(a.get(RTA_OIF)), u32(a.get(RTA_PRIORITY)) or 0, tuple(hops))
 
 
-@dataclass(frozen=True)
-class LinkInfo:
+class LinkInfo(NamedTuple):
     """A device as RTM_NEWLINK describes it; `kind` and `data` (IFLA_INFO_DATA's attributes)
     say what type of device it is (vxlan...)."""
 
@@ -255,8 +252,7 @@ def link_info(msg: Message) -> LinkInfo:
                     kind, data)
 
 
-@dataclass(frozen=True)
-class AddrInfo:
+class AddrInfo(NamedTuple):
     """An address: IFA_LOCAL (the interface's own) and IFA_ADDRESS (the peer on point-to-point
     links, else the same), packed."""
 
@@ -291,8 +287,7 @@ RT_SCOPE_UNIVERSE, RT_SCOPE_NOWHERE, RTN_UNICAST = 0, 255, 1
 _SEND_CHUNK = 48 * 1024  # bytes per sendmsg: well under the socket's send buffer
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """One rtnetlink request without its header's length and sequence number."""
 
     type: int

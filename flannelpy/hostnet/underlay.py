@@ -10,9 +10,8 @@ Flannel's own devices (`flannel.<VNI>`, `flannel0`, ...) are not underlay and ar
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
+from typing import Any, NamedTuple
 
 from .netlink import KernelDumps, NetlinkThread
 
@@ -22,8 +21,7 @@ _SCOPE_LINK = 253
 _RTN_UNICAST = 1  # not local/broadcast/multicast/unreachable routes
 
 
-@dataclass(frozen=True)
-class Underlay:
+class Underlay(NamedTuple):
     """The host's networks outside flannel's devices (plain values, so admission stays pure); the *6 fields
     are the IPv6 side, which dual-stack admission protects the same way."""
 

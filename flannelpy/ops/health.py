@@ -15,8 +15,7 @@ import os
 import socket
 import stat
 import tempfile
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NamedTuple
 
 import trio
 
@@ -39,8 +38,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class HealthEndpoints:
+class HealthEndpoints(NamedTuple):
     """What serve_health bound: handed to task_status.started()."""
 
     tcp: tuple[str, int] | None

@@ -32,7 +32,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Generic, Hashable, Iterable, Sequence, TypeVar
+from typing import Generic, Hashable, Iterable, NamedTuple, Sequence, TypeVar
 
 from flannelpy.hostnet.underlay import Underlay
 
@@ -67,8 +67,7 @@ _SPECIAL_PUBLIC_IPV6S = (
 )
 
 
-@dataclass(frozen=True)
-class Refusal:
+class Refusal(NamedTuple):
     """Why one lease is refused."""
 
     lease: Lease

@@ -14,9 +14,8 @@ the same way as the IPv4 one, independently: at random among the first 100 free 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from flannelpy.config.network import NetworkConfig
 from flannelpy.errors import OutOfSubnets
@@ -26,14 +25,13 @@ from .lease import Lease
 FREE_CANDIDATES = 100  # flanneld picks at random among this many free subnets
 
 
-@dataclass(frozen=True)
-class AcquirePlan:
+class AcquirePlan(NamedTuple):
     """reuse: renew this lease of ours.  create: try to create this subnet.
     delete: our leases that no longer fit the config, to remove first."""
 
     reuse: Lease | None = None
     create: IPv4Network | None = None
-    delete: tuple[Lease, ...] = field(default=())
+    delete: tuple[Lease, ...] = ()
     create_ipv6: IPv6Network | None = None  # with EnableIPv6: the IPv6 half of the key to create
 
 

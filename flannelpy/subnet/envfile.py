@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from typing import NamedTuple
 
 from flannelpy.errors import FlannelError
 from flannelpy.fileutil import atomic_write, replace_problem
@@ -87,8 +88,7 @@ def parse_env_file(text: str) -> dict[str, str]:
     return values
 
 
-@dataclass(frozen=True)
-class PreviousEnv:
+class PreviousEnv(NamedTuple):
     """What an old subnet.env says, each entry None when absent or unusable."""
 
     network: IPv4Network | None = None

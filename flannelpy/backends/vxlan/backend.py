@@ -29,9 +29,8 @@ import logging
 import os
 import socket
 import struct
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import trio
 
@@ -69,8 +68,8 @@ from .plan import (
     VXLAN_DEFAULT_PORT,
     VXLAN_OVERHEAD,
     VXLAN_OVERHEAD_V6,
-    IPNetwork,
     Fdb,
+    IPNetwork,
     Neigh,
     PeerPlan,
     Route,
@@ -237,8 +236,7 @@ _GONE = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV)
 _KERNEL_ERRORS = (NetlinkError, OSError, ValueError)
 
 
-@dataclass(frozen=True)
-class _Group:
+class _Group(NamedTuple):
     """One peer's part of an apply batch: what it is for, and its requests in kernel order."""
 
     role: str  # "add", "remove", or "stale" (old entries a changed lease no longer needs)

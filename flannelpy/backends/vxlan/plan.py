@@ -16,10 +16,18 @@ import random
 import socket
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Iterable, Union
+from typing import Iterable, NamedTuple, Union
 
 from flannelpy.hostnet.monitor import KernelChange
-from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, NUD_PERMANENT, RTPROT_KERNEL, KernelFdb, KernelNeigh, KernelRoute
+from flannelpy.hostnet.netlink import (
+    FLANNEL_RTPROT,
+    MAIN_TABLE,
+    NUD_PERMANENT,
+    RTPROT_KERNEL,
+    KernelFdb,
+    KernelNeigh,
+    KernelRoute,
+)
 from flannelpy.subnet.lease import Lease
 
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IP 20 + UDP 8 + VXLAN 8
@@ -58,8 +66,7 @@ def stable_vtep_mac(machine_id: str, public_ip: IPAddress, vni: int) -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
-@dataclass(frozen=True)
-class VxlanDeviceSpec:
+class VxlanDeviceSpec(NamedTuple):
     """The device we want (flanneld's netlink.Vxlan)."""
 
     name: str
@@ -72,8 +79,7 @@ class VxlanDeviceSpec:
     mtu: int
 
 
-@dataclass(frozen=True)
-class VxlanDeviceFacts:
+class VxlanDeviceFacts(NamedTuple):
     """What an existing link of that name is, as read from the kernel."""
 
     kind: str  # "vxlan" or something else that took the name
@@ -203,8 +209,7 @@ def addresses_to_remove(
 # --- reconciliation: what the kernel should hold vs what it holds ---------------------------
 
 
-@dataclass(frozen=True)
-class DeviceRepair:
+class DeviceRepair(NamedTuple):
     """What to do to the device: recreate it (reason given), or fix some of its settings."""
 
     recreate: str | None = None
