@@ -50,7 +50,7 @@ def test_healthy_device_needs_nothing() -> None:
     fix = tun_repair(SPEC, HEALTHY)
     assert fix == TunRepair() and not fix.needed and fix.problems(SPEC) == []
     # Someone else's extra route to Network (another metric) beside ours is not our business.
-    assert tun_repair(SPEC, TunFacts(**{**HEALTHY.__dict__, "network_route_oifs": (7, 2)})) == TunRepair()
+    assert tun_repair(SPEC, HEALTHY._replace(network_route_oifs=(7, 2))) == TunRepair()
 
 
 def test_each_kind_of_damage_has_its_repair_and_its_line() -> None:
@@ -66,12 +66,12 @@ def test_each_kind_of_damage_has_its_repair_and_its_line() -> None:
     assert (bare.set_mtu, bare.add_address, bare.add_route) == (True, True, True)
     assert "flannel0 has no address 10.5.3.0/32" in bare.problems(SPEC)
     # Another address on the device (ours removed) still means ours is missing.
-    other = TunFacts(**{**HEALTHY.__dict__, "addresses": frozenset({(IPv4Address("10.5.9.0"), 32)})})
+    other = HEALTHY._replace(addresses=frozenset({(IPv4Address("10.5.9.0"), 32)}))
     assert tun_repair(SPEC, other).add_address
 
 
 def test_network_routed_elsewhere_is_reported_never_fought() -> None:
-    fix = tun_repair(SPEC, TunFacts(**{**HEALTHY.__dict__, "network_route_oifs": (2,)}))
+    fix = tun_repair(SPEC, HEALTHY._replace(network_route_oifs=(2,)))
     assert not fix.needed and fix.routed_elsewhere == (2,)
     assert fix.problems(SPEC) == ["10.5.0.0/16 is routed via ifindex 2, not flannel0"]
 

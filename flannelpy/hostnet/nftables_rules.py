@@ -30,6 +30,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
+from typing import NamedTuple
 
 from . import iptables_rules as IR
 
@@ -68,8 +69,7 @@ def table_comment(table: str) -> str:
     return f"rules for {table}"
 
 
-@dataclass(frozen=True)
-class Chain:
+class Chain(NamedTuple):
     """A base chain as we write it: its header line (type, hook, priority, policy) and rules."""
 
     name: str
@@ -78,8 +78,7 @@ class Chain:
     rules: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Ruleset:
+class Ruleset(NamedTuple):
     """What one flanneld wants in one table.  `own_networks` tells its rules from other instances'
     (several flanneld on one machine with different Networks share the table, as they share
     iptables' FLANNEL-* chains): a rule naming one of them is ours, even a stale variant."""

@@ -10,15 +10,14 @@ loop and after every kernel notification about it; tun_repair decides, the backe
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import NamedTuple
 
 from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import MAIN_TABLE
 
 
-@dataclass(frozen=True)
-class TunSpec:
+class TunSpec(NamedTuple):
     """flannel0 as the backend made it."""
 
     name: str
@@ -28,8 +27,7 @@ class TunSpec:
     network: IPv4Network  # routed via the device
 
 
-@dataclass(frozen=True)
-class TunFacts:
+class TunFacts(NamedTuple):
     """The device at the spec's index as the kernel reports it; present False: no such link
     (deleted), or a link that is not a TUN (the index was reused)."""
 
@@ -41,8 +39,7 @@ class TunFacts:
     network_route_oifs: tuple[int | None, ...] = ()
 
 
-@dataclass(frozen=True)
-class TunRepair:
+class TunRepair(NamedTuple):
     """What to do to make the device match its spec; all False: nothing."""
 
     reopen: bool = False  # the device is gone: open a new TUN and configure it from scratch
@@ -52,7 +49,7 @@ class TunRepair:
     add_route: bool = False
     # Network is routed via other devices and not via ours: adding ours would fail (EEXIST),
     # and those routes are not ours to remove, so this is reported, never "fixed".
-    routed_elsewhere: tuple[int | None, ...] = field(default=())
+    routed_elsewhere: tuple[int | None, ...] = ()
 
     @property
     def needed(self) -> bool:
