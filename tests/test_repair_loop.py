@@ -1,5 +1,6 @@
 """RepairLoop's period (pure): the long quiet interval only while kernel notifications are read
-and nothing waits for a retry (issue #19: no periodic walk of every peer that flanneld lacks)."""
+and nothing waits for a retry (issue #19: no periodic walk of every peer that flanneld lacks);
+and the netlink thread a pass runs on keeps nothing of it afterwards."""
 
 from flannelpy.backends.repair import QUIET_INTERVAL, RESYNC_INTERVAL, RepairLoop
 from flannelpy.hostnet.netlink import NetlinkThread
@@ -28,3 +29,23 @@ def test_without_a_quiet_interval_the_period_stays():
     rl = loop([False], quiet=None)
     rl.monitoring = True
     assert rl.period() == RESYNC_INTERVAL
+
+
+class _Entries:
+    """Stands for a repair pass's argument (every peer's entries): weakly referable."""
+
+
+async def test_the_netlink_thread_keeps_nothing_of_a_finished_call():
+    # The thread used to keep its last job (function, arguments, result) while waiting for the
+    # next: a repair pass's list of every peer's entries stayed alive until the next request.
+    import gc
+    import weakref
+
+    nl = NetlinkThread()
+    entries, result = _Entries(), _Entries()
+    entries_ref, result_ref = weakref.ref(entries), weakref.ref(result)
+    got = await nl.rtnl_call(lambda _dumps, arg, res: res if arg is entries else None, entries, result)
+    assert got is result
+    del entries, result, got
+    gc.collect()
+    assert entries_ref() is None and result_ref() is None

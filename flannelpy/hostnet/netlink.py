@@ -167,6 +167,9 @@ class NetlinkThread:
                 fn, args, deliver = job
                 result = outcome.capture(fn, ipr, *args)
                 deliver(result)
+                # Not kept while the queue is empty: a repair pass's arguments (every peer's
+                # entries) and result would otherwise live until the next request.
+                del job, fn, args, deliver, result
         finally:
             ipr.close()
 
