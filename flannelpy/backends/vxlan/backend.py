@@ -423,11 +423,14 @@ class VxlanBackend(Backend):
         self.index: int | None = None
         self.mac: str | None = None
         self._own_base: IPv4Address | None = None
-        # Accepted peers and the entries they need (whether or not programming worked), the
-        # ones whose programming failed (-> why), and how many wanted plans hold each VTEP MAC, so
-        # removing a lease never deletes an FDB entry another accepted lease still needs (a count,
-        # not a set of subnets: each subnet holds one plan, and a set per MAC is ~240 bytes a peer).
-        self._wanted: dict[IPv4Network, PeerPlan] = {}
+        # Accepted peers (whether or not programming worked) by their lease, the ones routed
+        # directly (DirectRouting), the ones whose programming failed (-> why), and how many
+        # wanted peers hold each VTEP MAC, so removing a lease never deletes an FDB entry another
+        # accepted lease still needs (a count, not a set of subnets: a set per MAC is ~240 bytes
+        # a peer).  A peer's entries are worked out from its lease when needed (peer_plan), not
+        # kept: the lease is the one the tracker holds anyway, the entries were ~210 bytes a peer.
+        self._wanted: dict[IPv4Network, Lease] = {}
+        self._direct: set[IPv4Network] = set()
         self._failed: dict[IPv4Network, str] = {}
         self._mac_holders: dict[str, int] = {}
         self._synced = False  # the agent applied the whole peer set: unexplained entries may go
@@ -493,10 +496,13 @@ class VxlanBackend(Backend):
         return counters
 
     def _public_of(self, subnet: IPv4Network) -> str:
-        plan = self._wanted.get(subnet)
-        if plan is None:
-            return "?"
-        return str(plan.fdb.dst if plan.fdb is not None else plan.route.gateway)
+        lease = self._wanted.get(subnet)
+        return "?" if lease is None else str(lease.attrs.public_ip)  # the FDB's or the direct route's next hop
+
+    def _plan_of(self, subnet: IPv4Network) -> PeerPlan | None:
+        """The entries a wanted peer needs (the plan its add computed: same lease, same route kind)."""
+        lease = self._wanted.get(subnet)
+        return None if lease is None else peer_plan(lease, subnet in self._direct)
 
     def mtu(self) -> int:
         return self.spec.mtu
@@ -595,17 +601,22 @@ class VxlanBackend(Backend):
         codes = await self.netlink.rtnl_call(KernelDumps.transact, requests)
         await self._settle(index, groups, codes)
 
-    def _hold(self, subnet: IPv4Network, plan: PeerPlan | None) -> PeerPlan | None:
-        """Record `plan` (None: forget) as the subnet's wanted entries; returns the old plan."""
-        old = self._wanted.pop(subnet, None)
+    def _hold(self, subnet: IPv4Network, lease: Lease | None, plan: PeerPlan | None) -> PeerPlan | None:
+        """Record `lease` and its `plan` (None: forget) as the subnet's wanted peer; returns the
+        old plan."""
+        old = self._plan_of(subnet)
+        self._wanted.pop(subnet, None)
+        self._direct.discard(subnet)
         if old is not None and old.fdb is not None:
             holders = self._mac_holders.get(old.fdb.mac, 0) - 1
             if holders > 0:
                 self._mac_holders[old.fdb.mac] = holders
             else:
                 self._mac_holders.pop(old.fdb.mac, None)
-        if plan is not None:
-            self._wanted[subnet] = plan
+        if lease is not None and plan is not None:
+            self._wanted[subnet] = lease
+            if plan.direct:
+                self._direct.add(subnet)
             if plan.fdb is not None:
                 self._mac_holders[plan.fdb.mac] = self._mac_holders.get(plan.fdb.mac, 0) + 1
         else:
@@ -629,7 +640,7 @@ class VxlanBackend(Backend):
             log.error("ignoring lease %s: %s", lease.subnet, exc)
             await self._queue_remove(index, lease, groups)
             return
-        old = self._hold(lease.subnet, plan)
+        old = self._hold(lease.subnet, lease, plan)
         if plan.fdb is not None:
             self._echoes.expect((plan.fdb.mac.lower(), False))
         groups.append(_Group("add", lease.subnet, plan, _plan_requests(index, plan, True, True)))
@@ -643,7 +654,7 @@ class VxlanBackend(Backend):
                 groups.append(_Group("stale", lease.subnet, stale, _plan_requests(index, stale, False, False)))
 
     async def _queue_remove(self, index: int, lease: Lease, groups: list[_Group]) -> None:
-        plan = self._hold(lease.subnet, None)
+        plan = self._hold(lease.subnet, None, None)
         if plan is None:
             # Not programmed by this process (e.g. learned before a restart): remove what
             # flanneld would have installed for it.
@@ -714,7 +725,7 @@ class VxlanBackend(Backend):
         if self.mac is None or self._own_base is None:
             return RepairReport(checked=False)  # before start(): nothing is ours yet
         async with self._lock:
-            wanted = list(self._wanted.items())
+            wanted = [(subnet, peer_plan(lease, subnet in self._direct)) for subnet, lease in self._wanted.items()]
             synced = self._synced
             index, report = await self.netlink.rtnl_call(
                 _reconcile, self.spec, self.mac, self._own_base, self.network, wanted, synced)
