@@ -375,13 +375,16 @@ class KernelDumps:
         if code:
             raise NetlinkError(code, f"{what}: {os.strerror(code)}")
 
-    def _dump(self, mtype: int, header: bytes) -> list[rtnl.Message]:
+    def _dump(self, mtype: int, header: bytes, keep: Callable[[rtnl.Message], T | None]) -> list[T]:
+        """One dump, each reply message made into what the caller keeps (None: nothing) as it
+        arrives: a repair pass's dumps of thousands of entries never hold all their raw
+        messages (~0.7 KiB each) at once, which set the agent's RSS high-water mark."""
         self._socket()
         assert self._sock is not None
         for _ in range(5):
             self._seq += 1
             try:
-                return rtnl.dump(self._sock, mtype, header, self._seq)
+                return [v for v in map(keep, rtnl.dump_each(self._sock, mtype, header, self._seq)) if v is not None]
             except rtnl.DumpInterrupted:
                 continue  # the table changed under the dump: read it again
         raise OSError(errno.EAGAIN, "the kernel's table kept changing during the dump")
@@ -389,57 +392,62 @@ class KernelDumps:
     def all_routes(self, family: int = socket.AF_INET) -> list[rtnl.RouteInfo]:
         """Every route of one family, every table and type, in the kernel's order."""
         header = rtnl.RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
-        return [rtnl.route_info(m) for m in self._dump(rtnl.RTM_GETROUTE, header)
-                if m.type == rtnl.RTM_NEWROUTE and m.body[0] == family]
+        return self._dump(rtnl.RTM_GETROUTE, header, lambda m: rtnl.route_info(m) if (
+            m.type == rtnl.RTM_NEWROUTE and m.body[0] == family) else None)
 
     def routes(self, family: int = socket.AF_INET) -> list[KernelRoute]:
         """Every unicast route of the main table, of one family (IPv6 routes always carry a
         metric: 1024 when added without one)."""
         v6 = family == socket.AF_INET6
         address, network, size = (IPv6Address, IPv6Network, 16) if v6 else (IPv4Address, IPv4Network, 4)
-        out = []
-        for r in self.all_routes(family):
+
+        def keep(m: rtnl.Message) -> KernelRoute | None:
+            if m.type != rtnl.RTM_NEWROUTE or m.body[0] != family:
+                return None
+            r = rtnl.route_info(m)
             if r.table != MAIN_TABLE or r.type != 1:
-                continue  # other tables; local, broadcast, blackhole... routes (RTN_UNICAST is 1)
+                return None  # other tables; local, broadcast, blackhole... routes (RTN_UNICAST is 1)
             gw = r.gateway
-            out.append(KernelRoute(
+            return KernelRoute(
                 dst=network((address(r.dst[:size]) if r.dst else address(0), r.dst_len), strict=False),
                 gateway=address(gw[:size]) if gw and len(gw) >= size else None,
                 oif=r.oif, proto=r.proto, priority=r.priority, tos=r.tos,
                 onlink=bool(r.flags & RTNH_F_ONLINK),
-            ))
-        return out
+            )
+
+        return self._dump(rtnl.RTM_GETROUTE, rtnl.RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0), keep)
 
     def neighbours(self, index: int, family: int = socket.AF_INET) -> list[KernelNeigh]:
         """Neighbour entries (IPv4: ARP, IPv6: NDP) of device `index`."""
         size, address = (16, IPv6Address) if family == socket.AF_INET6 else (4, IPv4Address)
-        out = []
-        for msg in self._dump(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(family, 0, 0, 0, 0, 0, 0)):
+
+        def keep(msg: rtnl.Message) -> KernelNeigh | None:
             fam, _p1, _p2, ifindex, state, _fl, _type = rtnl.NDMSG.unpack(msg.body)
             dst = msg.attrs.get(_NDA_DST)
             if fam != family or ifindex != index or not dst or len(dst) != size:
-                continue
-            mac = msg.attrs.get(_NDA_LLADDR)
-            out.append(KernelNeigh(address(dst), _mac(mac), bool(state & NUD_PERMANENT)))
-        return out
+                return None
+            return KernelNeigh(address(dst), _mac(msg.attrs.get(_NDA_LLADDR)), bool(state & NUD_PERMANENT))
+
+        return self._dump(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(family, 0, 0, 0, 0, 0, 0), keep)
 
     def fdb(self, index: int, family: int = socket.AF_INET) -> list[KernelFdb]:
         """FDB entries of vxlan device `index` that point at a remote VTEP of `family` (have NDA_DST)."""
         size, address = (16, IPv6Address) if family == socket.AF_INET6 else (4, IPv4Address)
-        out = []
-        for msg in self._dump(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(socket.AF_BRIDGE, 0, 0, 0, 0, 0, 0)):
+
+        def keep(msg: rtnl.Message) -> KernelFdb | None:
             fam, _p1, _p2, ifindex, state, _fl, _type = rtnl.NDMSG.unpack(msg.body)
             dst = msg.attrs.get(_NDA_DST)
             mac = _mac(msg.attrs.get(_NDA_LLADDR))
             if fam != socket.AF_BRIDGE or ifindex != index or not dst or len(dst) != size or mac is None:
-                continue
-            out.append(KernelFdb(mac, address(dst), bool(state & NUD_PERMANENT)))
-        return out
+                return None
+            return KernelFdb(mac, address(dst), bool(state & NUD_PERMANENT))
+
+        return self._dump(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(socket.AF_BRIDGE, 0, 0, 0, 0, 0, 0), keep)
 
     def links(self) -> list[rtnl.LinkInfo]:
         """Every device, in the kernel's order."""
-        return [rtnl.link_info(m) for m in self._dump(rtnl.RTM_GETLINK, rtnl.IFINFOMSG.pack(0, 0, 0, 0, 0, 0))
-                if m.type == 16]  # RTM_NEWLINK
+        return self._dump(rtnl.RTM_GETLINK, rtnl.IFINFOMSG.pack(0, 0, 0, 0, 0, 0),
+                          lambda m: rtnl.link_info(m) if m.type == 16 else None)  # RTM_NEWLINK
 
     def link(self, name: str) -> rtnl.LinkInfo | None:
         """The device called `name`, None when there is none."""
@@ -447,9 +455,11 @@ class KernelDumps:
 
     def addresses(self, family: int, index: int = 0) -> list[rtnl.AddrInfo]:
         """Addresses of one family (of device `index` only, when given), in the kernel's order."""
-        return [a for a in (rtnl.addr_info(m) for m in self._dump(rtnl.RTM_GETADDR,
-                                                                 rtnl.IFADDRMSG.pack(family, 0, 0, 0, 0)))
-                if a.family == family and (not index or a.index == index)]
+        def keep(m: rtnl.Message) -> rtnl.AddrInfo | None:
+            a = rtnl.addr_info(m)
+            return a if a.family == family and (not index or a.index == index) else None
+
+        return self._dump(rtnl.RTM_GETADDR, rtnl.IFADDRMSG.pack(family, 0, 0, 0, 0), keep)
 
     def route_get(self, dst: IPv4Address | IPv6Address) -> list[rtnl.RouteInfo]:
         """`ip route get <dst>`: the route the kernel would use; OSError (ENETUNREACH...) when none."""

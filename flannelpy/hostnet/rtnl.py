@@ -18,7 +18,7 @@ import os
 import socket
 import struct
 import threading
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP_INTR, NLM_F_DUMP = 0x1, 0x2, 0x10, 0x300
@@ -142,8 +142,14 @@ class DumpInterrupted(Exception):
 
 def dump(sock: socket.socket, mtype: int, header: bytes, seq: int) -> list[Message]:
     """Send one dump request on a blocking socket and collect every reply message."""
+    return list(dump_each(sock, mtype, header, seq))
+
+
+def dump_each(sock: socket.socket, mtype: int, header: bytes, seq: int) -> Iterator[Message]:
+    """dump(), one reply message at a time as the datagrams arrive, so that a caller keeping
+    only what it makes of each never holds thousands of raw messages at once.  Consume it to
+    the end: DumpInterrupted (the table changed meanwhile: read it again) comes last."""
     sock.send(NLMSG.pack(NLMSG.size + len(header), mtype, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + header)
-    out: list[Message] = []
     interrupted = False
     while True:
         data = sock.recv(_RECV_BYTES)
@@ -153,14 +159,14 @@ def dump(sock: socket.socket, mtype: int, header: bytes, seq: int) -> list[Messa
             if msg.type == NLMSG_DONE:
                 if interrupted:
                     raise DumpInterrupted()
-                return out
+                return
             if msg.type == NLMSG_ERROR:
                 code = -struct.unpack("=i", msg.body[:4])[0]
                 if code:
                     raise OSError(code, os.strerror(code))
                 continue
             interrupted = interrupted or bool(msg.flags & NLM_F_DUMP_INTR)
-            out.append(msg)
+            yield msg
 
 
 def ask(sock: socket.socket, mtype: int, payload: bytes, seq: int) -> list[Message]:
