@@ -232,7 +232,7 @@ def fmt(v: float | None, unit: str = "") -> str:
         return f"{v:.2f}"
     if unit == "pkt/s":
         return f"{v:,.0f}"
-    if unit == "%":
+    if unit in ("%", "B"):
         return f"{v:.0f}"
     return f"{v:.3g}"
 

@@ -54,9 +54,6 @@ from flannelpy.hostnet.netlink import (
     NUD_PERMANENT,
     RTNH_F_ONLINK,
     KernelDumps,
-    KernelFdb,
-    KernelNeigh,
-    KernelRoute,
     NetlinkError,
     NetlinkThread,
     delete_route_request,
@@ -68,6 +65,7 @@ from .plan import (
     VXLAN_DEFAULT_PORT,
     VXLAN_OVERHEAD,
     VXLAN_OVERHEAD_V6,
+    EntryDiff,
     Fdb,
     IPNetwork,
     Neigh,
@@ -79,11 +77,13 @@ from .plan import (
     change_matters,
     device_name,
     device_repair,
-    entry_diff,
+    fdb_diff,
     incompatibilities,
     is_on_link,
+    neigh_diff,
     peer_plan,
     random_vtep_mac,
+    route_diff,
     stable_vtep_mac,
     stale_entries,
 )
@@ -280,14 +280,6 @@ def _plan_requests(index: int, plan: PeerPlan, add: bool, with_route: bool) -> l
     return out
 
 
-def _kernel_state(dumps: KernelDumps, index: int, ipv6: bool
-                  ) -> tuple[list[KernelRoute], list[KernelNeigh], list[KernelFdb]]:
-    """The main table's routes, the device's neighbours and its FDB entries to remote VTEPs, of
-    the device's family, one fast dump each (KernelDumps)."""
-    family = socket.AF_INET6 if ipv6 else socket.AF_INET
-    return dumps.routes(family), dumps.neighbours(index, family), dumps.fdb(index, family)
-
-
 def _reconcile(dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, base: IPv4Address | IPv6Address,
                network: IPv4Network | IPv6Network, wanted: list[tuple[IPNetwork, PeerPlan]],
                remove_unexplained: bool) -> tuple[int | None, RepairReport]:
@@ -327,10 +319,15 @@ def _reconcile(dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, base: IPv4Ad
 
     ipv6 = base.version == 6
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
-    routes, neighs, fdbs = _kernel_state(dumps, index, ipv6)
-    diff = entry_diff(wanted, routes, neighs, fdbs,
-                      device_index=index, underlay_index=spec.vtep_index, network=network,
-                      remove_unexplained=remove_unexplained, route_priority=IPV6_DEFAULT_METRIC if ipv6 else 0)
+    # One table at a time: the main table's routes, the device's neighbours, its FDB entries to
+    # remote VTEPs (one fast dump each), each compared and let go before the next is read, so a
+    # pass holds one table's entries at a time (its high-water mark is the agent's RSS).
+    diff = EntryDiff()
+    route_diff(diff, wanted, dumps.routes(family), device_index=index, underlay_index=spec.vtep_index,
+               network=network, remove_unexplained=remove_unexplained,
+               route_priority=IPV6_DEFAULT_METRIC if ipv6 else 0)
+    neigh_diff(diff, wanted, dumps.neighbours(index, family), remove_unexplained=remove_unexplained)
+    fdb_diff(diff, wanted, dumps.fdb(index, family), remove_unexplained=remove_unexplained)
     if diff.empty:
         return index, report
 

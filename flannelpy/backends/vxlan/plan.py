@@ -297,42 +297,39 @@ def entry_diff(
     route_priority: int = 0,
 ) -> EntryDiff:
     """What to add so every wanted peer's entries are there exactly, and (remove_unexplained)
-    which of our entries no wanted peer explains.
+    which of our entries no wanted peer explains: route_diff, neigh_diff and fdb_diff into one
+    EntryDiff (a repair pass runs them one table at a time, each dump freed before the next).
 
     Additions use "replace", which overwrites an entry with the same key (a route's dst and
     metric 0, a neighbour's IP, a unicast FDB entry's MAC), so an entry that is about to be
     overwritten is not also deleted.  Nobody else's entries are ever in the removals."""
-    routes, neighs, fdbs = list(routes), list(neighs), list(fdbs)
-    want_routes: dict[IPNetwork, tuple[IPNetwork, Route]] = {}
-    want_neighs: dict[IPAddress, tuple[IPNetwork, Neigh]] = {}
-    want_fdbs: dict[tuple[str, IPAddress], tuple[IPNetwork, Fdb]] = {}
-    for subnet, plan in wanted:
-        want_routes[plan.route.dst] = (subnet, plan.route)
-        if plan.neigh is not None:
-            want_neighs[plan.neigh.ip] = (subnet, plan.neigh)
-        if plan.fdb is not None:
-            want_fdbs[(plan.fdb.mac.lower(), plan.fdb.dst)] = (subnet, plan.fdb)
-
+    wanted = list(wanted)
     diff = EntryDiff()
+    route_diff(diff, wanted, routes, device_index=device_index, underlay_index=underlay_index, network=network,
+               remove_unexplained=remove_unexplained, route_priority=route_priority)
+    neigh_diff(diff, wanted, neighs, remove_unexplained=remove_unexplained)
+    fdb_diff(diff, wanted, fdbs, remove_unexplained=remove_unexplained)
+    return diff
+
+
+def route_diff(diff: EntryDiff, wanted: Iterable[tuple[IPNetwork, PeerPlan]], routes: Iterable[KernelRoute], *,
+               device_index: int | None, underlay_index: int, network: IPNetwork, remove_unexplained: bool,
+               route_priority: int = 0) -> None:
+    """entry_diff's routes: into diff.add_routes and diff.remove_routes."""
+    want_routes: dict[IPNetwork, tuple[IPNetwork, Route]] = {plan.route.dst: (subnet, plan.route)
+                                                             for subnet, plan in wanted}
+    routes = list(routes)
     routes_at: dict[IPNetwork, list[KernelRoute]] = {}
     for r in routes:
         routes_at.setdefault(r.dst, []).append(r)
+    added_before = len(diff.add_routes)
     for dst, (subnet, want) in want_routes.items():
         if not any(route_matches(want, have, device_index, route_priority) for have in routes_at.get(dst, ())):
             diff.add_routes.append((subnet, want))
-    neigh_at = {n.ip: n for n in neighs}
-    for ip, (subnet, want) in want_neighs.items():
-        have = neigh_at.get(ip)
-        if have is None or not have.permanent or (have.mac or "") != want.mac.lower():
-            diff.add_neighs.append((subnet, want))
-    have_fdbs = {(f.mac, f.dst) for f in fdbs if f.permanent}
-    for key, (subnet, want) in want_fdbs.items():
-        if key not in have_fdbs:
-            diff.add_fdbs.append((subnet, want))
     if not remove_unexplained:
-        return diff
-
-    replaced_routes = {want.dst for _s, want in diff.add_routes}
+        return
+    del routes_at
+    replaced_routes = {want.dst for _s, want in diff.add_routes[added_before:]}
     for r in routes:
         if not route_is_ours(r, device_index, underlay_index, network):
             continue
@@ -342,25 +339,56 @@ def entry_diff(
         if r.dst in replaced_routes and r.priority == route_priority and r.tos == 0:
             continue  # the "replace" overwrites it
         diff.remove_routes.append(r)
-    replaced_neighs = {want.ip for _s, want in diff.add_neighs}
+
+
+def neigh_diff(diff: EntryDiff, wanted: Iterable[tuple[IPNetwork, PeerPlan]], neighs: Iterable[KernelNeigh], *,
+               remove_unexplained: bool) -> None:
+    """entry_diff's neighbours: into diff.add_neighs and diff.remove_neighs."""
+    want_neighs: dict[IPAddress, tuple[IPNetwork, Neigh]] = {plan.neigh.ip: (subnet, plan.neigh)
+                                                             for subnet, plan in wanted if plan.neigh is not None}
+    neighs = list(neighs)
+    neigh_at = {n.ip: n for n in neighs}
+    added_before = len(diff.add_neighs)
+    for ip, (subnet, want) in want_neighs.items():
+        have = neigh_at.get(ip)
+        if have is None or not have.permanent or (have.mac or "") != want.mac.lower():
+            diff.add_neighs.append((subnet, want))
+    if not remove_unexplained:
+        return
+    del neigh_at
+    replaced_neighs = {want.ip for _s, want in diff.add_neighs[added_before:]}
     for n in neighs:
         if not n.permanent or n.ip in replaced_neighs:
             continue  # the kernel's own ARP cache entries are not ours
         wanted_n = want_neighs.get(n.ip)
         if wanted_n is None or (n.mac or "") != wanted_n[1].mac.lower():
             diff.remove_neighs.append(n)
+
+
+def fdb_diff(diff: EntryDiff, wanted: Iterable[tuple[IPNetwork, PeerPlan]], fdbs: Iterable[KernelFdb], *,
+             remove_unexplained: bool) -> None:
+    """entry_diff's FDB entries: into diff.add_fdbs and diff.remove_fdbs."""
+    want_fdbs: dict[tuple[str, IPAddress], tuple[IPNetwork, Fdb]] = {
+        (plan.fdb.mac.lower(), plan.fdb.dst): (subnet, plan.fdb) for subnet, plan in wanted if plan.fdb is not None}
     ours_fdb = [f for f in fdbs if f.permanent]
+    have_fdbs = {(f.mac, f.dst) for f in ours_fdb}
+    added_before = len(diff.add_fdbs)
+    for key, (subnet, want) in want_fdbs.items():
+        if key not in have_fdbs:
+            diff.add_fdbs.append((subnet, want))
+    if not remove_unexplained:
+        return
+    del have_fdbs
     per_mac: dict[str, int] = {}
     for f in ours_fdb:
         per_mac[f.mac] = per_mac.get(f.mac, 0) + 1
-    replaced_macs = {want.mac.lower() for _s, want in diff.add_fdbs}
+    replaced_macs = {want.mac.lower() for _s, want in diff.add_fdbs[added_before:]}
     for f in ours_fdb:
         if (f.mac, f.dst) in want_fdbs:
             continue
         if f.mac in replaced_macs and per_mac[f.mac] == 1:
             continue  # the only entry for this MAC: the "replace" re-points it
         diff.remove_fdbs.append(f)
-    return diff
 
 
 def change_matters(change: KernelChange, *, device_index: int | None, device: str, underlay_index: int,
