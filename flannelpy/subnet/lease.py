@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
+from typing import Any, NamedTuple
 
 from flannelpy.errors import LeaseValueError
 from flannelpy.jsonlimits import JsonLimitError, has_out_of_range_number, load_json, shown
@@ -215,8 +215,7 @@ def _data_vni(data: dict[str, Any] | None) -> int | None:
     return int(vni) if vni is not None else None
 
 
-@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
-class LeaseData:
+class LeaseData(NamedTuple):
     """What the backend puts in our lease value."""
 
     backend_type: str  # "" for udp, which never writes BackendType
@@ -246,8 +245,7 @@ class EventKind(Enum):
     REMOVED = "removed"
 
 
-@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
-class LeaseEvent:
+class LeaseEvent(NamedTuple):
     kind: EventKind
     lease: Lease
 

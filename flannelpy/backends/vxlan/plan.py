@@ -115,24 +115,21 @@ def incompatibilities(spec: VxlanDeviceSpec, have: VxlanDeviceFacts) -> list[str
     return out
 
 
-@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
-class Neigh:
+class Neigh(NamedTuple):
     """A permanent ARP (IPv6: neighbour) entry on the vxlan device: peer's base IP -> its VTEP MAC."""
 
     ip: IPAddress
     mac: str
 
 
-@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
-class Fdb:
+class Fdb(NamedTuple):
     """A permanent bridge FDB entry (NTF_SELF) on the vxlan device: VTEP MAC -> underlay IP."""
 
     mac: str
     dst: IPAddress
 
 
-@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
-class Route:
+class Route(NamedTuple):
     """`dst via gateway [dev <vxlan> onlink]`; on_vxlan=False is a plain underlay route."""
 
     dst: IPNetwork
@@ -140,8 +137,7 @@ class Route:
     on_vxlan: bool
 
 
-@dataclass(frozen=True, slots=True)  # one per peer: no __dict__
-class PeerPlan:
+class PeerPlan(NamedTuple):
     """Everything one peer lease needs in the kernel; neigh/fdb are None for direct routes."""
 
     route: Route
