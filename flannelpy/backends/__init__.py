@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 
 from flannelpy.errors import ConfigError
@@ -26,7 +27,7 @@ def backend_class(backend_type: str) -> type[Backend]:
     # The folder named like the type (host-gw: hostgw) is tried first, alone: a start imports its
     # own backend only, not every backend's modules (the udp forwarder, tc-BPF loader...).
     folder = backend_type.replace("-", "")
-    if folder != "base" and folder in {info.name for info in pkgutil.iter_modules(__path__)}:
+    if folder.isidentifier() and folder != "base" and importlib.util.find_spec(f"{__name__}.{folder}") is not None:
         cls = getattr(importlib.import_module(f"{__name__}.{folder}"), "BACKEND", None)
         if cls is not None and cls.name == backend_type:
             return cls
