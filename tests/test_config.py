@@ -96,6 +96,14 @@ def test_unknown_backend_type_is_named():
         backend_class(c.backend_type)
 
 
+@pytest.mark.parametrize("name", ["a.b", "../vxlan", "vxlan.backend", "base", "repair", "", "udp\n"])
+def test_a_type_that_is_no_backend_folder_is_named_not_imported(name):
+    # The registry looks the type's folder up by name: a dotted or odd name must not reach the
+    # import system as a module path (ModuleNotFoundError), nor a module that is no backend load.
+    with pytest.raises(FlannelError, match="unknown backend type"):
+        backend_class(name)
+
+
 @pytest.mark.parametrize("name", ["vxlan", "udp", "host-gw", "alloc"])
 def test_known_backends_are_registered(name):
     assert backend_class(name).name == name

@@ -218,3 +218,41 @@ def test_a_failed_socket_is_every_requests_errno_not_an_exception():
         assert dumps.transact([add, add, add]) == [errno.EBADF] * 3
     finally:
         dumps.close()
+
+
+class _ScriptedSocket:
+    """Stands for the kernel: each dump request is answered with the next script's datagrams (the
+    sequence number is the request's own)."""
+
+    def __init__(self, scripts: list[list[list[tuple[int, int, bytes]]]]) -> None:
+        self.scripts = scripts  # per request: datagrams, each a list of (type, flags, payload)
+        self.pending: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        _len, _type, _flags, seq, _port = rtnl.NLMSG.unpack_from(data)
+        for datagram in self.scripts.pop(0):
+            self.pending.append(b"".join(rtnl.NLMSG.pack(rtnl.NLMSG.size + len(p), t, f, seq, 0) + p
+                                         for t, f, p in datagram))
+        return len(data)
+
+    def recv(self, _size: int) -> bytes:
+        return self.pending.pop(0)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_dump_interrupted_midway_is_read_again_and_only_the_new_answer_kept():
+    """Dumps are read message by message (only what each becomes is kept); when the kernel flags
+    the dump as interrupted (its table changed meanwhile), what was kept of it is dropped and the
+    dump is read again, whole."""
+    def link(index: int, name: str, flags: int = rtnl.NLM_F_MULTI) -> tuple[int, int, bytes]:
+        return (16, flags, rtnl.IFINFOMSG.pack(0, 0, 0, index, 0, 0) + rtnl._attr(3, name.encode() + b"\0"))
+
+    done = (rtnl.NLMSG_DONE, rtnl.NLM_F_MULTI, b"\0\0\0\0")
+    interrupted = [[link(1, "lo"), link(2, "old0", rtnl.NLM_F_MULTI | rtnl.NLM_F_DUMP_INTR)], [done]]
+    clean = [[link(1, "lo")], [link(3, "new0"), done]]
+    dumps = KernelDumps(None)
+    dumps._sock = _ScriptedSocket([interrupted, clean])  # type: ignore[assignment]
+    assert [(link.index, link.name) for link in dumps.links()] == [(1, "lo"), (3, "new0")]
+    assert dumps._sock.scripts == [] and dumps._sock.pending == []  # type: ignore[union-attr]
