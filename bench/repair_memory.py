@@ -3,9 +3,10 @@
 A pass reads the main table's routes, the device's neighbours and its FDB (one dump each) and
 compares them with every accepted peer's entries.  Its high-water mark is the agent's RSS after
 the first pass with the whole peer set (pymalloc keeps the pools a peak touched), so it sets
-what an extra peer costs in RSS.  The pass compares one table at a time, each dump let go
-before the next is read; the baseline, measured in the same run on the same kernel tables,
-reads all three and then compares them (entry_diff, as passes did before).
+what an extra peer costs in RSS.  The pass compares each table as the kernel sends it, with each
+peer's wanted entries worked out afresh per table; the baseline, measured in the same run on the
+same kernel tables, reads all three, makes every peer's plan, then compares (entry_diff, as passes
+did before).
 
 Root only: one namespace pair `fprm-<hex>-a/-b` with a vxlan device and N peers programmed
 through VxlanBackend, deleted afterwards.  tracemalloc figures (Python's own allocations).

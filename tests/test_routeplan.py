@@ -169,8 +169,10 @@ def vx_present(*specs):
 
 
 def diff(wanted, routes, neighs, fdbs, remove=True):
-    return entry_diff(wanted, routes, neighs, fdbs, device_index=DEV, underlay_index=UL, network=NET,
-                      remove_unexplained=remove)
+    # One-shot iterators, as a repair pass feeds the kernel's entries straight from its dumps: each
+    # table's diff must take its entries in a single pass.
+    return entry_diff(iter(wanted), iter(routes), iter(neighs), iter(fdbs), device_index=DEV, underlay_index=UL,
+                      network=NET, remove_unexplained=remove)
 
 
 def test_vxlan_diff_nothing_to_do_when_kernel_matches():

@@ -30,7 +30,7 @@ import sys
 import threading
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Container, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Container, Iterator, NamedTuple, TypeVar
 
 import outcome
 import trio
@@ -95,6 +95,7 @@ def __getattr__(name: str) -> Any:
 
 
 T = TypeVar("T")
+R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 # The route protocol (rtm_protocol) of every route flannelpy adds, so that it can tell its own
@@ -375,19 +376,32 @@ class KernelDumps:
         if code:
             raise NetlinkError(code, f"{what}: {os.strerror(code)}")
 
-    def _dump(self, mtype: int, header: bytes, keep: Callable[[rtnl.Message], T | None]) -> list[T]:
-        """One dump, each reply message made into what the caller keeps (None: nothing) as it
-        arrives: a repair pass's dumps of thousands of entries never hold all their raw
-        messages (~0.7 KiB each) at once, which set the agent's RSS high-water mark."""
+    def _each(self, mtype: int, header: bytes, keep: Callable[[rtnl.Message], T | None]) -> Iterator[T]:
+        """One dump's values one at a time, each reply message made into what the caller keeps
+        (None: nothing) as it arrives, so that nothing holds thousands of raw messages (~0.5 KiB
+        each) at once.  Ends with rtnl.DumpInterrupted when the kernel's table changed meanwhile:
+        read it inside retried(), which starts the reader over."""
         self._socket()
         assert self._sock is not None
+        self._seq += 1
+        for msg in rtnl.dump_each(self._sock, mtype, header, self._seq):
+            value = keep(msg)
+            if value is not None:
+                yield value
+
+    def retried(self, read: Callable[[], R]) -> R:
+        """read(), which reads dumps one value at a time (each_route, each_neighbour, each_fdb),
+        run again from the start while a dump says its table changed under it."""
         for _ in range(5):
-            self._seq += 1
             try:
-                return [v for v in map(keep, rtnl.dump_each(self._sock, mtype, header, self._seq)) if v is not None]
+                return read()
             except rtnl.DumpInterrupted:
                 continue  # the table changed under the dump: read it again
         raise OSError(errno.EAGAIN, "the kernel's table kept changing during the dump")
+
+    def _dump(self, mtype: int, header: bytes, keep: Callable[[rtnl.Message], T | None]) -> list[T]:
+        """One dump's values, as a list."""
+        return self.retried(lambda: list(self._each(mtype, header, keep)))
 
     def all_routes(self, family: int = socket.AF_INET) -> list[rtnl.RouteInfo]:
         """Every route of one family, every table and type, in the kernel's order."""
@@ -398,6 +412,10 @@ class KernelDumps:
     def routes(self, family: int = socket.AF_INET) -> list[KernelRoute]:
         """Every unicast route of the main table, of one family (IPv6 routes always carry a
         metric: 1024 when added without one)."""
+        return self.retried(lambda: list(self.each_route(family)))
+
+    def each_route(self, family: int = socket.AF_INET) -> Iterator[KernelRoute]:
+        """routes(), one at a time as the kernel sends them (read inside retried())."""
         v6 = family == socket.AF_INET6
         address, network, size = (IPv6Address, IPv6Network, 16) if v6 else (IPv4Address, IPv4Network, 4)
 
@@ -415,10 +433,14 @@ class KernelDumps:
                 onlink=bool(r.flags & RTNH_F_ONLINK),
             )
 
-        return self._dump(rtnl.RTM_GETROUTE, rtnl.RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0), keep)
+        return self._each(rtnl.RTM_GETROUTE, rtnl.RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0), keep)
 
     def neighbours(self, index: int, family: int = socket.AF_INET) -> list[KernelNeigh]:
         """Neighbour entries (IPv4: ARP, IPv6: NDP) of device `index`."""
+        return self.retried(lambda: list(self.each_neighbour(index, family)))
+
+    def each_neighbour(self, index: int, family: int = socket.AF_INET) -> Iterator[KernelNeigh]:
+        """neighbours(), one at a time as the kernel sends them (read inside retried())."""
         size, address = (16, IPv6Address) if family == socket.AF_INET6 else (4, IPv4Address)
 
         def keep(msg: rtnl.Message) -> KernelNeigh | None:
@@ -428,10 +450,14 @@ class KernelDumps:
                 return None
             return KernelNeigh(address(dst), _mac(msg.attrs.get(_NDA_LLADDR)), bool(state & NUD_PERMANENT))
 
-        return self._dump(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(family, 0, 0, 0, 0, 0, 0), keep)
+        return self._each(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(family, 0, 0, 0, 0, 0, 0), keep)
 
     def fdb(self, index: int, family: int = socket.AF_INET) -> list[KernelFdb]:
         """FDB entries of vxlan device `index` that point at a remote VTEP of `family` (have NDA_DST)."""
+        return self.retried(lambda: list(self.each_fdb(index, family)))
+
+    def each_fdb(self, index: int, family: int = socket.AF_INET) -> Iterator[KernelFdb]:
+        """fdb(), one at a time as the kernel sends them (read inside retried())."""
         size, address = (16, IPv6Address) if family == socket.AF_INET6 else (4, IPv4Address)
 
         def keep(msg: rtnl.Message) -> KernelFdb | None:
@@ -442,7 +468,7 @@ class KernelDumps:
                 return None
             return KernelFdb(mac, address(dst), bool(state & NUD_PERMANENT))
 
-        return self._dump(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(socket.AF_BRIDGE, 0, 0, 0, 0, 0, 0), keep)
+        return self._each(rtnl.RTM_GETNEIGH, rtnl.NDMSG.pack(socket.AF_BRIDGE, 0, 0, 0, 0, 0, 0), keep)
 
     def links(self) -> list[rtnl.LinkInfo]:
         """Every device, in the kernel's order."""

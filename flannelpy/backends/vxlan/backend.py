@@ -30,7 +30,7 @@ import os
 import socket
 import struct
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import AbstractSet, Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import trio
 
@@ -65,7 +65,6 @@ from .plan import (
     VXLAN_DEFAULT_PORT,
     VXLAN_OVERHEAD,
     VXLAN_OVERHEAD_V6,
-    EntryDiff,
     Fdb,
     IPNetwork,
     Neigh,
@@ -281,12 +280,13 @@ def _plan_requests(index: int, plan: PeerPlan, add: bool, with_route: bool) -> l
 
 
 def _reconcile(dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, base: IPv4Address | IPv6Address,
-               network: IPv4Network | IPv6Network, wanted: list[tuple[IPNetwork, PeerPlan]],
-               remove_unexplained: bool) -> tuple[int | None, RepairReport]:
+               network: IPv4Network | IPv6Network, wanted: Sequence[tuple[IPNetwork, Lease]],
+               direct: AbstractSet[IPNetwork], remove_unexplained: bool) -> tuple[int | None, RepairReport]:
     """One pass: the device first (re-created with our MAC if gone), then one dump each of
     routes, neighbours and FDB, the pure diff, and one batch of requests that closes it (the
-    removals, then the additions).  Every request's failure is recorded, never raised, so one
-    bad entry cannot stop the others."""
+    removals, then the additions).  `wanted`: each accepted peer's lease (`direct`: those routed
+    directly).  Every request's failure is recorded, never raised, so one bad entry cannot stop
+    the others."""
     report = RepairReport()
     found = _read_device(dumps, spec.name)
     index, facts = found if found is not None else (None, None)
@@ -319,15 +319,21 @@ def _reconcile(dumps: KernelDumps, spec: VxlanDeviceSpec, mac: str, base: IPv4Ad
 
     ipv6 = base.version == 6
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
-    # One table at a time: the main table's routes, the device's neighbours, its FDB entries to
-    # remote VTEPs (one fast dump each), each compared and let go before the next is read, so a
-    # pass holds one table's entries at a time (its high-water mark is the agent's RSS).
-    diff = EntryDiff()
-    route_diff(diff, wanted, dumps.routes(family), device_index=index, underlay_index=spec.vtep_index,
-               network=network, remove_unexplained=remove_unexplained,
-               route_priority=IPV6_DEFAULT_METRIC if ipv6 else 0)
-    neigh_diff(diff, wanted, dumps.neighbours(index, family), remove_unexplained=remove_unexplained)
-    fdb_diff(diff, wanted, dumps.fdb(index, family), remove_unexplained=remove_unexplained)
+    # The main table's routes, the device's neighbours, its FDB entries to remote VTEPs: one dump
+    # each, compared as the kernel sends them (a dump the kernel says changed meanwhile is read
+    # again, its comparison started over), with each peer's wanted entries worked out afresh for
+    # each table, so a pass never holds a whole table nor every peer's plan: its high-water mark,
+    # reached again at every pass, was most of what an extra peer cost in RSS.
+    def plans() -> Iterator[tuple[IPNetwork, PeerPlan]]:
+        return ((subnet, peer_plan(lease, subnet in direct)) for subnet, lease in wanted)
+
+    diff = dumps.retried(lambda: route_diff(
+        plans(), dumps.each_route(family), device_index=index, underlay_index=spec.vtep_index, network=network,
+        remove_unexplained=remove_unexplained, route_priority=IPV6_DEFAULT_METRIC if ipv6 else 0))
+    diff.extend(dumps.retried(lambda: neigh_diff(plans(), dumps.each_neighbour(index, family),
+                                                 remove_unexplained=remove_unexplained)))
+    diff.extend(dumps.retried(lambda: fdb_diff(plans(), dumps.each_fdb(index, family),
+                                               remove_unexplained=remove_unexplained)))
     if diff.empty:
         return index, report
 
@@ -722,10 +728,10 @@ class VxlanBackend(Backend):
         if self.mac is None or self._own_base is None:
             return RepairReport(checked=False)  # before start(): nothing is ours yet
         async with self._lock:
-            wanted = [(subnet, peer_plan(lease, subnet in self._direct)) for subnet, lease in self._wanted.items()]
+            wanted = list(self._wanted.items())
             synced = self._synced
             index, report = await self.netlink.rtnl_call(
-                _reconcile, self.spec, self.mac, self._own_base, self.network, wanted, synced)
+                _reconcile, self.spec, self.mac, self._own_base, self.network, wanted, frozenset(self._direct), synced)
             if index is not None:
                 self.index = index
             self._device_problem = report.device_error

@@ -279,6 +279,11 @@ class EntryDiff:
         return not (self.add_neighs or self.add_fdbs or self.add_routes
                     or self.remove_routes or self.remove_neighs or self.remove_fdbs)
 
+    def extend(self, other: EntryDiff) -> None:
+        """Take `other`'s entries too (the diffs of other tables)."""
+        for name in ("add_neighs", "add_fdbs", "add_routes", "remove_routes", "remove_neighs", "remove_fdbs"):
+            getattr(self, name).extend(getattr(other, name))
+
 
 def entry_diff(
     wanted: Iterable[tuple[IPNetwork, PeerPlan]],
@@ -293,98 +298,92 @@ def entry_diff(
     route_priority: int = 0,
 ) -> EntryDiff:
     """What to add so every wanted peer's entries are there exactly, and (remove_unexplained)
-    which of our entries no wanted peer explains: route_diff, neigh_diff and fdb_diff into one
-    EntryDiff (a repair pass runs them one table at a time, each dump freed before the next).
+    which of our entries no wanted peer explains: route_diff, neigh_diff and fdb_diff together.
+    Each takes its table's entries in one pass and keeps only what it needs (a repair pass feeds
+    them straight from the kernel's dumps, so it never holds a whole table).
 
     Additions use "replace", which overwrites an entry with the same key (a route's dst and
     metric 0, a neighbour's IP, a unicast FDB entry's MAC), so an entry that is about to be
     overwritten is not also deleted.  Nobody else's entries are ever in the removals."""
     wanted = list(wanted)
-    diff = EntryDiff()
-    route_diff(diff, wanted, routes, device_index=device_index, underlay_index=underlay_index, network=network,
-               remove_unexplained=remove_unexplained, route_priority=route_priority)
-    neigh_diff(diff, wanted, neighs, remove_unexplained=remove_unexplained)
-    fdb_diff(diff, wanted, fdbs, remove_unexplained=remove_unexplained)
+    diff = route_diff(wanted, routes, device_index=device_index, underlay_index=underlay_index, network=network,
+                      remove_unexplained=remove_unexplained, route_priority=route_priority)
+    diff.extend(neigh_diff(wanted, neighs, remove_unexplained=remove_unexplained))
+    diff.extend(fdb_diff(wanted, fdbs, remove_unexplained=remove_unexplained))
     return diff
 
 
-def route_diff(diff: EntryDiff, wanted: Iterable[tuple[IPNetwork, PeerPlan]], routes: Iterable[KernelRoute], *,
+def route_diff(wanted: Iterable[tuple[IPNetwork, PeerPlan]], routes: Iterable[KernelRoute], *,
                device_index: int | None, underlay_index: int, network: IPNetwork, remove_unexplained: bool,
-               route_priority: int = 0) -> None:
-    """entry_diff's routes: into diff.add_routes and diff.remove_routes."""
+               route_priority: int = 0) -> EntryDiff:
+    """entry_diff's routes (add_routes, remove_routes), the kernel's taken in one pass."""
     want_routes: dict[IPNetwork, tuple[IPNetwork, Route]] = {plan.route.dst: (subnet, plan.route)
                                                              for subnet, plan in wanted}
-    routes = list(routes)
-    routes_at: dict[IPNetwork, list[KernelRoute]] = {}
+    present: set[IPNetwork] = set()  # wanted routes the kernel holds exactly
+    suspects: list[KernelRoute] = []  # ours, and not exactly a wanted route
     for r in routes:
-        routes_at.setdefault(r.dst, []).append(r)
-    added_before = len(diff.add_routes)
-    for dst, (subnet, want) in want_routes.items():
-        if not any(route_matches(want, have, device_index, route_priority) for have in routes_at.get(dst, ())):
-            diff.add_routes.append((subnet, want))
-    if not remove_unexplained:
-        return
-    del routes_at
-    replaced_routes = {want.dst for _s, want in diff.add_routes[added_before:]}
-    for r in routes:
-        if not route_is_ours(r, device_index, underlay_index, network):
-            continue
         wanted_here = want_routes.get(r.dst)
         if wanted_here is not None and route_matches(wanted_here[1], r, device_index, route_priority):
-            continue
-        if r.dst in replaced_routes and r.priority == route_priority and r.tos == 0:
-            continue  # the "replace" overwrites it
-        diff.remove_routes.append(r)
+            present.add(wanted_here[1].dst)
+        elif remove_unexplained and route_is_ours(r, device_index, underlay_index, network):
+            suspects.append(r)
+    diff = EntryDiff()
+    diff.add_routes = [(subnet, want) for dst, (subnet, want) in want_routes.items() if dst not in present]
+    replaced = {want.dst for _s, want in diff.add_routes}
+    diff.remove_routes = [r for r in suspects
+                          # the "replace" of an addition overwrites it
+                          if not (r.dst in replaced and r.priority == route_priority and r.tos == 0)]
+    return diff
 
 
-def neigh_diff(diff: EntryDiff, wanted: Iterable[tuple[IPNetwork, PeerPlan]], neighs: Iterable[KernelNeigh], *,
-               remove_unexplained: bool) -> None:
-    """entry_diff's neighbours: into diff.add_neighs and diff.remove_neighs."""
+def neigh_diff(wanted: Iterable[tuple[IPNetwork, PeerPlan]], neighs: Iterable[KernelNeigh], *,
+               remove_unexplained: bool) -> EntryDiff:
+    """entry_diff's neighbours (add_neighs, remove_neighs), the kernel's taken in one pass.  The
+    kernel's own ARP cache entries (not permanent) are not ours, and never satisfy a wanted one."""
     want_neighs: dict[IPAddress, tuple[IPNetwork, Neigh]] = {plan.neigh.ip: (subnet, plan.neigh)
                                                              for subnet, plan in wanted if plan.neigh is not None}
-    neighs = list(neighs)
-    neigh_at = {n.ip: n for n in neighs}
-    added_before = len(diff.add_neighs)
-    for ip, (subnet, want) in want_neighs.items():
-        have = neigh_at.get(ip)
-        if have is None or not have.permanent or (have.mac or "") != want.mac.lower():
-            diff.add_neighs.append((subnet, want))
-    if not remove_unexplained:
-        return
-    del neigh_at
-    replaced_neighs = {want.ip for _s, want in diff.add_neighs[added_before:]}
+    present: set[IPAddress] = set()
+    suspects: list[KernelNeigh] = []
     for n in neighs:
-        if not n.permanent or n.ip in replaced_neighs:
-            continue  # the kernel's own ARP cache entries are not ours
+        if not n.permanent:
+            continue
         wanted_n = want_neighs.get(n.ip)
-        if wanted_n is None or (n.mac or "") != wanted_n[1].mac.lower():
-            diff.remove_neighs.append(n)
+        if wanted_n is not None and (n.mac or "") == wanted_n[1].mac.lower():
+            present.add(wanted_n[1].ip)
+        elif remove_unexplained:
+            suspects.append(n)
+    diff = EntryDiff()
+    diff.add_neighs = [(subnet, want) for ip, (subnet, want) in want_neighs.items() if ip not in present]
+    replaced = {want.ip for _s, want in diff.add_neighs}
+    diff.remove_neighs = [n for n in suspects if n.ip not in replaced]
+    return diff
 
 
-def fdb_diff(diff: EntryDiff, wanted: Iterable[tuple[IPNetwork, PeerPlan]], fdbs: Iterable[KernelFdb], *,
-             remove_unexplained: bool) -> None:
-    """entry_diff's FDB entries: into diff.add_fdbs and diff.remove_fdbs."""
+def fdb_diff(wanted: Iterable[tuple[IPNetwork, PeerPlan]], fdbs: Iterable[KernelFdb], *,
+             remove_unexplained: bool) -> EntryDiff:
+    """entry_diff's FDB entries (add_fdbs, remove_fdbs), the kernel's taken in one pass."""
     want_fdbs: dict[tuple[str, IPAddress], tuple[IPNetwork, Fdb]] = {
         (plan.fdb.mac.lower(), plan.fdb.dst): (subnet, plan.fdb) for subnet, plan in wanted if plan.fdb is not None}
-    ours_fdb = [f for f in fdbs if f.permanent]
-    have_fdbs = {(f.mac, f.dst) for f in ours_fdb}
-    added_before = len(diff.add_fdbs)
-    for key, (subnet, want) in want_fdbs.items():
-        if key not in have_fdbs:
-            diff.add_fdbs.append((subnet, want))
-    if not remove_unexplained:
-        return
-    del have_fdbs
-    per_mac: dict[str, int] = {}
-    for f in ours_fdb:
-        per_mac[f.mac] = per_mac.get(f.mac, 0) + 1
-    replaced_macs = {want.mac.lower() for _s, want in diff.add_fdbs[added_before:]}
-    for f in ours_fdb:
-        if (f.mac, f.dst) in want_fdbs:
+    present: set[Fdb] = set()  # the wanted entries found (the plans' own objects: no kernel entry is kept)
+    suspects: list[KernelFdb] = []
+    for f in fdbs:
+        if not f.permanent:
             continue
-        if f.mac in replaced_macs and per_mac[f.mac] == 1:
-            continue  # the only entry for this MAC: the "replace" re-points it
-        diff.remove_fdbs.append(f)
+        wanted_f = want_fdbs.get((f.mac, f.dst))
+        if wanted_f is not None:
+            present.add(wanted_f[1])
+        elif remove_unexplained:
+            suspects.append(f)
+    diff = EntryDiff()
+    diff.add_fdbs = [(subnet, want) for subnet, want in want_fdbs.values() if want not in present]
+    replaced_macs = {want.mac.lower() for _s, want in diff.add_fdbs}
+    # An addition's "replace" re-points the entry of its MAC when that is the only one the MAC has.
+    per_mac: dict[str, int] = {}
+    for mac in [want.mac.lower() for want in present] + [f.mac for f in suspects]:
+        if mac in replaced_macs:
+            per_mac[mac] = per_mac.get(mac, 0) + 1
+    diff.remove_fdbs = [f for f in suspects if not (f.mac in replaced_macs and per_mac[f.mac] == 1)]
+    return diff
 
 
 def change_matters(change: KernelChange, *, device_index: int | None, device: str, underlay_index: int,
