@@ -140,15 +140,11 @@ class DumpInterrupted(Exception):
     """The kernel's tables changed during the dump (NLM_F_DUMP_INTR): read again."""
 
 
-def dump(sock: socket.socket, mtype: int, header: bytes, seq: int) -> list[Message]:
-    """Send one dump request on a blocking socket and collect every reply message."""
-    return list(dump_each(sock, mtype, header, seq))
-
-
 def dump_each(sock: socket.socket, mtype: int, header: bytes, seq: int) -> Iterator[Message]:
-    """dump(), one reply message at a time as the datagrams arrive, so that a caller keeping
-    only what it makes of each never holds thousands of raw messages at once.  Consume it to
-    the end: DumpInterrupted (the table changed meanwhile: read it again) comes last."""
+    """Send one dump request on a blocking socket and yield its reply messages as the datagrams
+    arrive, so that a caller keeping only what it makes of each never holds thousands of raw
+    messages at once.  Consume it to the end: DumpInterrupted (the table changed meanwhile:
+    read it again) comes last."""
     sock.send(NLMSG.pack(NLMSG.size + len(header), mtype, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + header)
     interrupted = False
     while True:
