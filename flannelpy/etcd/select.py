@@ -159,21 +159,31 @@ async def _close_all(stores: list[Store]) -> None:
             await s.aclose()
 
 
+async def _probe_in_order(options: EtcdOptions, apis: list[str], stores: dict[str, Store]) -> list[Probe]:
+    """Ask each API in turn for the config, making its store on first use (into `stores`), and
+    stop at the first that holds it: an earlier API holding the key wins, whatever the later ones
+    hold, and a v3 config found needs no v2 client nor request."""
+    probes: list[Probe] = []
+    for a in apis:
+        if a not in stores:
+            stores[a] = make_store(options, a)
+        probes.append(await probe(stores[a], a))
+        if probes[-1].state == "found":
+            break
+    return probes
+
+
 async def open_store(options: EtcdOptions, api: str) -> Store:
     """A store for "v3" or "v2"; "auto" probes once: where the config is (v3 first), else v3."""
     if check_api(api) != "auto":
         return make_store(options, api)
     stores: dict[str, Store] = {}
-    chosen = "v3"
     try:
-        for a in ("v3", "v2"):  # v2 is asked only when v3 does not hold the key
-            stores[a] = make_store(options, a)
-            if (await probe(stores[a], a)).state == "found":
-                chosen = a
-                break
+        probes = await _probe_in_order(options, ["v3", "v2"], stores)
     except BaseException:
         await _close_all(list(stores.values()))
         raise
+    chosen = next((p.api for p in probes if p.state == "found"), "v3")
     await _close_all([s for a, s in stores.items() if a != chosen])
     return stores[chosen]
 
@@ -185,17 +195,11 @@ async def wait_for_config(options: EtcdOptions, api: str, *, log: logging.Logger
     Each distinct situation (unreachable, key missing, v2 disabled, ...) is logged once.
     """
     apis = ["v3", "v2"] if check_api(api) == "auto" else [api]
-    stores: dict[str, Store] = {}  # made on first use: a v3 config found needs no v2 client
+    stores: dict[str, Store] = {}  # made on first use (_probe_in_order)
     last_situation: tuple[tuple[str, str], ...] | None = None
     try:
         while True:
-            probes: list[Probe] = []
-            for a in apis:
-                if a not in stores:
-                    stores[a] = make_store(options, a)
-                probes.append(await probe(stores[a], a))
-                if probes[-1].state == "found":
-                    break  # an earlier API holding the key wins, whatever the later ones hold
+            probes = await _probe_in_order(options, apis, stores)
             chosen = choose(probes)
             if chosen is not None and chosen.config is not None:
                 await _close_all([s for a, s in stores.items() if a != chosen.api])
