@@ -51,14 +51,16 @@ def _route_request(add: bool, route: Route) -> rtnl.Request:
 
 def _reconcile(dumps: KernelDumps, wanted: list[tuple[IPNetwork, Route]], underlay_index: int,
                network: IPNetwork, remove_unexplained: bool) -> RepairReport:
-    """One pass: one route dump, the pure diff, one batch of requests that closes it; each
+    """One pass: one route dump and the pure diff of it, one batch of requests that closes it; each
     request's failure is recorded, never raised.  IPv6 (network is an IPv6Network): its routes
     and their kernel default metric."""
     report = RepairReport()
     ipv6 = network.version == 6
-    diff = route_diff(wanted, dumps.routes(socket.AF_INET6 if ipv6 else socket.AF_INET), underlay_index=underlay_index,
-                      network=network, remove_unexplained=remove_unexplained,
-                      priority=IPV6_DEFAULT_METRIC if ipv6 else 0)
+    # Compared as the kernel sends its routes (read again when it says they changed meanwhile):
+    # a pass never holds the whole table.
+    diff = dumps.retried(lambda: route_diff(
+        wanted, dumps.each_route(socket.AF_INET6 if ipv6 else socket.AF_INET), underlay_index=underlay_index,
+        network=network, remove_unexplained=remove_unexplained, priority=IPV6_DEFAULT_METRIC if ipv6 else 0))
     requests = [delete_route_request(have) for have in diff.remove] + [_route_request(True, r) for _s, r in diff.add]
     if not requests:
         return report

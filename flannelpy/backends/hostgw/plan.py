@@ -62,27 +62,23 @@ def route_diff(wanted: Iterable[tuple[IPNetwork, Route]], present: Iterable[Kern
                underlay_index: int, network: IPNetwork, remove_unexplained: bool, priority: int = 0) -> RouteDiff:
     """Wanted routes the kernel lacks (or holds differently), and (remove_unexplained) our
     routes that no wanted one explains.  A route about to be overwritten by the "replace" of
-    a wanted one (same dst, our metric: `priority`, 0 for IPv4) is not also deleted."""
-    present = list(present)
+    a wanted one (same dst, our metric: `priority`, 0 for IPv4) is not also deleted.  The
+    kernel's routes are taken in one pass, keeping only what decides (a repair pass feeds them
+    straight from the dump, so it never holds the whole table)."""
     want = {route.dst: (subnet, route) for subnet, route in wanted}
-    at: dict[IPNetwork, list[KernelRoute]] = {}
+    found: set[IPNetwork] = set()  # wanted routes the kernel holds exactly (the wanted dsts)
+    suspects: list[KernelRoute] = []  # ours, and not exactly a wanted route
     for have in present:
-        at.setdefault(have.dst, []).append(have)
+        wanted_here = want.get(have.dst)
+        if wanted_here is not None and route_matches(wanted_here[1], have, priority):
+            found.add(wanted_here[1].dst)
+        elif remove_unexplained and route_is_ours(have, underlay_index, network):
+            suspects.append(have)
     diff = RouteDiff()
-    for dst, (subnet, route) in want.items():
-        if not any(route_matches(route, have, priority) for have in at.get(dst, ())):
-            diff.add.append((subnet, route))
-    if remove_unexplained:
-        replaced = {route.dst for _s, route in diff.add}
-        for have in present:
-            if not route_is_ours(have, underlay_index, network):
-                continue
-            wanted_here = want.get(have.dst)
-            if wanted_here is not None and route_matches(wanted_here[1], have, priority):
-                continue
-            if have.dst in replaced and have.priority == priority and have.tos == 0:
-                continue
-            diff.remove.append(have)
+    diff.add = [(subnet, route) for dst, (subnet, route) in want.items() if dst not in found]
+    replaced = {route.dst for _s, route in diff.add}
+    diff.remove = [have for have in suspects
+                   if not (have.dst in replaced and have.priority == priority and have.tos == 0)]
     return diff
 
 
