@@ -8,7 +8,6 @@ with empty values ignored; `-version` is checked before the environment, as in f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 from urllib.parse import urlsplit
 
@@ -130,11 +129,16 @@ def env_name(flag: str) -> str:
     return "FLANNELD_" + flag.upper().replace("-", "_").replace(".", "_")
 
 
-@dataclass
 class ParsedFlags:
-    values: dict[str, Any]
-    given: set[str] = field(default_factory=set)  # set on the command line or from the environment
-    from_env: set[str] = field(default_factory=set)
+    """The flags' values.  (A plain class: a dataclass costs ~0.8 ms of every start.)"""
+
+    __slots__ = ("values", "given", "from_env")
+
+    def __init__(self, values: dict[str, Any], given: set[str] | None = None,
+                 from_env: set[str] | None = None) -> None:
+        self.values = values
+        self.given = set() if given is None else given  # set on the command line or from the environment
+        self.from_env = set() if from_env is None else from_env
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]

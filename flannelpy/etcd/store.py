@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 import ssl
-from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
-from typing import AsyncIterator, NamedTuple, Protocol
+from typing import Any, AsyncIterator, NamedTuple, Protocol
 
 from flannelpy.errors import FlannelError
 from flannelpy.subnet.lease import Lease, LeaseAttrs, LeaseEvent
@@ -26,8 +25,7 @@ log = logging.getLogger("flanneld.etcd")
 EXPIRY_NOT_READ = float("inf")
 
 
-@dataclass(frozen=True)
-class EtcdOptions:
+class _EtcdFlags(NamedTuple):
     """Connection settings, straight from flanneld's -etcd-* flags."""
 
     endpoints: tuple[str, ...] = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
@@ -42,8 +40,16 @@ class EtcdOptions:
     # "gateway" or "grpc" (transport_choice.py says why).
     transport: str = "auto"
 
-    def __post_init__(self) -> None:
+
+class EtcdOptions(_EtcdFlags):
+    """The -etcd-* flags, checked.  A record rather than a dataclass: it is defined at every start."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> EtcdOptions:
+        self = super().__new__(cls, *args, **kwargs)
         check_transport(self.transport)  # a bad -etcd-transport fails at start, naming the flag
+        return self
 
 
 def tls_context(options: EtcdOptions) -> ssl.SSLContext | bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import shlex
-from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import NamedTuple
 
@@ -139,11 +138,17 @@ def rule_reachable(chain_specs: list[str], rule: Rule) -> bool:
 # --- reading iptables-save ---------------------------------------------------------------------
 
 
-@dataclass
 class SavedTables:
-    """What iptables-save shows: table -> chain -> rule specs in order (without `-A CHAIN `)."""
+    """What iptables-save shows: table -> chain -> rule specs in order (without `-A CHAIN `).
+    (Plain classes here, not dataclasses: this module is loaded at every start.)"""
 
-    tables: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    __slots__ = ("tables",)
+
+    def __init__(self, tables: dict[str, dict[str, list[str]]] | None = None) -> None:
+        self.tables = {} if tables is None else tables
+
+    def __repr__(self) -> str:
+        return f"SavedTables({self.tables!r})"
 
     def chain(self, table: str, chain: str) -> list[str] | None:
         return self.tables.get(table, {}).get(chain)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from flannelpy.errors import FlannelError
 from flannelpy.fileutil import atomic_write, replace_problem
 
 
-@dataclass(frozen=True)
-class SubnetEnv:
+class _SubnetEnvFields(NamedTuple):
     network: IPv4Network
     subnet: IPv4Network  # the lease; FLANNEL_SUBNET is its first address
     mtu: int
@@ -21,9 +19,17 @@ class SubnetEnv:
     ipv6_network: IPv6Network | None = None
     ipv6_subnet: IPv6Network | None = None
 
-    def __post_init__(self) -> None:
+
+class SubnetEnv(_SubnetEnvFields):
+    """What subnet.env says.  A record rather than a dataclass: it is defined at every start."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SubnetEnv:
+        self = super().__new__(cls, *args, **kwargs)
         if (self.ipv6_network is None) != (self.ipv6_subnet is None):
             raise ValueError("SubnetEnv: ipv6_network and ipv6_subnet go together (both or neither)")
+        return self
 
 
 def render_subnet_env(env: SubnetEnv) -> str:

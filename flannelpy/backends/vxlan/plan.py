@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Iterable, NamedTuple, Union
 
@@ -263,16 +262,22 @@ def route_matches(want: Route, have: KernelRoute, device_index: int | None, prio
     return have.oif != device_index or device_index is None
 
 
-@dataclass
 class EntryDiff:
-    """Entries to add (with the peer that needs them) and entries to delete."""
+    """Entries to add (with the peer that needs them) and entries to delete.  (A plain class:
+    a dataclass costs ~0.7 ms of every start.)"""
 
-    add_neighs: list[tuple[IPNetwork, Neigh]] = field(default_factory=list)
-    add_fdbs: list[tuple[IPNetwork, Fdb]] = field(default_factory=list)
-    add_routes: list[tuple[IPNetwork, Route]] = field(default_factory=list)
-    remove_routes: list[KernelRoute] = field(default_factory=list)
-    remove_neighs: list[KernelNeigh] = field(default_factory=list)
-    remove_fdbs: list[KernelFdb] = field(default_factory=list)
+    __slots__ = ("add_neighs", "add_fdbs", "add_routes", "remove_routes", "remove_neighs", "remove_fdbs")
+
+    def __init__(self) -> None:
+        self.add_neighs: list[tuple[IPNetwork, Neigh]] = []
+        self.add_fdbs: list[tuple[IPNetwork, Fdb]] = []
+        self.add_routes: list[tuple[IPNetwork, Route]] = []
+        self.remove_routes: list[KernelRoute] = []
+        self.remove_neighs: list[KernelNeigh] = []
+        self.remove_fdbs: list[KernelFdb] = []
+
+    def __repr__(self) -> str:
+        return "EntryDiff(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
 
     @property
     def empty(self) -> bool:

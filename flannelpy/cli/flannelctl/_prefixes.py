@@ -8,7 +8,6 @@ host name (FLANNELD_ETCD_PREFIX, /etc/sysconfig/flanneld).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from flannelpy.errors import FlannelError
@@ -45,7 +44,7 @@ def candidates(current: str, extra: tuple[str, ...] = ()) -> list[str]:
 
 async def look(options: EtcdOptions, api: str, prefix: str) -> Found | None:
     """What one prefix holds through one API; None when nothing (or when etcd cannot say)."""
-    store = make_store(dataclasses.replace(options, prefix=prefix), api)
+    store = make_store(options._replace(prefix=prefix), api)
     try:
         config = await store.get_config()
         leases, _ = await store.list_leases()
