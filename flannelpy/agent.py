@@ -429,9 +429,8 @@ async def _run_rules(opts: AgentOptions, config: NetworkConfig, network: IPNetwo
         await nft.run(task_status=task_status)
         return
 
-    from flannelpy.hostnet.iptables import IptablesManager
-    from flannelpy.hostnet.nftables import list_tables, remove_listed_flannel_tables
-    from flannelpy.hostnet.tools import run_together
+    from flannelpy.hostnet.iptables import IptablesManager, remove_listed_flannel_tables
+    from flannelpy.hostnet.tools import list_nft_tables, run_together
 
     manager = IptablesManager(
         network, subnet,
@@ -440,20 +439,20 @@ async def _run_rules(opts: AgentOptions, config: NetworkConfig, network: IPNetwo
         resync_s=opts.iptables_resync_s, previous_network=previous_network, previous_subnet=previous_subnet,
     )
 
-    async def list_nft_tables() -> str | None | FlannelError:
+    async def nft_tables_listed() -> str | None | FlannelError:
         if before is not None:
             await before.wait()
             if before.error is None:
                 return before.nft_tables
         try:
-            return await list_tables()
+            return await list_nft_tables()
         except FlannelError as err:
             return err
 
     async with trio.open_nursery() as rules:
         # nftables' tables are listed while the rules are put in place (a process each), and
         # removed, if any of ours is there, only once the iptables rules are.
-        _started, listed = await run_together(lambda: rules.start(manager.run, before), list_nft_tables)
+        _started, listed = await run_together(lambda: rules.start(manager.run, before), nft_tables_listed)
         try:
             if isinstance(listed, FlannelError):
                 raise listed

@@ -18,7 +18,7 @@ LAYERS: list[list[str]] = [
     ["flannelpy.config"],
     ["flannelpy.subnet.lease", "flannelpy.subnet.allocation", "flannelpy.subnet.envfile",
      "flannelpy.docker.opts", "flannelpy.hostnet.iptables_rules",
-     "flannelpy.hostnet.nftables_rules"],
+     "flannelpy.hostnet.nftables_rules", "flannelpy.hostnet.nft_tables"],
     ["flannelpy.etcd", "flannelpy.hostnet", "flannelpy.docker", "flannelpy.ops"],
     ["flannelpy.subnet", "flannelpy.backends"],
     ["flannelpy.agent"],

@@ -253,3 +253,31 @@ def test_the_agents_imports_are_frozen_out_of_the_collectors_walks():
     assert got["before"] == 0 and got["after"] > 10000
     assert got["enabled"] is True
     assert (got["run_agent"], got["trio"]) == ("flannelpy.agent", "trio")
+
+
+def test_a_v3_iptables_start_loads_neither_the_v2_client_nor_the_nftables_code():
+    """What a v3 cluster's iptables-mode start imports (the agent, the v3 store, the iptables
+    manager and its check for tables nftables mode left) leaves out the etcd v2 client and the
+    nftables rule code; each still loads when asked for (v2, or a table of ours to remove)."""
+    got = _run("""
+        import json, sys
+        from flannelpy.cli.flanneld import load_agent
+        load_agent()
+        from flannelpy.etcd.select import make_store
+        from flannelpy.etcd.store import EtcdOptions
+        from flannelpy.hostnet import iptables
+        from flannelpy.hostnet.nft_tables import listed_tables, tables_to_switch_off
+        from ipaddress import IPv4Network
+        make_store(EtcdOptions(), "v3")
+        nothing = tables_to_switch_off(IPv4Network("10.5.0.0/16")) & listed_tables("table ip nat\\n")
+        watched = ("flannelpy.etcd.v2", "flannelpy.hostnet.nftables", "flannelpy.hostnet.nftables_rules")
+        before = {m: m in sys.modules for m in watched}
+        v2 = type(make_store(EtcdOptions(), "v2")).__module__
+        from flannelpy.hostnet.nftables import NftablesManager
+        print(json.dumps({"before": before, "nothing": sorted(nothing), "v2": v2,
+                          "after": {m: m in sys.modules for m in watched}}))
+    """)
+    assert got["before"] == {"flannelpy.etcd.v2": False, "flannelpy.hostnet.nftables": False,
+                             "flannelpy.hostnet.nftables_rules": False}
+    assert got["nothing"] == []
+    assert got["v2"] == "flannelpy.etcd.v2" and all(got["after"].values())

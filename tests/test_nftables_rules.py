@@ -102,6 +102,24 @@ def test_tables_in():
     assert R.tables_in(out, "ip6") == {"flannel-ipv6"}
 
 
+def test_listed_tables_and_which_ones_an_iptables_start_switches_off():
+    from ipaddress import IPv6Network
+
+    from flannelpy.hostnet import nft_tables as T
+
+    listing = "table inet filter\ntable ip flannel-ipv4\ntable ip6 flannel-ipv6\ntable ip nat\n\ngarbage\ntable\n"
+    assert T.listed_tables(listing) == {("inet", "filter"), ("ip", "flannel-ipv4"), ("ip6", "flannel-ipv6"),
+                                        ("ip", "nat")}
+    assert T.listed_tables("") == set()
+    v4, v6 = T.tables_to_switch_off(N("10.5.0.0/16")), T.tables_to_switch_off(IPv6Network("fd00::/56"))
+    assert v4 == {(R.FAMILY_V4, R.TABLE_V4), (R.FAMILY_V6, R.TABLE_V6)} and v6 == {(R.FAMILY_V6, R.TABLE_V6)}
+    # the usual iptables start: a host with other tables only has nothing to remove
+    assert not v4 & T.listed_tables("table inet filter\ntable ip nat\ntable ip flannel-ipv5\n")
+    # a table of the same name in another family is not ours
+    assert not v6 & T.listed_tables("table ip flannel-ipv6\n")
+    assert v4 & T.listed_tables("table ip6 flannel-ipv6\n")  # an IPv6 table left by a dual-stack run
+
+
 def test_differences_absent_wrong_hook_missing_stale():
     rs = ruleset()
     assert R.differences(rs, None) == ["table ip flannel-ipv4"]

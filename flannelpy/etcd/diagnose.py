@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # certfacts is imported only where a client certificate is gi
 # Failure kinds, as Probe states and in messages.
 UNREACHABLE = "unreachable"
 TLS = "tls"
+API_DISABLED = "disabled"  # the server answers, but not this API (v2 without --enable-v2=true)
 
 
 class ConnectFailure(NamedTuple):

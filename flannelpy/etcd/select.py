@@ -23,9 +23,8 @@ import trio
 
 from flannelpy.errors import FlannelError, UsageError
 
-from .diagnose import TLS, UNREACHABLE
+from .diagnose import API_DISABLED, TLS, UNREACHABLE
 from .store import EtcdOptions, Store, StoreUnavailable
-from .v2 import V2APIDisabled, V2Error, V2Store
 
 API_CHOICES = ("v3", "v2", "auto")
 EXAMPLE_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}'
@@ -43,6 +42,8 @@ def make_store(options: EtcdOptions, api: str) -> Store:
     """A store for one concrete API ("v3" or "v2"); no I/O."""
     _httpcore_without_h2()
     if check_api(api) == "v2":
+        from .v2 import V2Store  # imported late, like v3: a v3 cluster's start never needs it
+
         return V2Store(options)
     if api == "v3":
         from .v3 import V3Store  # imported late: v3 is optional for v2-only users and tests
@@ -95,13 +96,13 @@ async def probe(store: Store, api: str) -> Probe:
     key = config_key(store.options)
     try:
         config = await store.get_config()
-    except V2APIDisabled:
-        return Probe(api, None, "disabled", "API disabled (start etcd with --enable-v2=true)")
     except StoreUnavailable as exc:
+        if exc.kind == API_DISABLED:
+            return Probe(api, None, "disabled", "API disabled (start etcd with --enable-v2=true)")
         if exc.kind == TLS:
             return Probe(api, None, TLS, str(exc))
         return Probe(api, None, UNREACHABLE, f"unreachable ({exc})")
-    except (FlannelError, V2Error, httpx.HTTPError) as exc:
+    except (FlannelError, httpx.HTTPError) as exc:  # a v2 error document is a FlannelError too
         return Probe(api, None, "error", f"error reading {key}: {exc}")
     if config is None:
         return Probe(api, None, "missing", f"no key {key}")

@@ -34,7 +34,7 @@ from flannelpy.subnet.lease import (
     parse_store_key,
 )
 
-from .diagnose import UNREACHABLE, ConnectFailure, describe_connect_failure, error_text
+from .diagnose import API_DISABLED, UNREACHABLE, ConnectFailure, describe_connect_failure, error_text
 from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, httpx_verify, tls_setup, unavailable
 
 log = logging.getLogger("flannelpy.etcd.v2")
@@ -63,6 +63,9 @@ UNKNOWN_ATTRS = LeaseAttrs(public_ip=IPv4Address("0.0.0.0"))
 
 class V2APIDisabled(StoreUnavailable):
     """The server answers, but not the v2 keys API (etcd >= 3.4 without --enable-v2=true)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind=API_DISABLED)
 
 
 class V2Error(FlannelError):

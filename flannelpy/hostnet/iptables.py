@@ -16,7 +16,8 @@ import trio
 from flannelpy.errors import FlannelError
 from flannelpy.hostnet.rulelock import IPTABLES as RULES_LOCK
 from flannelpy.hostnet.rulelock import host_lock
-from flannelpy.hostnet.tools import netns_prefix, run_together, run_tool, save_nat_and_filter
+from flannelpy.hostnet.nft_tables import listed_tables, tables_to_switch_off
+from flannelpy.hostnet.tools import list_nft_tables, netns_prefix, run_together, run_tool, save_nat_and_filter
 
 from . import iptables_rules as R
 
@@ -63,15 +64,13 @@ class TablesBeforeLease:
 
     async def read(self) -> None:
         """Read everything at once; a failure is kept (the start's own path then reports it)."""
-        from flannelpy.hostnet.nftables import list_tables
-
         netns = self.netns
         prefix = netns_prefix(netns)
         try:
             self.version, saved, self.nft_tables = await run_together(
                 lambda: run_tool(prefix, ["iptables", "--version"], package="iptables"),
                 lambda: save_nat_and_filter(prefix, "iptables-save"),
-                lambda: list_tables(netns))
+                lambda: list_nft_tables(netns))
             self.saved = R.parse_save(saved)
             self.read_at = trio.current_time()
         except (FlannelError, ValueError) as err:
@@ -263,3 +262,17 @@ class IptablesManager:
             except FlannelError as err:
                 # a transient failure (xtables lock, Docker rewriting rules) must not kill the agent
                 log.error("%s resync failed: %s", self.family, err)
+
+
+async def remove_listed_flannel_tables(network: IPv4Network | IPv6Network, subnet: IPv4Network | IPv6Network,
+                                       listed: str | None,
+                                       previous_network: IPv4Network | IPv6Network | None = None,
+                                       netns: str | None = None) -> bool:
+    """Switching (back) to iptables, given `nft list tables` (None: nft is absent): remove what
+    nftables mode left for this family, as flanneld does at start-up.  True when something was
+    removed.  The usual start finds none of ours and never loads the nftables code."""
+    if listed is None or not tables_to_switch_off(network) & listed_tables(listed):
+        return False
+    from flannelpy.hostnet.nftables import remove_found_flannel_tables
+
+    return await remove_found_flannel_tables(network, subnet, previous_network, netns)

@@ -25,7 +25,7 @@ from flannelpy.errors import FlannelError
 from flannelpy.hostnet.rulelock import IPTABLES as IPTABLES_LOCK
 from flannelpy.hostnet.rulelock import NFTABLES as NFT_LOCK
 from flannelpy.hostnet.rulelock import host_lock
-from flannelpy.hostnet.tools import netns_prefix, run_tool, save_nat_and_filter
+from flannelpy.hostnet.tools import list_nft_tables, netns_prefix, run_tool, save_nat_and_filter
 
 from . import iptables_rules as IR
 from . import nftables_rules as R
@@ -207,34 +207,22 @@ class NftablesManager:
                 log.error("nftables resync failed: %s", err)
 
 
-async def list_tables(netns: str | None = None) -> str | None:
-    """`nft list tables` (None when nft is absent, since then no table of ours can exist)."""
-    if shutil.which("nft") is None:
-        return None
-    return await run_tool(netns_prefix(netns), ["nft", "list", "tables"], package="nftables")
-
-
 async def remove_flannel_tables(network: IPv4Network | IPv6Network, subnet: IPv4Network | IPv6Network,
                                 previous_network: IPv4Network | IPv6Network | None = None,
                                 netns: str | None = None) -> bool:
     """Switching back to iptables: remove what nftables mode left for this family, from flannel-ipv4
     or, given IPv6Network, flannel-ipv6."""
-    return await remove_listed_flannel_tables(network, subnet, await list_tables(netns), previous_network, netns)
+    from flannelpy.hostnet.iptables import remove_listed_flannel_tables
+
+    return await remove_listed_flannel_tables(network, subnet, await list_nft_tables(netns), previous_network, netns)
 
 
-async def remove_listed_flannel_tables(network: IPv4Network | IPv6Network, subnet: IPv4Network | IPv6Network,
-                                       listed: str | None,
-                                       previous_network: IPv4Network | IPv6Network | None = None,
-                                       netns: str | None = None) -> bool:
-    """remove_flannel_tables with list_tables() already read (None: nft is absent)."""
-    if listed is None:
-        return False
+async def remove_found_flannel_tables(network: IPv4Network | IPv6Network, subnet: IPv4Network | IPv6Network,
+                                      previous_network: IPv4Network | IPv6Network | None = None,
+                                      netns: str | None = None) -> bool:
+    """iptables.remove_listed_flannel_tables once the listing showed a table of ours."""
     manager = NftablesManager(network, subnet, masq=True, forward=True, previous_network=previous_network,
                               netns=netns)
-    ours = {(manager.family, manager.table)} | (set() if manager.ipv6 else {(R.FAMILY_V6, R.TABLE_V6)})
-    # The usual iptables start finds none of ours in the listing and is done.
-    if not ours & {tuple(line.split()[1:3]) for line in listed.splitlines() if line.startswith("table ")}:
-        return False
     removed = await manager.remove()
     if removed:
         log.info("EnableNFTables is off: removed flannel's nftables rules (table %s %s)", manager.family,

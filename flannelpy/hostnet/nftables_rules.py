@@ -34,10 +34,7 @@ from typing import NamedTuple
 
 from . import iptables_rules as IR
 
-FAMILY_V4 = "ip"
-FAMILY_V6 = "ip6"
-TABLE_V4 = "flannel-ipv4"
-TABLE_V6 = "flannel-ipv6"
+from .nft_tables import FAMILY_V4, FAMILY_V6, TABLE_V4, TABLE_V6
 MASQ_CHAIN = "postrtg"
 FWD_CHAIN = "forward"
 FLANNEL_CHAINS = (MASQ_CHAIN, FWD_CHAIN)

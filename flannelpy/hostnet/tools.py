@@ -4,6 +4,7 @@ network namespace, with a failure turned into one FlannelError line naming the c
 from __future__ import annotations
 
 import functools
+import shutil
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -58,3 +59,10 @@ async def save_nat_and_filter(prefix: list[str], save: str) -> str:
         functools.partial(run_tool, prefix, [save, "-t", "nat"], package="iptables"),
         functools.partial(run_tool, prefix, [save, "-t", "filter"], package="iptables"))
     return nat + filter_
+
+
+async def list_nft_tables(netns: str | None = None) -> str | None:
+    """`nft list tables` (None when nft is absent, since then no table of flannel's can exist)."""
+    if shutil.which("nft") is None:
+        return None
+    return await run_tool(netns_prefix(netns), ["nft", "list", "tables"], package="nftables")
