@@ -177,14 +177,54 @@ class ValueStyle(Enum):
     LEGACY = "legacy"  # {"PublicIP":..,"BackendType":..,"BackendData":..} (no PublicIPv6 while it is null)
 
 
-class LeaseAttrs(NamedTuple):  # one per peer: a tuple (no __dict__), and cheap to define at every start
+class _Frozen:
+    """An immutable slotted record, equal to another of its class when _compared() is.  Lease and
+    LeaseAttrs, one of each per peer, are these rather than frozen dataclasses (~1 ms each to define
+    at every start) or NamedTuples (16 bytes more per object)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot delete {name}")
+
+    def _compared(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._compared() == other._compared()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._compared())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__) + ")"
+
+
+class LeaseAttrs(_Frozen):
+    """A lease's value: who holds the subnet and what its backend says."""
+
+    __slots__ = ("public_ip", "backend_type", "backend_data", "public_ipv6", "backend_v6_data")
     public_ip: IPv4Address
-    backend_type: str = ""  # "" for the udp backend, which never sets it
+    backend_type: str  # "" for the udp backend, which never sets it
     # BackendData as a dict in the order it is written (VNI before VtepMAC, like Go's struct).
-    backend_data: dict[str, Any] | None = None
-    public_ipv6: IPv6Address | None = None  # dual stack: the host's IPv6 underlay address
+    backend_data: dict[str, Any] | None
+    public_ipv6: IPv6Address | None  # dual stack: the host's IPv6 underlay address
     # Dual stack: what the backend advertises for IPv6 (vxlan: the flannel-v6.<VNI> device's VNI and MAC).
-    backend_v6_data: dict[str, Any] | None = None
+    backend_v6_data: dict[str, Any] | None
+
+    def __init__(self, public_ip: IPv4Address, backend_type: str = "", backend_data: dict[str, Any] | None = None,
+                 public_ipv6: IPv6Address | None = None, backend_v6_data: dict[str, Any] | None = None) -> None:
+        _init = object.__setattr__
+        _init(self, "public_ip", public_ip)
+        _init(self, "backend_type", backend_type)
+        _init(self, "backend_data", backend_data)
+        _init(self, "public_ipv6", public_ipv6)
+        _init(self, "backend_v6_data", backend_v6_data)
 
     @property
     def vtep_mac(self) -> str | None:
@@ -221,9 +261,8 @@ class LeaseData(NamedTuple):
     backend_v6_data: dict[str, Any] | None = None  # dual stack: BackendV6Data
 
 
-class Lease:
-    """One lease: immutable, and equal to another whatever their store_ref.  A slotted class written
-    out rather than a frozen dataclass, which costs ~1 ms of every start to define."""
+class Lease(_Frozen):
+    """One lease, equal to another whatever their store_ref."""
 
     __slots__ = ("subnet", "attrs", "expiration", "store_ref", "ipv6_subnet")
     subnet: IPv4Network
@@ -244,26 +283,8 @@ class Lease:
         _init(self, "store_ref", store_ref)
         _init(self, "ipv6_subnet", ipv6_subnet)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"Lease is immutable: cannot set {name}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"Lease is immutable: cannot delete {name}")
-
     def _compared(self) -> tuple[Any, ...]:
-        return (self.subnet, self.attrs, self.expiration, self.ipv6_subnet)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not Lease:
-            return NotImplemented
-        return self._compared() == other._compared()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(self._compared())
-
-    def __repr__(self) -> str:
-        return (f"Lease(subnet={self.subnet!r}, attrs={self.attrs!r}, expiration={self.expiration!r}, "
-                f"store_ref={self.store_ref!r}, ipv6_subnet={self.ipv6_subnet!r})")
+        return (self.subnet, self.attrs, self.expiration, self.ipv6_subnet)  # not store_ref
 
     @property
     def key(self) -> str:
