@@ -1,7 +1,8 @@
 """Agent start-up: process start -> subnet.env written, against a local etcd (the lab's), as a
 restart of host 1's flanneld (lease and subnet.env kept, as after a reboot).  Baselines, started
 the same way (nsenter into the host namespace) with the interpreter that runs `flanneld` (its
-shebang): `python -c pass` and `python -c "import flannelpy.agent"`.  Note that under pyenv the
+shebang): `python -c pass`, `python -c "import flannelpy.agent"`, and the dependencies alone
+(trio, httpx, httpcore; the floor of any start).  Note that under pyenv the
 `flanneld` the lab finds on PATH is the real script when this runs from a pyenv Python (pyenv
 exec puts the version's bin/ first), but the shim (+20-40 ms) from a plain shell.
 
@@ -89,11 +90,17 @@ def restart_times(lab: Lab, host: int, runs: int) -> list[float]:
     return out
 
 
+DEPENDENCIES_ALONE = "import gc; gc.disable(); import trio, httpx, httpcore"
+
+
 def run(res: Resources, lab: Lab, runs: int = 7, host: int = 1) -> list[Row]:
     netns = lab.host(host).netns
     python = flanneld_interpreter()
     bare = _time_cmd(ns_cmd(netns, python, "-c", "pass"), runs)
     imp = _time_cmd(ns_cmd(netns, python, "-c", "import flannelpy.agent"), runs)
+    # The floor no change to flannelpy lowers: its dependencies' imports alone, loaded as flanneld
+    # loads them (collector off), httpcore included (the etcd client loads it at its first request).
+    deps = _time_cmd(ns_cmd(netns, python, "-c", DEPENDENCIES_ALONE), runs)
     times = restart_times(lab, host, runs)
     p50 = median(times)
     return [
@@ -101,6 +108,8 @@ def run(res: Resources, lab: Lab, runs: int = 7, host: int = 1) -> list[Row]:
             extra={"all_ms": times}),
         Row("start-up", f"flanneld start -> subnet.env p50, n={runs}", p50, "ms",
             "python -c 'import flannelpy.agent'", imp),
+        Row("start-up", f"flanneld start -> subnet.env p50, n={runs}", p50, "ms",
+            "python -c 'import trio, httpx, httpcore' (collector off)", deps),
     ]
 
 
