@@ -136,3 +136,32 @@ def test_no_value_raises_anything_but_lease_value_error(raw):
         decode_attrs(raw)
     except LeaseValueError:
         pass
+
+
+def test_backend_data_is_kept_compactly_and_given_back_as_written():
+    """A peer's vxlan BackendData is held as a (VNI, VtepMAC) pair rather than a dict (issue #19:
+    memory per peer); what the attributes give back, compare and encode is unchanged."""
+    usual = decode_attrs(b'{"PublicIP":"10.0.0.1","BackendType":"vxlan",'
+                         b'"BackendData":{"VNI":1,"VtepMAC":"AA:bb:cc:dd:ee:ff"}}')
+    reordered = decode_attrs(b'{"PublicIP":"10.0.0.1","BackendType":"vxlan",'
+                             b'"BackendData":{"VtepMAC":"aa:bb:cc:dd:ee:ff","VNI":1}}')
+    extra = decode_attrs(b'{"PublicIP":"10.0.0.1","BackendType":"vxlan",'
+                         b'"BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff","Future":true}}')
+    assert usual.backend_data == {"VNI": 1, "VtepMAC": "aa:bb:cc:dd:ee:ff"}
+    assert list(usual.backend_data) == ["VNI", "VtepMAC"] and list(reordered.backend_data) == ["VtepMAC", "VNI"]
+    assert usual == reordered != extra  # dicts compare without their order, as before
+    assert (usual.vni, usual.vtep_mac) == (reordered.vni, reordered.vtep_mac) == (extra.vni, extra.vtep_mac) \
+        == (1, "aa:bb:cc:dd:ee:ff")
+    # each encodes as it was written (Go's order for ours)
+    assert encode_attrs(usual).endswith('"BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}')
+    assert encode_attrs(reordered).endswith('"BackendData":{"VtepMAC":"aa:bb:cc:dd:ee:ff","VNI":1}}')
+    assert '"Future":true' in encode_attrs(extra)
+    # what is given back is a copy: changing it changes no lease
+    got = usual.backend_data
+    got["VNI"] = 99
+    assert usual.vni == 1 and usual.backend_data["VNI"] == 1
+    with pytest.raises(TypeError):  # unhashable, as a dict-holding value always was
+        hash(usual)
+    with pytest.raises(AttributeError):
+        usual.backend_data = None  # type: ignore[misc]
+    assert decode_attrs(b'{"PublicIP":"10.0.0.1"}').backend_data is None

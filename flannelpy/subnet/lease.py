@@ -183,6 +183,7 @@ class _Frozen:
     at every start) or NamedTuples (16 bytes more per object)."""
 
     __slots__ = ()
+    _fields: tuple[str, ...] = ()  # what equality, hash and repr look at, in order
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name}")
@@ -191,7 +192,7 @@ class _Frozen:
         raise AttributeError(f"{type(self).__name__} is immutable: cannot delete {name}")
 
     def _compared(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
+        return tuple(getattr(self, name) for name in self._fields)
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
@@ -202,54 +203,85 @@ class _Frozen:
         return hash(self._compared())
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__) + ")"
+        return f"{type(self).__name__}(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields) + ")"
 
 
 class LeaseAttrs(_Frozen):
     """A lease's value: who holds the subnet and what its backend says."""
 
-    __slots__ = ("public_ip", "backend_type", "backend_data", "public_ipv6", "backend_v6_data")
+    __slots__ = ("public_ip", "backend_type", "_data", "public_ipv6", "_data_v6")
+    _fields = ("public_ip", "backend_type", "backend_data", "public_ipv6", "backend_v6_data")
     public_ip: IPv4Address
     backend_type: str  # "" for the udp backend, which never sets it
-    # BackendData as a dict in the order it is written (VNI before VtepMAC, like Go's struct).
-    backend_data: dict[str, Any] | None
     public_ipv6: IPv6Address | None  # dual stack: the host's IPv6 underlay address
-    # Dual stack: what the backend advertises for IPv6 (vxlan: the flannel-v6.<VNI> device's VNI and MAC).
-    backend_v6_data: dict[str, Any] | None
 
     def __init__(self, public_ip: IPv4Address, backend_type: str = "", backend_data: dict[str, Any] | None = None,
                  public_ipv6: IPv6Address | None = None, backend_v6_data: dict[str, Any] | None = None) -> None:
         _init = object.__setattr__
         _init(self, "public_ip", public_ip)
         _init(self, "backend_type", backend_type)
-        _init(self, "backend_data", backend_data)
+        _init(self, "_data", _compact(backend_data))
         _init(self, "public_ipv6", public_ipv6)
-        _init(self, "backend_v6_data", backend_v6_data)
+        _init(self, "_data_v6", _compact(backend_v6_data))
+
+    @property
+    def backend_data(self) -> dict[str, Any] | None:
+        """BackendData as a dict in the order it is written (VNI before VtepMAC, like Go's struct)."""
+        return _expand(self._data)
+
+    @property
+    def backend_v6_data(self) -> dict[str, Any] | None:
+        """Dual stack: what the backend advertises for IPv6 (vxlan: the flannel-v6.<VNI> device's VNI and MAC)."""
+        return _expand(self._data_v6)
 
     @property
     def vtep_mac(self) -> str | None:
-        return _data_mac(self.backend_data)
+        return _data_mac(self._data)
 
     @property
     def vni(self) -> int | None:
-        return _data_vni(self.backend_data)
+        return _data_vni(self._data)
 
     @property
     def vtep_mac_v6(self) -> str | None:
-        return _data_mac(self.backend_v6_data)
+        return _data_mac(self._data_v6)
 
     @property
     def vni_v6(self) -> int | None:
-        return _data_vni(self.backend_v6_data)
+        return _data_vni(self._data_v6)
 
 
-def _data_mac(data: dict[str, Any] | None) -> str | None:
-    mac = data.get("VtepMAC") if data else None
+# BackendData as a LeaseAttrs keeps it: vxlan's {"VNI": n, "VtepMAC": "..."}, one per peer, as the pair
+# (n, mac) (a 56-byte tuple instead of a dict and its key table, ~176 bytes); anything else as given.
+_CompactData = tuple[int, str] | dict[str, Any] | None
+
+
+def _compact(data: dict[str, Any] | None) -> _CompactData:
+    if data is not None and len(data) == 2:
+        (k1, v1), (k2, v2) = data.items()
+        if k1 == "VNI" and k2 == "VtepMAC" and type(v1) is int and type(v2) is str:
+            return (v1, v2)
+    return data
+
+
+def _expand(data: _CompactData) -> dict[str, Any] | None:
+    if type(data) is tuple:
+        return {"VNI": data[0], "VtepMAC": data[1]}
+    return data  # type: ignore[return-value]
+
+
+def _data_mac(data: _CompactData) -> str | None:
+    if type(data) is tuple:
+        mac: Any = data[1]
+    else:
+        mac = data.get("VtepMAC") if data else None  # type: ignore[union-attr]
     return normalize_mac(mac) if mac is not None else None
 
 
-def _data_vni(data: dict[str, Any] | None) -> int | None:
-    vni = data.get("VNI") if data else None
+def _data_vni(data: _CompactData) -> int | None:
+    if type(data) is tuple:
+        return data[0]
+    vni = data.get("VNI") if data else None  # type: ignore[union-attr]
     return int(vni) if vni is not None else None
 
 
@@ -265,6 +297,7 @@ class Lease(_Frozen):
     """One lease, equal to another whatever their store_ref."""
 
     __slots__ = ("subnet", "attrs", "expiration", "store_ref", "ipv6_subnet")
+    _fields = __slots__
     subnet: IPv4Network
     attrs: LeaseAttrs
     # Unix time the lease expires; None for a key with no TTL (a reservation).
