@@ -45,11 +45,24 @@ def main() -> int:
         prof.dump_stats(profile_to)
 
 
+def _mallinfo2_type() -> type:
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):  # glibc >= 2.33
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")]
+
+    return MallInfo2
+
+
 def _heap_report(path: str) -> None:
     """On SIGUSR1, write pymalloc's arena statistics, then RSS before and after glibc's
     malloc_trim(0): how much of the RSS is Python's free-but-kept memory (no tracing cost)."""
     import ctypes
     import signal
+
+    _MallInfo2 = _mallinfo2_type()
 
     def rss_kib() -> int:
         with open("/proc/self/statm") as f:
@@ -65,8 +78,13 @@ def _heap_report(path: str) -> None:
             os.dup2(saved, 2)
             os.close(saved)
         before = rss_kib()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        os.write(fd, f"\nRSS {before} KiB, after malloc_trim(0) {rss_kib()} KiB\n".encode())
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+        libc.malloc_trim(0)
+        os.write(fd, f"\nRSS {before} KiB, after malloc_trim(0) {rss_kib()} KiB\n"
+                     f"glibc: heap {info.arena // 1024} KiB (in use {info.uordblks // 1024}, free "
+                     f"{info.fordblks // 1024}), mmapped {info.hblkhd // 1024} KiB in {info.hblks}\n".encode())
         os.close(fd)
 
     signal.signal(signal.SIGUSR1, report)
@@ -86,7 +104,7 @@ def _trace_allocations(path: str) -> None:
         current, peak = tracemalloc.get_traced_memory()
         with open(path, "w") as f:
             f.write(f"held {current} B, peak {peak} B\n")
-            for stat in snap.statistics("lineno")[:60]:
+            for stat in snap.statistics("lineno")[:200]:
                 f.write(f"{stat}\n")
             f.write("\nby call path:\n")
             for stat in snap.statistics("traceback")[:25]:
