@@ -74,7 +74,7 @@ def test_a_backend_is_imported_alone():
                                                                if m.startswith("flannelpy.backends.")})}))
     """)
     assert got["name"] == "host-gw"
-    assert got["backends"] == ["base", "hostgw", "repair"]
+    assert got["backends"] == ["base", "hostgw", "repair", "route_diff"]  # no other backend's folder
 
 
 def test_etcd_clients_load_httpcore_without_http2_and_h2_stays_importable():

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Iterable, Union
 
+from flannelpy.backends.route_diff import diff_routes
 from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, KernelRoute
 
@@ -65,20 +66,11 @@ def route_diff(wanted: Iterable[tuple[IPNetwork, Route]], present: Iterable[Kern
     a wanted one (same dst, our metric: `priority`, 0 for IPv4) is not also deleted.  The
     kernel's routes are taken in one pass, keeping only what decides (a repair pass feeds them
     straight from the dump, so it never holds the whole table)."""
-    want = {route.dst: (subnet, route) for subnet, route in wanted}
-    found: set[IPNetwork] = set()  # wanted routes the kernel holds exactly (the wanted dsts)
-    suspects: list[KernelRoute] = []  # ours, and not exactly a wanted route
-    for have in present:
-        wanted_here = want.get(have.dst)
-        if wanted_here is not None and route_matches(wanted_here[1], have, priority):
-            found.add(wanted_here[1].dst)
-        elif remove_unexplained and route_is_ours(have, underlay_index, network):
-            suspects.append(have)
     diff = RouteDiff()
-    diff.add = [(subnet, route) for dst, (subnet, route) in want.items() if dst not in found]
-    replaced = {route.dst for _s, route in diff.add}
-    diff.remove = [have for have in suspects
-                   if not (have.dst in replaced and have.priority == priority and have.tos == 0)]
+    diff.add, diff.remove = diff_routes(
+        wanted, present, matches=lambda want, have: route_matches(want, have, priority),
+        ours=(lambda have: route_is_ours(have, underlay_index, network)) if remove_unexplained else None,
+        priority=priority)
     return diff
 
 

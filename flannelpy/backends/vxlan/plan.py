@@ -17,6 +17,7 @@ import socket
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Iterable, NamedTuple, Union
 
+from flannelpy.backends.route_diff import diff_routes
 from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import (
     FLANNEL_RTPROT,
@@ -286,7 +287,7 @@ class EntryDiff:
 
     def extend(self, other: EntryDiff) -> None:
         """Take `other`'s entries too (the diffs of other tables)."""
-        for name in ("add_neighs", "add_fdbs", "add_routes", "remove_routes", "remove_neighs", "remove_fdbs"):
+        for name in self.__slots__:
             getattr(self, name).extend(getattr(other, name))
 
 
@@ -322,22 +323,12 @@ def route_diff(wanted: Iterable[tuple[IPNetwork, PeerPlan]], routes: Iterable[Ke
                device_index: int | None, underlay_index: int, network: IPNetwork, remove_unexplained: bool,
                route_priority: int = 0) -> EntryDiff:
     """entry_diff's routes (add_routes, remove_routes), the kernel's taken in one pass."""
-    want_routes: dict[IPNetwork, tuple[IPNetwork, Route]] = {plan.route.dst: (subnet, plan.route)
-                                                             for subnet, plan in wanted}
-    present: set[IPNetwork] = set()  # wanted routes the kernel holds exactly
-    suspects: list[KernelRoute] = []  # ours, and not exactly a wanted route
-    for r in routes:
-        wanted_here = want_routes.get(r.dst)
-        if wanted_here is not None and route_matches(wanted_here[1], r, device_index, route_priority):
-            present.add(wanted_here[1].dst)
-        elif remove_unexplained and route_is_ours(r, device_index, underlay_index, network):
-            suspects.append(r)
     diff = EntryDiff()
-    diff.add_routes = [(subnet, want) for dst, (subnet, want) in want_routes.items() if dst not in present]
-    replaced = {want.dst for _s, want in diff.add_routes}
-    diff.remove_routes = [r for r in suspects
-                          # the "replace" of an addition overwrites it
-                          if not (r.dst in replaced and r.priority == route_priority and r.tos == 0)]
+    diff.add_routes, diff.remove_routes = diff_routes(
+        ((subnet, plan.route) for subnet, plan in wanted), routes,
+        matches=lambda want, have: route_matches(want, have, device_index, route_priority),
+        ours=(lambda have: route_is_ours(have, device_index, underlay_index, network)) if remove_unexplained else None,
+        priority=route_priority)
     return diff
 
 
