@@ -19,7 +19,7 @@ TABLE_V6 = "flannel-ipv6"
 def listed_tables(listing: str) -> set[tuple[str, str]]:
     """(family, name) of each `table FAMILY NAME` line of `nft list tables`."""
     return {(words[1], words[2]) for words in (line.split() for line in listing.splitlines())
-            if len(words) >= 3 and words[0] == "table"}
+            if len(words) == 3 and words[0] == "table"}
 
 
 def tables_to_switch_off(network: IPv4Network | IPv6Network) -> set[tuple[str, str]]:

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 from . import iptables_rules as IR
 
-from .nft_tables import FAMILY_V4, FAMILY_V6, TABLE_V4, TABLE_V6
+from .nft_tables import FAMILY_V4, FAMILY_V6, TABLE_V4, TABLE_V6, listed_tables
 MASQ_CHAIN = "postrtg"
 FWD_CHAIN = "forward"
 FLANNEL_CHAINS = (MASQ_CHAIN, FWD_CHAIN)
@@ -214,12 +214,7 @@ def _parse_chain(name: str, body: list[str]) -> ListedChain:
 
 def tables_in(list_tables_output: str, family: str) -> set[str]:
     """Table names of `family` in `nft list tables` output."""
-    found = set()
-    for line in list_tables_output.splitlines():
-        words = line.split()
-        if len(words) == 3 and words[0] == "table" and words[1] == family:
-            found.add(words[2])
-    return found
+    return {name for fam, name in listed_tables(list_tables_output) if fam == family}
 
 
 # --- ours or someone else's ----------------------------------------------------------------------
