@@ -207,6 +207,94 @@ async def test_a_batch_larger_than_a_round_is_applied_in_rounds_in_order(root, m
         assert routes_text(a.ns, "10.55.103.0/24") == "10.55.103.0/24 via 10.55.103.0 dev flannel.1 proto 70 onlink"
 
 
+async def test_a_failed_round_leaves_a_later_rounds_entries_for_the_same_peer(root, monkeypatch):
+    """Rounds overlap (the next is sent while the last is recorded): when a peer's add fails in
+    part and a later round of the same batch adds it again, the failed round's rollback must not
+    take away what the later round made.  The kernel's answer for the first round is falsified:
+    its route "failed" (it was made), so that round would undo the neighbour and FDB entry."""
+    import errno
+
+    import flannelpy.backends.vxlan.backend as vxlan_backend
+    from flannelpy.hostnet.netlink import KernelDumps
+
+    monkeypatch.setattr(vxlan_backend, "APPLY_CHUNK", 2)
+    real, rounds = KernelDumps.transact, []
+
+    def first_route_refused(self, requests):
+        codes = real(self, requests)
+        rounds.append(len(requests))
+        if len(rounds) == 1:
+            codes[-1] = errno.ENETDOWN  # the first round's last request: peer b's route
+        return codes
+
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        be, _mac = await up(a, "a")
+        monkeypatch.setattr(KernelDumps, "transact", first_route_refused)
+        b = lease_of("b", "0a:00:00:00:00:01")
+        other = Lease(IPv4Network("10.55.7.0/24"),
+                      LeaseAttrs(A("192.168.100.7"), "vxlan", {"VNI": 1, "VtepMAC": "0a:00:00:00:00:07"}))
+        third = Lease(IPv4Network("10.55.8.0/24"),
+                      LeaseAttrs(A("192.168.100.8"), "vxlan", {"VNI": 1, "VtepMAC": "0a:00:00:00:00:08"}))
+        # b again in the second round, as a re-list's snapshot can bring it after its watch event.
+        await be.apply([LeaseEvent(EventKind.ADDED, other), LeaseEvent(EventKind.ADDED, b),
+                        LeaseEvent(EventKind.ADDED, b), LeaseEvent(EventKind.ADDED, third)])
+        assert rounds[:2] == [6, 6]
+        assert ("10.55.2.0", "0a:00:00:00:00:01", ["PERMANENT"]) in neighs(a.ns)
+        assert ("0a:00:00:00:00:01", "192.168.100.2", ["self"], "permanent") in fdbs(a.ns)
+        assert routes_text(a.ns, "10.55.2.0/24") == "10.55.2.0/24 via 10.55.2.0 dev flannel.1 proto 70 onlink"
+        assert be.programmed_peers == 3 and be.data_plane_problems() == []
+
+
+async def test_a_rollback_keeps_the_fdb_entry_another_peer_shares(root, monkeypatch):
+    """Two leases of one host (one VtepMAC, one PublicIP: one FDB entry): when the second one's
+    add fails in part, undoing it must not delete the FDB entry the first one still needs."""
+    import errno
+
+    from flannelpy.hostnet.netlink import KernelDumps
+
+    real = KernelDumps.transact
+
+    def last_route_refused(self, requests):
+        codes = real(self, requests)
+        codes[-1] = errno.ENETDOWN
+        return codes
+
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        be, _mac = await up(a, "a")
+        monkeypatch.setattr(KernelDumps, "transact", last_route_refused)
+        first = lease_of("b", "0a:00:00:00:00:01")
+        second = Lease(IPv4Network("10.55.9.0/24"), first.attrs)
+        await be.apply([LeaseEvent(EventKind.ADDED, first), LeaseEvent(EventKind.ADDED, second)])
+        monkeypatch.setattr(KernelDumps, "transact", real)
+        assert ("0a:00:00:00:00:01", "192.168.100.2", ["self"], "permanent") in fdbs(a.ns)
+        assert neighs(a.ns) == [("10.55.2.0", "0a:00:00:00:00:01", ["PERMANENT"])]  # the second's undone
+        assert be.programmed_peers == 1
+
+
+async def test_a_bulk_apply_logs_one_line_and_a_join_its_own(root, caplog):
+    import flannelpy.backends.vxlan.backend as vxlan_backend
+
+    async with two_hosts() as (hosts, _):
+        a = hosts["a"]
+        be, _mac = await up(a, "a")
+        peers = [Lease(IPv4Network(f"10.55.{100 + i}.0/24"),
+                       LeaseAttrs(A(f"192.168.100.{10 + i}"), "vxlan", {"VNI": 1, "VtepMAC": f"0a:00:00:00:01:{i:02x}"}))
+                 for i in range(vxlan_backend.PEER_LINES_MAX + 1)]
+        with caplog.at_level(logging.INFO, logger="flannelpy.backends.vxlan.backend"):
+            await be.apply([LeaseEvent(EventKind.ADDED, p) for p in peers])
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        assert lines == [f"flannel.1: {len(peers)} lease events applied: {len(peers)} peers programmed, 0 removed"]
+        assert be.programmed_peers == len(peers)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="flannelpy.backends.vxlan.backend"):
+            await be.apply(removed(peers[0]) + added(lease_of("b", "0a:00:00:00:00:01")))
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        assert lines == ["peer 10.55.100.0/24 removed",
+                         "peer 10.55.2.0/24: vtep 0a:00:00:00:00:01 at 192.168.100.2, route via 10.55.2.0 onlink"]
+
+
 async def test_other_backend_types_are_ignored(root, caplog):
     async with two_hosts() as (hosts, _):
         a = hosts["a"]

@@ -30,7 +30,7 @@ import sys
 import threading
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Container, Iterator, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Container, Generic, Iterator, NamedTuple, TypeVar
 
 import outcome
 import trio
@@ -188,30 +188,27 @@ class NetlinkThread:
     async def rtnl_call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(dumps, *args) on the netlink thread: reads and changes through KernelDumps'
         plain rtnl socket, no pyroute2."""
+        return await self.rtnl_submit(fn, *args).result()
+
+    def rtnl_submit(self, fn: Callable[..., T], *args: Any) -> "PendingCall[T]":
+        """rtnl_call without the wait: the job is queued now, `await .result()` gets what it
+        returned.  The caller works on meanwhile (a backend plans its next batch of peers while
+        the kernel takes this one)."""
         dumps = self.dumps
-        return await self.call(lambda _ipr: fn(dumps, *args))
+        return self.submit(lambda _ipr: fn(dumps, *args))
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(ipr, *args) on the netlink thread and return its result (or raise); `ipr` is
         pyroute2's IPRoute, made when fn first uses it."""
+        return await self.submit(fn, *args).result()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> "PendingCall[T]":
+        """Queue fn(ipr, *args) for the netlink thread (call() without the wait); jobs run in
+        the order they were queued."""
         self.start()
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        box: list[outcome.Outcome] = []
-
-        def deliver(result: outcome.Outcome) -> None:
-            box.append(result)
-            try:
-                token.run_sync_soon(done.set)
-            except trio.RunFinishedError:
-                pass
-
-        self._jobs.put((fn, args, deliver))
-        # The kernel change is not undone if we are cancelled; wait for it so that the
-        # caller's view of the data plane stays true.
-        with trio.CancelScope(shield=True):
-            await done.wait()
-        return box[0].unwrap()
+        pending: PendingCall[T] = PendingCall(trio.lowlevel.current_trio_token())
+        self._jobs.put((fn, args, pending.deliver))
+        return pending
 
     def call_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """For code outside trio (tests, CLI): run on the owning thread and block."""
@@ -234,6 +231,33 @@ class NetlinkThread:
             self._started = False
         if self._dumps is not None:
             self._dumps.close()
+
+
+class PendingCall(Generic[T]):
+    """A job queued on the netlink thread (NetlinkThread.submit)."""
+
+    __slots__ = ("_token", "_done", "_box")
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._done = trio.Event()
+        self._box: list[outcome.Outcome] = []
+
+    def deliver(self, result: outcome.Outcome) -> None:
+        """Called on the netlink thread with the job's outcome."""
+        self._box.append(result)
+        try:
+            self._token.run_sync_soon(self._done.set)
+        except trio.RunFinishedError:
+            pass
+
+    async def result(self) -> T:
+        """What the job returned (or raised), once it has run."""
+        # A kernel change is not undone if we are cancelled: wait for it, so that the caller's
+        # view of the data plane stays true.
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
+        return self._box[0].unwrap()
 
 
 class _OwnPorts:

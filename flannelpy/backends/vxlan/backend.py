@@ -56,6 +56,7 @@ from flannelpy.hostnet.netlink import (
     KernelDumps,
     NetlinkError,
     NetlinkThread,
+    PendingCall,
     delete_route_request,
 )
 from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
@@ -94,6 +95,7 @@ log = logging.getLogger(__name__)
 NTF_SELF = 0x02
 MIN_DEVICE_MTU = 68
 APPLY_CHUNK = 256  # peer events per netlink round of apply()
+PEER_LINES_MAX = 32  # an apply of more lease events logs a summary, not a line per peer
 
 
 # --- netlink-thread functions: fn(dumps, ...), through hostnet.rtnl ------------------------
@@ -235,13 +237,25 @@ _GONE = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV)
 _KERNEL_ERRORS = (NetlinkError, OSError, ValueError)
 
 
+# What a request is for, as the apply path names it: ("neigh", ip), ("fdb", mac, dst) or ("route",
+# subnet).  Made into text (_step_text) only for a log line: a bulk start names thousands of steps
+# and prints none of them.
+_Step = tuple[Any, ...]
+
+
+def _step_text(step: _Step) -> str:
+    if step[0] == "fdb":
+        return f"fdb {step[1]} dst {step[2]}"
+    return f"{step[0]} {step[1]}"
+
+
 class _Group(NamedTuple):
     """One peer's part of an apply batch: what it is for, and its requests in kernel order."""
 
     role: str  # "add", "remove", or "stale" (old entries a changed lease no longer needs)
     subnet: IPNetwork
     plan: PeerPlan
-    steps: list[tuple[str, rtnl.Request]]
+    steps: list[tuple[_Step, rtnl.Request]]
 
 
 def _neigh_request(add: bool, index: int, n: Neigh) -> rtnl.Request:
@@ -267,15 +281,15 @@ def _route_request(add: bool, index: int, r: Route) -> rtnl.Request:
                               oif=None, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
 
 
-def _plan_requests(index: int, plan: PeerPlan, add: bool, with_route: bool) -> list[tuple[str, rtnl.Request]]:
+def _plan_requests(index: int, plan: PeerPlan, add: bool, with_route: bool) -> list[tuple[_Step, rtnl.Request]]:
     """The plan's entries as rtnetlink requests, in flanneld's order (neighbour, FDB, route)."""
-    out: list[tuple[str, rtnl.Request]] = []
+    out: list[tuple[_Step, rtnl.Request]] = []
     if plan.neigh is not None:
-        out.append((f"neigh {plan.neigh.ip}", _neigh_request(add, index, plan.neigh)))
+        out.append((("neigh", plan.neigh.ip), _neigh_request(add, index, plan.neigh)))
     if plan.fdb is not None:
-        out.append((f"fdb {plan.fdb.mac} dst {plan.fdb.dst}", _fdb_request(add, index, plan.fdb)))
+        out.append((("fdb", plan.fdb.mac, plan.fdb.dst), _fdb_request(add, index, plan.fdb)))
     if with_route:
-        out.append((f"route {plan.route.dst}", _route_request(add, index, plan.route)))
+        out.append((("route", plan.route.dst), _route_request(add, index, plan.route)))
     return out
 
 
@@ -583,11 +597,36 @@ class VxlanBackend(Backend):
             await self.v6.apply(self.v6._view_events(events))
         async with self._lock:
             # A round per APPLY_CHUNK events: a 1000-peer start no longer holds all its ~3000
-            # requests at once (their short-lived objects set the RSS high-water mark).
-            for first in range(0, len(events), APPLY_CHUNK):
-                await self._apply_locked(index, events[first:first + APPLY_CHUNK])
+            # requests at once (their short-lived objects set the RSS high-water mark).  Rounds
+            # overlap: while the kernel takes one (on the netlink thread), this thread plans the
+            # next and records the one before; the kernel still sees them in order.
+            # A start's thousands of peers are one line (each peer's at -v=1); a join or leave
+            # keeps its own line.
+            tally = [0, 0] if len(events) > PEER_LINES_MAX else None
+            in_kernel: tuple[list[_Group], PendingCall[list[int]]] | None = None
+            try:
+                for first in range(0, len(events), APPLY_CHUNK):
+                    groups = await self._queue_round(index, events[first:first + APPLY_CHUNK])
+                    requests = [req for g in groups for _what, req in g.steps]
+                    done, in_kernel = in_kernel, None
+                    if requests:
+                        in_kernel = (groups, self.netlink.rtnl_submit(KernelDumps.transact, requests))
+                    if done is not None:
+                        await self._settle(index, done[0], await done[1].result(),
+                                           requeued=frozenset(g.subnet for g in groups), tally=tally)
+                if in_kernel is not None:
+                    done, in_kernel = in_kernel, None
+                    await self._settle(index, done[0], await done[1].result(), tally=tally)
+            finally:
+                if in_kernel is not None:  # interrupted: the round still reaches the kernel
+                    await in_kernel[1].result()
+            if tally is not None:
+                log.info("%s: %d lease events applied: %d peers programmed, %d removed%s", self.spec.name,
+                         len(events), tally[0], tally[1],
+                         f", {len(self._failed)} not programmed (retrying)" if self._failed else "")
 
-    async def _apply_locked(self, index: int, events: Sequence[LeaseEvent]) -> None:
+    async def _queue_round(self, index: int, events: Sequence[LeaseEvent]) -> list[_Group]:
+        """Record the events' leases as wanted and make their requests (sent by apply)."""
         groups: list[_Group] = []
         for event in events:
             lease = event.lease
@@ -598,11 +637,7 @@ class VxlanBackend(Backend):
                 await self._queue_add(index, lease, groups)
             else:
                 await self._queue_remove(index, lease, groups)
-        requests = [req for g in groups for _what, req in g.steps]
-        if not requests:
-            return
-        codes = await self.netlink.rtnl_call(KernelDumps.transact, requests)
-        await self._settle(index, groups, codes)
+        return groups
 
     def _hold(self, subnet: IPv4Network, lease: Lease | None, plan: PeerPlan | None) -> PeerPlan | None:
         """Record `lease` and its `plan` (None: forget) as the subnet's wanted peer; returns the
@@ -672,9 +707,15 @@ class VxlanBackend(Backend):
             self._echoes.expect((plan.fdb.mac.lower(), True))
         groups.append(_Group("remove", lease.subnet, plan, _plan_requests(index, plan, False, True)))
 
-    async def _settle(self, index: int, groups: list[_Group], codes: list[int]) -> None:
+    async def _settle(self, index: int, groups: list[_Group], codes: list[int],
+                      requeued: AbstractSet[IPNetwork] = frozenset(), tally: list[int] | None = None) -> None:
         """Record what each group's requests did; a peer whose add failed in part has the parts
-        that worked undone (as flanneld's order of steps would never have left them)."""
+        that worked undone (as flanneld's order of steps would never have left them), unless a
+        later round already sent to the kernel is about its subnet again (`requeued`): that
+        round's entries are the ones that count.  With a `tally` (a bulk apply: [programmed,
+        removed]) each peer's line is a debug line and the tally counts it."""
+        peer_level = logging.INFO if tally is None else logging.DEBUG
+        peer_lines = log.isEnabledFor(peer_level)
         at = 0
         undo: list[rtnl.Request] = []
         for g in groups:
@@ -684,10 +725,16 @@ class VxlanBackend(Backend):
                 failed = next(((what, c) for (what, _r), c in zip(g.steps, mine) if c), None)
                 if failed is None:
                     self._mark_ok(g.subnet)
-                    log.info("peer %s: %s", g.subnet, _describe(g.plan))
+                    if tally is not None:
+                        tally[0] += 1
+                    if peer_lines:
+                        log.log(peer_level, "peer %s: %s", g.subnet, _describe(g.plan))
                     continue
-                done = {what for (what, _r), c in zip(g.steps, mine) if not c}
-                undo.extend(req for what, req in reversed(_plan_requests(index, g.plan, False, True)) if what in done)
+                done = {what for (what, _r), c in zip(g.steps, mine) if not c} if g.subnet not in requeued else set()
+                plan = g.plan
+                if plan.fdb is not None and self._mac_holders.get(plan.fdb.mac, 0) > 1:
+                    plan = PeerPlan(plan.route, plan.neigh, None)  # another accepted lease uses that MAC
+                undo.extend(req for what, req in reversed(_plan_requests(index, plan, False, True)) if what in done)
                 if g.subnet in self._wanted:
                     self._mark_failed(g.subnet, os.strerror(failed[1]))
                     # The loop may be waiting out its quiet interval: let it switch to retrying.
@@ -696,9 +743,12 @@ class VxlanBackend(Backend):
             for (what, _r), c in zip(g.steps, mine):
                 if c and c not in _GONE:
                     verb = "removing peer" if g.role == "remove" else "removing stale entry for"
-                    log.warning("%s %s: %s: %s", verb, g.subnet, what, os.strerror(c))
+                    log.warning("%s %s: %s: %s", verb, g.subnet, _step_text(what), os.strerror(c))
             if g.role == "remove":
-                log.info("peer %s removed", g.subnet)
+                if tally is not None:
+                    tally[1] += 1
+                if peer_lines:
+                    log.log(peer_level, "peer %s removed", g.subnet)
         if undo:
             for c in await self.netlink.rtnl_call(KernelDumps.transact, undo):
                 if c and c not in _GONE:
