@@ -327,6 +327,20 @@ def test_monitor_reads_the_mac_of_an_fdb_notification():
     assert parse_changes(neigh)[0].lladdr == "0a:00:00:00:01:02"
 
 
+def test_monitor_drops_our_own_notifications_and_unread_kinds_on_the_header():
+    route = _nlmsg(25, 4242, struct.pack("=BBBBBBBBI", 2, 24, 0, 0, 254, 70, 0, 1, 0),
+                   [(1, bytes([10, 5, 2, 0])), (4, struct.pack("=I", DEV))])
+    foreign = _nlmsg(25, 0, struct.pack("=BBBBBBBBI", 2, 24, 0, 0, 254, 3, 0, 1, 0), [(1, bytes([10, 5, 3, 0]))])
+    # One notification per datagram, as the kernel sends them: ours (port 4242) is not decoded.
+    assert parse_changes(route, skip_senders={4242}) == []
+    assert parse_changes(foreign, skip_senders={4242})[0].dst == IPv4Network("10.5.3.0/24")
+    # A kind no backend reads (RTM_NEWRULE) is dropped too; a datagram of several messages is
+    # read message by message, so ours among them does not hide the others.
+    assert parse_changes(_nlmsg(32, 0, b"\0" * 12)) == []
+    (change,) = parse_changes(route + foreign, skip_senders={4242})
+    assert change.dst == IPv4Network("10.5.3.0/24") and change.sender == 0
+
+
 def test_echo_filter_drops_our_own_announcement_once_and_only_while_fresh():
     from flannelpy.backends.repair import EchoFilter
 

@@ -22,6 +22,7 @@ from .rtnl import (
     IFADDRMSG,
     IFINFOMSG,
     NDMSG,
+    NLMSG,
     RTMSG,
     Message,
     messages,
@@ -67,6 +68,12 @@ def parse_changes(data: bytes, skip_senders: Container[int] = ()) -> list[Kernel
     """Decode one datagram of rtnetlink notifications; what is not understood is skipped, and so
     is what a socket in `skip_senders` made (our own changes: not decoded at all)."""
     out: list[KernelChange] = []
+    if len(data) >= NLMSG.size:
+        # The kernel sends each notification in its own datagram: when that one is ours, or of a
+        # kind not read here, it is dropped on its header alone (a bulk start echoes thousands).
+        length, mtype, _flags, _seq, sender = NLMSG.unpack_from(data)
+        if (length + 3) & ~3 >= len(data) and (mtype not in _KINDS or sender in skip_senders):
+            return out
     for msg in messages(data):
         kind = _KINDS.get(msg.type)
         if kind is None or msg.sender in skip_senders:
