@@ -1,6 +1,7 @@
 """lease.py: keys and values exactly as flanneld writes and reads them (pure)."""
 
 import json
+import re
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -165,3 +166,60 @@ def test_backend_data_is_kept_compactly_and_given_back_as_written():
     with pytest.raises(AttributeError):
         usual.backend_data = None  # type: ignore[misc]
     assert decode_attrs(b'{"PublicIP":"10.0.0.1"}').backend_data is None
+
+
+# The shapes flanneld writes are read without json.loads (lease._decode_written); whatever that
+# path returns must be what the general path makes of the same bytes.
+@given(
+    ip=st.integers(0, 2**32 - 1).map(IPv4Address),
+    btype=st.sampled_from(["", "vxlan", "host-gw", "alloc", "udp"]),
+    vni=st.one_of(st.none(), st.integers(0, 2**24 - 1)),
+    mac=st.one_of(st.none(), macs),
+    style=st.sampled_from(list(ValueStyle)),
+    as_bytes=st.booleans(),
+)
+def test_written_values_take_the_fast_path_to_the_same_attrs(ip, btype, vni, mac, style, as_bytes):
+    from flannelpy.subnet.lease import _decode_general, _decode_written
+
+    data = None if vni is None or mac is None else {"VNI": vni, "VtepMAC": mac}
+    raw = encode_attrs(LeaseAttrs(ip, btype, data), style)
+    raw = raw.encode() if as_bytes else raw
+    fast = _decode_written(raw)
+    assert fast is not None, raw
+    assert fast == _decode_general(raw, "") and fast.backend_data == data
+    assert fast.vtep_mac == (mac if data else None)
+
+
+@pytest.mark.parametrize("raw", [
+    '{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0A:00:00:00:00:01"}}',
+    '{"PublicIP":"10.0.0.01","BackendType":"vxlan"}',
+    '{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":16777216,"VtepMAC":"0a:00:00:00:00:01"}}',
+    '{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":01,"VtepMAC":"0a:00:00:00:00:01"}}',
+    '{"PublicIP":"10.0.0.1", "BackendType":"vxlan"}',
+    '{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendType":"host-gw"}',
+    '{"PublicIP":"10.0.0.1","PublicIPv6":"fd00::1","BackendType":"vxlan"}',
+    '{"PublicIP":"10.0.0.1","BackendType":"VXLAN"}',
+    '{"PublicIP":"10.0.0.1","BackendType":""}',
+    b'{"PublicIP":"10.0.0.1","BackendType":"vxlan\xff"}',
+    '{"PublicIP":"256.0.0.1"}',
+])
+def test_other_spellings_take_the_general_path(raw):
+    from flannelpy.subnet.lease import _decode_general, _decode_written
+
+    assert _decode_written(raw) is None
+    try:
+        expected = _decode_general(raw, "")
+    except LeaseValueError as exc:
+        with pytest.raises(LeaseValueError, match=re.escape(str(exc))):
+            decode_attrs(raw)
+    else:
+        assert decode_attrs(raw) == expected
+
+
+@given(st.one_of(st.text(max_size=200), st.binary(max_size=200)))
+def test_the_fast_path_never_disagrees_with_the_general_one(raw):
+    from flannelpy.subnet.lease import _decode_general, _decode_written
+
+    fast = _decode_written(raw)
+    if fast is not None:
+        assert fast == _decode_general(raw, "")

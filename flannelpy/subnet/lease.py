@@ -351,8 +351,44 @@ def encode_attrs(attrs: LeaseAttrs, style: ValueStyle = ValueStyle.CURRENT) -> s
     return json.dumps(doc, separators=(",", ":"))
 
 
+# A value exactly as flanneld (and encode_attrs) writes it, in either shape, for the backends whose
+# BackendData is nothing or vxlan's: compact, Go's field order, a lower-case MAC.  Such a value is
+# read without json.loads, building the same LeaseAttrs the general path would (a test holds the
+# two paths to that); anything else, spelt in any other way, takes the general path.
+_WRITTEN_VALUE_RE = re.compile(
+    r'\{"PublicIP":"([0-9.]{7,15})"(?:,"PublicIPv6":null)?(?:,"BackendType":"([a-z][a-z0-9-]{0,15})")?'
+    r'(?:,"BackendData":\{"VNI":(0|[1-9][0-9]{0,7}),"VtepMAC":"([0-9a-f]{2}(?::[0-9a-f]{2}){5})"\})?\}', re.ASCII)
+_VNI_LIMIT = 1 << 24
+
+
+def _decode_written(raw: str | bytes) -> LeaseAttrs | None:
+    """decode_attrs' result for a value spelt as flanneld writes it; None for any other spelling."""
+    if type(raw) is bytes:
+        if len(raw) > 200:
+            return None
+        try:
+            raw = raw.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    m = _WRITTEN_VALUE_RE.fullmatch(raw)  # type: ignore[arg-type]
+    if m is None:
+        return None
+    ip, btype, vni, mac = m.groups()
+    addr = _quad_int(ip)
+    if addr is None or (vni is not None and int(vni) >= _VNI_LIMIT):
+        return None
+    return LeaseAttrs(IPv4Address(addr), sys.intern(btype) if btype else "",
+                      {"VNI": int(vni), "VtepMAC": mac} if vni is not None else None)
+
+
 def decode_attrs(raw: str | bytes, key: str = "") -> LeaseAttrs:
     """Decode a lease value, old or new shape; LeaseValueError names what is wrong."""
+    written = _decode_written(raw)
+    return written if written is not None else _decode_general(raw, key)
+
+
+def _decode_general(raw: str | bytes, key: str) -> LeaseAttrs:
+    """decode_attrs for any value: parsed as JSON, every field checked."""
     where = f"lease value at {shown(key, MAX_KEY_BYTES)!r}" if key else "lease value"
     try:
         doc = load_json(raw, max_bytes=MAX_VALUE_BYTES, max_depth=MAX_VALUE_DEPTH)
