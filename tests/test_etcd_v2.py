@@ -121,6 +121,27 @@ async def test_renew_sets_ttl_and_ttl0_clears_it(etcd):
         assert listed.expiration is None
 
 
+async def test_a_listing_without_expiry_leaves_each_expiration_unparsed(etcd):
+    """What the agent asks for (peers' expiries are never used): a key with a TTL lists as
+    EXPIRY_NOT_READ, a reservation as None; a watch event likewise."""
+    from flannelpy.etcd.store import EXPIRY_NOT_READ
+
+    async with store_for(etcd) as s:
+        await s.create_lease(NET1, VX, 300)
+        await s.create_lease(NET2, UDP, 0)
+        leases, index = await s.list_leases(expiry=False)
+        assert {lease.subnet: lease.expiration for lease in leases} == {NET1: EXPIRY_NOT_READ, NET2: None}
+        timed = {lease.subnet: lease.expiration for lease in (await s.list_leases())[0]}
+        assert timed[NET1] == pytest.approx(time.time() + 300, abs=30) and timed[NET2] is None
+        watch = s.watch_leases(index, expiry=False)
+        await s.renew_lease(NET2, UDP, 600)
+        with trio.fail_after(10):
+            batch = await watch.__anext__()
+        await watch.aclose()
+    (event,) = batch.events
+    assert event.lease.subnet == NET2 and event.lease.expiration == EXPIRY_NOT_READ
+
+
 async def test_list_reads_every_shape_and_skips_garbage(etcd):
     sub = f"{PREFIX}/subnets"
     etcd.etcdctl("mk", f"{sub}/10.5.1.0-24",

@@ -35,7 +35,7 @@ from flannelpy.subnet.lease import (
 )
 
 from .diagnose import API_DISABLED, UNREACHABLE, ConnectFailure, describe_connect_failure, error_text
-from .store import EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, httpx_verify, tls_setup, unavailable
+from .store import EXPIRY_NOT_READ, EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, httpx_verify, tls_setup, unavailable
 
 log = logging.getLogger("flannelpy.etcd.v2")
 
@@ -120,11 +120,14 @@ def parse_expiration(text: str | None) -> float | None:
     return base + frac - offset
 
 
-def node_to_lease(node: dict[str, Any], prefix: str | None = None, dual_stack: bool = False) -> Lease:
+def node_to_lease(node: dict[str, Any], prefix: str | None = None, dual_stack: bool = False,
+                  expiry: bool = True) -> Lease:
     """A lease from a v2 node; LeaseValueError when its key or value cannot be decoded.
 
     `prefix` (`/<etcd-prefix>/subnets/`): the key must sit directly under it (lease.parse_subnet_key);
-    `dual_stack` (EnableIPv6): dual-stack keys are read too (lease.parse_store_key)."""
+    `dual_stack` (EnableIPv6): dual-stack keys are read too (lease.parse_store_key); expiry=False:
+    a node's expiration is not parsed (EXPIRY_NOT_READ: a peer's is never used, and the float
+    would be held for every peer)."""
     key = node.get("key", "")
     subnet, ipv6_subnet = parse_store_key(key, prefix, dual_stack)
     value = node.get("value")
@@ -134,20 +137,22 @@ def node_to_lease(node: dict[str, Any], prefix: str | None = None, dual_stack: b
     return Lease(
         subnet=subnet,
         attrs=attrs,
-        expiration=parse_expiration(node.get("expiration")),
+        expiration=parse_expiration(node.get("expiration")) if expiry else
+        (EXPIRY_NOT_READ if node.get("expiration") else None),
         store_ref=node.get("modifiedIndex"),
         ipv6_subnet=ipv6_subnet,
     )
 
 
-def event_from_response(doc: dict[str, Any], prefix: str | None = None, dual_stack: bool = False) -> LeaseEvent:
+def event_from_response(doc: dict[str, Any], prefix: str | None = None, dual_stack: bool = False,
+                        expiry: bool = True) -> LeaseEvent:
     """One watch response as a LeaseEvent; LeaseValueError when it is not about a lease."""
     action = doc.get("action", "")
     node = doc.get("node") or {}
     if node.get("dir"):
         raise LeaseValueError(f"{node.get('key')!r} is a directory, not a lease")
     if action in _ADDED_ACTIONS:
-        return LeaseEvent(EventKind.ADDED, node_to_lease(node, prefix, dual_stack))
+        return LeaseEvent(EventKind.ADDED, node_to_lease(node, prefix, dual_stack, expiry))
     if action in _REMOVED_ACTIONS:
         key = node.get("key", "")
         subnet, ipv6_subnet = parse_store_key(key, prefix, dual_stack)
@@ -267,11 +272,11 @@ class V2Store:
         await self._request("PUT", self.config_key, data={"value": text})
 
     async def list_leases(self, *, expiry: bool = True) -> tuple[list[Lease], int]:
-        # `expiry` costs nothing here: every node of the listing carries its expiration.
-        leases, _skipped, index = await self._list()
+        # Every node of the listing carries its expiration: expiry=False only skips parsing it.
+        leases, _skipped, index = await self._list(expiry)
         return leases, index
 
-    async def _list(self) -> tuple[list[Lease], list[str], int]:
+    async def _list(self, expiry: bool = True) -> tuple[list[Lease], list[str], int]:
         """Every lease under the subnets key (and the keys skipped as undecodable), at an index."""
         try:
             _, doc, index = await self._request(
@@ -288,7 +293,7 @@ class V2Store:
             if node.get("dir"):
                 continue
             try:
-                leases.append(node_to_lease(node, prefix, dual_stack))
+                leases.append(node_to_lease(node, prefix, dual_stack, expiry))
             except LeaseValueError as exc:
                 self._skip_log.skipped(exc)
                 skipped.append(node.get("key", ""))
@@ -368,7 +373,7 @@ class V2Store:
                 # Our waitIndex fell out of etcd's 1000-event history: start over from a list.
                 log.info("watch index %d cleared from etcd history (%s); re-listing leases", wait_index, err)
                 try:
-                    leases, skipped, index = await self._list()
+                    leases, skipped, index = await self._list(expiry)
                 except (StoreUnavailable, V2Error) as exc:
                     log.warning("re-listing leases: %s; retrying in %.1fs", exc, backoff)
                     await trio.sleep(backoff)
@@ -398,7 +403,7 @@ class V2Store:
             wait_index = max(wait_index, index + 1)
             if header_index - index > CATCH_UP_EVENTS:
                 try:
-                    leases, skipped, listed_at = await self._list()
+                    leases, skipped, listed_at = await self._list(expiry)
                 except (StoreUnavailable, V2Error) as exc:
                     log.debug("catching up by a re-list failed (%s); following events one by one", exc)
                 else:
@@ -407,7 +412,7 @@ class V2Store:
                     yield WatchBatch(snapshot=tuple(leases), revision=listed_at, skipped=tuple(skipped))
                     continue
             try:
-                event = event_from_response(doc, prefix, self.dual_stack)
+                event = event_from_response(doc, prefix, self.dual_stack, expiry)
             except LeaseValueError as exc:
                 log.warning("skipping watch event: %s", exc)
                 yield WatchBatch(revision=index, skipped=(node.get("key", ""),))
