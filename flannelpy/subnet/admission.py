@@ -35,7 +35,7 @@ from typing import Generic, Hashable, Iterable, NamedTuple, Sequence, TypeVar
 
 from flannelpy.hostnet.underlay import Underlay
 
-from .lease import EventKind, Lease, LeaseEvent
+from .lease import EventKind, Lease, LeaseEvent, held_vtep_mac
 
 # Refusal codes: the `reason` label of flannel_leases_refused_total (few values on purpose).
 OUTSIDE_NETWORK = "outside_network"
@@ -57,6 +57,14 @@ _SPECIAL_PUBLIC_IPS = (
     (IPv4Network("255.255.255.255/32"), "the broadcast address"),
     (IPv4Network("240.0.0.0/4"), "reserved (240.0.0.0/4)"),
 )
+
+
+def _maybe_special(ip: int) -> bool:
+    """Whether an IPv4 address may be in _SPECIAL_PUBLIC_IPS (one comparison or two, where each
+    network's `in` is a microsecond: every peer of a start is checked)."""
+    return ip >= 0xE0000000 or (ip >> 24) in (0, 127) or (ip >> 16) == 0xA9FE
+
+
 _SPECIAL_PUBLIC_IPV6S = (
     (IPv6Network("::/128"), "unspecified (::)"),
     (IPv6Network("::1/128"), "loopback"),
@@ -373,9 +381,10 @@ class Admission:
         protected = self._protected.overlapping(net)
         if protected is not None:
             return refuse(UNDERLAY, f"subnet {net} overlaps {protected}")
-        for special, what in _SPECIAL_PUBLIC_IPS:
-            if ip in special:
-                return refuse(PUBLIC_IP, f"PublicIP {ip} is {what}")
+        if _maybe_special(int(ip)):
+            for special, what in _SPECIAL_PUBLIC_IPS:
+                if ip in special:
+                    return refuse(PUBLIC_IP, f"PublicIP {ip} is {what}")
         if ip in self._own_addresses:
             return refuse(OWN_ADDRESS, f"PublicIP {ip} is an address of this host")
         on_link = self._connected.containing(_host_key(ip))
@@ -643,15 +652,11 @@ class Admission:
 
 
 def _vtep_mac(lease: Lease) -> str | None:
-    data = lease.attrs.backend_data
-    mac = data.get("VtepMAC") if data else None
-    return mac if isinstance(mac, str) else None  # the codec has normalised it (lower case, colons)
+    return held_vtep_mac(lease.attrs)  # the codec has normalised it (lower case, colons)
 
 
 def _vtep_mac_v6(lease: Lease) -> str | None:
-    data = lease.attrs.backend_v6_data
-    mac = data.get("VtepMAC") if data else None
-    return mac if isinstance(mac, str) else None
+    return held_vtep_mac(lease.attrs, v6=True)
 
 
 def judge_listing(rules: AdmissionRules, leases: Sequence[Lease]) -> dict[IPv4Network, Refusal]:

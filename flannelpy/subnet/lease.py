@@ -270,6 +270,15 @@ def _expand(data: _CompactData) -> dict[str, Any] | None:
     return data  # type: ignore[return-value]
 
 
+def held_vtep_mac(attrs: LeaseAttrs, v6: bool = False) -> str | None:
+    """BackendData's (v6: BackendV6Data's) VtepMAC as the lease holds it, without expanding the
+    compact pair into a dict; None when absent or not a string.  (The codec normalised what it
+    decoded; vtep_mac normalises again, for leases made in code.)"""
+    data: Any = attrs._data_v6 if v6 else attrs._data
+    mac = data[1] if type(data) is tuple else (data.get("VtepMAC") if data else None)
+    return mac if isinstance(mac, str) else None
+
+
 def _data_mac(data: _CompactData) -> str | None:
     if type(data) is tuple:
         mac: Any = data[1]
