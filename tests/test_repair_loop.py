@@ -2,6 +2,8 @@
 and nothing waits for a retry (issue #19: no periodic walk of every peer that flanneld lacks);
 and the netlink thread a pass runs on keeps nothing of it afterwards."""
 
+import pytest
+
 from flannelpy.backends.repair import QUIET_INTERVAL, RESYNC_INTERVAL, RepairLoop
 from flannelpy.hostnet.netlink import NetlinkThread
 
@@ -49,3 +51,24 @@ async def test_the_netlink_thread_keeps_nothing_of_a_finished_call():
     del entries, result, got
     gc.collect()
     assert entries_ref() is None and result_ref() is None
+
+
+async def test_a_submitted_job_runs_in_order_and_its_result_can_be_asked_again():
+    """NetlinkThread.submit queues without waiting (vxlan overlaps its rounds with it): jobs run
+    in the order queued, and a result asked for twice (a cleanup may ask again) is the same."""
+    nl = NetlinkThread()
+    ran: list[int] = []
+
+    def job(_ipr, n: int) -> int:
+        ran.append(n)
+        if n == 2:
+            raise ValueError("job 2 failed")
+        return n * 10
+
+    pending = [nl.submit(job, n) for n in (1, 2, 3)]
+    assert [await pending[0].result(), await pending[2].result()] == [10, 30]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="job 2 failed"):
+            await pending[1].result()
+    assert await pending[2].result() == 30 and ran == [1, 2, 3]
+    nl.stop()

@@ -257,7 +257,10 @@ class PendingCall(Generic[T]):
         # view of the data plane stays true.
         with trio.CancelScope(shield=True):
             await self._done.wait()
-        return self._box[0].unwrap()
+        result = self._box[0]  # not unwrap(): that works once, and a caller may ask again
+        if isinstance(result, outcome.Error):
+            raise result.error
+        return result.value
 
 
 class _OwnPorts:
