@@ -35,7 +35,16 @@ from flannelpy.subnet.lease import (
 )
 
 from .diagnose import API_DISABLED, UNREACHABLE, ConnectFailure, describe_connect_failure, error_text
-from .store import EXPIRY_NOT_READ, EtcdOptions, SkipLog, StoreUnavailable, WatchBatch, httpx_verify, tls_setup, unavailable
+from .store import (
+    EXPIRY_NOT_READ,
+    EtcdOptions,
+    SkipLog,
+    StoreUnavailable,
+    WatchBatch,
+    httpx_verify,
+    tls_setup,
+    unavailable,
+)
 
 log = logging.getLogger("flannelpy.etcd.v2")
 
