@@ -282,6 +282,7 @@ async def test_a_bulk_apply_logs_one_line_and_a_join_its_own(root, caplog):
         peers = [Lease(IPv4Network(f"10.55.{100 + i}.0/24"),
                        LeaseAttrs(A(f"192.168.100.{10 + i}"), "vxlan", {"VNI": 1, "VtepMAC": f"0a:00:00:00:01:{i:02x}"}))
                  for i in range(vxlan_backend.PEER_LINES_MAX + 1)]
+        caplog.clear()  # what up() logged (captured when an earlier test left the logger at INFO)
         with caplog.at_level(logging.INFO, logger="flannelpy.backends.vxlan.backend"):
             await be.apply([LeaseEvent(EventKind.ADDED, p) for p in peers])
         lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
