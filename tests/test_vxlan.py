@@ -207,30 +207,39 @@ async def test_a_batch_larger_than_a_round_is_applied_in_rounds_in_order(root, m
         assert routes_text(a.ns, "10.55.103.0/24") == "10.55.103.0/24 via 10.55.103.0 dev flannel.1 proto 70 onlink"
 
 
+def refuse_last_request(monkeypatch, only_round: int | None = None) -> list[int]:
+    """Make KernelDumps.transact answer ENETDOWN for the last request of every round (or of round
+    `only_round` only, counting from 1), which the kernel did carry out: a falsified answer that a
+    rollback acts on.  Returns the sizes of the rounds sent, as they are sent."""
+    import errno
+
+    from flannelpy.hostnet.netlink import KernelDumps
+
+    real, rounds = KernelDumps.transact, []
+
+    def falsified(self, requests):
+        codes = real(self, requests)
+        rounds.append(len(requests))
+        if only_round is None or len(rounds) == only_round:
+            codes[-1] = errno.ENETDOWN
+        return codes
+
+    monkeypatch.setattr(KernelDumps, "transact", falsified)
+    return rounds
+
+
 async def test_a_failed_round_leaves_a_later_rounds_entries_for_the_same_peer(root, monkeypatch):
     """Rounds overlap (the next is sent while the last is recorded): when a peer's add fails in
     part and a later round of the same batch adds it again, the failed round's rollback must not
     take away what the later round made.  The kernel's answer for the first round is falsified:
     its route "failed" (it was made), so that round would undo the neighbour and FDB entry."""
-    import errno
-
     import flannelpy.backends.vxlan.backend as vxlan_backend
-    from flannelpy.hostnet.netlink import KernelDumps
 
     monkeypatch.setattr(vxlan_backend, "APPLY_CHUNK", 2)
-    real, rounds = KernelDumps.transact, []
-
-    def first_route_refused(self, requests):
-        codes = real(self, requests)
-        rounds.append(len(requests))
-        if len(rounds) == 1:
-            codes[-1] = errno.ENETDOWN  # the first round's last request: peer b's route
-        return codes
-
     async with two_hosts() as (hosts, _):
         a = hosts["a"]
         be, _mac = await up(a, "a")
-        monkeypatch.setattr(KernelDumps, "transact", first_route_refused)
+        rounds = refuse_last_request(monkeypatch, only_round=1)  # peer b's route
         b = lease_of("b", "0a:00:00:00:00:01")
         other = Lease(IPv4Network("10.55.7.0/24"),
                       LeaseAttrs(A("192.168.100.7"), "vxlan", {"VNI": 1, "VtepMAC": "0a:00:00:00:00:07"}))
@@ -249,25 +258,14 @@ async def test_a_failed_round_leaves_a_later_rounds_entries_for_the_same_peer(ro
 async def test_a_rollback_keeps_the_fdb_entry_another_peer_shares(root, monkeypatch):
     """Two leases of one host (one VtepMAC, one PublicIP: one FDB entry): when the second one's
     add fails in part, undoing it must not delete the FDB entry the first one still needs."""
-    import errno
-
-    from flannelpy.hostnet.netlink import KernelDumps
-
-    real = KernelDumps.transact
-
-    def last_route_refused(self, requests):
-        codes = real(self, requests)
-        codes[-1] = errno.ENETDOWN
-        return codes
-
     async with two_hosts() as (hosts, _):
         a = hosts["a"]
         be, _mac = await up(a, "a")
-        monkeypatch.setattr(KernelDumps, "transact", last_route_refused)
+        refuse_last_request(monkeypatch)
         first = lease_of("b", "0a:00:00:00:00:01")
         second = Lease(IPv4Network("10.55.9.0/24"), first.attrs)
         await be.apply([LeaseEvent(EventKind.ADDED, first), LeaseEvent(EventKind.ADDED, second)])
-        monkeypatch.setattr(KernelDumps, "transact", real)
+        monkeypatch.undo()  # the real answers again, for the teardown
         assert ("0a:00:00:00:00:01", "192.168.100.2", ["self"], "permanent") in fdbs(a.ns)
         assert neighs(a.ns) == [("10.55.2.0", "0a:00:00:00:00:01", ["PERMANENT"])]  # the second's undone
         assert be.programmed_peers == 1
