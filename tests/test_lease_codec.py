@@ -202,6 +202,8 @@ def test_written_values_take_the_fast_path_to_the_same_attrs(ip, btype, vni, mac
     '{"PublicIP":"10.0.0.1","BackendType":""}',
     b'{"PublicIP":"10.0.0.1","BackendType":"vxlan\xff"}',
     '{"PublicIP":"256.0.0.1"}',
+    '{"PublicIP":"10.0.0.1","BackendType":"' + "v" * 300 + '"}',  # longer than any written value
+    ('{"PublicIP":"10.0.0.1","BackendType":"' + "v" * 300 + '"}').encode(),
 ])
 def test_other_spellings_take_the_general_path(raw):
     from flannelpy.subnet.lease import _decode_general, _decode_written

@@ -270,20 +270,24 @@ def _expand(data: _CompactData) -> dict[str, Any] | None:
     return data  # type: ignore[return-value]
 
 
+def _mac_field(data: _CompactData) -> Any:
+    """The VtepMAC field of BackendData as held (any JSON value, None when absent), read from the
+    compact pair without expanding it into a dict."""
+    if type(data) is tuple:
+        return data[1]
+    return data.get("VtepMAC") if data else None  # type: ignore[union-attr]
+
+
 def held_vtep_mac(attrs: LeaseAttrs, v6: bool = False) -> str | None:
-    """BackendData's (v6: BackendV6Data's) VtepMAC as the lease holds it, without expanding the
-    compact pair into a dict; None when absent or not a string.  (The codec normalised what it
-    decoded; vtep_mac normalises again, for leases made in code.)"""
-    data: Any = attrs._data_v6 if v6 else attrs._data
-    mac = data[1] if type(data) is tuple else (data.get("VtepMAC") if data else None)
+    """BackendData's (v6: BackendV6Data's) VtepMAC as the lease holds it; None when absent or not
+    a string.  (The codec normalised what it decoded; vtep_mac normalises again, for leases made
+    in code.)"""
+    mac = _mac_field(attrs._data_v6 if v6 else attrs._data)
     return mac if isinstance(mac, str) else None
 
 
 def _data_mac(data: _CompactData) -> str | None:
-    if type(data) is tuple:
-        mac: Any = data[1]
-    else:
-        mac = data.get("VtepMAC") if data else None  # type: ignore[union-attr]
+    mac = _mac_field(data)
     return normalize_mac(mac) if mac is not None else None
 
 
@@ -368,13 +372,14 @@ _WRITTEN_VALUE_RE = re.compile(
     r'\{"PublicIP":"([0-9.]{7,15})"(?:,"PublicIPv6":null)?(?:,"BackendType":"([a-z][a-z0-9-]{0,15})")?'
     r'(?:,"BackendData":\{"VNI":(0|[1-9][0-9]{0,7}),"VtepMAC":"([0-9a-f]{2}(?::[0-9a-f]{2}){5})"\})?\}', re.ASCII)
 _VNI_LIMIT = 1 << 24
+_WRITTEN_VALUE_MAX = 200  # the longest such value is ~150 characters
 
 
 def _decode_written(raw: str | bytes) -> LeaseAttrs | None:
     """decode_attrs' result for a value spelt as flanneld writes it; None for any other spelling."""
+    if len(raw) > _WRITTEN_VALUE_MAX:  # longer than any value of these shapes
+        return None
     if type(raw) is bytes:
-        if len(raw) > 200:
-            return None
         try:
             raw = raw.decode("ascii")
         except UnicodeDecodeError:
@@ -382,12 +387,13 @@ def _decode_written(raw: str | bytes) -> LeaseAttrs | None:
     m = _WRITTEN_VALUE_RE.fullmatch(raw)  # type: ignore[arg-type]
     if m is None:
         return None
-    ip, btype, vni, mac = m.groups()
+    ip, btype, vni_text, mac = m.groups()
     addr = _quad_int(ip)
-    if addr is None or (vni is not None and int(vni) >= _VNI_LIMIT):
+    vni = int(vni_text) if vni_text is not None else None
+    if addr is None or (vni is not None and vni >= _VNI_LIMIT):
         return None
     return LeaseAttrs(IPv4Address(addr), sys.intern(btype) if btype else "",
-                      {"VNI": int(vni), "VtepMAC": mac} if vni is not None else None)
+                      {"VNI": vni, "VtepMAC": mac} if vni is not None else None)
 
 
 def decode_attrs(raw: str | bytes, key: str = "") -> LeaseAttrs:
