@@ -605,27 +605,27 @@ class VxlanBackend(Backend):
             # next and records the one before; the kernel still sees them in order.
             # A start's thousands of peers are one line (each peer's at -v=1); a join or leave
             # keeps its own line.
-            tally = [0, 0] if len(events) > PEER_LINES_MAX else None
+            quiet = len(events) > PEER_LINES_MAX
+            programmed = removed = 0
             in_kernel: tuple[list[_Group], PendingCall[list[int]]] | None = None
             try:
-                for first in range(0, len(events), APPLY_CHUNK):
+                # One round more than the events fill, empty: it records the last one.
+                for first in range(0, len(events) + APPLY_CHUNK, APPLY_CHUNK):
                     groups = await self._queue_round(index, events[first:first + APPLY_CHUNK])
                     requests = [req for g in groups for _what, req in g.steps]
                     done, in_kernel = in_kernel, None
                     if requests:
                         in_kernel = (groups, self.netlink.rtnl_submit(KernelDumps.transact, requests))
                     if done is not None:
-                        await self._settle(index, done[0], await done[1].result(),
-                                           requeued=frozenset(g.subnet for g in groups), tally=tally)
-                if in_kernel is not None:
-                    done, in_kernel = in_kernel, None
-                    await self._settle(index, done[0], await done[1].result(), tally=tally)
+                        added, gone = await self._settle(index, done[0], await done[1].result(), groups, quiet)
+                        programmed += added
+                        removed += gone
             finally:
                 if in_kernel is not None:  # interrupted: the round still reaches the kernel
                     await in_kernel[1].result()
-            if tally is not None:
+            if quiet:
                 log.info("%s: %d lease events applied: %d peers programmed, %d removed%s", self.spec.name,
-                         len(events), tally[0], tally[1],
+                         len(events), programmed, removed,
                          f", {len(self._failed)} not programmed (retrying)" if self._failed else "")
 
     async def _queue_round(self, index: int, events: Sequence[LeaseEvent]) -> list[_Group]:
@@ -687,8 +687,8 @@ class VxlanBackend(Backend):
         groups.append(_Group("add", lease.subnet, plan, _plan_requests(index, plan, True, True)))
         if old is not None:
             stale = stale_entries(old, plan)
-            if stale is not None and stale.fdb is not None and stale.fdb.mac in self._mac_holders:
-                stale = PeerPlan(stale.route, stale.neigh, None)  # another accepted lease uses that MAC
+            if stale is not None:
+                stale = self._spare_shared_fdb(stale, own_holds=0)  # the old plan's hold is gone
             if stale is not None and (stale.fdb is not None or stale.neigh is not None):
                 if stale.fdb is not None:
                     self._echoes.expect((stale.fdb.mac.lower(), True))
@@ -704,42 +704,45 @@ class VxlanBackend(Backend):
             except ValueError as exc:
                 log.error("cannot work out entries of removed lease %s: %s", lease.subnet, exc)
                 return
-        if plan.fdb is not None and plan.fdb.mac in self._mac_holders:
-            plan = PeerPlan(plan.route, plan.neigh, None)  # another accepted lease uses that MAC
+        plan = self._spare_shared_fdb(plan, own_holds=0)  # its hold is gone
         if plan.fdb is not None:
             self._echoes.expect((plan.fdb.mac.lower(), True))
         groups.append(_Group("remove", lease.subnet, plan, _plan_requests(index, plan, False, True)))
 
-    async def _settle(self, index: int, groups: list[_Group], codes: list[int],
-                      requeued: AbstractSet[IPNetwork] = frozenset(), tally: list[int] | None = None) -> None:
-        """Record what each group's requests did; a peer whose add failed in part has the parts
-        that worked undone (as flanneld's order of steps would never have left them), unless a
-        later round already sent to the kernel is about its subnet again (`requeued`): that
-        round's entries are the ones that count.  With a `tally` (a bulk apply: [programmed,
-        removed]) each peer's line is a debug line and the tally counts it."""
-        peer_level = logging.INFO if tally is None else logging.DEBUG
+    async def _settle(self, index: int, groups: list[_Group], codes: list[int], later: list[_Group],
+                      quiet: bool) -> tuple[int, int]:
+        """Record what each group's requests did; (peers programmed, peers removed).  A peer whose
+        add failed in part has the parts that worked undone (as flanneld's order of steps would
+        never have left them), unless the `later` round, already sent to the kernel, is about its
+        subnet again: that round's entries are the ones that count.  `quiet` (a bulk apply): each
+        peer's line is a debug line."""
+        peer_level = logging.DEBUG if quiet else logging.INFO
         peer_lines = log.isEnabledFor(peer_level)
+        programmed = removed = 0
+        requeued: set[IPNetwork] | None = None  # the later round's subnets, made at a first failure
         at = 0
         undo: list[rtnl.Request] = []
         for g in groups:
             mine = codes[at:at + len(g.steps)]
             at += len(g.steps)
             if g.role == "add":
-                failed = next(((what, c) for (what, _r), c in zip(g.steps, mine) if c), None)
-                if failed is None:
+                failed = next((c for c in mine if c), 0)
+                if not failed:
                     self._mark_ok(g.subnet)
-                    if tally is not None:
-                        tally[0] += 1
+                    programmed += 1
                     if peer_lines:
                         log.log(peer_level, "peer %s: %s", g.subnet, _describe(g.plan))
                     continue
-                done = {what for (what, _r), c in zip(g.steps, mine) if not c} if g.subnet not in requeued else set()
-                plan = g.plan
-                if plan.fdb is not None and self._mac_holders.get(plan.fdb.mac, 0) > 1:
-                    plan = PeerPlan(plan.route, plan.neigh, None)  # another accepted lease uses that MAC
-                undo.extend(req for what, req in reversed(_plan_requests(index, plan, False, True)) if what in done)
+                if requeued is None:
+                    requeued = {later_group.subnet for later_group in later}
+                if g.subnet not in requeued:
+                    done = {what for (what, _r), c in zip(g.steps, mine) if not c}
+                    # Its own hold on the MAC counts: more than one means another lease's.
+                    plan = self._spare_shared_fdb(g.plan, own_holds=1)
+                    undo.extend(req for what, req in reversed(_plan_requests(index, plan, False, True))
+                                if what in done)
                 if g.subnet in self._wanted:
-                    self._mark_failed(g.subnet, os.strerror(failed[1]))
+                    self._mark_failed(g.subnet, os.strerror(failed))
                     # The loop may be waiting out its quiet interval: let it switch to retrying.
                     self.loop.wake()
                 continue
@@ -748,14 +751,22 @@ class VxlanBackend(Backend):
                     verb = "removing peer" if g.role == "remove" else "removing stale entry for"
                     log.warning("%s %s: %s: %s", verb, g.subnet, _step_text(what), os.strerror(c))
             if g.role == "remove":
-                if tally is not None:
-                    tally[1] += 1
+                removed += 1
                 if peer_lines:
                     log.log(peer_level, "peer %s removed", g.subnet)
         if undo:
             for c in await self.netlink.rtnl_call(KernelDumps.transact, undo):
                 if c and c not in _GONE:
                     log.warning("rollback step failed: %s", os.strerror(c))
+        return programmed, removed
+
+    def _spare_shared_fdb(self, plan: PeerPlan, own_holds: int) -> PeerPlan:
+        """`plan` without its FDB entry when another accepted lease uses that MAC (more holds on
+        it than `own_holds`, those of the plan's own lease): removing the entry would cut that
+        lease off."""
+        if plan.fdb is not None and self._mac_holders.get(plan.fdb.mac, 0) > own_holds:
+            return PeerPlan(plan.route, plan.neigh, None)
+        return plan
 
     # --- reconciliation ------------------------------------------------------------------
 
