@@ -57,12 +57,10 @@ _SPECIAL_PUBLIC_IPS = (
     (IPv4Network("255.255.255.255/32"), "the broadcast address"),
     (IPv4Network("240.0.0.0/4"), "reserved (240.0.0.0/4)"),
 )
-
-
-def _maybe_special(ip: int) -> bool:
-    """Whether an IPv4 address may be in _SPECIAL_PUBLIC_IPS (one comparison or two, where each
-    network's `in` is a microsecond: every peer of a start is checked)."""
-    return ip >= 0xE0000000 or (ip >> 24) in (0, 127) or (ip >> 16) == 0xA9FE
+# The same as integer ranges, in the same order: every peer of a start is checked, and an
+# IPv4Network's `in` is a microsecond each.
+_SPECIAL_PUBLIC_IP_RANGES = tuple((int(net.network_address), int(net.broadcast_address), what)
+                                  for net, what in _SPECIAL_PUBLIC_IPS)
 
 
 _SPECIAL_PUBLIC_IPV6S = (
@@ -381,10 +379,10 @@ class Admission:
         protected = self._protected.overlapping(net)
         if protected is not None:
             return refuse(UNDERLAY, f"subnet {net} overlaps {protected}")
-        if _maybe_special(int(ip)):
-            for special, what in _SPECIAL_PUBLIC_IPS:
-                if ip in special:
-                    return refuse(PUBLIC_IP, f"PublicIP {ip} is {what}")
+        ip_int = int(ip)
+        for first, last, what in _SPECIAL_PUBLIC_IP_RANGES:
+            if first <= ip_int <= last:
+                return refuse(PUBLIC_IP, f"PublicIP {ip} is {what}")
         if ip in self._own_addresses:
             return refuse(OWN_ADDRESS, f"PublicIP {ip} is an address of this host")
         on_link = self._connected.containing(_host_key(ip))
