@@ -13,6 +13,7 @@ from etcd_server import EtcdServer, free_port
 
 from flannelpy.etcd.store import EtcdOptions, StoreUnavailable
 from flannelpy.etcd.v2 import UNKNOWN_ATTRS, V2APIDisabled, V2Store, event_from_response, parse_expiration
+from flannelpy.errors import LeaseValueError
 from flannelpy.subnet.lease import SUBNET_TTL, EventKind, LeaseAttrs
 
 PREFIX = "/coreos.com/network"
@@ -45,6 +46,23 @@ def test_parse_expiration_nanoseconds_and_offsets():
     assert parse_expiration(None) is None
     with pytest.raises(Exception, match="RFC 3339"):
         parse_expiration("yesterday")
+    # What a broken or hostile server may send instead of a string: a named refusal, which the
+    # listing skips like any undecodable lease (not a TypeError out of the listing).
+    for bad in (5, 0, [], {"a": 1}, True, "x" * 10_000):
+        with pytest.raises(LeaseValueError, match="is not an RFC 3339 time") as info:
+            parse_expiration(bad)
+        assert len(str(info.value)) < 300
+
+
+def test_a_node_with_a_garbage_expiration_is_a_named_refusal():
+    from flannelpy.etcd.store import EXPIRY_NOT_READ
+    from flannelpy.etcd.v2 import node_to_lease
+
+    node = {"key": f"{PREFIX}/subnets/10.5.1.0-24", "value": '{"PublicIP":"10.0.0.1"}', "expiration": 5}
+    with pytest.raises(LeaseValueError, match="expiration 5 is not an RFC 3339 time"):
+        node_to_lease(node, f"{PREFIX}/subnets/")
+    # Not read at all without expiry (a peer's): only whether the key has one.
+    assert node_to_lease(node, f"{PREFIX}/subnets/", expiry=False).expiration == EXPIRY_NOT_READ
 
 
 def test_event_actions_map_to_added_and_removed():

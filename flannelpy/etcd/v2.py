@@ -22,6 +22,7 @@ import httpx
 import trio
 
 from flannelpy.errors import FlannelError, LeaseValueError
+from flannelpy.jsonlimits import shown
 from flannelpy.subnet.lease import (
     EventKind,
     Lease,
@@ -114,11 +115,11 @@ def _utc_seconds(text: str) -> int:
 
 def parse_expiration(text: str | None) -> float | None:
     """etcd's RFC 3339 `expiration` (nanosecond fraction) as Unix time; None when absent."""
-    if not text:
+    if text is None or text == "":
         return None
-    m = _EXP_RE.match(text)
+    m = _EXP_RE.match(text) if isinstance(text, str) else None
     if not m:
-        raise LeaseValueError(f"expiration {text!r} is not an RFC 3339 time")
+        raise LeaseValueError(f"expiration {shown(repr(text))} is not an RFC 3339 time")
     base = _utc_seconds(m.group(1))
     frac = float("0." + m.group(2)) if m.group(2) else 0.0
     tz = m.group(3)
