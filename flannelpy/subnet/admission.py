@@ -23,15 +23,16 @@ each peer lease is judged before the backend sees it.  Refused, whatever the bac
 
 A lease refused because of another accepted lease (overlap, MAC, PublicIP) is judged again when
 that lease goes away or changes; the others stay refused until their value changes.  A refused
-lease never reaches the backend, so removing it removes nothing.  Every check is a few dict
-look-ups per prefix length (at most 33), never a walk over the peers.
+lease never reaches the backend, so removing it removes nothing.  Every check is a few look-ups
+(binary searches) per prefix length in use, never a walk over the peers.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from array import array
+from bisect import bisect_left
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Generic, Hashable, Iterable, NamedTuple, Sequence, TypeVar
+from typing import Generic, Hashable, Iterable, MutableSequence, NamedTuple, Sequence, TypeVar
 
 from flannelpy.hostnet.underlay import Underlay
 
@@ -146,7 +147,6 @@ def _masks(bits: int) -> tuple[int, ...]:
 
 _MASKS = _masks(32)
 _MASKS6 = _masks(128)
-_ABSENT = object()
 
 
 class _Owners(dict):
@@ -156,56 +156,67 @@ class _Owners(dict):
 
 class PrefixIndex(Generic[O]):
     """Prefixes, each with the owners that put it there, answering "which entry overlaps this
-    prefix": an entry containing it is one dict look-up per prefix length in use; an entry inside
-    it is one binary search, because the entries are also kept sorted by (address, length) and
-    whatever lies inside a prefix sorts right after it.  About 100 bytes per entry (an index of
-    every entry under each of its supernets answered the second question in one look-up, at
-    ~1.6 KiB per entry)."""
+    prefix": an entry containing it is one binary search per prefix length in use; an entry
+    inside it is one more, because whatever lies inside a prefix sorts right after it.
+
+    The entries are two aligned sequences sorted by (address, length): their codes and their
+    owners.  For IPv4 the codes are a packed array of 64-bit integers, 16 bytes an entry with
+    the owner's slot; a dict from code to owner beside a sorted list took ~77 (the dict's slot,
+    the list's and an int object a code), the largest part of a peer's memory in admission."""
 
     def __init__(self, bits: int = 32) -> None:
         # bits: 32 for IPv4 prefixes, 128 for IPv6 (one index never mixes the two).
         self._bits = bits
         self._masks = _MASKS if bits == 32 else _MASKS6
-        # An entry's code is address << 8 | length: one int is its dict key and its sort key.
-        self._exact: dict[int, O | _Owners] = {}
-        self._sorted: list[int] = []
+        # An entry's code is address << 8 | length: its sort key (an IPv6 code needs 136 bits).
+        self._codes: MutableSequence[int] = array("Q") if bits == 32 else []
+        self._owners: list[O | _Owners] = []
         # How many entries of each prefix length: `containing` looks only at lengths in use
-        # (peers mostly share one SubnetLen, so that is one look-up instead of up to 33).
+        # (peers mostly share one SubnetLen, so that is one search instead of up to 33).
         self._lengths: dict[int, int] = {}
         self._lengths_longest_first: tuple[int, ...] = ()
 
     def __len__(self) -> int:
-        return len(self._exact)
+        return len(self._codes)
+
+    def _find(self, code: int) -> tuple[int, bool]:
+        """Where `code` is or would go in the sorted codes, and whether it is there."""
+        codes = self._codes
+        i = bisect_left(codes, code)
+        return i, i < len(codes) and codes[i] == code
 
     # Prefixes are IPv4Networks or (length, address) keys.
     def add(self, net: IPv4Network | _Key, owner: O) -> None:
         length, addr = _key(net)
         code = addr << 8 | length
-        held = self._exact.get(code, _ABSENT)
-        if held is _ABSENT:
-            self._exact[code] = owner
-            insort(self._sorted, code)
+        i, found = self._find(code)
+        if not found:
+            self._codes.insert(i, code)
+            self._owners.insert(i, owner)
             self._count_length(length, +1)
-        elif type(held) is _Owners:
+            return
+        held = self._owners[i]
+        if type(held) is _Owners:
             held[owner] = None
         elif held != owner:
-            self._exact[code] = _Owners({held: None, owner: None})
+            self._owners[i] = _Owners({held: None, owner: None})
 
     def remove(self, net: IPv4Network | _Key, owner: O) -> None:
         length, addr = _key(net)
         code = addr << 8 | length
-        held = self._exact.get(code, _ABSENT)
-        if held is _ABSENT:
+        i, found = self._find(code)
+        if not found:
             return
+        held = self._owners[i]
         if type(held) is _Owners:
             held.pop(owner, None)
             if len(held) == 1:
-                self._exact[code] = next(iter(held))
+                self._owners[i] = next(iter(held))
             return
         if held != owner:
             return
-        del self._exact[code]
-        del self._sorted[bisect_left(self._sorted, code)]
+        del self._codes[i]
+        del self._owners[i]
         self._count_length(length, -1)
 
     def _count_length(self, length: int, delta: int) -> None:
@@ -224,13 +235,14 @@ class PrefixIndex(Generic[O]):
     def containing(self, net: IPv4Network | _Key) -> O | None:
         """An owner of an entry equal to `net` or containing it."""
         length, addr = _key(net)
-        exact, masks = self._exact, self._masks
+        codes, masks = self._codes, self._masks
         for shorter in self._lengths_longest_first:
             if shorter > length:
                 continue
-            held = exact.get((addr & masks[shorter]) << 8 | shorter, _ABSENT)
-            if held is not _ABSENT:
-                return self._first(held)
+            code = (addr & masks[shorter]) << 8 | shorter
+            i = bisect_left(codes, code)
+            if i < len(codes) and codes[i] == code:
+                return self._first(self._owners[i])
         return None
 
     def inside(self, net: IPv4Network | _Key) -> O | None:
@@ -240,10 +252,10 @@ class PrefixIndex(Generic[O]):
             return None
         # Entries at `addr` sort by length, so the first one after (addr, length) that still lies
         # below the next prefix of this size is inside `net` (aligned prefixes cannot straddle it).
-        ordered = self._sorted
-        i = bisect_left(ordered, addr << 8 | (length + 1))
-        if i < len(ordered) and ordered[i] < (addr + (1 << (self._bits - length))) << 8:
-            return self._first(self._exact[ordered[i]])
+        codes = self._codes
+        i = bisect_left(codes, addr << 8 | (length + 1))
+        if i < len(codes) and codes[i] < (addr + (1 << (self._bits - length))) << 8:
+            return self._first(self._owners[i])
         return None
 
     def overlapping(self, net: IPv4Network | _Key) -> O | None:
