@@ -11,6 +11,10 @@ FLANNELPY_BENCH_CPROFILE=FILE: run under cProfile (the trio thread only) and wri
 FILE when the agent exits (SIGTERM ends it cleanly).  Handled here, not in flannelpy.
 FLANNELPY_BENCH_TRACEMALLOC=FILE: trace allocations from the start; each SIGUSR2 writes what is
 held then (total, and the biggest holders by line) to FILE.  RSS is then not comparable.
+FLANNELPY_BENCH_CENSUS=FILE: each SIGUSR2 writes the live objects by type (count, bytes) to FILE;
+two runs with different peer counts tell which types grow per peer (no tracing cost until then).
+FLANNELPY_BENCH_GCSTATS=FILE: at exit, write how many passes the cyclic collector made per
+generation and how long they took.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ def main() -> int:
         _heap_report(heap_to)
     if trace_to:
         _trace_allocations(trace_to)
+    census_to = os.environ.pop("FLANNELPY_BENCH_CENSUS", "")
+    if census_to:
+        _census(census_to)
+    gc_to = os.environ.pop("FLANNELPY_BENCH_GCSTATS", "")
+    if gc_to:
+        _gc_stats(gc_to)
     from flannelpy.cli.flanneld import main as flanneld_main
 
     if not profile_to:
@@ -43,6 +53,63 @@ def main() -> int:
         return prof.runcall(flanneld_main, args)
     finally:
         prof.dump_stats(profile_to)
+
+
+def _census(path: str) -> None:
+    """On SIGUSR2, write the live objects by type: count and bytes (sys.getsizeof), the
+    collector's objects and the untracked ones they hold (ints, strings, bytes)."""
+    import collections
+    import gc
+    import signal
+
+    def dump(*_: object) -> None:
+        gc.collect()
+        counts: collections.Counter[str] = collections.Counter()
+        sizes: collections.Counter[str] = collections.Counter()
+        seen: set[int] = set()
+        found = gc.get_objects()
+        while found:  # untracked objects (a tuple of atomics, a string) are reached through holders
+            new = []
+            for obj in found:
+                if id(obj) in seen:
+                    continue
+                seen.add(id(obj))
+                name = type(obj).__qualname__
+                counts[name] += 1
+                sizes[name] += sys.getsizeof(obj)
+                new.append(obj)
+            found = [o for o in gc.get_referents(*new) if not gc.is_tracked(o) and id(o) not in seen]
+        with open(path, "w") as f:
+            for name, size in sizes.most_common(80):
+                f.write(f"{name} {counts[name]} {size}\n")
+
+    signal.signal(signal.SIGUSR2, dump)
+
+
+def _gc_stats(path: str) -> None:
+    """Time the cyclic collector's passes, per generation; written to `path` at exit."""
+    import atexit
+    import gc
+    import time
+
+    totals = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}  # generation -> [passes, seconds]
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        row = totals[info["generation"]]
+        row[0] += 1
+        row[1] += time.perf_counter() - started[0]
+
+    def write() -> None:
+        with open(path, "w") as f:
+            for gen, (passes, seconds) in totals.items():
+                f.write(f"gen{gen} {passes} passes {seconds * 1000:.1f} ms\n")
+
+    gc.callbacks.append(on_gc)
+    atexit.register(write)
 
 
 def _mallinfo2_type() -> type:
