@@ -168,6 +168,25 @@ def test_backend_data_is_kept_compactly_and_given_back_as_written():
     assert decode_attrs(b'{"PublicIP":"10.0.0.1"}').backend_data is None
 
 
+@pytest.mark.parametrize("vni", [1, 0, 2, 4096, 16777215])
+def test_compact_backend_data_keeps_every_vni(vni):
+    """VNI 1 (the default) is held as the MAC alone, other VNIs as a pair: no VNI may read back as
+    another, whether the lease was decoded or made in code."""
+    raw = f'{{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{{"VNI":{vni},"VtepMAC":"aa:bb:cc:dd:ee:ff"}}}}'
+    decoded = decode_attrs(raw.encode())
+    made = LeaseAttrs(IPv4Address("10.0.0.1"), "vxlan", {"VNI": vni, "VtepMAC": "aa:bb:cc:dd:ee:ff"})
+    for attrs in (decoded, made):
+        assert attrs.vni == vni and attrs.vtep_mac == "aa:bb:cc:dd:ee:ff"
+        assert attrs.backend_data == {"VNI": vni, "VtepMAC": "aa:bb:cc:dd:ee:ff"}
+        assert type(attrs.backend_data["VNI"]) is int
+        assert encode_attrs(attrs).endswith(f'"BackendData":{{"VNI":{vni},"VtepMAC":"aa:bb:cc:dd:ee:ff"}}}}')
+    assert decoded == made
+    assert made != LeaseAttrs(IPv4Address("10.0.0.1"), "vxlan", {"VNI": vni + 1, "VtepMAC": "aa:bb:cc:dd:ee:ff"})
+    # a VNI of another JSON type is kept as given, not folded into the default
+    odd = LeaseAttrs(IPv4Address("10.0.0.1"), "vxlan", {"VNI": True, "VtepMAC": "aa:bb:cc:dd:ee:ff"})
+    assert odd.backend_data == {"VNI": True, "VtepMAC": "aa:bb:cc:dd:ee:ff"} and odd.backend_data["VNI"] is True
+
+
 # The shapes flanneld writes are read without json.loads (lease._decode_written); whatever that
 # path returns must be what the general path makes of the same bytes.
 @given(

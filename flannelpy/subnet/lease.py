@@ -252,19 +252,23 @@ class LeaseAttrs(_Frozen):
 
 
 # BackendData as a LeaseAttrs keeps it: vxlan's {"VNI": n, "VtepMAC": "..."}, one per peer, as the pair
-# (n, mac) (a 56-byte tuple instead of a dict and its key table, ~176 bytes); anything else as given.
-_CompactData = tuple[int, str] | dict[str, Any] | None
+# (n, mac) (a 56-byte tuple instead of a dict and its key table, ~176 bytes), and with VNI 1 (flanneld's
+# default, so nearly every cluster's) as the MAC string alone; anything else as given.
+_CompactData = str | tuple[int, str] | dict[str, Any] | None
+_DEFAULT_VNI = 1
 
 
 def _compact(data: dict[str, Any] | None) -> _CompactData:
     if data is not None and len(data) == 2:
         (k1, v1), (k2, v2) = data.items()
         if k1 == "VNI" and k2 == "VtepMAC" and type(v1) is int and type(v2) is str:
-            return (v1, v2)
+            return v2 if v1 == _DEFAULT_VNI else (v1, v2)
     return data
 
 
 def _expand(data: _CompactData) -> dict[str, Any] | None:
+    if type(data) is str:
+        return {"VNI": _DEFAULT_VNI, "VtepMAC": data}
     if type(data) is tuple:
         return {"VNI": data[0], "VtepMAC": data[1]}
     return data  # type: ignore[return-value]
@@ -272,7 +276,9 @@ def _expand(data: _CompactData) -> dict[str, Any] | None:
 
 def _mac_field(data: _CompactData) -> Any:
     """The VtepMAC field of BackendData as held (any JSON value, None when absent), read from the
-    compact pair without expanding it into a dict."""
+    compact forms without expanding them into a dict."""
+    if type(data) is str:
+        return data
     if type(data) is tuple:
         return data[1]
     return data.get("VtepMAC") if data else None  # type: ignore[union-attr]
@@ -292,6 +298,8 @@ def _data_mac(data: _CompactData) -> str | None:
 
 
 def _data_vni(data: _CompactData) -> int | None:
+    if type(data) is str:
+        return _DEFAULT_VNI
     if type(data) is tuple:
         return data[0]
     vni = data.get("VNI") if data else None  # type: ignore[union-attr]
