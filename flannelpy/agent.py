@@ -295,6 +295,7 @@ async def run_agent(opts: AgentOptions) -> None:
                                   underlay=underlay, on_admission=state.record_admission,
                                   public_ipv6=ext.public_ipv6, previous_ipv6_subnet=previous.ipv6_subnet)
             leases.on_resync = metrics.watch_resyncs.inc
+            state.accepted_count = leases.accepted_count  # /status and the metrics count its peers
             lease = await leases.acquire()
             undo.push(f"delete lease {lease.subnet}", leases.release)
             log.info("acquired lease %s (expires %s)", lease.subnet, _when(lease))

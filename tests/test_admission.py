@@ -447,6 +447,42 @@ def test_refusals_show_in_status_and_metrics():
     assert "flannel_peers_refused 1.0" in metrics.render().decode()
 
 
+def test_status_counts_the_peers_admission_holds():
+    """leases_seen and peers_programmed come from admission's accepted leases (not a second copy
+    in the state): a lease of another backend type is seen but not programmed, a refused one is
+    seen, a removed one is neither, and a peer that changes backend type moves between them."""
+    from flannelpy.ops.state import AgentState
+
+    class VxlanOnly:
+        @staticmethod
+        def accepts(x: Lease) -> bool:
+            return x.attrs.backend_type == "vxlan"
+
+    state, a, backend = AgentState(), Admission(RULES), VxlanOnly()
+    state.accepted_count = lambda: len(a.accepted)
+
+    def feed(*events: LeaseEvent) -> None:
+        step = a.apply(list(events))
+        state.record_admission(step)
+        state.record_events(step.events, backend)
+
+    vx, gw = lease("10.5.2.0/24"), lease("10.5.3.0/24", ip="10.250.0.13", mac=None, btype="host-gw")
+    bad = lease("10.5.4.0/24", ip="127.0.0.1", mac="02:00:00:00:00:04")
+    feed(added(vx), added(gw), added(bad))
+    assert (state.leases_seen, state.peers_programmed) == (3, 1)
+    feed(added(vx), added(gw))  # renewals change no count
+    assert (state.leases_seen, state.peers_programmed) == (3, 1)
+    gw_now_vxlan = lease("10.5.3.0/24", ip="10.250.0.13", mac="02:00:00:00:00:03")
+    feed(added(gw_now_vxlan))
+    assert (state.leases_seen, state.peers_programmed) == (3, 2)
+    feed(removed(vx), removed(bad))
+    assert (state.leases_seen, state.peers_programmed) == (1, 1)
+    feed(added(gw))  # back to host-gw: ignored again
+    assert (state.leases_seen, state.peers_programmed) == (1, 0)
+    feed(removed(gw))
+    assert (state.leases_seen, state.peers_programmed) == (0, 0)
+
+
 @given(st.one_of(st.integers(0, 2**32 - 1),
                  st.sampled_from([int(n.network_address) + d for n, _ in adm._SPECIAL_PUBLIC_IPS
                                   for d in (-1, 0, n.num_addresses - 1, n.num_addresses)])

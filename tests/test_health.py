@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flannelpy.ops.health import serve_health
 from flannelpy.ops.metrics import Metrics
 from flannelpy.ops.state import AgentState
+from flannelpy.subnet.admission import Admission, AdmissionRules
 from flannelpy.subnet.lease import EventKind, Lease, LeaseAttrs, LeaseEvent
 
 
@@ -26,7 +27,8 @@ class _Vxlan:
 
 
 def _peer(n, btype="vxlan"):
-    return Lease(IPv4Network(f"10.5.{n}.0/24"), LeaseAttrs(IPv4Address(f"192.0.2.{n}"), btype), 2e9)
+    data = {"VNI": 1, "VtepMAC": f"02:00:00:00:00:0{n}"} if btype == "vxlan" else None
+    return Lease(IPv4Network(f"10.5.{n}.0/24"), LeaseAttrs(IPv4Address(f"192.0.2.{n}"), btype, data), 2e9)
 
 
 async def test_http_endpoints_and_unix_socket(tmp_path):
@@ -46,7 +48,11 @@ async def test_http_endpoints_and_unix_socket(tmp_path):
             r = await c.get("/readyz")
             assert (r.status_code, r.text) == (200, "flanneld is ready")
             assert (await c.get("/nope")).status_code == 404
-            events = [LeaseEvent(EventKind.ADDED, _peer(1)), LeaseEvent(EventKind.ADDED, _peer(2, "host-gw"))]
+            admission = Admission(AdmissionRules(network=IPv4Network("10.5.0.0/16")))
+            state.accepted_count = lambda: len(admission.accepted)
+            events = admission.apply([LeaseEvent(EventKind.ADDED, _peer(1)),
+                                      LeaseEvent(EventKind.ADDED, _peer(2, "host-gw"))]).events
+            assert len(events) == 2
             backend = _Vxlan()
             state.record_events(events, backend)
             metrics.observe_events(events, 0.002, backend)

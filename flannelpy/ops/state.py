@@ -1,9 +1,10 @@
 """What the running agent knows about itself, for /status, /readyz and the metrics.
 
 The agent is the only writer (from the trio thread); the health server only reads, so no
-locking.  Peer bookkeeping lives here, not in the backend, because "leases seen" must count
-leases the backend ignores (a vxlan node does not program host-gw peers, flanneld logs
-"ignoring non-vxlan ..."), which is exactly the gap operators need to see.
+locking.  "Leases seen" counts every peer lease admission accepted, the ones the backend ignores
+too (a vxlan node does not program host-gw peers, flanneld logs "ignoring non-vxlan ..."), and
+the refused ones: exactly the gaps operators need to see.  The accepted leases are counted where
+admission holds them; only the ignored and refused ones are kept here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from ipaddress import IPv4Network
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from flannelpy.subnet.lease import EventKind, Lease, LeaseEvent
 
@@ -21,6 +22,10 @@ class _Accepts(Protocol):
 
 
 _SHOW_REFUSED = 20
+
+
+def _no_peers_yet() -> int:
+    return 0
 
 
 class AgentState:
@@ -45,8 +50,11 @@ class AgentState:
         self.ready = False
         self.last_event: str | None = None
         self.last_event_at: float | None = None
-        # peer subnet -> True when the backend programmed it, False when it ignores it
-        self._peers: dict[IPv4Network, bool] = {}
+        # How many peer leases admission accepts now: the lease manager holds them and counts
+        # them (LeaseManager.accepted_count), not a second dict here, a slot per peer.  Of those,
+        # the ones the backend ignores (another backend type: few, usually none) are kept here.
+        self.accepted_count: Callable[[], int] = _no_peers_yet
+        self._ignored: dict[IPv4Network, None] = {}
         # The running backend: asked (at read time, so never stale) how many peers it really
         # programmed and whether its data plane is broken (backends.base.Backend).
         self.backend: Any = None
@@ -57,7 +65,7 @@ class AgentState:
     @property
     def leases_seen(self) -> int:
         """Peer leases currently in etcd (our own excluded), whatever their backend, refused ones too."""
-        return len(self._peers) + len(self.refused)
+        return self.accepted_count() + len(self.refused)
 
     def record_admission(self, step: Any) -> None:
         """An admission step (subnet/admission.AdmissionStep): refused leases come and go."""
@@ -74,7 +82,7 @@ class AgentState:
         counted = self.backend.programmed_count() if self.backend is not None else None
         if counted is not None:
             return counted
-        return sum(1 for programmed in self._peers.values() if programmed)
+        return max(0, self.accepted_count() - len(self._ignored))
 
     def data_plane_problems(self) -> list[str]:
         """Why the backend's data plane is broken right now (empty: it is not)."""
@@ -111,20 +119,18 @@ class AgentState:
         last = None
         for ev in events:
             subnet = ev.lease.subnet
-            if ev.kind is EventKind.ADDED:
-                self._peers[subnet] = bool(backend.accepts(ev.lease))
-                verb = "added" if self._peers[subnet] else "ignored (backend type %r)" % ev.lease.attrs.backend_type
+            if ev.kind is EventKind.ADDED and backend.accepts(ev.lease):
+                self._ignored.pop(subnet, None)
+                verb = "added"
+            elif ev.kind is EventKind.ADDED:
+                self._ignored[subnet] = None
+                verb = "ignored (backend type %r)" % ev.lease.attrs.backend_type
             else:
-                self._peers.pop(subnet, None)
+                self._ignored.pop(subnet, None)
                 verb = "removed"
             last = f"peer {subnet} ({ev.lease.attrs.public_ip}) {verb}"
         if last is not None:
             self.note(last)
-
-    def reset_peers(self, leases: Iterable[Lease], backend: _Accepts) -> None:
-        """After a full resync: the peer set is exactly `leases`."""
-        self._peers = {lease.subnet: bool(backend.accepts(lease)) for lease in leases}
-        self.note(f"resynced {len(self._peers)} peer leases")
 
     def to_dict(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now

@@ -359,6 +359,10 @@ class LeaseManager:
                 raise taken from group
             raise
 
+    def accepted_count(self) -> int:
+        """How many peer leases admission accepts now (0 before watch_peers starts)."""
+        return len(self.admission.accepted) if self.admission is not None else 0
+
     def admission_rules(self) -> AdmissionRules:
         """What peer leases are judged against: the Network, our own lease, this host's networks."""
         return AdmissionRules(
