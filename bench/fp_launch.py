@@ -66,19 +66,24 @@ def _census(path: str) -> None:
         gc.collect()
         counts: collections.Counter[str] = collections.Counter()
         sizes: collections.Counter[str] = collections.Counter()
-        seen: set[int] = set()
         found = gc.get_objects()
+        seen = {id(o) for o in found}  # made after the listing, so not in it
+        seen.add(id(found))
         while found:  # untracked objects (a tuple of atomics, a string) are reached through holders
-            new = []
             for obj in found:
-                if id(obj) in seen:
-                    continue
-                seen.add(id(obj))
                 name = type(obj).__qualname__
                 counts[name] += 1
                 sizes[name] += sys.getsizeof(obj)
-                new.append(obj)
-            found = [o for o in gc.get_referents(*new) if not gc.is_tracked(o) and id(o) not in seen]
+            new, found = found, []
+            for holder in new:  # an untracked atom is also counted under its first holder's type
+                for o in gc.get_referents(holder):
+                    if not gc.is_tracked(o) and id(o) not in seen:
+                        seen.add(id(o))
+                        found.append(o)
+                        if type(o) in (int, str, float, bytes, tuple):
+                            via = f"{type(o).__qualname__}<-{type(holder).__qualname__}"
+                            counts[via] += 1
+                            sizes[via] += sys.getsizeof(o)
         with open(path, "w") as f:
             for name, size in sizes.most_common(80):
                 f.write(f"{name} {counts[name]} {size}\n")
