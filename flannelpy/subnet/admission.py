@@ -235,13 +235,12 @@ class PrefixIndex(Generic[O]):
     def containing(self, net: IPv4Network | _Key) -> O | None:
         """An owner of an entry equal to `net` or containing it."""
         length, addr = _key(net)
-        codes, masks = self._codes, self._masks
+        masks = self._masks
         for shorter in self._lengths_longest_first:
             if shorter > length:
                 continue
-            code = (addr & masks[shorter]) << 8 | shorter
-            i = bisect_left(codes, code)
-            if i < len(codes) and codes[i] == code:
+            i, found = self._find((addr & masks[shorter]) << 8 | shorter)
+            if found:
                 return self._first(self._owners[i])
         return None
 
