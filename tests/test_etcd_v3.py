@@ -97,6 +97,18 @@ async def test_renew_grants_new_lease_and_ttl0_has_none(etcd, transport):
         assert get_value(etcd, KEY) == VX_JSON
 
 
+async def test_time_left_reads_the_etcd_lease_and_is_none_once_it_is_gone(etcd, transport):
+    async with V3Store(opts(etcd, transport)) as store:
+        created = await store.create_lease(NET, VX, 600)
+        (listed,), _ = await store.list_leases(expiry=False)
+        assert listed.store_ref == created.store_ref
+        assert 590 <= await store.time_left(listed) <= 600
+        reserved = await store.renew_lease(NET, VX, 0)
+        assert await store.time_left(reserved) is None  # no etcd lease: nothing to read
+        etcd.etcdctl("lease", "revoke", format(created.store_ref, "x"))
+        assert await store.time_left(listed) is None
+
+
 async def test_list_decodes_old_shapes_and_skips_garbage(etcd, transport):
     etcd.etcdctl("put", f"{PREFIX}/subnets/10.5.1.0-24",
                  '{"PublicIP":"10.240.0.2","BackendType":"vxlan","BackendData":{"VtepMAC":"EE:84:9F:F3:57:3E"}}')

@@ -17,7 +17,7 @@ from flannelpy.errors import OutOfSubnets
 from flannelpy.etcd.store import EtcdOptions
 from flannelpy.etcd.v3 import V3Store
 from flannelpy.subnet.lease import SUBNET_TTL, EventKind, Lease
-from flannelpy.subnet.manager import LeaseManager, LeaseTaken
+from flannelpy.subnet.manager import KEEP_SPARE_S, LeaseManager, LeaseTaken
 
 pytestmark = pytest.mark.etcd
 
@@ -81,6 +81,59 @@ async def test_reuse_by_public_ip_renews_with_new_attrs(etcd):
     assert lease.subnet == IPv4Network("10.5.7.0/24")
     assert etcd.etcdctl("get", key("10.5.7.0/24"), "--print-value-only").stdout.strip() == MY_VALUE
     assert granted_ttl(etcd, int(kv(etcd, key("10.5.7.0/24"))["lease"])) == SUBNET_TTL
+
+
+async def test_restart_keeps_an_unchanged_lease_without_writing(etcd, caplog):
+    """issue #19: a restart whose lease etcd already holds exactly as it would write it reads the
+    lease's time left and writes nothing (flanneld grants and puts again, waking every peer)."""
+    caplog.set_level(logging.INFO, logger="flanneld.lease")
+    async with store_for(etcd) as store:
+        first = await manager(store).acquire()
+        revision = int(json.loads(etcd.etcdctl("get", key(str(first.subnet)), "-w", "json").stdout)["header"]["revision"])
+        puts, grants, ttls = (etcd_calls(etcd, m) for m in ("Put", "LeaseGrant", "LeaseTimeToLive"))
+        again = await manager(store, previous_subnet=first.subnet).acquire()
+    assert again.subnet == first.subnet and again.store_ref == first.store_ref
+    assert again.expiration is not None and abs(again.expiration - first.expiration) < 5
+    assert (etcd_calls(etcd, "Put"), etcd_calls(etcd, "LeaseGrant")) == (puts, grants)
+    assert etcd_calls(etcd, "LeaseTimeToLive") == ttls + 1
+    after = json.loads(etcd.etcdctl("get", key(str(first.subnet)), "-w", "json").stdout)
+    assert int(after["header"]["revision"]) == revision  # nothing at all was written
+    assert "nothing written" in caplog.text
+
+
+@pytest.mark.parametrize("ttl", [SUBNET_TTL - 60, 3600 + 300])  # fresh enough; short of margin + KEEP_SPARE_S
+async def test_restart_renews_an_unchanged_lease_only_when_its_ttl_is_short(etcd, ttl):
+    etcd.etcdctl("put", key("10.5.7.0/24"), MY_VALUE, "--lease=" + grant(etcd, ttl))
+    old_id = int(kv(etcd, key("10.5.7.0/24"))["lease"])
+    async with store_for(etcd) as store:
+        lease = await manager(store).acquire()  # margin 3600 s
+    assert lease.subnet == IPv4Network("10.5.7.0/24")
+    kept = ttl > 3600 + KEEP_SPARE_S
+    assert (lease.store_ref == old_id) == kept
+    assert int(kv(etcd, key("10.5.7.0/24"))["lease"]) == lease.store_ref
+    assert granted_ttl(etcd, lease.store_ref) == (ttl if kept else SUBNET_TTL)
+    assert lease.expiration is not None and abs(lease.expiration - (time.time() + (ttl if kept else SUBNET_TTL))) < 10
+
+
+async def test_time_left_of_a_revoked_etcd_lease_is_none(etcd):
+    """A lease gone between the listing and the read is renewed, not kept (time_left None)."""
+    etcd.etcdctl("put", key("10.5.7.0/24"), MY_VALUE, "--lease=" + grant(etcd, 600))
+    async with store_for(etcd) as store:
+        (listed,), _ = await store.list_leases(expiry=False)
+        assert await store.time_left(listed) == pytest.approx(600, abs=10)
+        etcd.etcdctl("lease", "revoke", format(listed.store_ref, "x"))
+        assert await store.time_left(listed) is None
+        assert await manager(store)._kept_as_it_is(listed) is None
+
+
+async def test_unchanged_reservation_is_kept_without_writing(etcd):
+    etcd.etcdctl("put", key("10.5.8.0/24"), MY_VALUE)  # no TTL: a reservation, with our exact value
+    revision = int(json.loads(etcd.etcdctl("get", key("10.5.8.0/24"), "-w", "json").stdout)["header"]["revision"])
+    async with store_for(etcd) as store:
+        lease = await manager(store).acquire()
+    assert lease.subnet == IPv4Network("10.5.8.0/24") and lease.expiration is None
+    after = json.loads(etcd.etcdctl("get", key("10.5.8.0/24"), "-w", "json").stdout)
+    assert int(after["header"]["revision"]) == revision
 
 
 async def test_reservation_stays_without_ttl(etcd):

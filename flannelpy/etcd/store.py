@@ -164,6 +164,11 @@ class Store(Protocol):
                           ipv6_subnet: IPv6Network | None = None) -> Lease:
         """Write the key with a fresh TTL (ttl=0: no TTL, a reservation stays one)."""
 
+    async def time_left(self, lease: Lease) -> float | None:
+        """Seconds until a listed lease's TTL runs out, where a read that is neither a write nor a
+        consensus round can tell (v3: the etcd lease's TimeToLive); None where it cannot (v2, whose
+        reads are quorum reads, as costly as the renewal they would spare) or the lease is gone."""
+
     async def delete_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> None:
         """Remove the key (used for an incompatible lease of ours)."""
 

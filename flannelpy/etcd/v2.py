@@ -352,6 +352,9 @@ class V2Store:
         _, doc, _ = await self._request("PUT", self._lease_key(subnet, ipv6_subnet), data=data)
         return self._lease_from_doc(subnet, attrs, doc, ipv6_subnet)
 
+    async def time_left(self, lease: Lease) -> float | None:
+        return None  # only a quorum GET could tell: a raft round, as the renewal's PUT is
+
     async def delete_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> None:
         try:
             await self._request("DELETE", self._lease_key(subnet, ipv6_subnet))

@@ -426,6 +426,15 @@ class V3Store:
         return Lease(subnet=subnet, attrs=attrs, expiration=time.time() + ttl if ttl > 0 else None,
                      store_ref=lease_id or None, ipv6_subnet=ipv6_subnet)
 
+    async def time_left(self, lease: Lease) -> float | None:
+        # The leader's lessor answers TimeToLive itself: no raft round, no fsync (a grant and a
+        # put are one each).
+        if not lease.store_ref:
+            return None
+        doc = await self._post("/v3/lease/timetolive", {"ID": str(lease.store_ref)})
+        ttl = int(doc.get("TTL", -1))
+        return float(ttl) if ttl > 0 else None  # -1: gone; 0: expiring now
+
     async def delete_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> None:
         await self._post("/v3/kv/deleterange", {"key": _b64(self._key(subnet, ipv6_subnet))})
 

@@ -36,6 +36,8 @@ RACE_RETRIES = 10  # flanneld's raceRetries
 RENEW_RETRY_S = 60.0  # "Error renewing lease (trying again in 1 min)"
 _STARTUP_BACKOFF = (0.1, 5.0)
 _ACQUIRE_UNAVAILABLE_S = 30.0  # how long acquire() waits out an etcd outage before failing
+# A start keeps an unchanged lease as it is only when it has this much beyond the renewal margin.
+KEEP_SPARE_S = 600.0
 _BACKLOG_BATCHES = 1024  # watch batches read ahead while one is applied (then etcd's stream waits)
 
 
@@ -153,11 +155,18 @@ class LeaseManager:
             if plan.delete:  # the listing handed to the peer watch must not show them as peers
                 leases = [lease for lease in leases if all(lease is not old for old in plan.delete)]
             if plan.reuse is not None:
-                # A reservation (no TTL) stays one; a lease gets a fresh TTL.
-                ttl = 0 if plan.reuse.expiration is None else self.ttl
-                lease = await self.store.renew_lease(plan.reuse.subnet, self.attrs, ttl, plan.reuse.ipv6_subnet)
-                log.info("reusing lease %s of public IP %s%s", _shown(lease), self.public_ip,
-                         " (a reservation, no TTL)" if ttl == 0 else "")
+                lease = await self._kept_as_it_is(plan.reuse)
+                if lease is not None:
+                    log.info("reusing lease %s of public IP %s (%s; etcd already holds this value, "
+                             "nothing written)", _shown(lease), self.public_ip,
+                             "a reservation, no TTL" if lease.expiration is None
+                             else f"{(lease.expiration - self.clock()) / 3600:.1f} h left")
+                else:
+                    # A reservation (no TTL) stays one; a lease gets a fresh TTL.
+                    ttl = 0 if plan.reuse.expiration is None else self.ttl
+                    lease = await self.store.renew_lease(plan.reuse.subnet, self.attrs, ttl, plan.reuse.ipv6_subnet)
+                    log.info("reusing lease %s of public IP %s%s", _shown(lease), self.public_ip,
+                             " (a reservation, no TTL)" if ttl == 0 else "")
                 self._set_current(lease)
                 self._keep_listing(leases, rev)
                 return lease
@@ -176,6 +185,21 @@ class LeaseManager:
             if plan.create_ipv6 is not None:
                 exclude_ipv6.append(plan.create_ipv6)
         raise FlannelError(f"failed to acquire lease: lost {RACE_RETRIES} creation races in a row")
+
+    async def _kept_as_it_is(self, found: Lease) -> Lease | None:
+        """Our listed lease, kept without a write, when etcd already holds exactly the value a
+        renewal would write and (a reservation aside) its TTL outlasts the renewal margin by
+        KEEP_SPARE_S: then the renewal loop renews it in time.  flanneld grants a new etcd lease
+        and rewrites the key at every start, which wakes every peer's watch and leaves the old
+        etcd lease behind; a restart that changed nothing now costs one read.  None: renew."""
+        if found.attrs != self.attrs:
+            return None
+        if found.expiration is None:
+            return found  # a reservation: the renewal would write the same value, no TTL
+        left = await self.store.time_left(found)
+        if left is None or left < self.renew_margin_s + KEEP_SPARE_S:
+            return None
+        return Lease(found.subnet, found.attrs, self.clock() + left, found.store_ref, found.ipv6_subnet)
 
     # --- keep -----------------------------------------------------------------------------
 
