@@ -257,7 +257,9 @@ async def test_a_start_that_read_its_rules_in_place_before_the_lease_runs_nothin
     monkeypatch.setattr(IptablesManager, "save", counted_save)
     before = TablesBeforeLease(ns)
     await before.read()
-    assert before.error is None and before.version.startswith("iptables v")
+    assert before.error is None
+    # the version comes from iptables-save's header line, and it is the one `iptables --version` names
+    assert R.parse_version(before.version) == R.parse_version(in_ns(ns, "iptables", "--version").stdout)
     restart = mgr(ns)
     await restart.apply_at_start(before)
     assert (restart.applied, reads) == (0, [])
@@ -279,6 +281,21 @@ async def test_a_start_that_read_its_rules_in_place_before_the_lease_runs_nothin
     await again.apply_at_start(before)
     assert again.applied == 1 and reads
     assert await again.missing() == []
+
+
+async def test_the_early_read_of_a_namespace_without_tables_asks_iptables_for_its_version(netns):
+    """iptables-save prints nothing where no table exists yet (no header, so no version in it):
+    the read then runs `iptables --version`, and the start puts every rule in place."""
+    from flannelpy.hostnet.iptables import TablesBeforeLease
+
+    ns = netns()
+    assert in_ns(ns, "iptables-save").stdout == ""
+    before = TablesBeforeLease(ns)
+    await before.read()
+    assert before.error is None and before.version == in_ns(ns, "iptables", "--version").stdout
+    start = mgr(ns)
+    await start.apply_at_start(before)
+    assert start.applied == 1 and await start.missing() == []
 
 
 async def test_a_rule_deleted_between_the_early_read_and_the_lease_comes_back_at_the_first_resync(netns):
