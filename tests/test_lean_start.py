@@ -25,8 +25,11 @@ def test_netlink_module_loads_neither_pyroute2s_init_nor_iproute():
         from flannelpy.hostnet import netlink
         loaded = sorted(m for m in sys.modules if m.startswith("pyroute2"))
         err = netlink.NetlinkError(17)
-        print(json.dumps({"loaded": loaded, "code": err.code, "msg": str(err)}))
+        # pyroute2.netlink's __init__ (its message classes) has not run either
+        netlink_init = "nlmsg" in vars(sys.modules["pyroute2.netlink"])
+        print(json.dumps({"loaded": loaded, "code": err.code, "msg": str(err), "netlink_init": netlink_init}))
     """)
+    assert got["netlink_init"] is False and "pyroute2.common" not in got["loaded"]
     assert "pyroute2.iproute.linux" not in got["loaded"]
     assert not [m for m in got["loaded"] if m.startswith(("pyroute2.ndb", "pyroute2.ipdb", "pyroute2.conntrack"))]
     assert got["code"] == 17 and "File exists" in got["msg"]
@@ -58,10 +61,13 @@ def test_the_whole_pyroute2_package_is_still_there_for_whoever_asks():
         import pyroute2
         from pyroute2 import NDB, IPRoute as FullIPRoute
         from pyroute2.netlink.exceptions import NetlinkError as Original
+        import pyroute2.netlink
+        from pyroute2.netlink import nlmsg
         print(json.dumps({"same_iproute": FullIPRoute is IPRoute, "same_error": Original is NetlinkError,
-                          "ndb": NDB.__name__, "version": pyroute2.__version__, "all": len(pyroute2.__all__)}))
+                          "ndb": NDB.__name__, "version": pyroute2.__version__, "all": len(pyroute2.__all__),
+                          "nlmsg": nlmsg.__name__, "same_nlmsg": nlmsg is pyroute2.netlink.nlmsg}))
     """)
-    assert got["same_iproute"] and got["same_error"]
+    assert got["same_iproute"] and got["same_error"] and got["nlmsg"] == "nlmsg" and got["same_nlmsg"]
     assert got["ndb"] == "NDB" and got["version"] != "unknown" and got["all"] > 10
 
 

@@ -10,10 +10,10 @@ be there" with "what is there"; and FLANNEL_RTPROT, the route protocol that mark
 
 This is the one module that imports pyroute2, and it loads only what IPRoute needs: pyroute2's
 package __init__ imports every API it has (NDB with sqlite3, IPDB, conntrack, ipset, nl80211,
-wireguard...), ~0.1 s and ~5 MiB that flanneld never uses.  `_bare_pyroute2()` registers the
-package without running its __init__ (which still runs, once, if anyone asks the package itself
-for a name: `from pyroute2 import NDB` keeps working), and IPRoute is imported on first use, by
-the netlink thread, not when this module is imported, and only for a request that goes through
+wireguard...), ~0.1 s and ~5 MiB that flanneld never uses.  `_bare_package()` registers the
+package, and pyroute2.netlink, without running its __init__ (which still runs, once, if anyone
+asks the package itself for a name: `from pyroute2 import NDB` keeps working), and IPRoute is
+imported on first use, by the netlink thread, not when this module is imported, and only for a request that goes through
 it: reads and the vxlan/host-gw backends' changes go through KernelDumps (hostnet/rtnl.py; use
 rtnl_call), so only the udp backend's TUN set-up loads it.
 """
@@ -38,34 +38,37 @@ import trio
 from . import rtnl
 
 
-def _bare_pyroute2() -> None:
-    """Register the `pyroute2` package without running its __init__, so that importing one of
-    its modules loads that module and what it imports, not the whole library.  The __init__
-    runs (once, in the same module object) the first time an attribute the bare package lacks
-    is asked for, so code that wants the full package still gets it."""
-    if "pyroute2" in sys.modules:
+def _bare_package(name: str) -> None:
+    """Register package `name` (pyroute2, then pyroute2.netlink) without running its __init__, so
+    that importing one of its modules loads that module and what it imports, not the whole
+    library.  The __init__ runs (once, in the same module object) the first time an attribute the
+    bare package lacks is asked for, so code that wants the full package still gets it."""
+    if name in sys.modules:
         return  # already imported, bare or whole: nothing to save
-    spec = importlib.util.find_spec("pyroute2")
+    spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None or spec.submodule_search_locations is None:
-        raise ImportError("pyroute2 is not installed (flannelpy needs it: pip install pyroute2)")
+        raise ImportError(f"{name} is not installed (flannelpy needs pyroute2: pip install pyroute2)")
     package = importlib.util.module_from_spec(spec)
     loader = spec.loader
     lock = threading.Lock()
 
-    def complete(name: str) -> Any:
+    def complete(attr: str) -> Any:
         # Not for a submodule not imported yet: `from pyroute2 import config` (pyroute2's own
         # modules do that) asks hasattr first, and must then import just that submodule.
         # Nor for dunders that tools probe for (__wrapped__...), only the two __init__ sets.
-        if (name.startswith("__") and name not in ("__all__", "__version__")) or _is_submodule(package, name):
-            raise AttributeError(f"module 'pyroute2' has no attribute {name!r}")
+        if (attr.startswith("__") and attr not in ("__all__", "__version__")) or _is_submodule(package, attr):
+            raise AttributeError(f"module {name!r} has no attribute {attr!r}")
         with lock:
             if package.__dict__.get("__getattr__") is complete:
                 del package.__dict__["__getattr__"]
-                loader.exec_module(package)  # pyroute2/__init__.py, run as its import would
-        return getattr(package, name)
+                loader.exec_module(package)  # the package's __init__.py, run as its import would
+        return getattr(package, attr)
 
     package.__getattr__ = complete  # type: ignore[attr-defined]  # PEP 562: only for names not set
-    sys.modules["pyroute2"] = package
+    sys.modules[name] = package
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, package)  # as an import binds a submodule to its parent
 
 
 def _is_submodule(package: ModuleType, name: str) -> bool:
@@ -73,7 +76,9 @@ def _is_submodule(package: ModuleType, name: str) -> bool:
                for where in package.__path__)
 
 
-_bare_pyroute2()
+# pyroute2.netlink's __init__ (its message classes, ~2 ms) is only IPRoute's business.
+_bare_package("pyroute2")
+_bare_package("pyroute2.netlink")
 from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402  # re-exported (cheap: no IPRoute)
 
 if TYPE_CHECKING:
