@@ -16,7 +16,7 @@ from flannelpy.config.network import parse_config
 from flannelpy.errors import OutOfSubnets
 from flannelpy.etcd.store import EtcdOptions
 from flannelpy.etcd.v3 import V3Store
-from flannelpy.subnet.lease import SUBNET_TTL, EventKind, Lease
+from flannelpy.subnet.lease import SUBNET_TTL, EventKind, Lease, LeaseEvent
 from flannelpy.subnet.manager import KEEP_SPARE_S, LeaseManager, LeaseTaken
 
 pytestmark = pytest.mark.etcd
@@ -368,6 +368,33 @@ async def test_peers_listed_and_watched_once_without_a_ttl_call_each(etcd):
     assert etcd_calls(etcd, "Range") - range0 == 2  # the one listing (acquire's) + that adoption's get
     # one watch stream in all (the gateway opens a gRPC Watch per stream; counted when it ends)
     assert etcd_calls(etcd, "Watch") - watch0 <= 1
+
+
+async def test_the_start_listing_is_not_held_while_the_peer_watch_runs(etcd):
+    """issue #19 (memory per peer): once applied, the start's listing (a list of every lease) and
+    its events go; the tracker and admission hold what stays."""
+    import gc
+
+    lease_id = grant(etcd, 600)
+    for i in range(1, 31):
+        etcd.etcdctl("put", key(f"10.5.{i}.0/24"), f'{{"PublicIP":"10.0.0.{i}","PublicIPv6":null}}',
+                     "--lease", lease_id)
+    got: list = []
+
+    async def apply(events):
+        got.append(len(events))
+
+    async with store_for(etcd) as store:
+        mgr = manager(store, previous_subnet=OUR_SUBNET)
+        await mgr.acquire()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mgr.watch_peers, apply)
+            assert got == [30]
+            gc.collect()
+            held = [o for o in gc.get_objects() if type(o) is list and len(o) >= 30
+                    and sum(type(x) in (Lease, LeaseEvent) for x in o) >= 30]
+            assert held == [], [type(o[0]).__name__ for o in held]
+            nursery.cancel_scope.cancel()
 
 
 async def test_peer_watch_guard_raises_when_another_host_takes_our_key(etcd):

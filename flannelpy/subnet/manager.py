@@ -339,16 +339,7 @@ class LeaseManager:
         admission = Admission(self.admission_rules())
         self.admission = admission
         self._peer_watch_guards = True
-        handed, self._acquire_listing = self._acquire_listing, None
-        if handed is not None:
-            # Our key is not checked in it: our own write came after it and the watch brings it.
-            leases, rev = handed
-        else:
-            leases, rev = await _retry_unavailable(functools.partial(self.store.list_leases, expiry=False))
-            await self._check_listing(leases)
-        events = self._admit(admission, tracker.reset(leases))
-        if events:
-            await apply(events)
+        rev = await self._apply_listing(tracker, admission, apply)
         task_status.started()
         # The watch is read on while a batch is applied; what piled up meanwhile is applied at
         # once by its net effect (tracker.update_many), so a backlog never replays history.
@@ -382,6 +373,22 @@ class LeaseManager:
             if taken is not None:
                 raise taken from group
             raise
+
+    async def _apply_listing(self, tracker: LeaseTracker, admission: Admission,
+                             apply: Callable[[list[LeaseEvent]], Awaitable[None]]) -> int:
+        """The peer watch's first step: every listed peer applied; returns the listing's revision.
+        Its own frame, so the listing and its events are not held for as long as the watch runs."""
+        handed, self._acquire_listing = self._acquire_listing, None
+        if handed is not None:
+            # Our key is not checked in it: our own write came after it and the watch brings it.
+            leases, rev = handed
+        else:
+            leases, rev = await _retry_unavailable(functools.partial(self.store.list_leases, expiry=False))
+            await self._check_listing(leases)
+        events = self._admit(admission, tracker.reset(leases))
+        if events:
+            await apply(events)
+        return rev
 
     def accepted_count(self) -> int:
         """How many peer leases admission accepts now (0 before watch_peers starts)."""
