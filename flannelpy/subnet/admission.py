@@ -37,6 +37,7 @@ from typing import Generic, Hashable, Iterable, MutableSequence, NamedTuple, Seq
 from flannelpy.hostnet.underlay import Underlay
 
 from .lease import EventKind, Lease, LeaseEvent, held_vtep_mac
+from .prefixes import overlaps, within
 
 # Refusal codes: the `reason` label of flannel_leases_refused_total (few values on purpose).
 OUTSIDE_NETWORK = "outside_network"
@@ -262,18 +263,6 @@ class PrefixIndex(Generic[O]):
         return owner if owner is not None else self.inside(net)
 
 
-def _within(net: IPv4Network | IPv6Network, outer: IPv4Network | IPv6Network) -> bool:
-    """`net` is `outer` or inside it.  By integers: subnet_of() and overlaps() would cache a
-    broadcast_address (and a __dict__) on every lease's subnet, ~300 bytes a peer for good."""
-    shift = net.max_prefixlen - outer.prefixlen
-    return (net.prefixlen >= outer.prefixlen
-            and int(net.network_address) >> shift == int(outer.network_address) >> shift)
-
-
-def _overlaps(a: IPv4Network | IPv6Network, b: IPv4Network | IPv6Network) -> bool:
-    return _within(a, b) or _within(b, a)
-
-
 # --- the host's own ranges --------------------------------------------------------------------
 
 
@@ -380,12 +369,12 @@ class Admission:
         def refuse(code: str, reason: str) -> Refusal:
             return Refusal(lease, code, reason)
 
-        if not _within(net, rules.network):
+        if not within(net, rules.network):
             return refuse(OUTSIDE_NETWORK, f"subnet {net} is outside Network {rules.network}")
         if net.prefixlen < rules.min_prefixlen:
             return refuse(PREFIX_LENGTH, f"subnet {net} is larger than any SubnetLen Network {rules.network} "
                                          f"allows (/{rules.min_prefixlen} or longer)")
-        if rules.own_subnet is not None and _overlaps(net, rules.own_subnet):
+        if rules.own_subnet is not None and overlaps(net, rules.own_subnet):
             return refuse(OWN_SUBNET, f"subnet {net} overlaps our own subnet {rules.own_subnet}")
         protected = self._protected.overlapping(net)
         if protected is not None:
@@ -432,12 +421,12 @@ class Admission:
         def refuse(code: str, reason: str) -> Refusal:
             return Refusal(lease, code, reason)
 
-        if not _within(net, rules.ipv6_network):
+        if not within(net, rules.ipv6_network):
             return refuse(OUTSIDE_NETWORK, f"IPv6 subnet {net} is outside IPv6Network {rules.ipv6_network}")
         if net.prefixlen < rules.min_ipv6_prefixlen:
             return refuse(PREFIX_LENGTH, f"IPv6 subnet {net} is larger than any IPv6SubnetLen IPv6Network "
                                          f"{rules.ipv6_network} allows (/{rules.min_ipv6_prefixlen} or longer)")
-        if rules.own_ipv6_subnet is not None and _overlaps(net, rules.own_ipv6_subnet):
+        if rules.own_ipv6_subnet is not None and overlaps(net, rules.own_ipv6_subnet):
             return refuse(OWN_SUBNET, f"IPv6 subnet {net} overlaps our own IPv6 subnet {rules.own_ipv6_subnet}")
         protected = self._protected6.overlapping(net)
         if protected is not None:

@@ -21,6 +21,7 @@ from flannelpy.config.network import NetworkConfig
 from flannelpy.errors import OutOfSubnets
 
 from .lease import Lease
+from .prefixes import last_address, overlaps
 
 FREE_CANDIDATES = 100  # flanneld picks at random among this many free subnets
 
@@ -36,7 +37,8 @@ class AcquirePlan(NamedTuple):
 
 
 def free_subnets(config: NetworkConfig, taken: Iterable[IPv4Network], limit: int = FREE_CANDIDATES) -> list[IPv4Network]:
-    """Up to `limit` subnets from SubnetMin upward that overlap nothing in `taken`."""
+    """Up to `limit` subnets from SubnetMin upward that overlap nothing in `taken` (by integers:
+    the peers' subnets are kept for as long as the peers, see subnet/prefixes.py)."""
     taken_sorted = sorted(taken, key=lambda n: int(n.network_address))
     size = config.subnet_size
     out: list[IPv4Network] = []
@@ -46,11 +48,11 @@ def free_subnets(config: NetworkConfig, taken: Iterable[IPv4Network], limit: int
     while addr <= last and len(out) < limit:
         start, end = addr, addr + size - 1
         # Skip taken ranges that end before this candidate.
-        while i < len(taken_sorted) and int(taken_sorted[i].broadcast_address) < start:
+        while i < len(taken_sorted) and last_address(taken_sorted[i]) < start:
             i += 1
         if i < len(taken_sorted) and int(taken_sorted[i].network_address) <= end:
             # Overlap: jump past the taken range, staying aligned.
-            blocker_end = int(taken_sorted[i].broadcast_address)
+            blocker_end = last_address(taken_sorted[i])
             addr = ((blocker_end + 1 + size - 1) // size) * size if blocker_end >= addr else addr + size
             continue
         out.append(IPv4Network((start, config.subnet_len)))
@@ -70,10 +72,10 @@ def free_ipv6_subnets(config: NetworkConfig, taken: Iterable[IPv6Network],
     addr, last, i = int(config.ipv6_subnet_min), int(config.ipv6_subnet_max), 0
     while addr <= last and len(out) < limit:
         end = addr + size - 1
-        while i < len(taken_sorted) and int(taken_sorted[i].broadcast_address) < addr:
+        while i < len(taken_sorted) and last_address(taken_sorted[i]) < addr:
             i += 1
         if i < len(taken_sorted) and int(taken_sorted[i].network_address) <= end:
-            blocker_end = int(taken_sorted[i].broadcast_address)
+            blocker_end = last_address(taken_sorted[i])
             addr = max(addr + size, (blocker_end + size) // size * size)
             continue
         out.append(IPv6Network((addr, config.ipv6_subnet_len)))
@@ -122,8 +124,8 @@ def plan_acquisition(
         previous_subnet is not None
         and config.contains_subnet(previous_subnet)
         and config.contains_ipv6_subnet(previous_ipv6_subnet)
-        and not any(previous_subnet.overlaps(net) for net in held)
-        and (previous_ipv6_subnet is None or not any(previous_ipv6_subnet.overlaps(net) for net in held_v6))
+        and not any(overlaps(previous_subnet, net) for net in held)
+        and (previous_ipv6_subnet is None or not any(overlaps(previous_ipv6_subnet, net) for net in held_v6))
     ):
         return AcquirePlan(create=previous_subnet, delete=tuple(incompatible), create_ipv6=previous_ipv6_subnet)
     candidates = free_subnets(config, held)
