@@ -357,6 +357,20 @@ def test_echo_filter_drops_our_own_announcement_once_and_only_while_fresh():
     assert not echoes.consume(("0a:00:00:00:00:03", False))  # expired: the kernel never announced it
 
 
+def test_echo_filter_gives_back_a_starts_table_once_every_echo_came():
+    import sys
+
+    from flannelpy.backends.repair import EchoFilter
+
+    echoes = EchoFilter(ttl=2.0, clock=lambda: 100.0)
+    keys = [(f"0a:00:00:00:{i >> 8:02x}:{i & 255:02x}", False) for i in range(1000)]
+    for key in keys:
+        echoes.expect(key)
+    assert sys.getsizeof(echoes._expected) > 20_000
+    assert all(echoes.consume(key) for key in keys)
+    assert sys.getsizeof(echoes._expected) < 1_000  # not the 1000-entry table, for good
+
+
 def test_stable_vtep_mac_is_the_same_for_the_same_host_and_differs_between_hosts():
     from ipaddress import IPv4Address
 

@@ -102,6 +102,9 @@ class EchoFilter:
     def consume(self, key: object) -> bool:
         """True when `key` was expected (and still fresh): the notification is our echo."""
         deadline = self._expected.pop(key, None)
+        if not self._expected:
+            # A dict never shrinks: the table sized for a start's thousands of echoes would stay.
+            self._expected = {}
         return deadline is not None and deadline >= self.clock()
 
 
