@@ -385,3 +385,129 @@ def test_stable_vtep_mac_is_the_same_for_the_same_host_and_differs_between_hosts
     others = {stable_vtep_mac(mid, IPv4Address("10.0.0.12"), 1), stable_vtep_mac(mid, IPv4Address("10.0.0.11"), 2),
               stable_vtep_mac("f" * 32, IPv4Address("10.0.0.11"), 1)}
     assert mac not in others and len(others) == 3
+
+
+# --- a repair pass's diffs index the peers' own objects (issue #19: RSS per peer) -------------------
+
+
+def _reference_diff(wanted, routes, neighs, fdbs):
+    """The diffs as they were written before they indexed the peers' own objects: every wanted entry
+    copied into a dict per table.  The new ones must answer the same."""
+    from flannelpy.backends.vxlan.plan import route_is_ours, route_matches
+
+    want_routes = {plan.route.dst: (s, plan.route) for s, plan in wanted}
+    found, suspects = set(), []
+    for have in routes:
+        w = want_routes.get(have.dst)
+        if w is not None and route_matches(w[1], have, DEV, 0):
+            found.add(have.dst)
+        elif route_is_ours(have, DEV, UL, NET):
+            suspects.append(have)
+    add_routes = [(s, r) for dst, (s, r) in want_routes.items() if dst not in found]
+    replaced = {r.dst for _s, r in add_routes}
+    remove_routes = [h for h in suspects if not (h.dst in replaced and h.priority == 0 and h.tos == 0)]
+
+    want_neighs = {plan.neigh.ip: (s, plan.neigh) for s, plan in wanted if plan.neigh is not None}
+    present, suspects = set(), []
+    for n in neighs:
+        if not n.permanent:
+            continue
+        w = want_neighs.get(n.ip)
+        if w is not None and (n.mac or "") == w[1].mac.lower():
+            present.add(w[1].ip)
+        else:
+            suspects.append(n)
+    add_neighs = [(s, w) for ip, (s, w) in want_neighs.items() if ip not in present]
+    replaced = {w.ip for _s, w in add_neighs}
+    remove_neighs = [n for n in suspects if n.ip not in replaced]
+
+    want_fdbs = {(plan.fdb.mac.lower(), plan.fdb.dst): (s, plan.fdb) for s, plan in wanted if plan.fdb is not None}
+    present, suspects = set(), []
+    for f in fdbs:
+        if not f.permanent:
+            continue
+        w = want_fdbs.get((f.mac, f.dst))
+        if w is not None:
+            present.add(w[1])
+        else:
+            suspects.append(f)
+    add_fdbs = [(s, w) for s, w in want_fdbs.values() if w not in present]
+    replaced_macs = {w.mac.lower() for _s, w in add_fdbs}
+    per_mac = {}
+    for mac in [w.mac.lower() for w in present] + [f.mac for f in suspects]:
+        if mac in replaced_macs:
+            per_mac[mac] = per_mac.get(mac, 0) + 1
+    remove_fdbs = [f for f in suspects if not (f.mac in replaced_macs and per_mac[f.mac] == 1)]
+    return add_routes, remove_routes, add_neighs, remove_neighs, add_fdbs, remove_fdbs
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_vxlan_diffs_answer_as_the_copying_ones_did(seed):
+    """Random peers (shared MACs, upper-case MACs, shared PublicIPs, direct routes) and random
+    kernel tables (each peer's entries present, missing, wrong, moved; extras of ours and not)."""
+    rng = random.Random(seed)
+    macs = [f"0a:00:00:00:00:{i:02x}" for i in range(1, 6)] + ["0A:00:00:00:00:0B"]
+    wanted = []
+    for n in rng.sample(range(2, 60), rng.randint(0, 12)):
+        lease = vx_lease(f"10.5.{n}.0/24", f"192.168.1.{rng.choice([n, 7, 8])}", rng.choice(macs + [None] * 0))
+        wanted.append((lease.subnet, peer_plan(lease, rng.random() < 0.15)))
+    routes, neighs, fdbs = [], [], []
+    for subnet, plan in wanted:
+        if rng.random() < 0.7:
+            r = plan.route
+            routes.append(KernelRoute(r.dst, r.gateway, DEV if r.on_vxlan else UL, FLANNEL_RTPROT, onlink=r.on_vxlan)
+                          if rng.random() < 0.8 else KernelRoute(r.dst, A("192.168.1.99"), DEV, 3, onlink=True))
+        if plan.neigh is not None and rng.random() < 0.7:
+            neighs.append(KernelNeigh(plan.neigh.ip, plan.neigh.mac.lower() if rng.random() < 0.8 else "0a:00:00:00:00:99",
+                                      rng.random() < 0.9))
+        if plan.fdb is not None and rng.random() < 0.7:
+            fdbs.append(KernelFdb(plan.fdb.mac.lower(), plan.fdb.dst if rng.random() < 0.8 else A("192.168.1.98"),
+                                  rng.random() < 0.9))
+    for _ in range(rng.randint(0, 3)):  # entries no peer explains
+        n = rng.randint(60, 90)
+        routes.append(KernelRoute(IPv4Network(f"10.5.{n}.0/24"), A(f"10.5.{n}.0"), DEV, FLANNEL_RTPROT, onlink=True))
+        neighs.append(KernelNeigh(A(f"10.5.{n}.0"), rng.choice(macs).lower(), True))
+        fdbs.append(KernelFdb(rng.choice(macs).lower(), A(f"192.168.1.{n}"), True))
+    for seq in (routes, neighs, fdbs):
+        rng.shuffle(seq)
+    got = diff(wanted, routes, neighs, fdbs)
+    want = _reference_diff(wanted, routes, neighs, fdbs)
+    as_set = lambda pairs: sorted(map(repr, pairs))  # noqa: E731  # order among shared MACs may differ
+    assert as_set(got.add_routes) == as_set(want[0]) and got.remove_routes == want[1]
+    assert as_set(got.add_neighs) == as_set(want[2]) and got.remove_neighs == want[3]
+    assert as_set(got.add_fdbs) == as_set(want[4]) and got.remove_fdbs == want[5]
+
+
+def test_a_pass_keeps_no_object_per_peer():
+    """The diffs over a lazy view of the peers (plans worked out when asked, as a repair pass hands
+    them in) hold only index tables while they read the kernel's entries, not a plan, a tuple or a
+    string per peer: the pass's high-water mark, reached again at every pass, was most of what an
+    extra peer cost in RSS.  Bytes are counted by tracemalloc, the same on every machine."""
+    import tracemalloc
+
+    from flannelpy.backends.vxlan.plan import MappedView
+
+    def peak(n: int) -> int:
+        leases = {}
+        for i in range(n):
+            lease = vx_lease(str(IPv4Network((0x0A000000 + (i << 8), 24))), str(A(0xC0A80000 + i)),
+                             f"0a:00:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}")
+            leases[lease.subnet] = lease
+        plans = MappedView(leases, lambda lease: peer_plan(lease, False))
+        routes = [KernelRoute(s, s.network_address, DEV, FLANNEL_RTPROT, onlink=True) for s in leases]
+        neighs = [KernelNeigh(s.network_address, leases[s].attrs.vtep_mac, True) for s in leases]
+        fdbs = [KernelFdb(leases[s].attrs.vtep_mac, leases[s].attrs.public_ip, True) for s in leases]
+        big_net = IPv4Network("10.0.0.0/8")
+        tracemalloc.start()
+        try:
+            d = entry_diff(plans, iter(routes), iter(neighs), iter(fdbs), device_index=DEV, underlay_index=UL,
+                           network=big_net, remove_unexplained=True)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            assert d.empty
+
+    per_peer = (peak(3000) - peak(1000)) / 2000
+    # Index tables (a dict and a set, ~70-100 B a peer at their fullest); copying each peer's
+    # entries, as the diffs did, was ~300 B.
+    assert per_peer < 150, f"{per_peer:.0f} B per peer"

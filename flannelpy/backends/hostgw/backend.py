@@ -49,7 +49,7 @@ def _route_request(add: bool, route: Route) -> rtnl.Request:
                               oif=route.oif, table=MAIN_TABLE, protocol=FLANNEL_RTPROT)
 
 
-def _reconcile(dumps: KernelDumps, wanted: list[tuple[IPNetwork, Route]], underlay_index: int,
+def _reconcile(dumps: KernelDumps, wanted: Mapping[IPNetwork, Route], underlay_index: int,
                network: IPNetwork, remove_unexplained: bool) -> RepairReport:
     """One pass: one route dump and the pure diff of it, one batch of requests that closes it; each
     request's failure is recorded, never raised.  IPv6 (network is an IPv6Network): its routes
@@ -216,9 +216,10 @@ class HostGwBackend(Backend):
     async def reconcile_once(self) -> RepairReport:
         """Make the routes match the accepted leases now."""
         async with self._lock:
-            wanted = list(self.routes.items())
-            report = await self.netlink.rtnl_call(_reconcile, wanted, self.ext.index, self.network, self._synced)
-            for subnet, _route in wanted:
+            # The routes themselves, not a copy (a pair per peer): apply, the only writer, waits
+            # for the lock, so they do not change while the netlink thread reads them.
+            report = await self.netlink.rtnl_call(_reconcile, self.routes, self.ext.index, self.network, self._synced)
+            for subnet in self.routes:
                 if subnet in report.failures:
                     self._mark_failed(subnet, report.failures[subnet])
                 else:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Iterable, Union
+from typing import Iterable, Mapping, Union
 
-from flannelpy.backends.route_diff import diff_routes
+from flannelpy.backends.route_diff import as_mapping, diff_routes
 from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import FLANNEL_RTPROT, MAIN_TABLE, KernelRoute
 
@@ -59,7 +59,7 @@ class RouteDiff:
         return not (self.add or self.remove)
 
 
-def route_diff(wanted: Iterable[tuple[IPNetwork, Route]], present: Iterable[KernelRoute], *,
+def route_diff(wanted: Mapping[IPNetwork, Route] | Iterable[tuple[IPNetwork, Route]], present: Iterable[KernelRoute], *,
                underlay_index: int, network: IPNetwork, remove_unexplained: bool, priority: int = 0) -> RouteDiff:
     """Wanted routes the kernel lacks (or holds differently), and (remove_unexplained) our
     routes that no wanted one explains.  A route about to be overwritten by the "replace" of
@@ -68,7 +68,7 @@ def route_diff(wanted: Iterable[tuple[IPNetwork, Route]], present: Iterable[Kern
     straight from the dump, so it never holds the whole table)."""
     diff = RouteDiff()
     diff.add, diff.remove = diff_routes(
-        wanted, present, matches=lambda want, have: route_matches(want, have, priority),
+        as_mapping(wanted), present, matches=lambda want, have: route_matches(want, have, priority),
         ours=(lambda have: route_is_ours(have, underlay_index, network)) if remove_unexplained else None,
         priority=priority)
     return diff

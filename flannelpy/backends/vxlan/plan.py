@@ -15,9 +15,9 @@ import hashlib
 import random
 import socket
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Iterable, NamedTuple, Union
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, TypeVar, Union
 
-from flannelpy.backends.route_diff import diff_routes
+from flannelpy.backends.route_diff import as_mapping, diff_routes
 from flannelpy.hostnet.monitor import KernelChange
 from flannelpy.hostnet.netlink import (
     FLANNEL_RTPROT,
@@ -292,7 +292,7 @@ class EntryDiff:
 
 
 def entry_diff(
-    wanted: Iterable[tuple[IPNetwork, PeerPlan]],
+    wanted: Mapping[IPNetwork, PeerPlan] | Iterable[tuple[IPNetwork, PeerPlan]],
     routes: Iterable[KernelRoute],
     neighs: Iterable[KernelNeigh],
     fdbs: Iterable[KernelFdb],
@@ -310,8 +310,13 @@ def entry_diff(
 
     Additions use "replace", which overwrites an entry with the same key (a route's dst and
     metric 0, a neighbour's IP, a unicast FDB entry's MAC), so an entry that is about to be
-    overwritten is not also deleted.  Nobody else's entries are ever in the removals."""
-    wanted = list(wanted)
+    overwritten is not also deleted.  Nobody else's entries are ever in the removals.
+
+    `wanted`: each peer's subnet and its plan.  It is looked up, never copied: a repair pass hands
+    in PlansOf, which works a plan out when asked and keeps none, so no object per peer outlives
+    the peer's own turn (the objects a pass kept for every peer stayed in pymalloc's pools for
+    good: ~0.6 KiB of RSS a peer, measured)."""
+    wanted = as_mapping(wanted)
     diff = route_diff(wanted, routes, device_index=device_index, underlay_index=underlay_index, network=network,
                       remove_unexplained=remove_unexplained, route_priority=route_priority)
     diff.extend(neigh_diff(wanted, neighs, remove_unexplained=remove_unexplained))
@@ -319,67 +324,142 @@ def entry_diff(
     return diff
 
 
-def route_diff(wanted: Iterable[tuple[IPNetwork, PeerPlan]], routes: Iterable[KernelRoute], *,
-               device_index: int | None, underlay_index: int, network: IPNetwork, remove_unexplained: bool,
-               route_priority: int = 0) -> EntryDiff:
+def route_diff(wanted: Mapping[IPNetwork, PeerPlan] | Iterable[tuple[IPNetwork, PeerPlan]],
+               routes: Iterable[KernelRoute], *, device_index: int | None, underlay_index: int, network: IPNetwork,
+               remove_unexplained: bool, route_priority: int = 0) -> EntryDiff:
     """entry_diff's routes (add_routes, remove_routes), the kernel's taken in one pass."""
     diff = EntryDiff()
     diff.add_routes, diff.remove_routes = diff_routes(
-        ((subnet, plan.route) for subnet, plan in wanted), routes,
+        MappedView(as_mapping(wanted), _route_of), routes,
         matches=lambda want, have: route_matches(want, have, device_index, route_priority),
         ours=(lambda have: route_is_ours(have, device_index, underlay_index, network)) if remove_unexplained else None,
         priority=route_priority)
     return diff
 
 
-def neigh_diff(wanted: Iterable[tuple[IPNetwork, PeerPlan]], neighs: Iterable[KernelNeigh], *,
-               remove_unexplained: bool) -> EntryDiff:
+def neigh_diff(wanted: Mapping[IPNetwork, PeerPlan] | Iterable[tuple[IPNetwork, PeerPlan]],
+               neighs: Iterable[KernelNeigh], *, remove_unexplained: bool) -> EntryDiff:
     """entry_diff's neighbours (add_neighs, remove_neighs), the kernel's taken in one pass.  The
-    kernel's own ARP cache entries (not permanent) are not ours, and never satisfy a wanted one."""
-    want_neighs: dict[IPAddress, tuple[IPNetwork, Neigh]] = {plan.neigh.ip: (subnet, plan.neigh)
-                                                             for subnet, plan in wanted if plan.neigh is not None}
-    present: set[IPAddress] = set()
+    kernel's own ARP cache entries (not permanent) are not ours, and never satisfy a wanted one.
+    Wanted entries are found by IP, through an index of the peers' own objects (IP -> subnet)."""
+    wanted = as_mapping(wanted)
+    by_ip: dict[IPAddress, IPNetwork] = {}
+    for subnet, plan in wanted.items():
+        if plan.neigh is not None:
+            by_ip[plan.neigh.ip] = subnet  # the lease's own address object
+    present: set[IPNetwork] = set()
     suspects: list[KernelNeigh] = []
     for n in neighs:
         if not n.permanent:
             continue
-        wanted_n = want_neighs.get(n.ip)
-        if wanted_n is not None and (n.mac or "") == wanted_n[1].mac.lower():
-            present.add(wanted_n[1].ip)
+        subnet = by_ip.get(n.ip)
+        want = wanted[subnet].neigh if subnet is not None else None
+        if want is not None and (n.mac or "") == want.mac.lower():
+            present.add(subnet)  # type: ignore[arg-type]
         elif remove_unexplained:
             suspects.append(n)
     diff = EntryDiff()
-    diff.add_neighs = [(subnet, want) for ip, (subnet, want) in want_neighs.items() if ip not in present]
+    diff.add_neighs = [(subnet, wanted[subnet].neigh) for subnet in by_ip.values()  # type: ignore[misc]
+                       if subnet not in present]
     replaced = {want.ip for _s, want in diff.add_neighs}
     diff.remove_neighs = [n for n in suspects if n.ip not in replaced]
     return diff
 
 
-def fdb_diff(wanted: Iterable[tuple[IPNetwork, PeerPlan]], fdbs: Iterable[KernelFdb], *,
-             remove_unexplained: bool) -> EntryDiff:
-    """entry_diff's FDB entries (add_fdbs, remove_fdbs), the kernel's taken in one pass."""
-    want_fdbs: dict[tuple[str, IPAddress], tuple[IPNetwork, Fdb]] = {
-        (plan.fdb.mac.lower(), plan.fdb.dst): (subnet, plan.fdb) for subnet, plan in wanted if plan.fdb is not None}
-    present: set[Fdb] = set()  # the wanted entries found (the plans' own objects: no kernel entry is kept)
+def fdb_diff(wanted: Mapping[IPNetwork, PeerPlan] | Iterable[tuple[IPNetwork, PeerPlan]],
+             fdbs: Iterable[KernelFdb], *, remove_unexplained: bool) -> EntryDiff:
+    """entry_diff's FDB entries (add_fdbs, remove_fdbs), the kernel's taken in one pass.  A wanted
+    entry is a (MAC, dst) pair; they are found by MAC through an index of the peers' own objects:
+    MAC -> subnet, or, for a MAC several peers hold, MAC -> {dst: subnet} (the last peer with a
+    pair stands for it)."""
+    wanted = as_mapping(wanted)
+    by_mac: dict[str, IPNetwork | dict[IPAddress, IPNetwork]] = {}
+    for subnet, plan in wanted.items():
+        if plan.fdb is None:
+            continue
+        mac = _lowered(plan.fdb.mac)
+        held = by_mac.get(mac)
+        if held is None:
+            by_mac[mac] = subnet
+        elif isinstance(held, dict):
+            held[plan.fdb.dst] = subnet
+        else:
+            by_mac[mac] = {_fdb_of(wanted, held).dst: held, plan.fdb.dst: subnet}
+
+    def holder(mac: str, dst: IPAddress) -> IPNetwork | None:
+        held = by_mac.get(mac)
+        if held is None:
+            return None
+        if isinstance(held, dict):
+            return held.get(dst)
+        return held if _fdb_of(wanted, held).dst == dst else None
+
+    present: set[IPNetwork] = set()  # the peers whose entry was found (their own subnet objects)
     suspects: list[KernelFdb] = []
     for f in fdbs:
         if not f.permanent:
             continue
-        wanted_f = want_fdbs.get((f.mac, f.dst))
-        if wanted_f is not None:
-            present.add(wanted_f[1])
+        subnet = holder(f.mac, f.dst)
+        if subnet is not None:
+            present.add(subnet)
         elif remove_unexplained:
             suspects.append(f)
     diff = EntryDiff()
-    diff.add_fdbs = [(subnet, want) for subnet, want in want_fdbs.values() if want not in present]
-    replaced_macs = {want.mac.lower() for _s, want in diff.add_fdbs}
+    for held in by_mac.values():
+        for subnet in held.values() if isinstance(held, dict) else (held,):
+            if subnet not in present:
+                diff.add_fdbs.append((subnet, _fdb_of(wanted, subnet)))
+    if not diff.add_fdbs or not suspects:
+        diff.remove_fdbs = suspects
+        return diff
+    replaced_macs = {_lowered(want.mac) for _s, want in diff.add_fdbs}
     # An addition's "replace" re-points the entry of its MAC when that is the only one the MAC has.
     per_mac: dict[str, int] = {}
-    for mac in [want.mac.lower() for want in present] + [f.mac for f in suspects]:
+    for mac in [_lowered(_fdb_of(wanted, s).mac) for s in present] + [f.mac for f in suspects]:
         if mac in replaced_macs:
             per_mac[mac] = per_mac.get(mac, 0) + 1
     diff.remove_fdbs = [f for f in suspects if not (f.mac in replaced_macs and per_mac[f.mac] == 1)]
     return diff
+
+
+def _fdb_of(wanted: Mapping[IPNetwork, PeerPlan], subnet: IPNetwork) -> Fdb:
+    fdb = wanted[subnet].fdb
+    assert fdb is not None  # indexed only when it has one
+    return fdb
+
+
+def _lowered(mac: str) -> str:
+    """`mac` in lower case; the very string when it already is (a lease's, as decoded), so an
+    index of MACs holds the leases' own strings."""
+    low = mac.lower()
+    return mac if low == mac else low
+
+
+def _route_of(plan: PeerPlan) -> Route:
+    return plan.route
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+T = TypeVar("T")
+
+
+class MappedView(Mapping[K, T]):
+    """`source` with `fn` applied to each value when it is asked for; nothing is kept."""
+
+    __slots__ = ("_source", "_fn")
+
+    def __init__(self, source: Mapping[K, V], fn: Callable[[V], T]) -> None:
+        self._source, self._fn = source, fn
+
+    def __getitem__(self, key: K) -> T:
+        return self._fn(self._source[key])
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
 
 
 def change_matters(change: KernelChange, *, device_index: int | None, device: str, underlay_index: int,
