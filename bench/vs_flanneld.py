@@ -14,7 +14,8 @@ with its defaults (`-etcd-api auto` picks the API where the config is).  Measure
   cold     cold start (fresh flannel.1) with N remote leases in etcd -> every peer's ARP entry,
            FDB entry and route present; per-peer cost (T(N) - T(1 peer)) / N, and the same less
            the kernel's own cost per peer at N (the backend's requests sent alone from a fresh
-           namespace: IPv4 route inserts get slower as the table grows); CPU; RSS after
+           namespace: IPv4 route inserts get slower as the table grows); CPU; RSS after, and its
+           growth per extra peer between the two sizes (1000 -> 5000: a large cluster's marginal cost)
   join     lease put -> its ARP+FDB+route, 40 joins with 10 / 300 / 1000 peers present, p50/p99;
            RSS growth per extra peer (10 -> 1000); idle CPU with 1000 peers over --idle-seconds
   churn    a writer puts 100 leases and removes them (v3: one range delete; v2: 100 deletes),
@@ -204,6 +205,12 @@ def measures(args: argparse.Namespace) -> list[Measure]:
             (lambda fd, fp, r, s=small: fp <= (r.med(f"perpeer_own_{s}", "flannelpy") or 0) * 1.0) if big else None))
         out.append(Measure(f"coldcpu_{n}", f"cold start {n}: agent CPU until all routes", "s"))
         out.append(Measure(f"coldrss_{n}", f"cold start {n}: RSS 3 s after", "MiB"))
+    if len(args.cold_sizes) > 1:
+        # The marginal cost of a peer in a large cluster: a start's bursts (a listing page, two apply
+        # rounds) cost a bounded amount that the 10 -> 1000 figure spreads over its peers.
+        lo, hi = min(args.cold_sizes), max(args.cold_sizes)
+        out.append(Measure("coldrss_per_peer", f"RSS growth per extra peer ({lo} → {hi} leases, cold starts)",
+                           "KiB", "≤ 1 KiB", lambda fd, fp, r: fp <= 1.0))
     small_j, big_j = min(args.join_sizes), max(args.join_sizes)
     for p in args.join_sizes:
         out.append(Measure(f"join{p}_p50", f"join put → route, {p} peers present, p50", "ms",
@@ -460,6 +467,13 @@ class Rig:
                         own = self.out.values[f"perpeer_{n}"][kind][-1] - kernel
                         self.out.add(f"perpeer_own_{n}", kind, own, "ms")
             self.stop(HOST_B)  # the next fill must not be applied by a running agent
+        lo, hi = min(self.args.cold_sizes, default=0), max(self.args.cold_sizes, default=0)
+        if lo != hi:
+            for kind in KINDS:
+                pairs = zip(self.out.values.get(f"coldrss_{lo}", {}).get(kind, []),
+                            self.out.values.get(f"coldrss_{hi}", {}).get(kind, []))
+                for a, b in pairs:
+                    self.out.add("coldrss_per_peer", kind, (b - a) * 1024 / (hi - lo), "KiB")
         self.remove_fakes()
 
     def run_join(self) -> None:
