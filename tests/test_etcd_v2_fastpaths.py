@@ -152,3 +152,52 @@ def test_out_of_range_numbers_are_found_at_any_depth():
     assert not has_out_of_range_number(load_json('{"a":[1,{"b":[true,null,"x",2.5,{"c":1e99}]}]}',
                                                  max_bytes=1000, max_depth=16))
     assert not has_out_of_range_number(load_json('{"a":"' + "1" * 30 + '"}', max_bytes=1000, max_depth=16))
+
+
+# --- the listing read one node at a time (v2 has no paging) ------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from flannelpy.etcd.v2 import listing_nodes  # noqa: E402
+
+_NODE = st.fixed_dictionaries(
+    {"key": st.text(max_size=40), "value": st.text(max_size=60), "modifiedIndex": st.integers(0, 2**53),
+     "createdIndex": st.integers(0, 2**53)},
+    optional={"expiration": st.text(max_size=30), "ttl": st.integers(-5, 10**6), "dir": st.booleans(),
+              "nodes": st.lists(st.fixed_dictionaries({"key": st.text(max_size=10)}), max_size=2)})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_NODE, max_size=12), st.sampled_from([None, 0, 2]), st.booleans(), st.booleans())
+def test_listing_nodes_are_json_loads_nodes(nodes, indent, ascii_only, nodes_first):
+    """Whatever the spacing, escapes, member order and node shapes, the nodes are json.loads'."""
+    inner = {"nodes": nodes, "key": "/coreos.com/network/subnets", "dir": True} if nodes_first else \
+        {"key": "/coreos.com/network/subnets", "dir": True, "nodes": nodes, "modifiedIndex": 7}
+    text = json.dumps({"action": "get", "node": inner}, indent=indent, ensure_ascii=ascii_only)
+    assert list(listing_nodes(text)) == json.loads(text)["node"]["nodes"]
+
+
+@pytest.mark.parametrize("text, nodes", [
+    ('{"action":"get","node":{"key":"/a/subnets","dir":true}}', []),  # an empty directory has no nodes
+    ('{"action":"get","node":{"key":"/a/subnets","dir":true,"nodes":[]}}', []),
+    ('{"action":"get","node":{"key":"/a/subnets","dir":true,"nodes":null}}', []),
+    ('  {"node" : { "nodes" : [ {"key":"x"} , 7 , "s" ] } }  ', [{"key": "x"}, 7, "s"]),  # not every node is an object
+])
+def test_listing_nodes_of_odd_but_valid_answers(text, nodes):
+    assert list(listing_nodes(text)) == nodes
+
+
+@pytest.mark.parametrize("text", [
+    '{"errorCode":100,"message":"Key not found","cause":"/a/subnets","index":3}',  # no node: parsed whole
+    '{"action":"get","node":{"nodes":{"key":"x"}}}',  # nodes not an array
+    '{"action":"get","node":{"nodes":[{"key":"x"} {"key":"y"}]}}',  # no comma
+    '{"action":"get","node":{"nodes":[{"key":"x"},',  # cut short
+    '{"action":"get","node":[]}',
+    '[]',
+    '',
+    'garbage',
+])
+def test_listing_nodes_refuses_what_it_cannot_follow(text):
+    with pytest.raises(ValueError):
+        list(listing_nodes(text))

@@ -310,6 +310,15 @@ def grant(etcd, ttl: int) -> str:
     return out.split()[1]
 
 
+def put_peers(etcd, count: int) -> str:
+    """Peers 10.5.1.0/24 .. 10.5.<count>.0/24 (PublicIP 10.0.0.N) on one 600 s etcd lease, its id."""
+    lease_id = grant(etcd, 600)
+    for i in range(1, count + 1):
+        etcd.etcdctl("put", key(f"10.5.{i}.0/24"), f'{{"PublicIP":"10.0.0.{i}","PublicIPv6":null}}',
+                     "--lease", lease_id)
+    return lease_id
+
+
 def etcd_calls(etcd, method: str) -> int:
     """How many times etcd served one gRPC method (the JSON gateway's calls land there too)."""
     import httpx
@@ -325,10 +334,7 @@ async def test_peers_listed_and_watched_once_without_a_ttl_call_each(etcd):
     """issue #19: the peer watcher also guards our key (one watch), the listing acquire() planned
     from is the peer watch's too (a start lists once), and no TimeToLive call is made per peer
     lease (flanneld's kvToIPLease makes one each)."""
-    lease_id = grant(etcd, 600)
-    for i in range(1, 21):
-        etcd.etcdctl("put", key(f"10.5.{i}.0/24"), f'{{"PublicIP":"10.0.0.{i}","PublicIPv6":null}}',
-                     "--lease", lease_id)
+    lease_id = put_peers(etcd, 20)
     got: list = []
 
     async def apply(events):
@@ -375,10 +381,7 @@ async def test_the_start_listing_is_not_held_while_the_peer_watch_runs(etcd):
     its events go; the tracker and admission hold what stays."""
     import gc
 
-    lease_id = grant(etcd, 600)
-    for i in range(1, 31):
-        etcd.etcdctl("put", key(f"10.5.{i}.0/24"), f'{{"PublicIP":"10.0.0.{i}","PublicIPv6":null}}',
-                     "--lease", lease_id)
+    put_peers(etcd, 30)
     got: list = []
 
     async def apply(events):

@@ -9,13 +9,14 @@ them; any shape is read.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 from calendar import timegm
 from datetime import date
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 from urllib.parse import quote
 
 import httpx
@@ -154,6 +155,71 @@ def node_to_lease(node: dict[str, Any], prefix: str | None = None, dual_stack: b
     )
 
 
+_JSON = json.JSONDecoder()
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def listing_nodes(text: str) -> Iterator[Any]:
+    """The nodes of a recursive GET's answer (`{"action":"get","node":{...,"nodes":[...]}}`), decoded
+    one at a time.  v2 has no paging: json.loads of a 5000-lease answer made every node's dict and
+    strings at once, and what the leases kept of them sat among their holes in pymalloc's pools
+    (RSS per extra peer at 5000, v2: 1.6 KiB, v3, which pages, 0.95).  ValueError where the text is
+    not that shape (the caller then parses it whole, as before)."""
+    pos = _member(text, _ws(text, 0), "node")
+    if pos is None:
+        raise ValueError("no node")  # an error document, say: the caller's whole parse says what
+    pos = _member(text, pos, "nodes")  # absent: an empty directory
+    if pos is None or text.startswith("null", pos):
+        return
+    if text[pos:pos + 1] != "[":
+        raise ValueError("nodes is not an array")
+    pos = _ws(text, pos + 1)
+    if text[pos:pos + 1] == "]":
+        return
+    while True:
+        node, pos = _JSON.raw_decode(text, pos)
+        yield node
+        pos = _ws(text, pos)
+        if text[pos:pos + 1] == ",":
+            pos = _ws(text, pos + 1)
+        elif text[pos:pos + 1] == "]":
+            return
+        else:
+            raise ValueError(f"unexpected {text[pos:pos + 20]!r} in nodes")
+
+
+def _ws(text: str, pos: int) -> int:
+    return _WS.match(text, pos).end()  # type: ignore[union-attr]  # matches the empty string too
+
+
+def _member(text: str, pos: int, name: str) -> int | None:
+    """Where member `name`'s value starts in the object at text[pos]; the members before it are
+    decoded and dropped.  None: the object has no such member."""
+    if text[pos:pos + 1] != "{":
+        raise ValueError("not an object")
+    pos = _ws(text, pos + 1)
+    if text[pos:pos + 1] == "}":
+        return None
+    while True:
+        key, pos = _JSON.raw_decode(text, pos)
+        if not isinstance(key, str):
+            raise ValueError("a member name that is not a string")
+        pos = _ws(text, pos)
+        if text[pos:pos + 1] != ":":
+            raise ValueError("no ':' after a member name")
+        pos = _ws(text, pos + 1)
+        if key == name:
+            return pos
+        _, pos = _JSON.raw_decode(text, pos)
+        pos = _ws(text, pos)
+        if text[pos:pos + 1] == ",":
+            pos = _ws(text, pos + 1)
+        elif text[pos:pos + 1] == "}":
+            return None
+        else:
+            raise ValueError(f"unexpected {text[pos:pos + 20]!r} in an object")
+
+
 def event_from_response(doc: dict[str, Any], prefix: str | None = None, dual_stack: bool = False,
                         expiry: bool = True) -> LeaseEvent:
     """One watch response as a LeaseEvent; LeaseValueError when it is not about a lease."""
@@ -227,6 +293,12 @@ class V2Store:
 
         Errors documents raise V2Error; no endpoint answering raises StoreUnavailable.
         """
+        return self._decode(await self._response(method, key, params=params, data=data, timeout=timeout))
+
+    async def _response(self, method: str, key: str, *, params: dict[str, str] | None = None,
+                        data: dict[str, str] | None = None, timeout: httpx.Timeout | None = None,
+                        ) -> httpx.Response:
+        """The first endpoint's answer (status below 500), undecoded; StoreUnavailable when none answers."""
         failures: list[ConnectFailure] = []
         n = len(self._endpoints)
         for i in range(n):
@@ -245,7 +317,7 @@ class V2Store:
                                                             f"{resp.text.strip()[:200]}"))
                 continue
             self._current = idx
-            return self._decode(resp)
+            return resp
         raise unavailable(failures)
 
     def _decode(self, resp: httpx.Response) -> tuple[int, dict[str, Any], int]:
@@ -288,26 +360,44 @@ class V2Store:
 
     async def _list(self, expiry: bool = True) -> tuple[list[Lease], list[str], int]:
         """Every lease under the subnets key (and the keys skipped as undecodable), at an index."""
-        try:
-            _, doc, index = await self._request(
-                "GET", self.subnets_key, params={"recursive": "true", "quorum": "true"})
-        except V2Error as err:
-            if err.code == KEY_NOT_FOUND:
-                return [], [], err.index
-            raise
-        prefix = self._lease_key_prefix
-        dual_stack = self.dual_stack
+        resp = await self._response("GET", self.subnets_key, params={"recursive": "true", "quorum": "true"})
+        nodes: Iterator[Any] | None = None
+        if resp.status_code == 200:
+            index = _int(resp.headers.get("X-Etcd-Index"))
+            nodes = listing_nodes(resp.text)  # one node at a time; a shape it cannot follow is parsed whole
         leases: list[Lease] = []
         skipped: list[str] = []
-        for node in doc.get("node", {}).get("nodes") or []:
-            if node.get("dir"):
-                continue
+        try:
+            self._decode_listing(nodes, expiry, leases, skipped)
+        except ValueError:
+            leases.clear()
+            skipped.clear()
+            nodes = None
+        if nodes is None:
+            try:
+                _, doc, index = self._decode(resp)
+            except V2Error as err:
+                if err.code == KEY_NOT_FOUND:
+                    return [], [], err.index
+                raise
+            self._decode_listing(iter(doc.get("node", {}).get("nodes") or []), expiry, leases, skipped)
+        return leases, skipped, index
+
+    def _decode_listing(self, nodes: Iterator[Any] | None, expiry: bool, leases: list[Lease],
+                        skipped: list[str]) -> None:
+        """The listing's leases into `leases`, the keys of undecodable ones into `skipped`."""
+        if nodes is None:
+            return
+        prefix = self._lease_key_prefix
+        dual_stack = self.dual_stack
+        for node in nodes:
+            if not isinstance(node, dict) or node.get("dir"):
+                continue  # a directory (or garbage) under subnets/ is no lease
             try:
                 leases.append(node_to_lease(node, prefix, dual_stack, expiry))
             except LeaseValueError as exc:
                 self._skip_log.skipped(exc)
                 skipped.append(node.get("key", ""))
-        return leases, skipped, index
 
     async def get_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> Lease | None:
         """The lease stored for one subnet, or None (also None when its value is undecodable)."""
