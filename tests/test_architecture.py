@@ -16,8 +16,8 @@ PACKAGE = ROOT / "flannelpy"
 LAYERS: list[list[str]] = [
     ["flannelpy", "flannelpy.errors", "flannelpy.fileutil"],
     ["flannelpy.config"],
-    ["flannelpy.subnet.lease", "flannelpy.subnet.allocation", "flannelpy.subnet.envfile",
-     "flannelpy.docker.opts", "flannelpy.hostnet.iptables_rules",
+    ["flannelpy.subnet.lease", "flannelpy.subnet.prefixes", "flannelpy.subnet.allocation",
+     "flannelpy.subnet.envfile", "flannelpy.docker.opts", "flannelpy.hostnet.iptables_rules",
      "flannelpy.hostnet.nftables_rules", "flannelpy.hostnet.nft_tables"],
     ["flannelpy.etcd", "flannelpy.hostnet", "flannelpy.docker", "flannelpy.ops"],
     ["flannelpy.subnet", "flannelpy.backends"],
