@@ -271,12 +271,17 @@ class V3Store:
         """Write <prefix>/config (flannelctl's `config set`)."""
         await self._post("/v3/kv/put", {"key": _b64(self.config_key), "value": _b64(text)})
 
+    async def _ttl(self, lease_id: int) -> int:
+        """An etcd lease's TTL left, in seconds, as TimeToLive answers it: -1 when it is gone.
+        The leader's lessor answers it itself: no raft round, no fsync."""
+        doc = await self._post("/v3/lease/timetolive", {"ID": str(lease_id)})
+        return int(doc.get("TTL", -1))
+
     async def _expiration(self, lease_id: int) -> float | None:
         """Unix expiry of an etcd lease; None when the key has no lease (a reservation)."""
         if not lease_id:
             return None
-        doc = await self._post("/v3/lease/timetolive", {"ID": str(lease_id)})
-        ttl = int(doc.get("TTL", -1))
+        ttl = await self._ttl(lease_id)
         # Like flanneld's kvToIPLease: an unknown/expired lease (TTL -1) is "already expired".
         return time.time() + (ttl if ttl >= 0 else -1)
 
@@ -427,12 +432,10 @@ class V3Store:
                      store_ref=lease_id or None, ipv6_subnet=ipv6_subnet)
 
     async def time_left(self, lease: Lease) -> float | None:
-        # The leader's lessor answers TimeToLive itself: no raft round, no fsync (a grant and a
-        # put are one each).
+        # One read (_ttl), where the renewal it spares is a grant and a put, an fsync each.
         if not lease.store_ref:
             return None
-        doc = await self._post("/v3/lease/timetolive", {"ID": str(lease.store_ref)})
-        ttl = int(doc.get("TTL", -1))
+        ttl = await self._ttl(lease.store_ref)
         return float(ttl) if ttl > 0 else None  # -1: gone; 0: expiring now
 
     async def delete_lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> None:

@@ -13,9 +13,9 @@ package __init__ imports every API it has (NDB with sqlite3, IPDB, conntrack, ip
 wireguard...), ~0.1 s and ~5 MiB that flanneld never uses.  `_bare_package()` registers the
 package, and pyroute2.netlink, without running its __init__ (which still runs, once, if anyone
 asks the package itself for a name: `from pyroute2 import NDB` keeps working), and IPRoute is
-imported on first use, by the netlink thread, not when this module is imported, and only for a request that goes through
-it: reads and the vxlan/host-gw backends' changes go through KernelDumps (hostnet/rtnl.py; use
-rtnl_call), so only the udp backend's TUN set-up loads it.
+imported on first use, by the netlink thread, not when this module is imported, and only for a
+request that goes through it: reads and the vxlan/host-gw backends' changes go through
+KernelDumps (hostnet/rtnl.py; use rtnl_call), so only the udp backend's TUN set-up loads it.
 """
 
 from __future__ import annotations

@@ -380,7 +380,8 @@ class LeaseManager:
         Its own frame, so the listing and its events are not held for as long as the watch runs."""
         handed, self._acquire_listing = self._acquire_listing, None
         if handed is not None:
-            # Our key is not checked in it: our own write came after it and the watch brings it.
+            # Our key is not checked in it: acquire() planned from this very listing (its key of
+            # ours is the one it kept or wrote over), and the watch brings any change after it.
             leases, rev = handed
         else:
             leases, rev = await _retry_unavailable(functools.partial(self.store.list_leases, expiry=False))

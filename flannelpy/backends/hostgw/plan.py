@@ -59,8 +59,9 @@ class RouteDiff:
         return not (self.add or self.remove)
 
 
-def route_diff(wanted: Mapping[IPNetwork, Route] | Iterable[tuple[IPNetwork, Route]], present: Iterable[KernelRoute], *,
-               underlay_index: int, network: IPNetwork, remove_unexplained: bool, priority: int = 0) -> RouteDiff:
+def route_diff(wanted: Mapping[IPNetwork, Route] | Iterable[tuple[IPNetwork, Route]],
+               present: Iterable[KernelRoute], *, underlay_index: int, network: IPNetwork, remove_unexplained: bool,
+               priority: int = 0) -> RouteDiff:
     """Wanted routes the kernel lacks (or holds differently), and (remove_unexplained) our
     routes that no wanted one explains.  A route about to be overwritten by the "replace" of
     a wanted one (same dst, our metric: `priority`, 0 for IPv4) is not also deleted.  The

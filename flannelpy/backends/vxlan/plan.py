@@ -313,9 +313,9 @@ def entry_diff(
     overwritten is not also deleted.  Nobody else's entries are ever in the removals.
 
     `wanted`: each peer's subnet and its plan.  It is looked up, never copied: a repair pass hands
-    in PlansOf, which works a plan out when asked and keeps none, so no object per peer outlives
-    the peer's own turn (the objects a pass kept for every peer stayed in pymalloc's pools for
-    good: ~0.6 KiB of RSS a peer, measured)."""
+    in a MappedView of its leases, which works a plan out when asked and keeps none, so no object
+    per peer outlives the peer's own turn (the objects a pass kept for every peer stayed in
+    pymalloc's pools for good: ~0.6 KiB of RSS a peer, measured)."""
     wanted = as_mapping(wanted)
     diff = route_diff(wanted, routes, device_index=device_index, underlay_index=underlay_index, network=network,
                       remove_unexplained=remove_unexplained, route_priority=route_priority)
